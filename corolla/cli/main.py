@@ -1,0 +1,233 @@
+"""``corolla``: the command line. Each subcommand parses its flags into one config and calls an entry point."""
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import time
+
+from corolla.core.blocks import BlockRange
+
+DEFAULT_PROMPT = "What is the capital of France? Answer in one sentence."
+
+
+def _add_model(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "model", nargs="?", default=None,
+        help="checkpoint directory or Hugging Face hub id (default: the embedded SmolLM2-135M-Instruct, 'smollm2')",
+    )
+
+
+def _add_peer_args(parser: argparse.ArgumentParser, address_help: str) -> None:
+    parser.add_argument("--host", default="127.0.0.1", help="IP address to listen on and announce (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=0, help="TCP port (default 0: any free port)")
+    parser.add_argument("--address-file", default=None, help=address_help)
+
+
+def _add_client_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--initial-peers", nargs="+", required=True, metavar="ADDR", help="multiaddrs of the swarm")
+    parser.add_argument("--dht-prefix", default=None, help="DHT name of the model (default: derived from the model)")
+    parser.add_argument("--dtype", default="float32", help="client dtype: float32, bfloat16, float16 or auto")
+    parser.add_argument("--num-threads", type=int, default=None, help="torch threads of this process")
+    _add_sampling_args(parser)
+
+
+def _add_sampling_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    parser.add_argument("--top-k", type=int, default=50)
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--repetition-penalty", type=float, default=1.0)
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--system", default=None, help="system prompt for the chat template")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="corolla", description="Run and fine-tune LLMs collaboratively.")
+    parser.add_argument("--log-level", default="WARNING", help="DEBUG, INFO, WARNING (default) or ERROR")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    dht = commands.add_parser("dht", help="start a DHT bootstrap node")
+    _add_peer_args(dht, "write the multiaddrs others pass as --initial-peers here, one per line")
+
+    serve = commands.add_parser("serve", help="serve a span of a model's blocks")
+    _add_model(serve)
+    serve.add_argument("--initial-peers", nargs="+", default=[], metavar="ADDR", help="multiaddrs of the swarm")
+    serve.add_argument("--new-swarm", action="store_true", help="start a new swarm with this server as bootstrap")
+    serve.add_argument("--blocks", type=BlockRange.parse, default=None, metavar="START:END", help="blocks to serve")
+    serve.add_argument("--num-blocks", type=int, default=None, help="without --blocks: serve N blocks nobody serves")
+    serve.add_argument("--dht-prefix", default=None, help="DHT name of the model (default: derived from the model)")
+    serve.add_argument("--dtype", default="float32", help="float32 (default), bfloat16, float16 or auto")
+    serve.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N")
+    serve.add_argument("--num-threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    serve.add_argument("--cache-tokens", type=int, default=32768, help="session cache budget in tokens")
+    serve.add_argument("--max-message-mb", type=float, default=256, help="largest request accepted, MiB")
+    serve.add_argument("--throughput", type=float, default=None, help="tokens/s to announce instead of measuring")
+    _add_peer_args(serve, "write this server's multiaddrs here once it serves")
+
+    swarm = commands.add_parser("swarm", help="run a local swarm: a DHT node and N servers splitting the model")
+    _add_model(swarm)
+    swarm.add_argument("--servers", type=int, default=3, help="number of servers (default 3)")
+    swarm.add_argument("--num-threads", type=int, default=1, help="torch threads per server (default 1)")
+    swarm.add_argument("--dtype", default="float32")
+    swarm.add_argument("--device", default="cpu")
+    swarm.add_argument("--address-file", default=None, help="write the initial peers here")
+
+    generate = commands.add_parser("generate", help="complete a prompt with a model served by a swarm")
+    _add_model(generate)
+    generate.add_argument("prompt", help="the prompt")
+    generate.add_argument("--raw", action="store_true", help="do not wrap the prompt in the chat template")
+    _add_client_args(generate)
+
+    chat = commands.add_parser("chat", help="chat with a model served by a swarm")
+    _add_model(chat)
+    _add_client_args(chat)
+
+    demo = commands.add_parser("demo", help="start a local swarm of 3 servers, answer a prompt, stop the swarm")
+    _add_model(demo)
+    demo.add_argument("--prompt", default=DEFAULT_PROMPT)
+    demo.add_argument("--servers", type=int, default=3)
+    _add_sampling_args(demo)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    handler = {"dht": _dht, "serve": _serve, "swarm": _swarm, "generate": _generate, "chat": _chat, "demo": _demo}
+    try:
+        return handler[args.command](args)
+    except KeyboardInterrupt:
+        return 130
+
+
+def _dht(args) -> int:
+    from corolla.cli.dht_node import run_dht
+
+    return run_dht(args.host, args.port, args.address_file)
+
+
+def _serve(args) -> int:
+    from corolla.server.config import ServerConfig
+    from corolla.server.server import run_server
+
+    config = ServerConfig(
+        model=args.model, dht_prefix=args.dht_prefix, blocks=args.blocks, num_blocks=args.num_blocks,
+        initial_peers=tuple(args.initial_peers), new_swarm=args.new_swarm, host=args.host, port=args.port,
+        address_file=args.address_file, dtype=args.dtype, device=args.device, num_threads=args.num_threads,
+        cache_tokens=args.cache_tokens, max_message_bytes=int(args.max_message_mb * 2**20), throughput=args.throughput,
+    )
+    return run_server(config)
+
+
+def _swarm(args) -> int:
+    from corolla.cli.local_swarm import LocalSwarm
+    from corolla.net.addresses import write_address_file
+
+    stop = {"now": False}
+
+    def _on_signal(*_):
+        stop["now"] = True
+
+    signal.signal(signal.SIGTERM, _on_signal)
+    signal.signal(signal.SIGINT, _on_signal)
+    with LocalSwarm(model=args.model, num_servers=args.servers, num_threads=args.num_threads, dtype=args.dtype,
+                    device=args.device) as swarm:
+        print(f"local swarm up: 1 DHT node, {args.servers} servers. Initial peers:", flush=True)
+        for addr in swarm.initial_peers:
+            print(f"  {addr}", flush=True)
+        if args.address_file:
+            write_address_file(args.address_file, swarm.initial_peers)
+        print("Ctrl-C stops the swarm.", flush=True)
+        while not stop["now"]:
+            time.sleep(0.2)
+        print("stopping the swarm...", flush=True)
+    return 0
+
+
+def _client_model(args):
+    import torch
+
+    from corolla.client.model import AutoDistributedModelForCausalLM
+
+    if args.num_threads:
+        torch.set_num_threads(args.num_threads)
+    return AutoDistributedModelForCausalLM.from_pretrained(
+        args.model, initial_peers=args.initial_peers, dht_prefix=args.dht_prefix, torch_dtype=args.dtype
+    )
+
+
+def _generate(args) -> int:
+    from corolla.cli.chatting import chat_input_ids, generate_reply, load_tokenizer
+
+    tokenizer = load_tokenizer(args.model)
+    model = _client_model(args)
+    try:
+        if args.raw:
+            input_ids = tokenizer(args.prompt, return_tensors="pt")["input_ids"]
+        else:
+            messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
+                {"role": "user", "content": args.prompt}
+            ]
+            input_ids = chat_input_ids(tokenizer, messages)
+        generate_reply(model, tokenizer, input_ids, args)
+        print()
+    finally:
+        model.close()
+    return 0
+
+
+def _chat(args) -> int:
+    from corolla.cli.chatting import chat_loop, load_tokenizer
+
+    tokenizer = load_tokenizer(args.model)
+    model = _client_model(args)
+    try:
+        chat_loop(model, tokenizer, args)
+    finally:
+        model.close()
+    return 0
+
+
+def _demo(args) -> int:
+    import torch
+
+    from corolla.cli.chatting import chat_input_ids, generate_reply, load_tokenizer
+    from corolla.cli.local_swarm import LocalSwarm
+    from corolla.client.model import AutoDistributedModelForCausalLM
+    from corolla.models.checkpoint import resolve_model
+
+    resolve_model(args.model)  # convert the embedded model once, before the servers start
+    torch.set_num_threads(1)
+    started = time.monotonic()
+    print(f"starting a local swarm: 1 DHT node + {args.servers} servers on 127.0.0.1 ...", flush=True)
+    with LocalSwarm(model=args.model, num_servers=args.servers, num_threads=1) as swarm:
+        for child, span in zip(swarm.servers, _spans(swarm)):
+            print(f"  {child.name}: blocks {span} (pid {child.process.pid})", flush=True)
+        print(f"swarm ready in {time.monotonic() - started:.1f} s; initial peer {swarm.initial_peers[0]}", flush=True)
+        tokenizer = load_tokenizer(args.model)
+        model = AutoDistributedModelForCausalLM.from_pretrained(args.model, initial_peers=swarm.initial_peers)
+        try:
+            print(f"\nuser> {args.prompt}\nmodel> ", end="", flush=True)
+            input_ids = chat_input_ids(tokenizer, [{"role": "user", "content": args.prompt}])
+            began = time.monotonic()
+            reply = generate_reply(model, tokenizer, input_ids, args)
+            elapsed = time.monotonic() - began
+            tokens = len(tokenizer(reply)["input_ids"])
+            print(f"\n({tokens} tokens in {elapsed:.1f} s through {args.servers} servers)", flush=True)
+        finally:
+            model.close()
+        print("stopping the swarm ...", flush=True)
+    print("done.", flush=True)
+    return 0
+
+
+def _spans(swarm):
+    from corolla.cli.local_swarm import split_blocks
+
+    return split_blocks(swarm._num_blocks(), swarm.num_servers)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,271 @@
+"""Models whose transformer blocks run in the swarm, with the Hugging Face interface users know.
+
+The client holds only the embeddings, the final norm and the LM head; ``model.model.layers`` (Llama) or
+``model.transformer.h`` (BLOOM) is a ``RemoteSequential``. ``generate()`` is Hugging Face's own, fed through
+a ``RemoteCache`` so that every step sends only the new tokens to servers that keep the attention caches.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+from typing import Optional
+
+import torch
+from torch import nn
+from transformers import BloomForCausalLM, LlamaForCausalLM, PretrainedConfig
+from transformers.modeling_outputs import BaseModelOutputWithPast
+from transformers.models.bloom.modeling_bloom import BloomPreTrainedModel
+from transformers.models.llama.modeling_llama import LlamaPreTrainedModel, LlamaRMSNorm
+
+from corolla.client.cache import RemoteCache
+from corolla.client.config import ClientConfig
+from corolla.client.sequential import RemoteSequential
+from corolla.client.session import InferenceSession
+from corolla.client.swarm import RemoteSwarm
+from corolla.models.checkpoint import load_config, model_dht_prefix, read_tensors, resolve_model
+from corolla.models.dtypes import resolve_dtype
+from corolla.models.family import family_for
+
+logger = logging.getLogger(__name__)
+
+
+class RemoteBaseModel(nn.Module):
+    """Embeddings -> remote blocks -> final norm, with the forward signature of a HF base model.
+
+    Attribute names follow the family's checkpoint names (``embed_tokens``/``norm``/``layers`` for Llama,
+    ``word_embeddings``/``word_embeddings_layernorm``/``ln_f``/``h`` for BLOOM) so tensors load by name.
+    """
+
+    def __init__(self, config, embed: str, final_norm: str, layers: str, modules: dict[str, nn.Module], swarm):
+        super().__init__()
+        self.config = config
+        self._names = (embed, final_norm, layers)
+        self._embed_norm = "word_embeddings_layernorm" if "word_embeddings_layernorm" in modules else None
+        for name, module in modules.items():
+            setattr(self, name, module)
+        setattr(self, layers, RemoteSequential(swarm))
+
+    @property
+    def remote_layers(self) -> RemoteSequential:
+        return getattr(self, self._names[2])
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return getattr(self, self._names[0])
+
+    def forward(
+        self,
+        input_ids: Optional[torch.LongTensor] = None,
+        attention_mask: Optional[torch.Tensor] = None,
+        position_ids: Optional[torch.LongTensor] = None,
+        cache=None,
+        inputs_embeds: Optional[torch.Tensor] = None,
+        use_cache: Optional[bool] = None,
+        output_hidden_states: Optional[bool] = None,
+        return_dict: Optional[bool] = None,
+        **kwargs,
+    ):
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        if inputs_embeds is None:
+            inputs_embeds = self.get_input_embeddings()(input_ids)  # [batch, seq, hidden]
+        hidden = inputs_embeds
+        if self._embed_norm is not None:
+            hidden = getattr(self, self._embed_norm)(hidden)
+        block_inputs = hidden
+        layers = self.remote_layers
+        if isinstance(cache, RemoteCache):
+            new = hidden.shape[1]
+            new_mask = None if attention_mask is None else attention_mask[:, attention_mask.shape[1] - new :]
+            hidden = cache.session.step(hidden, new_mask, position_ids, hypo_ids=cache.take_hypo_ids())
+        elif cache is not None:
+            raise TypeError(f"a distributed model keeps its cache on the servers; got a local {type(cache).__name__}")
+        else:
+            hidden = layers(hidden, attention_mask, position_ids)
+        block_outputs = hidden
+        hidden = getattr(self, self._names[1])(hidden)
+        return BaseModelOutputWithPast(
+            last_hidden_state=hidden,
+            cache=cache,
+            hidden_states=(block_inputs, block_outputs) if output_hidden_states else None,
+        )
+
+
+class DistributedModelMixin:
+    """What every distributed model adds to its Hugging Face class: loading, sessions, generate()."""
+
+    _base_attr: str  # "model" or "transformer"
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        name_or_path: Optional[str] = None,
+        *,
+        initial_peers,
+        torch_dtype: "torch.dtype | str | None" = None,
+        dtype: "torch.dtype | str | None" = None,
+        dht_prefix: Optional[str] = None,
+        client_config: Optional[ClientConfig] = None,
+        **config_overrides,
+    ):
+        """Load the client's parts of a checkpoint (local dir, hub id, or None for the embedded model) and
+        connect to the swarm at ``initial_peers``."""
+        path = resolve_model(name_or_path)
+        config = load_config(path)
+        for key, value in config_overrides.items():
+            setattr(config, key, value)
+        family = family_for(config)
+        client_config = client_config or ClientConfig()
+        client_config = ClientConfig(
+            **{
+                **client_config.__dict__,
+                "initial_peers": tuple(initial_peers),
+                "dht_prefix": dht_prefix or client_config.dht_prefix,
+            }
+        )
+        prefix = client_config.dht_prefix or model_dht_prefix(name_or_path if name_or_path is not None else path)
+        swarm = RemoteSwarm(client_config, prefix, config.num_hidden_layers)
+        try:
+            model = cls(config, swarm)
+            tensors = read_tensors(path, lambda name: family.is_block_tensor(name) is None)
+            model._load_client_tensors(tensors)
+            model.to(resolve_dtype(dtype or torch_dtype, config))
+        except BaseException:
+            swarm.close()
+            raise
+        model.eval()
+        model.name_or_path = str(name_or_path or path)
+        return model
+
+    def _load_client_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        own = self.state_dict()
+        missing = [name for name in own if name not in tensors]
+        tied = self._ties_embeddings()
+        if tied:
+            missing = [name for name in missing if not name.startswith("lm_head.")]
+        if missing:
+            raise ValueError(f"the checkpoint lacks client tensors {missing}")
+        self.load_state_dict({k: v for k, v in tensors.items() if k in own}, strict=False)
+        if tied:
+            self.lm_head.weight = self.get_input_embeddings().weight
+
+    def _ties_embeddings(self) -> bool:
+        return bool(getattr(self.config.get_text_config(), "tie_word_embeddings", False))
+
+    @property
+    def swarm(self) -> RemoteSwarm:
+        return self.remote_layers.swarm
+
+    @property
+    def remote_layers(self) -> RemoteSequential:
+        return getattr(self, self._base_attr).remote_layers
+
+    def inference_session(self, max_length: int) -> InferenceSession:
+        """``with model.inference_session(max_length=N) as sess:`` keeps server caches across generate() calls."""
+        session = self.remote_layers.inference_session(max_length)
+        self._active_session = session
+        return session
+
+    def _current_session(self) -> Optional[InferenceSession]:
+        session = getattr(self, "_active_session", None)
+        if session is not None and session._closed:
+            self._active_session = session = None
+        return session
+
+    def generate(self, inputs: Optional[torch.Tensor] = None, *args, session: Optional[InferenceSession] = None, **kwargs):
+        """Hugging Face ``generate()`` with the blocks in the swarm.
+
+        Inside ``with model.inference_session(...)`` (or with ``session=``), each call continues the session:
+        ``inputs`` are appended to what the session has seen, and ``generate(None, max_new_tokens=k)`` simply
+        continues. The returned ids cover the whole session so far.
+        """
+        session = session or self._current_session()
+        owns_session = session is None
+        history = None if session is None else session.output_ids
+        if inputs is None:
+            if history is None:
+                raise ValueError("generate(None) continues an inference session, but none has produced tokens yet")
+            inputs = history
+            kwargs["attention_mask"] = session.output_mask
+        elif history is not None:
+            if history.shape[0] != inputs.shape[0]:
+                raise ValueError(f"the session holds batch {history.shape[0]}, got inputs with batch {inputs.shape[0]}")
+            mask = kwargs.get("attention_mask")
+            mask = torch.ones_like(inputs) if mask is None else mask
+            kwargs["attention_mask"] = torch.cat([session.output_mask, mask.to(session.output_mask.dtype)], dim=1)
+            inputs = torch.cat([history, inputs.to(history.device)], dim=1)
+        if kwargs.get("attention_mask") is None:
+            kwargs.pop("attention_mask", None)
+        if owns_session:
+            session = self.remote_layers.inference_session(self._session_length(inputs, kwargs))
+        try:
+            outputs = super().generate(inputs, *args, cache=RemoteCache(session), **kwargs)
+        finally:
+            if owns_session:
+                session.close()
+        sequences = outputs if isinstance(outputs, torch.Tensor) else outputs.sequences
+        if not owns_session and sequences.shape[0] == inputs.shape[0]:
+            session.output_ids = sequences
+            mask = kwargs.get("attention_mask")
+            mask = torch.ones_like(inputs) if mask is None else mask
+            extra = torch.ones(sequences.shape[0], sequences.shape[1] - mask.shape[1], dtype=mask.dtype, device=mask.device)
+            session.output_mask = torch.cat([mask, extra], dim=1)
+        elif not owns_session:
+            session.output_ids = None  # beams or several return sequences: rows no longer match the cache
+        return outputs
+
+    def _session_length(self, inputs: torch.Tensor, kwargs: dict) -> int:
+        generation_config = kwargs.get("generation_config") or self.generation_config
+        max_new = kwargs.get("max_new_tokens", generation_config.max_new_tokens)
+        if max_new is not None:
+            return inputs.shape[1] + max_new
+        return max(kwargs.get("max_length", generation_config.max_length) or 0, inputs.shape[1] + 1)
+
+    def close(self) -> None:
+        """Disconnect from the swarm (stops the client's peer)."""
+        self.swarm.close()
+
+
+class DistributedLlamaForCausalLM(DistributedModelMixin, LlamaForCausalLM):
+    _base_attr = "model"
+
+    def __init__(self, config, swarm: RemoteSwarm):
+        LlamaPreTrainedModel.__init__(self, config)
+        modules = {
+            "embed_tokens": nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id),
+            "norm": LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps),
+        }
+        self.model = RemoteBaseModel(config, "embed_tokens", "norm", "layers", modules, swarm)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+
+
+class DistributedBloomForCausalLM(DistributedModelMixin, BloomForCausalLM):
+    _base_attr = "transformer"
+
+    def __init__(self, config, swarm: RemoteSwarm):
+        BloomPreTrainedModel.__init__(self, config)
+        modules = {
+            "word_embeddings": nn.Embedding(config.vocab_size, config.hidden_size),
+            "word_embeddings_layernorm": nn.LayerNorm(config.hidden_size, eps=config.layer_norm_epsilon),
+            "ln_f": nn.LayerNorm(config.hidden_size, eps=config.layer_norm_epsilon),
+        }
+        self.transformer = RemoteBaseModel(config, "word_embeddings", "ln_f", "h", modules, swarm)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+
+
+_CAUSAL_LM_CLASSES = {"llama": DistributedLlamaForCausalLM, "bloom": DistributedBloomForCausalLM}
+
+
+class AutoDistributedModelForCausalLM:
+    """Picks the distributed class for a checkpoint's ``model_type``, like transformers' Auto classes."""
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: Optional[str] = None, *, initial_peers, **kwargs):
+        config: PretrainedConfig = load_config(resolve_model(name_or_path))
+        try:
+            model_class = _CAUSAL_LM_CLASSES[config.model_type]
+        except KeyError:
+            raise ValueError(
+                f"no distributed causal LM for model_type {config.model_type!r}; supported: {sorted(_CAUSAL_LM_CLASSES)}"
+            ) from None
+        return model_class.from_pretrained(name_or_path, initial_peers=initial_peers, **kwargs)

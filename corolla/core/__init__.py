@@ -1,0 +1,7 @@
+"""Pure logic shared by the client and the server; no I/O, no torch.
+
+- ``blocks.py``  ``BlockRange``: a half-open span of transformer blocks, parsing ``"a:b"``.
+- ``records.py`` ``ServerRecord`` and ``ServerState``: what a server announces for each of its blocks.
+- ``errors.py``  the error types a user sees, each with a message naming the cause.
+- ``spans.py``   coverage of a model's blocks by servers: choosing a chain, finding gaps and free spans.
+"""

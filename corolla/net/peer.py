@@ -1,0 +1,138 @@
+"""``Peer``: our whole use of hivemind: a libp2p daemon, a DHT node on it, and raw byte streams."""
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from typing import Any, Awaitable, Callable, Optional, Sequence
+
+from hivemind.dht.node import DHTNode
+from hivemind.p2p import P2P, PeerID
+from hivemind.utils.multiaddr import Multiaddr
+from hivemind.utils.timed_storage import get_dht_time
+
+from corolla.net.addresses import listen_maddrs
+
+logger = logging.getLogger(__name__)
+
+StreamHandler = Callable[[asyncio.StreamReader, asyncio.StreamWriter, str], Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class PeerConfig:
+    initial_peers: tuple[str, ...] = ()  # multiaddrs of peers already in the swarm; empty = a new swarm
+    host: str = "127.0.0.1"  # IP address to listen on and announce
+    port: int = 0  # TCP port; 0 picks a free one
+    client_mode: bool = False  # True: does not store DHT records for others and is not dialled
+    startup_timeout_s: float = 30.0
+
+
+class Peer:
+    """A running libp2p daemon with a DHT node. Create with ``await Peer.create(config)``."""
+
+    def __init__(self, p2p: P2P, dht: DHTNode, config: PeerConfig):
+        self._p2p = p2p
+        self._dht = dht
+        self.config = config
+        self.peer_id: str = p2p.peer_id.to_base58()
+
+    @classmethod
+    async def create(cls, config: PeerConfig) -> "Peer":
+        host_maddrs = listen_maddrs(config.host, config.port)
+        p2p = await P2P.create(
+            initial_peers=list(config.initial_peers),
+            host_maddrs=host_maddrs,
+            announce_maddrs=host_maddrs if config.port else None,
+            nat_port_map=False,  # never probe the local network for UPnP/NAT-PMP
+            auto_nat=False,
+            use_relay=False,
+            use_auto_relay=False,
+            use_ipfs=False,  # no public bootstrap peers
+            dht_mode="client" if config.client_mode else "server",
+            startup_timeout=config.startup_timeout_s,
+        )
+        try:
+            dht = await DHTNode.create(
+                p2p=p2p,
+                initial_peers=list(config.initial_peers),
+                client_mode=config.client_mode,
+                num_workers=4,
+                cache_locally=False,  # a lookup must see fresh records, not an old local copy
+                cache_on_store=False,
+                ensure_bootstrap_success=bool(config.initial_peers),
+            )
+        except BaseException:
+            await p2p.shutdown()
+            raise
+        return cls(p2p, dht, config)
+
+    async def visible_maddrs(self) -> list[str]:
+        """Full multiaddrs (with /p2p/<peer id>) that others pass as initial peers."""
+        maddrs = await self._p2p.get_visible_maddrs()
+        return [str(addr) for addr in maddrs]
+
+    # ---------------------------------------------------------------- DHT
+
+    @staticmethod
+    def now() -> float:
+        return get_dht_time()
+
+    async def announce(self, key: str, subkey: str, value: Any, expiration_time: float) -> bool:
+        return await self._dht.store(key, value, expiration_time, subkey=subkey)
+
+    async def announce_many(self, items: Sequence[tuple[str, str, Any]], expiration_time: float) -> bool:
+        keys = [key for key, _, _ in items]
+        subkeys = [subkey for _, subkey, _ in items]
+        values = [value for _, _, value in items]
+        results = await self._dht.store_many(keys, values, [expiration_time] * len(keys), subkeys=subkeys)
+        return all(results.values())
+
+    async def lookup_many(self, keys: Sequence[str]) -> dict[str, dict[str, Any]]:
+        """For each key, the live values under it: ``{key: {subkey: value}}`` (empty dict if none)."""
+        found = await self._dht.get_many(list(keys), sufficient_expiration_time=float("inf"))
+        now = get_dht_time()
+        result: dict[str, dict[str, Any]] = {}
+        for key in keys:
+            entry = found.get(key)
+            values: dict[str, Any] = {}
+            if entry is not None and isinstance(entry.value, dict):
+                for subkey, item in entry.value.items():
+                    if item.expiration_time >= now:
+                        values[subkey] = item.value
+            result[key] = values
+        return result
+
+    # ---------------------------------------------------------------- streams
+
+    async def serve_stream(self, name: str, handler: StreamHandler) -> None:
+        """Serve protocol ``name``: ``handler(reader, writer, remote_peer_id)`` runs for each incoming stream."""
+
+        async def _on_stream(stream_info, reader, writer):
+            try:
+                await handler(reader, writer, stream_info.peer_id.to_base58())
+            except Exception:  # a handler must never take the daemon connection down
+                logger.exception("stream handler %s failed", name)
+            finally:
+                writer.close()
+
+        await self._p2p.add_binary_stream_handler(name, _on_stream)
+
+    async def open_stream(
+        self, peer_id: str, name: str, maddrs: Optional[Sequence[str]] = None
+    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """Open a stream to ``peer_id``'s protocol ``name`` (dialling ``maddrs`` first if given)."""
+        remote = PeerID.from_base58(peer_id)
+        if maddrs:
+            try:
+                await self._p2p._client.connect(remote, [Multiaddr(addr) for addr in maddrs])
+            except Exception as exc:  # fall back to the daemon's own peer routing
+                logger.debug("direct dial of %s failed: %s", peer_id, exc)
+        _, reader, writer = await self._p2p.call_binary_stream_handler(remote, name)
+        return reader, writer
+
+    async def shutdown(self) -> None:
+        try:
+            await asyncio.wait_for(self._dht.shutdown(), timeout=5)
+        except Exception as exc:
+            logger.debug("DHT shutdown: %s", exc)
+        await self._p2p.shutdown()

@@ -1,0 +1,48 @@
+"""Keeping this server's DHT records alive: one record per held block, refreshed before it expires."""
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Callable
+
+from corolla.core.records import ServerRecord, block_key
+from corolla.net.peer import Peer
+
+logger = logging.getLogger(__name__)
+
+
+class Announcer:
+    def __init__(self, peer: Peer, model_prefix: str, record: Callable[[], ServerRecord], period_s: float, ttl_s: float):
+        self.peer = peer
+        self.model_prefix = model_prefix
+        self.record = record
+        self.period_s = period_s
+        self.ttl_s = ttl_s
+        self._task: asyncio.Task | None = None
+
+    async def announce_now(self, ttl_s: float | None = None) -> bool:
+        record = self.record()
+        value = record.to_value()
+        items = [(block_key(self.model_prefix, b), record.peer_id, value) for b in record.blocks]
+        try:
+            return await self.peer.announce_many(items, Peer.now() + (ttl_s or self.ttl_s))
+        except Exception as exc:
+            logger.warning("announcing %s failed: %s", record.blocks, exc)
+            return False
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._loop())
+
+    async def _loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.period_s)
+            await self.announce_now()
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+            self._task = None

@@ -1,0 +1,31 @@
+"""``ServerConfig``: one frozen object holding every server setting."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+from corolla.core.blocks import BlockRange
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    model: Optional[str] = None  # checkpoint directory, hub id, or None for the embedded model
+    dht_prefix: Optional[str] = None  # DHT name of the model; None derives it from the checkpoint
+    blocks: Optional[BlockRange] = None  # span to serve; None chooses one of num_blocks blocks
+    num_blocks: Optional[int] = None  # with blocks None: how many blocks to take (None = all)
+    initial_peers: tuple[str, ...] = ()  # multiaddrs of peers already in the swarm
+    new_swarm: bool = False  # be our own bootstrap peer (no initial peers needed)
+    host: str = "127.0.0.1"  # IP address to listen on and announce
+    port: int = 0  # TCP port; 0 picks a free one
+    address_file: Optional[str] = None  # where to write our multiaddrs once reachable
+    dtype: str = "float32"  # compute dtype: float32, bfloat16, float16 or auto (the checkpoint's)
+    device: str = "cpu"  # torch device of the blocks: cpu, cuda, cuda:1, ...
+    num_threads: Optional[int] = None  # torch intra-op threads; None keeps torch's default
+    cache_tokens: int = 32768  # session cache budget, in tokens of one batch row
+    max_message_bytes: int = 256 * 2**20  # largest request frame accepted
+    max_batch_tokens: int = 8192  # largest batch * seq of one forward/backward request
+    session_idle_timeout_s: float = 600.0  # a session that sends nothing for this long is closed
+    announce_period_s: float = 10.0  # how often DHT records are refreshed
+    record_ttl_s: float = 30.0  # how long a record lives without refresh
+    throughput: Optional[float] = None  # tokens/s to announce; None measures it at start-up
+    shutdown_grace_s: float = 5.0  # time given to in-flight requests on SIGTERM/SIGINT

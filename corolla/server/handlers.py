@@ -1,0 +1,225 @@
+"""Serving one stream: read the request, validate it, run it on the compute thread, reply.
+
+Every failure a request causes becomes an ``ErrorReply`` on its own stream; nothing a client sends can
+stop the server or disturb other streams.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable
+
+import torch
+
+from corolla.core.errors import BadRequestError, CorollaError, MessageTooLargeError
+from corolla.server.cache import CacheBudget
+from corolla.server.config import ServerConfig
+from corolla.server.sessions import SessionState, run_step
+from corolla.server.validation import check_blocks, check_hidden, check_mask, check_positions, check_same_shape
+from corolla.wire.framing import read_message, write_message
+from corolla.wire.messages import (
+    BackwardReply,
+    BackwardRequest,
+    ErrorReply,
+    ForwardReply,
+    ForwardRequest,
+    InfoReply,
+    InfoRequest,
+    Message,
+    OpenSession,
+    SessionOpened,
+    SessionStep,
+    SessionStepReply,
+)
+
+logger = logging.getLogger(__name__)
+
+
+class ServerShuttingDownError(CorollaError):
+    """The server is leaving the swarm and takes no new work."""
+
+
+class RequestHandler:
+    def __init__(
+        self,
+        stack,
+        config: ServerConfig,
+        budget: CacheBudget,
+        compute: ThreadPoolExecutor,
+        info: Callable[[], InfoReply],
+    ):
+        self.stack = stack
+        self.config = config
+        self.budget = budget
+        self.compute = compute
+        self.info = info
+        self.sessions: dict[str, SessionState] = {}
+        self.accepting = True
+        self.in_flight = 0
+        self.max_positions = getattr(stack.config, "max_position_embeddings", None)
+
+    async def handle_stream(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, peer: str) -> None:
+        self.in_flight += 1
+        try:
+            try:
+                request = await read_message(reader, self.config.max_message_bytes)
+            except CorollaError as exc:
+                await self._reply_error(writer, exc)
+                return
+            if request is None:
+                return
+            if not self.accepting:
+                await self._reply_error(writer, ServerShuttingDownError("this server is shutting down; use another"))
+                return
+            try:
+                if isinstance(request, OpenSession):
+                    await self._serve_session(request, reader, writer)
+                else:
+                    await write_message(writer, await self._unary(request))
+            except CorollaError as exc:
+                await self._reply_error(writer, exc)
+        except (ConnectionError, asyncio.IncompleteReadError) as exc:
+            logger.debug("stream from %s ended abruptly: %s", peer, exc)
+        except Exception as exc:  # a bug of ours: report it to the client, keep serving
+            logger.exception("request from %s failed", peer)
+            await self._reply_error(writer, exc)
+        finally:
+            self.in_flight -= 1
+
+    async def _reply_error(self, writer: asyncio.StreamWriter, exc: BaseException) -> None:
+        kind = type(exc).__name__ if isinstance(exc, CorollaError) else "InternalServerError"
+        try:
+            await write_message(writer, ErrorReply(kind=kind, message=str(exc)))
+        except (ConnectionError, RuntimeError):
+            pass
+
+    async def _run(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self.compute, fn, *args)
+
+    # ---------------------------------------------------------------- unary requests
+
+    async def _unary(self, request: Message) -> Message:
+        if isinstance(request, InfoRequest):
+            return self.info()
+        if isinstance(request, ForwardRequest):
+            self._check_batch_request(request)
+            outputs = await self._run(self._forward, request)
+            return ForwardReply(hidden_states=outputs)
+        if isinstance(request, BackwardRequest):
+            self._check_batch_request(request)
+            check_same_shape("grad_outputs", request.grad_outputs, request.hidden_states)
+            grads = await self._run(self._backward, request)
+            return BackwardReply(grad_inputs=grads)
+        if isinstance(request, SessionStep):
+            owner = "belongs to another stream" if request.session_id in self.sessions else "is not open here"
+            raise BadRequestError(
+                f"unknown session {request.session_id!r}: it {owner}; open one with OpenSession on this stream"
+            )
+        raise BadRequestError(f"{type(request).__name__} is not a request this server answers")
+
+    def _check_batch_request(self, request: ForwardRequest | BackwardRequest) -> None:
+        check_blocks(request.blocks, self.stack.blocks)
+        hidden = request.hidden_states
+        check_hidden("hidden_states", hidden, self.stack.hidden_size, self.stack.dtype, self.config.max_batch_tokens)
+        batch, seq = hidden.shape[:2]
+        check_mask("attention_mask", request.attention_mask, batch, seq)
+        check_positions(request.position_ids, batch, seq, self.max_positions)
+
+    def _inputs(self, request: ForwardRequest | BackwardRequest):
+        device = self.stack.device
+        batch, seq = request.hidden_states.shape[:2]
+        mask = request.attention_mask
+        mask = torch.ones(batch, seq, dtype=torch.long) if mask is None else mask.to(torch.long)
+        positions = request.position_ids
+        positions = None if positions is None else positions.to(device=device, dtype=torch.long)
+        return request.hidden_states.to(device), mask.to(device), positions
+
+    def _forward(self, request: ForwardRequest) -> torch.Tensor:
+        hidden, mask, positions = self._inputs(request)
+        with torch.inference_mode():
+            return self.stack(hidden, mask, positions, None)
+
+    def _backward(self, request: BackwardRequest) -> torch.Tensor:
+        hidden, mask, positions = self._inputs(request)
+        with torch.enable_grad():
+            inputs = hidden.detach().requires_grad_(True)
+            outputs = self.stack(inputs, mask, positions, None)
+            (grad_inputs,) = torch.autograd.grad(outputs, inputs, request.grad_outputs.to(outputs.device))
+        return grad_inputs
+
+    # ---------------------------------------------------------------- inference sessions
+
+    async def _serve_session(self, request: OpenSession, reader, writer) -> None:
+        check_blocks(request.blocks, self.stack.blocks)
+        if request.max_length < 1 or request.batch_size < 1:
+            raise BadRequestError(
+                f"max_length and batch_size must be >= 1, got {request.max_length} and {request.batch_size}"
+            )
+        if request.session_id in self.sessions:
+            raise BadRequestError(f"session {request.session_id!r} is already open")
+        if self.max_positions is not None and request.max_length > self.max_positions:
+            raise BadRequestError(
+                f"max_length {request.max_length} exceeds the model's {self.max_positions} positions"
+            )
+        session = SessionState(
+            session_id=request.session_id,
+            max_length=request.max_length,
+            batch_size=request.batch_size,
+            cache=self.stack.new_cache(),
+            mask=torch.zeros(request.batch_size, 0, dtype=torch.long, device=self.stack.device),
+        )
+        self.budget.reserve(session.reserved_tokens)
+        self.sessions[session.session_id] = session
+        try:
+            await write_message(writer, SessionOpened(session.session_id, session.reserved_tokens))
+            await self._session_loop(session, reader, writer)
+        finally:
+            del self.sessions[session.session_id]
+            self.budget.release(session.reserved_tokens)
+
+    async def _session_loop(self, session: SessionState, reader, writer) -> None:
+        while True:
+            try:
+                step = await asyncio.wait_for(
+                    read_message(reader, self.config.max_message_bytes), self.config.session_idle_timeout_s
+                )
+            except asyncio.TimeoutError:
+                await self._reply_error(
+                    writer,
+                    BadRequestError(
+                        f"session {session.session_id} idle for {self.config.session_idle_timeout_s:.0f} s: closed"
+                    ),
+                )
+                return
+            except MessageTooLargeError as exc:  # the rest of that frame is unread: the stream is out of step
+                await self._reply_error(writer, exc)
+                return
+            except CorollaError as exc:
+                await self._reply_error(writer, exc)
+                continue
+            if step is None:
+                return
+            if not self.accepting:
+                await self._reply_error(writer, ServerShuttingDownError("this server is shutting down; use another"))
+                return
+            try:
+                if not isinstance(step, SessionStep):
+                    raise BadRequestError(f"expected SessionStep inside a session, got {type(step).__name__}")
+                if step.session_id != session.session_id:
+                    raise BadRequestError(
+                        f"unknown session {step.session_id!r}: this stream holds session {session.session_id!r}"
+                    )
+                outputs = await self._run(
+                    run_step,
+                    self.stack,
+                    session,
+                    step.hidden_states,
+                    step.attention_mask,
+                    step.position_ids,
+                    step.hypo_ids,
+                    self.max_positions,
+                )
+                await write_message(writer, SessionStepReply(hidden_states=outputs, position=session.position))
+            except CorollaError as exc:
+                await self._reply_error(writer, exc)

@@ -1,0 +1,158 @@
+"""``Server``: load a span of blocks, announce it, serve it, leave cleanly."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from concurrent.futures import ThreadPoolExecutor
+from typing import Optional
+
+import torch
+
+from corolla.core.blocks import BlockRange
+from corolla.core.records import ServerRecord, ServerState
+from corolla.core.spans import choose_span
+from corolla.models.checkpoint import load_config, model_dht_prefix, resolve_model
+from corolla.models.dtypes import resolve_dtype
+from corolla.models.stack import load_block_stack
+from corolla.net.addresses import write_address_file
+from corolla.net.peer import Peer, PeerConfig
+from corolla.net.records import fetch_records
+from corolla.server.announcer import Announcer
+from corolla.server.cache import CacheBudget
+from corolla.server.config import ServerConfig
+from corolla.server.handlers import RequestHandler
+from corolla.server.throughput import measure_throughput
+from corolla.wire.codec import dtype_name
+from corolla.wire.messages import PROTOCOL_VERSION, RPC_PROTOCOL, InfoReply
+
+logger = logging.getLogger(__name__)
+
+
+class Server:
+    """A running server. ``await Server.create(config)``, then ``await server.shutdown()``."""
+
+    def __init__(self, config: ServerConfig, peer: Peer, model_prefix: str, blocks: BlockRange):
+        self.config = config
+        self.peer = peer
+        self.model_prefix = model_prefix
+        self.blocks = blocks
+        self.state = ServerState.JOINING
+        self.throughput = 0.0
+        self.dtype = resolve_dtype(config.dtype)
+        self.maddrs: list[str] = []
+        self.stack = None
+        self.handler: Optional[RequestHandler] = None
+        self.budget: Optional[CacheBudget] = None
+        self.compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="corolla-compute")
+        self.announcer = Announcer(peer, model_prefix, self.record, config.announce_period_s, config.record_ttl_s)
+
+    @classmethod
+    async def create(cls, config: ServerConfig) -> "Server":
+        if not config.initial_peers and not config.new_swarm:
+            raise ValueError("a server needs --initial-peers of a running swarm, or --new-swarm to start its own")
+        path = await asyncio.to_thread(resolve_model, config.model)
+        model_config = await asyncio.to_thread(load_config, path)
+        prefix = config.dht_prefix or model_dht_prefix(path if config.model is None else config.model)
+        total = model_config.num_hidden_layers
+        peer = await Peer.create(PeerConfig(initial_peers=config.initial_peers, host=config.host, port=config.port))
+        try:
+            blocks = config.blocks
+            if blocks is None:
+                records = await fetch_records(peer, prefix, range(total))
+                blocks = choose_span(total, records, config.num_blocks or total)
+            if blocks.end > total:
+                raise ValueError(f"blocks {blocks} run past the model's {total} blocks")
+            server = cls(config, peer, prefix, blocks)
+            server.dtype = resolve_dtype(config.dtype, model_config)
+            server.maddrs = await peer.visible_maddrs()
+            await server.announcer.announce_now()  # JOINING: others see this span is being taken
+            await server._start(path, model_config)
+            return server
+        except BaseException:
+            await peer.shutdown()
+            raise
+
+    async def _start(self, path, model_config) -> None:
+        config = self.config
+        logger.info("loading blocks %s of %s (%s, %s)", self.blocks, self.model_prefix, self.dtype, config.device)
+        self.stack = await asyncio.to_thread(
+            load_block_stack, path, model_config, self.blocks, self.dtype, torch.device(config.device)
+        )
+        self.throughput = config.throughput or await asyncio.to_thread(measure_throughput, self.stack)
+        self.budget = CacheBudget(config.cache_tokens, self.stack.cache_bytes_per_token())
+        self.handler = RequestHandler(self.stack, config, self.budget, self.compute, self.info)
+        await self.peer.serve_stream(RPC_PROTOCOL, self.handler.handle_stream)
+        self.state = ServerState.ONLINE
+        await self.announcer.announce_now()
+        self.announcer.start()
+        if config.address_file:
+            write_address_file(config.address_file, self.maddrs)
+        logger.info(
+            "serving blocks %s of %s as %s: %.1f tokens/s, cache %d tokens",
+            self.blocks, self.model_prefix, self.peer.peer_id, self.throughput, config.cache_tokens,
+        )
+
+    def record(self) -> ServerRecord:
+        return ServerRecord(
+            peer_id=self.peer.peer_id,
+            blocks=self.blocks,
+            state=self.state,
+            throughput=self.throughput,
+            dtype=dtype_name(self.dtype),
+            protocol_version=PROTOCOL_VERSION,
+            cache_tokens_free=self.budget.free_tokens if self.budget else 0,
+            maddrs=tuple(self.maddrs),
+        )
+
+    def info(self) -> InfoReply:
+        return InfoReply(
+            model=self.model_prefix,
+            blocks=self.blocks,
+            hidden_size=self.stack.hidden_size,
+            dtype=dtype_name(self.dtype),
+            state=self.state.value,
+            throughput=self.throughput,
+            cache_tokens_free=self.budget.free_tokens,
+            cache_tokens_total=self.budget.total_tokens,
+            max_message_bytes=self.config.max_message_bytes,
+            protocol_version=PROTOCOL_VERSION,
+        )
+
+    async def shutdown(self) -> None:
+        """Announce offline, refuse new work, give in-flight work ``shutdown_grace_s``, then stop."""
+        self.state = ServerState.OFFLINE
+        if self.handler is not None:
+            self.handler.accepting = False
+        await self.announcer.stop()
+        await self.announcer.announce_now(ttl_s=self.config.record_ttl_s)
+        deadline = asyncio.get_running_loop().time() + self.config.shutdown_grace_s
+        while self.handler is not None and self.handler.in_flight > len(self.handler.sessions):
+            if asyncio.get_running_loop().time() > deadline:
+                logger.warning("shutting down with %d request(s) still running", self.handler.in_flight)
+                break
+            await asyncio.sleep(0.05)
+        await self.peer.shutdown()
+        self.compute.shutdown(wait=False, cancel_futures=True)
+
+
+def run_server(config: ServerConfig) -> int:
+    """Run a server in this process until SIGTERM/SIGINT; returns the exit code."""
+    if config.num_threads:
+        torch.set_num_threads(config.num_threads)
+
+    async def main() -> int:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        server = await Server.create(config)
+        print(f"corolla server {server.peer.peer_id} serving blocks {server.blocks}", flush=True)
+        for addr in server.maddrs:
+            print(f"  {addr}", flush=True)
+        await stop.wait()
+        logger.info("stopping: announcing offline")
+        await server.shutdown()
+        return 0
+
+    return asyncio.run(main())

@@ -1,0 +1,76 @@
+"""Checks of every request against what this server holds. Each failure is a ``BadRequestError`` naming
+the cause, raised before any compute, so a bad request never disturbs other clients."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from corolla.core.blocks import BlockRange
+from corolla.core.errors import BadRequestError
+
+
+def check_blocks(requested: BlockRange, held: BlockRange) -> None:
+    if not held.covers(requested):
+        raise BadRequestError(f"this server holds blocks {held}, not {requested}")
+    if requested != held:
+        raise BadRequestError(
+            f"this server runs its whole span {held} per request; {requested} is only part of it"
+        )
+
+
+def check_hidden(
+    name: str, tensor: torch.Tensor, hidden_size: int, dtype: torch.dtype, max_tokens: Optional[int] = None
+) -> None:
+    if tensor.dim() != 3:
+        raise BadRequestError(f"{name} must be [batch, seq, hidden], got shape {list(tensor.shape)}")
+    if tensor.shape[-1] != hidden_size:
+        raise BadRequestError(f"{name} has hidden size {tensor.shape[-1]}, this model's is {hidden_size}")
+    if tensor.dtype != dtype:
+        raise BadRequestError(f"{name} has dtype {tensor.dtype}, this server computes in {dtype}")
+    if tensor.shape[0] < 1:
+        raise BadRequestError(f"{name} has an empty batch")
+    if max_tokens is not None and tensor.shape[0] * tensor.shape[1] > max_tokens:
+        raise BadRequestError(
+            f"{name} holds {tensor.shape[0] * tensor.shape[1]} tokens (batch x seq), over this server's limit of "
+            f"{max_tokens} per request; split it"
+        )
+    if tensor.numel() and not bool(torch.isfinite(tensor).all()):
+        raise BadRequestError(f"{name} contains non-finite values (NaN or inf)")
+
+
+def check_mask(name: str, mask: Optional[torch.Tensor], batch: int, length: int) -> None:
+    if mask is None:
+        return
+    if list(mask.shape) != [batch, length]:
+        raise BadRequestError(f"{name} must have shape [{batch}, {length}], got {list(mask.shape)}")
+    if mask.dtype not in (torch.int64, torch.int32, torch.bool, torch.uint8):
+        raise BadRequestError(f"{name} must be an integer or bool tensor of 0/1, got {mask.dtype}")
+    if mask.numel() and not bool(((mask == 0) | (mask == 1)).all()):
+        raise BadRequestError(f"{name} may hold only 0 (padding) and 1 (token)")
+
+
+def check_positions(
+    position_ids: Optional[torch.Tensor], batch: int, length: int, max_positions: Optional[int]
+) -> None:
+    if position_ids is None:
+        return
+    if list(position_ids.shape) != [batch, length]:
+        raise BadRequestError(f"position_ids must have shape [{batch}, {length}], got {list(position_ids.shape)}")
+    if position_ids.dtype not in (torch.int64, torch.int32):
+        raise BadRequestError(f"position_ids must be int64, got {position_ids.dtype}")
+    if position_ids.numel():
+        low, high = int(position_ids.min()), int(position_ids.max())
+        if low < 0 or (max_positions is not None and high >= max_positions):
+            raise BadRequestError(f"position_ids must lie in [0, {max_positions}), got {low}..{high}")
+
+
+def check_same_shape(name: str, tensor: torch.Tensor, reference: torch.Tensor) -> None:
+    if tensor.shape != reference.shape:
+        raise BadRequestError(
+            f"{name} has shape {list(tensor.shape)}, but the hidden states have shape {list(reference.shape)}"
+        )
+    if tensor.dtype != reference.dtype:
+        raise BadRequestError(f"{name} has dtype {tensor.dtype}, expected {reference.dtype}")
+    if tensor.numel() and not bool(torch.isfinite(tensor).all()):
+        raise BadRequestError(f"{name} contains non-finite values (NaN or inf)")

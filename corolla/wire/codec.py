@@ -1,0 +1,107 @@
+"""Tensor and message encoding.
+
+A frame is ``MAGIC | u32 header_bytes | u64 body_bytes | header (UTF-8 JSON) | body``. The header holds the
+message type, the protocol version, its plain fields and a descriptor per tensor (name, dtype, shape);
+the body holds the tensors' raw bytes back to back, in the order of the descriptors.
+"""
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from corolla.core.errors import BadRequestError
+
+MAGIC = b"CRL1"
+PREFIX = struct.Struct("<4sIQ")  # magic, header length, body length
+
+_DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float64": torch.float64,
+    "int64": torch.int64,
+    "int32": torch.int32,
+    "bool": torch.bool,
+    "uint8": torch.uint8,
+}
+_DTYPE_NAMES = {dtype: name for name, dtype in _DTYPES.items()}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    try:
+        return _DTYPE_NAMES[dtype]
+    except KeyError:
+        raise BadRequestError(f"tensors of dtype {dtype} cannot be sent; supported: {sorted(_DTYPES)}") from None
+
+
+def dtype_from_name(name: str) -> torch.dtype:
+    try:
+        return _DTYPES[name]
+    except KeyError:
+        raise BadRequestError(f"unknown tensor dtype {name!r}; supported: {sorted(_DTYPES)}") from None
+
+
+@dataclass(frozen=True)
+class Frame:
+    """A decoded frame: the JSON header and the named tensors."""
+
+    header: dict[str, Any]
+    tensors: dict[str, torch.Tensor]
+
+
+def encode_frame(header: dict[str, Any], tensors: dict[str, torch.Tensor]) -> bytes:
+    descriptors, chunks = [], []
+    for name, tensor in tensors.items():
+        tensor = tensor.detach()
+        if tensor.device.type != "cpu":
+            tensor = tensor.cpu()
+        tensor = tensor.contiguous()
+        descriptors.append({"name": name, "dtype": dtype_name(tensor.dtype), "shape": list(tensor.shape)})
+        if tensor.numel():
+            chunks.append(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    header_bytes = json.dumps({**header, "tensors": descriptors}, separators=(",", ":")).encode()
+    body = b"".join(chunks)
+    return PREFIX.pack(MAGIC, len(header_bytes), len(body)) + header_bytes + body
+
+
+def decode_prefix(prefix: bytes) -> tuple[int, int]:
+    magic, header_len, body_len = PREFIX.unpack(prefix)
+    if magic != MAGIC:
+        raise BadRequestError(f"not a Corolla frame (magic {magic!r}, expected {MAGIC!r})")
+    return header_len, body_len
+
+
+def decode_frame(header_bytes: bytes, body: bytes) -> Frame:
+    try:
+        header = json.loads(header_bytes)
+    except ValueError as exc:
+        raise BadRequestError(f"frame header is not valid JSON: {exc}") from None
+    if not isinstance(header, dict):
+        raise BadRequestError("frame header must be a JSON object")
+    tensors: dict[str, torch.Tensor] = {}
+    offset = 0
+    buffer = bytearray(body)
+    for desc in header.pop("tensors", []):
+        dtype = dtype_from_name(desc["dtype"])
+        shape = [int(d) for d in desc["shape"]]
+        if any(d < 0 for d in shape):
+            raise BadRequestError(f"tensor {desc['name']!r} has a negative dimension: {shape}")
+        numel = 1
+        for d in shape:
+            numel *= d
+        nbytes = numel * torch.empty((), dtype=dtype).element_size()
+        if offset + nbytes > len(buffer):
+            raise BadRequestError(f"tensor {desc['name']!r} ({shape}, {desc['dtype']}) runs past the frame body")
+        if numel:
+            flat = torch.frombuffer(buffer, dtype=torch.uint8, count=nbytes, offset=offset)
+            tensors[desc["name"]] = flat.view(dtype).reshape(shape)
+        else:
+            tensors[desc["name"]] = torch.empty(shape, dtype=dtype)
+        offset += nbytes
+    if offset != len(buffer):
+        raise BadRequestError(f"frame body has {len(buffer) - offset} bytes no tensor descriptor accounts for")
+    return Frame(header, tensors)

@@ -1,0 +1,43 @@
+"""Reading and writing message frames on asyncio streams, with a size limit on what is read."""
+from __future__ import annotations
+
+import asyncio
+
+from corolla.core.errors import MessageTooLargeError
+from corolla.wire.codec import PREFIX, decode_frame, decode_prefix, encode_frame
+from corolla.wire.messages import PROTOCOL_VERSION, Message, message_from_frame
+
+DEFAULT_MAX_MESSAGE_BYTES = 256 * 2**20
+
+
+def encode_message(message: Message, version: int = PROTOCOL_VERSION) -> bytes:
+    header, tensors = message.to_parts(version)
+    return encode_frame(header, tensors)
+
+
+async def write_message(writer: asyncio.StreamWriter, message: Message, version: int = PROTOCOL_VERSION) -> None:
+    writer.write(encode_message(message, version))
+    await writer.drain()
+
+
+async def read_message(reader: asyncio.StreamReader, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> Message | None:
+    """Read one message; None at a clean end of stream.
+
+    A frame larger than ``max_bytes`` raises ``MessageTooLargeError`` before its body is read; the stream is
+    then out of step and must be closed after replying.
+    """
+    try:
+        prefix = await reader.readexactly(PREFIX.size)
+    except asyncio.IncompleteReadError as exc:
+        if not exc.partial:
+            return None
+        raise
+    header_len, body_len = decode_prefix(prefix)
+    if header_len + body_len > max_bytes:
+        raise MessageTooLargeError(
+            f"message of {header_len + body_len} bytes exceeds this peer's limit of {max_bytes} bytes "
+            f"(split the batch into smaller pieces)"
+        )
+    header = await reader.readexactly(header_len)
+    body = await reader.readexactly(body_len) if body_len else b""
+    return message_from_frame(decode_frame(header, body))

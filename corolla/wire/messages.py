@@ -1,0 +1,196 @@
+"""Every message of the Corolla protocol, as typed dataclasses.
+
+Each frame carries ``type`` (the class name) and ``version`` (``PROTOCOL_VERSION``). A receiver that meets
+another version answers ``ErrorReply(kind="ProtocolVersionError")``. Tensor fields travel in the frame body;
+``BlockRange`` fields travel as ``"start:end"``; everything else as JSON.
+
+RPCs (one stream each, the first frame says which):
+- ``InfoRequest`` -> ``InfoReply``
+- ``ForwardRequest`` -> ``ForwardReply``
+- ``BackwardRequest`` -> ``BackwardReply``
+- ``OpenSession`` -> ``SessionOpened``, then any number of ``SessionStep`` -> ``SessionStepReply`` on the
+  same stream; the session and its cache are freed when the stream ends or idles past the server's timeout.
+Any request may be answered with ``ErrorReply`` instead.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass
+from typing import Any, ClassVar, Optional
+
+import torch
+
+from corolla.core.blocks import BlockRange
+from corolla.core.errors import BadRequestError, ProtocolVersionError
+from corolla.wire.codec import Frame
+
+PROTOCOL_VERSION = 1
+RPC_PROTOCOL = "/corolla/rpc"  # the libp2p protocol name servers register; the version travels in each frame
+
+
+class Message:
+    """Base of all messages; subclasses are frozen dataclasses registered by class name."""
+
+    registry: ClassVar[dict[str, type["Message"]]] = {}
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        Message.registry[cls.__name__] = cls
+
+    def to_parts(self, version: int = PROTOCOL_VERSION) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        header: dict[str, Any] = {"type": type(self).__name__, "version": version}
+        tensors: dict[str, torch.Tensor] = {}
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if isinstance(value, torch.Tensor):
+                tensors[field.name] = value
+            elif isinstance(value, BlockRange):
+                header[field.name] = str(value)
+            else:
+                header[field.name] = value
+        return header, tensors
+
+
+def message_from_frame(frame: Frame) -> Message:
+    """Build the typed message a frame holds, checking version, type and every field's kind."""
+    header = dict(frame.header)
+    version = header.pop("version", None)
+    if version != PROTOCOL_VERSION:
+        raise ProtocolVersionError(f"this peer speaks Corolla protocol version {PROTOCOL_VERSION}, got {version!r}")
+    type_name = header.pop("type", None)
+    cls = Message.registry.get(type_name) if isinstance(type_name, str) else None
+    if cls is None:
+        raise BadRequestError(f"unknown message type {type_name!r}")
+    hints = typing.get_type_hints(cls)
+    values: dict[str, Any] = {}
+    for field in dataclasses.fields(cls):
+        hint = hints[field.name]
+        optional = _is_optional(hint)
+        base = _strip_optional(hint)
+        if base is torch.Tensor:
+            value = frame.tensors.get(field.name)
+        else:
+            value = header.get(field.name)
+        if value is None:
+            if optional or field.default is not dataclasses.MISSING:
+                values[field.name] = None if field.default is dataclasses.MISSING else field.default
+                continue
+            raise BadRequestError(f"{type_name} is missing its field {field.name!r}")
+        values[field.name] = _convert(type_name, field.name, base, value)
+    return cls(**values)
+
+
+def _is_optional(hint) -> bool:
+    return typing.get_origin(hint) in (typing.Union, types.UnionType) and type(None) in typing.get_args(hint)
+
+
+def _strip_optional(hint):
+    if _is_optional(hint):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        return args[0]
+    return hint
+
+
+def _convert(type_name: str, field_name: str, base, value):
+    try:
+        if base is BlockRange:
+            return BlockRange.parse(value)
+        if base is torch.Tensor:
+            return value
+        if base is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if base in (int, str, bool) and type(value) is base:
+            return value
+        if typing.get_origin(base) is list and isinstance(value, list):
+            return value
+        if base is dict and isinstance(value, dict):
+            return value
+    except ValueError as exc:
+        raise BadRequestError(f"{type_name}.{field_name}: {exc}") from None
+    raise BadRequestError(f"{type_name}.{field_name} must be {getattr(base, '__name__', base)}, got {value!r}")
+
+
+# ---------------------------------------------------------------- requests and replies
+
+
+@dataclass(frozen=True)
+class InfoRequest(Message):
+    pass
+
+
+@dataclass(frozen=True)
+class InfoReply(Message):
+    model: str  # DHT prefix of the model
+    blocks: BlockRange  # blocks held by the server
+    hidden_size: int
+    dtype: str  # the dtype hidden states must have
+    state: str  # a ServerState value
+    throughput: float  # announced throughput, tokens/s through all held blocks
+    cache_tokens_free: int  # tokens (of one batch row) the session cache can still reserve
+    cache_tokens_total: int
+    max_message_bytes: int  # largest frame the server accepts
+    protocol_version: int
+
+
+@dataclass(frozen=True)
+class ForwardRequest(Message):
+    blocks: BlockRange
+    hidden_states: torch.Tensor  # [batch, seq, hidden]
+    attention_mask: Optional[torch.Tensor] = None  # [batch, seq], 1 = token, 0 = padding
+    position_ids: Optional[torch.Tensor] = None  # [batch, seq]
+
+
+@dataclass(frozen=True)
+class ForwardReply(Message):
+    hidden_states: torch.Tensor  # [batch, seq, hidden]
+
+
+@dataclass(frozen=True)
+class BackwardRequest(Message):
+    blocks: BlockRange
+    hidden_states: torch.Tensor  # [batch, seq, hidden]: the inputs of the forward pass
+    grad_outputs: torch.Tensor  # [batch, seq, hidden]: d loss / d outputs
+    attention_mask: Optional[torch.Tensor] = None
+    position_ids: Optional[torch.Tensor] = None
+
+
+@dataclass(frozen=True)
+class BackwardReply(Message):
+    grad_inputs: torch.Tensor  # [batch, seq, hidden]: d loss / d inputs
+
+
+@dataclass(frozen=True)
+class OpenSession(Message):
+    session_id: str
+    blocks: BlockRange
+    max_length: int  # tokens (prefix + generated) the session may ever hold
+    batch_size: int
+
+
+@dataclass(frozen=True)
+class SessionOpened(Message):
+    session_id: str
+    cache_tokens_reserved: int  # max_length * batch_size
+
+
+@dataclass(frozen=True)
+class SessionStep(Message):
+    session_id: str
+    hidden_states: torch.Tensor  # [batch, new, hidden]; new may be 0
+    attention_mask: Optional[torch.Tensor] = None  # [batch, new] mask of the new tokens; None = all ones
+    position_ids: Optional[torch.Tensor] = None  # [batch, new]; None = past + arange(new)
+    hypo_ids: Optional[torch.Tensor] = None  # [batch]: reorder cached rows first (beam search)
+
+
+@dataclass(frozen=True)
+class SessionStepReply(Message):
+    hidden_states: torch.Tensor  # [batch, new, hidden]
+    position: int  # tokens in the session's cache after this step
+
+
+@dataclass(frozen=True)
+class ErrorReply(Message):
+    kind: str  # class name of the error on the server
+    message: str

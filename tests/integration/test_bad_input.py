@@ -1,0 +1,135 @@
+"""Every kind of bad request gets an error naming its cause, and the server keeps serving."""
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+
+from corolla.client.rpc import SessionStream, call_unary
+from corolla.core.blocks import BlockRange
+from corolla.core.errors import RemoteError
+from corolla.wire.messages import (
+    ForwardReply,
+    ForwardRequest,
+    InfoReply,
+    InfoRequest,
+    OpenSession,
+    SessionStep,
+    SessionStepReply,
+)
+
+HIDDEN = 576
+
+
+@pytest.fixture(scope="module")
+def first_server(llama_remote):
+    swarm = llama_remote.swarm
+    chain = swarm.run(swarm.plan(BlockRange(0, 30)))
+    record, span = chain[0]
+    return swarm, record, span
+
+
+def _call(swarm, record, request, expected=ForwardReply, version=None):
+    kwargs = {} if version is None else {"version": version}
+    return swarm.run(call_unary(swarm.peer, record, request, expected, 60, **kwargs))
+
+
+def _assert_still_serves(swarm, record, span):
+    reply = _call(swarm, record, ForwardRequest(span, torch.randn(1, 3, HIDDEN) * 0.1))
+    assert reply.hidden_states.shape == (1, 3, HIDDEN)
+    assert torch.isfinite(reply.hidden_states).all()
+
+
+def _expect_error(swarm, record, span, request, *words, version=None):
+    with pytest.raises(RemoteError) as info:
+        _call(swarm, record, request, version=version)
+    for word in words:
+        assert word in str(info.value), str(info.value)
+    _assert_still_serves(swarm, record, span)
+    return info.value
+
+
+def test_info(first_server):
+    swarm, record, span = first_server
+    info = _call(swarm, record, InfoRequest(), InfoReply)
+    assert info.blocks == span and info.hidden_size == HIDDEN and info.dtype == "float32"
+    assert info.cache_tokens_free <= info.cache_tokens_total
+
+
+def test_wrong_hidden_size(first_server):
+    swarm, record, span = first_server
+    _expect_error(swarm, record, span, ForwardRequest(span, torch.randn(1, 3, 100)), "hidden size 100", "576")
+
+
+def test_wrong_dtype(first_server):
+    swarm, record, span = first_server
+    _expect_error(swarm, record, span, ForwardRequest(span, torch.randn(1, 3, HIDDEN, dtype=torch.float64)), "float64")
+
+
+def test_non_finite_values(first_server):
+    swarm, record, span = first_server
+    hidden = torch.randn(1, 3, HIDDEN)
+    hidden[0, 1, 7] = float("nan")
+    _expect_error(swarm, record, span, ForwardRequest(span, hidden), "non-finite")
+
+
+def test_blocks_not_held(first_server):
+    swarm, record, span = first_server
+    error = _expect_error(swarm, record, span, ForwardRequest(BlockRange(20, 30), torch.randn(1, 3, HIDDEN)), "holds blocks")
+    assert error.is_bad_request
+
+
+def test_message_over_limit(first_server):
+    swarm, record, span = first_server  # the fixture's servers accept at most 8 MiB per message
+    _expect_error(swarm, record, span, ForwardRequest(span, torch.zeros(4, 1000, HIDDEN)), "exceeds", "limit")
+
+
+def test_unknown_protocol_version(first_server):
+    swarm, record, span = first_server
+    _expect_error(swarm, record, span, ForwardRequest(span, torch.randn(1, 3, HIDDEN)), "protocol version", version=99)
+
+
+def test_unknown_session(first_server):
+    swarm, record, span = first_server
+    step = SessionStep("no-such-session", torch.randn(1, 1, HIDDEN))
+    _expect_error(swarm, record, span, step, "unknown session", "no-such-session")
+
+
+def test_max_length_over_cache(first_server):
+    swarm, record, span = first_server
+    info = _call(swarm, record, InfoRequest(), InfoReply)
+    request = OpenSession("too-big", span, max_length=2048, batch_size=info.cache_tokens_total // 2048 + 1)
+    with pytest.raises(RemoteError) as error:
+        swarm.run(SessionStream.open(swarm.peer, record, request, 60))
+    assert "exceeds this server's whole cache" in str(error.value)
+    _assert_still_serves(swarm, record, span)
+
+
+def test_step_past_max_length(first_server):
+    swarm, record, span = first_server
+
+    async def scenario():
+        stream = await SessionStream.open(swarm.peer, record, OpenSession("short", span, max_length=4, batch_size=1), 60)
+        try:
+            first = await stream.call(SessionStep("short", torch.randn(1, 3, HIDDEN) * 0.1), SessionStepReply, 60)
+            assert first.position == 3
+            with pytest.raises(RemoteError) as error:
+                await stream.call(SessionStep("short", torch.randn(1, 2, HIDDEN) * 0.1), SessionStepReply, 60)
+            assert "past its max_length of 4" in str(error.value)
+            # the rejected step left the session usable
+            last = await stream.call(SessionStep("short", torch.randn(1, 1, HIDDEN) * 0.1), SessionStepReply, 60)
+            assert last.position == 4
+            with pytest.raises(RemoteError) as wrong:
+                await stream.call(SessionStep("other-id", torch.randn(1, 0, HIDDEN)), SessionStepReply, 60)
+            assert "unknown session" in str(wrong.value)
+        finally:
+            stream.close()
+
+    swarm.run(scenario())
+    _assert_still_serves(swarm, record, span)
+
+
+def test_client_side_errors_are_clear(llama_remote):
+    with pytest.raises(ValueError, match="hidden_states must be"):
+        llama_remote.model.layers(torch.randn(3, HIDDEN))

@@ -1,0 +1,66 @@
+"""Pure logic: block ranges, records, chain planning, span choice, splitting."""
+from __future__ import annotations
+
+import pytest
+
+from corolla.cli.local_swarm import split_blocks
+from corolla.core.blocks import BlockRange
+from corolla.core.errors import BlocksNotServedError
+from corolla.core.records import ServerRecord, ServerState
+from corolla.core.spans import choose_span, describe_blocks, plan_chain, unserved_blocks
+
+
+def rec(peer, start, end, throughput=10.0, state=ServerState.ONLINE):
+    return ServerRecord(peer, BlockRange(start, end), state, throughput, "float32", 1, 1000)
+
+
+def test_block_range_parse_and_contains():
+    r = BlockRange.parse("3:7")
+    assert (r.start, r.end, len(r)) == (3, 7, 4)
+    assert 3 in r and 6 in r and 7 not in r
+    assert list(r) == [3, 4, 5, 6]
+    assert str(r) == "3:7"
+    for bad in ("7:3", "3", "a:b", "-1:2", "2:2"):
+        with pytest.raises(ValueError, match="START:END"):
+            BlockRange.parse(bad)
+
+
+def test_record_roundtrip_and_malformed():
+    record = rec("peer", 0, 10)
+    assert ServerRecord.from_value(record.to_value()) == record
+    assert ServerRecord.from_value({"blocks": [0, 1]}) is None
+    assert ServerRecord.from_value("garbage") is None
+    assert ServerRecord.from_value({**record.to_value(), "state": "bogus"}) is None
+
+
+def test_plan_chain_prefers_longest_then_fastest():
+    records = [rec("a", 0, 10), rec("b", 0, 20, throughput=1), rec("c", 20, 30), rec("d", 20, 30, throughput=50)]
+    chain = plan_chain(records, BlockRange(0, 30))
+    assert [(r.peer_id, str(span)) for r, span in chain] == [("b", "0:20"), ("d", "20:30")]
+
+
+def test_plan_chain_names_missing_blocks():
+    with pytest.raises(BlocksNotServedError, match="10:20"):
+        plan_chain([rec("a", 0, 10), rec("c", 20, 30)], BlockRange(0, 30))
+
+
+def test_unserved_and_describe():
+    assert unserved_blocks([rec("a", 0, 3), rec("b", 5, 6)], BlockRange(0, 8)) == [3, 4, 6, 7]
+    assert describe_blocks([0, 1, 2, 7, 9, 10]) == "0:3, 7:8, 9:11"
+
+
+def test_choose_span_first_gap_then_weakest():
+    assert choose_span(30, [], 10) == BlockRange(0, 10)
+    assert choose_span(30, [rec("a", 0, 10)], 10) == BlockRange(10, 20)
+    assert choose_span(30, [rec("a", 0, 10), rec("b", 10, 20)], 15) == BlockRange(20, 30)
+    full = [rec("a", 0, 30), rec("b", 0, 10), rec("c", 20, 30)]
+    assert choose_span(30, full, 10) == BlockRange(10, 20)
+    assert choose_span(30, [rec("a", 0, 30, state=ServerState.OFFLINE)], 10) == BlockRange(0, 10)
+    assert choose_span(5, [], 10) == BlockRange(0, 5)
+
+
+def test_split_blocks():
+    assert [str(s) for s in split_blocks(30, 3)] == ["0:10", "10:20", "20:30"]
+    assert [len(s) for s in split_blocks(7, 3)] == [2, 3, 2]
+    with pytest.raises(ValueError):
+        split_blocks(2, 3)
