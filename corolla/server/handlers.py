@@ -12,7 +12,7 @@ from typing import Callable
 
 import torch
 
-from corolla.core.errors import BadRequestError, CorollaError, MessageTooLargeError
+from corolla.core.errors import BadRequestError, CorollaError
 from corolla.server.cache import CacheBudget
 from corolla.server.config import ServerConfig
 from corolla.server.sessions import SessionState, run_step
@@ -191,9 +191,6 @@ class RequestHandler:
                         f"session {session.session_id} idle for {self.config.session_idle_timeout_s:.0f} s: closed"
                     ),
                 )
-                return
-            except MessageTooLargeError as exc:  # the rest of that frame is unread: the stream is out of step
-                await self._reply_error(writer, exc)
                 return
             except CorollaError as exc:
                 await self._reply_error(writer, exc)

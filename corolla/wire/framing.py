@@ -23,8 +23,8 @@ async def write_message(writer: asyncio.StreamWriter, message: Message, version:
 async def read_message(reader: asyncio.StreamReader, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> Message | None:
     """Read one message; None at a clean end of stream.
 
-    A frame larger than ``max_bytes`` raises ``MessageTooLargeError`` before its body is read; the stream is
-    then out of step and must be closed after replying.
+    A frame larger than ``max_bytes`` is read and dropped chunk by chunk (never held in memory), then raises
+    ``MessageTooLargeError``; the stream stays usable.
     """
     try:
         prefix = await reader.readexactly(PREFIX.size)
@@ -34,6 +34,8 @@ async def read_message(reader: asyncio.StreamReader, max_bytes: int = DEFAULT_MA
         raise
     header_len, body_len = decode_prefix(prefix)
     if header_len + body_len > max_bytes:
+        # Read the frame to its end without keeping it, so the sender learns why and the stream stays in step.
+        await _discard(reader, header_len + body_len)
         raise MessageTooLargeError(
             f"message of {header_len + body_len} bytes exceeds this peer's limit of {max_bytes} bytes "
             f"(split the batch into smaller pieces)"
@@ -41,3 +43,11 @@ async def read_message(reader: asyncio.StreamReader, max_bytes: int = DEFAULT_MA
     header = await reader.readexactly(header_len)
     body = await reader.readexactly(body_len) if body_len else b""
     return message_from_frame(decode_frame(header, body))
+
+
+async def _discard(reader: asyncio.StreamReader, size_bytes: int, chunk_bytes: int = 2**20) -> None:
+    while size_bytes > 0:
+        chunk = await reader.read(min(chunk_bytes, size_bytes))
+        if not chunk:
+            raise asyncio.IncompleteReadError(b"", size_bytes)
+        size_bytes -= len(chunk)

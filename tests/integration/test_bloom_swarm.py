@@ -61,4 +61,4 @@ def test_bloom_session_in_chunks_equals_one_pass(bloom_remote):
                 outputs.append(session.step(embeds[:, position : position + size]))
                 position += size
     got = torch.cat(outputs, dim=1)
-    assert (got - expected).abs().max().item() < 1e-4
+    assert (got - expected).abs().max().item() < 1e-4 * max(1.0, expected.abs().max().item())

@@ -6,6 +6,13 @@ import torch
 PROMPT = "The capital of France is"
 
 
+def _assert_same_hidden(got, expected, rel=1e-5):
+    """Hidden states between blocks reach magnitudes of ~1000 here: compare relative to their scale."""
+    assert got.shape == expected.shape
+    error = (got - expected).abs().max().item() / expected.abs().max().item()
+    assert error < rel, f"relative error {error:.2e}"
+
+
 def _ids(tokenizer, text=PROMPT):
     return tokenizer(text, return_tensors="pt")["input_ids"]
 
@@ -63,7 +70,7 @@ def test_hidden_states_available(llama_remote, tokenizer):
         direct = llama_remote.model.layers(llama_remote.model.embed_tokens(ids))
     block_inputs, block_outputs = out.hidden_states
     assert block_inputs.shape == block_outputs.shape == (1, ids.shape[1], llama_remote.config.hidden_size)
-    assert torch.allclose(block_outputs, direct, atol=1e-5)
+    _assert_same_hidden(block_outputs, direct)
 
 
 def test_session_in_chunks_equals_one_pass(llama_remote, tokenizer):
@@ -82,8 +89,7 @@ def test_session_in_chunks_equals_one_pass(llama_remote, tokenizer):
                 if position >= ids.shape[1]:
                     break
         got = torch.cat(outputs, dim=1)
-    assert got.shape == expected.shape
-    assert (got - expected).abs().max().item() < 1e-4
+    _assert_same_hidden(got, expected)
 
 
 def test_sliced_remote_sequential(llama_remote, tokenizer):
@@ -95,7 +101,7 @@ def test_sliced_remote_sequential(llama_remote, tokenizer):
         embeds = llama_remote.model.embed_tokens(ids)
         staged = layers[20:30](layers[10:20](layers[0:10](embeds)))
         whole = layers(embeds)
-    assert torch.allclose(staged, whole, atol=1e-5)
+    _assert_same_hidden(staged, whole)
 
 
 def test_generate_continues_session(llama_remote, llama_local, tokenizer):

@@ -46,10 +46,18 @@ def test_end_of_stream_is_none():
     assert _roundtrip(b"") == (None, None)
 
 
-def test_size_limit_checked_before_reading_body():
-    data = encode_message(ForwardRequest(BlockRange(0, 1), torch.zeros(10, 10, 10)))
-    with pytest.raises(MessageTooLargeError, match="exceeds this peer's limit of 1000 bytes"):
-        _roundtrip(data, max_bytes=1000)
+def test_oversized_frame_is_dropped_and_stream_stays_in_step():
+    big = encode_message(ForwardRequest(BlockRange(0, 1), torch.zeros(10, 10, 10)))
+
+    async def go():
+        reader = asyncio.StreamReader()
+        reader.feed_data(big + encode_message(InfoRequest()))
+        reader.feed_eof()
+        with pytest.raises(MessageTooLargeError, match="exceeds this peer's limit of 1000 bytes"):
+            await read_message(reader, 1000)
+        return await read_message(reader, 1000)
+
+    assert isinstance(asyncio.run(go()), InfoRequest)
 
 
 def test_version_mismatch():

@@ -1,0 +1,195 @@
+"""``BlockStack``: a contiguous range of a model's decoder blocks, built and loaded on their own."""
+from __future__ import annotations
+
+import copy
+import itertools
+from pathlib import Path
+
+import torch
+import transformers
+from torch import nn
+from transformers import DynamicCache
+
+from corolla.core.blocks import BlockRange
+from corolla.core.errors import BadRequestError, CorollaError
+from corolla.models.checkpoint import read_tensors
+from corolla.models.family import ModelFamily, family_for
+
+
+class BlockStack(nn.Module):
+    """Runs blocks ``blocks`` of a model as the full HF model would run them, with an optional cache.
+
+    The layers are renumbered from 0 inside the stack (cache layer ``i`` belongs to block ``blocks.start + i``).
+    """
+
+    def __init__(
+        self,
+        family: ModelFamily,
+        config: transformers.PretrainedConfig,
+        blocks: BlockRange,
+        layers: list[nn.Module],
+        dtype: torch.dtype,
+        device: torch.device | str,
+    ):
+        super().__init__()
+        if len(layers) != len(blocks):
+            raise ValueError(f"blocks {blocks} need {len(blocks)} layers, got {len(layers)}")
+        self.family = family
+        self.config = config
+        self.blocks = blocks
+        self.dtype = dtype
+        self.device = torch.device(device)
+        self.hidden_size: int = config.hidden_size
+        self.layers = nn.ModuleList(layers)
+        self.runner = family.make_runner(config, self.device)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,  # [batch, new, hidden]
+        attention_mask: torch.Tensor | None = None,  # [batch, past+new], 1 real token / 0 padding
+        position_ids: torch.Tensor | None = None,  # [batch, new]
+        cache: transformers.Cache | None = None,
+    ) -> torch.Tensor:  # [batch, new, hidden]
+        """Run the stack. With ``cache``, attend to the cached past and append the new keys/values in place.
+
+        ``attention_mask`` None means no padding; ``position_ids`` None means ``past + arange(new)`` for every row.
+        """
+        if hidden_states.dim() != 3 or hidden_states.shape[-1] != self.hidden_size:
+            raise BadRequestError(
+                f"hidden_states must be [batch, new, {self.hidden_size}], got {list(hidden_states.shape)}"
+            )
+        hidden_states = hidden_states.to(device=self.device, dtype=self.dtype)
+        batch_size, new_length, _ = hidden_states.shape
+        past_length = self._check_cache(cache, batch_size)
+        if new_length == 0:
+            return hidden_states  # [batch, 0, hidden]: nothing to run, the cache stays as it was
+        attention_mask = self._check_attention_mask(attention_mask, batch_size, past_length + new_length)
+        position_ids = self._check_position_ids(position_ids, batch_size, past_length, new_length)
+
+        prepared = self.runner.prepare(hidden_states, attention_mask, position_ids, cache)
+        for layer in self.layers:
+            hidden_states = self.runner.run_layer(layer, hidden_states, prepared, cache)  # [batch, new, hidden]
+        return hidden_states
+
+    def _check_cache(self, cache: transformers.Cache | None, batch_size: int) -> int:
+        """Validate a cache made by ``new_cache`` and return how many tokens it holds."""
+        if cache is None:
+            return 0
+        if not isinstance(cache, transformers.Cache) or len(cache.layers) != len(self.layers):
+            raise BadRequestError(f"the cache was not made by new_cache() of this stack of blocks {self.blocks}")
+        past_length = self.cache_length(cache)
+        cached_batch = cache.layers[0].keys.shape[0] if past_length > 0 else batch_size
+        if cached_batch != batch_size:
+            raise BadRequestError(f"the cache holds {cached_batch} rows but hidden_states has {batch_size}")
+        return past_length
+
+    def _check_attention_mask(
+        self, attention_mask: torch.Tensor | None, batch_size: int, total_length: int
+    ) -> torch.Tensor:  # [batch, past+new]
+        if attention_mask is None:
+            return torch.ones(batch_size, total_length, dtype=torch.long, device=self.device)  # [batch, past+new]
+        if tuple(attention_mask.shape) != (batch_size, total_length):
+            raise BadRequestError(
+                f"attention_mask must be [batch={batch_size}, past+new={total_length}], "
+                f"got {list(attention_mask.shape)}"
+            )
+        if attention_mask.is_floating_point():
+            raise BadRequestError(
+                f"attention_mask must be long or bool (1 real token / 0 padding), got {attention_mask.dtype}"
+            )
+        return attention_mask.to(self.device)
+
+    def _check_position_ids(
+        self, position_ids: torch.Tensor | None, batch_size: int, past_length: int, new_length: int
+    ) -> torch.Tensor:  # [batch, new]
+        if position_ids is None:
+            positions = torch.arange(past_length, past_length + new_length, device=self.device)  # [new]
+            return positions.unsqueeze(0).expand(batch_size, new_length)  # [batch, new]
+        if tuple(position_ids.shape) != (batch_size, new_length):
+            raise BadRequestError(
+                f"position_ids must be [batch={batch_size}, new={new_length}], got {list(position_ids.shape)}"
+            )
+        return position_ids.to(device=self.device, dtype=torch.long)
+
+    def new_cache(self) -> transformers.Cache:
+        """An empty cache for this stack's layers only (per-layer kinds as the full model would use)."""
+        cache = DynamicCache(config=self.config)
+        cache.layers = cache.layers[self.blocks.start : self.blocks.end]
+        return cache
+
+    def cache_length(self, cache: transformers.Cache) -> int:
+        """Number of tokens already in ``cache``."""
+        return cache.get_seq_length()
+
+    def reorder_cache(self, cache: transformers.Cache, hypo_ids: torch.Tensor) -> None:
+        """Select / reorder the batch rows of ``cache`` in place: new row ``i`` is old row ``hypo_ids[i]``."""
+        if hypo_ids.dim() != 1 or hypo_ids.is_floating_point():
+            raise BadRequestError(f"hypo_ids must be a 1-D integer tensor, got {hypo_ids.dtype} {list(hypo_ids.shape)}")
+        if self.cache_length(cache) == 0:
+            return
+        cached_batch = cache.layers[0].keys.shape[0]
+        if hypo_ids.numel() and (int(hypo_ids.min()) < 0 or int(hypo_ids.max()) >= cached_batch):
+            raise BadRequestError(f"hypo_ids must be in [0, {cached_batch}), got {hypo_ids.tolist()}")
+        cache.reorder_cache(hypo_ids.to(device=self.device, dtype=torch.long))
+
+    def cache_bytes_per_token(self) -> int:
+        """Bytes of keys + values one token of one batch row costs across all blocks of the stack."""
+        element_bytes = torch.empty((), dtype=self.dtype).element_size()
+        return self.family.cache_values_per_token_per_layer(self.config) * element_bytes * len(self.blocks)
+
+    def weight_bytes(self) -> int:
+        """Bytes of the layers' parameters and buffers."""
+        tensors = itertools.chain(self.layers.parameters(), self.layers.buffers())
+        return sum(tensor.numel() * tensor.element_size() for tensor in tensors)
+
+    def extra_repr(self) -> str:
+        return f"model_type={self.family.model_type}, blocks={self.blocks}, dtype={self.dtype}, device={self.device}"
+
+
+def load_block_stack(
+    path: str | Path,
+    config: transformers.PretrainedConfig,
+    blocks: BlockRange,
+    dtype: torch.dtype,
+    device: torch.device | str,
+) -> BlockStack:
+    """Build blocks ``blocks`` of the model at ``path`` and load only their tensors (never the full model)."""
+    family = family_for(config)
+    num_layers = config.num_hidden_layers
+    if blocks.end > num_layers:
+        raise CorollaError(f"blocks {blocks} are out of range: the model has {num_layers} blocks (0:{num_layers})")
+    stack_config = copy.deepcopy(config)
+    stack_config._attn_implementation = family.attn_implementation
+
+    def wanted(name: str) -> bool:
+        return family.is_block_tensor(name) in blocks
+
+    tensors = read_tensors(path, wanted, dtype=dtype, device=device)
+    states: dict[int, dict[str, torch.Tensor]] = {index: {} for index in blocks}
+    for name, tensor in tensors.items():
+        index, local_name = family.split_block_tensor(name)
+        states[index][local_name] = tensor
+
+    layers = []
+    for local_index, index in enumerate(blocks):
+        with torch.device("meta"):
+            layer = family.build_layer(stack_config, index)
+        try:
+            layer.load_state_dict(states[index], strict=True, assign=True)
+        except RuntimeError as exc:
+            raise CorollaError(f"checkpoint {path} does not match block {index} of {family.model_type}: {exc}") from exc
+        still_meta = [name for name, t in itertools.chain(layer.named_parameters(), layer.named_buffers()) if t.is_meta]
+        if still_meta:
+            raise CorollaError(f"block {index} of {path} has tensors the checkpoint does not provide: {still_meta}")
+        _renumber_layer(layer, local_index)
+        layer.eval()
+        layer.requires_grad_(False)
+        layers.append(layer)
+    return BlockStack(family, stack_config, blocks, layers, dtype, device)
+
+
+def _renumber_layer(layer: nn.Module, local_index: int) -> None:
+    """Point the layer's cache/mask lookups at index ``local_index`` of the stack's own cache."""
+    for module in layer.modules():
+        if hasattr(module, "layer_idx"):
+            module.layer_idx = local_index
