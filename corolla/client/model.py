@@ -178,6 +178,9 @@ class DistributedModelMixin:
         ``inputs`` are appended to what the session has seen, and ``generate(None, max_new_tokens=k)`` simply
         continues. The returned ids cover the whole session so far.
         """
+        if inputs is None and kwargs.get("input_ids") is not None:
+            inputs = kwargs.pop("input_ids")
+        kwargs.pop("input_ids", None)
         session = session or self._current_session()
         owns_session = session is None
         history = None if session is None else session.output_ids
