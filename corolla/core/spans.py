@@ -39,25 +39,25 @@ def describe_blocks(blocks: Sequence[int]) -> str:
 
 
 def plan_chain(records: Sequence[ServerRecord], wanted: BlockRange) -> list[tuple[ServerRecord, BlockRange]]:
-    """A chain of servers that together run blocks ``wanted`` in order, each its whole span.
+    """A chain of servers that together run blocks ``wanted`` in order: ``[(server, span it runs), ...]``.
 
-    Greedy: at each point take the server that starts there and reaches furthest (ties: higher throughput).
-    A server is used for its whole span, which must start exactly where the chain is and end within
-    ``wanted``. Raises ``BlocksNotServedError`` naming the blocks no chain can reach.
+    Greedy: from the current block, take the server holding it that reaches furthest (ties: higher throughput);
+    a server may run any part of its span. Raises ``BlocksNotServedError`` naming the blocks nobody serves.
     """
     chain: list[tuple[ServerRecord, BlockRange]] = []
     position = wanted.start
     while position < wanted.end:
-        candidates = [r for r in records if r.blocks.start == position and r.blocks.end <= wanted.end]
+        candidates = [r for r in records if position in r.blocks]
         if not candidates:
-            missing = unserved_blocks(records, BlockRange(position, wanted.end)) or [position]
+            missing = unserved_blocks(records, BlockRange(position, wanted.end))
             raise BlocksNotServedError(
-                f"no chain of servers covers blocks {describe_blocks(missing)} "
+                f"blocks {describe_blocks(missing)} are served by nobody "
                 f"(needed {wanted}; {len(records)} usable server(s) known)"
             )
-        best = max(candidates, key=lambda r: (r.blocks.end, r.throughput))
-        chain.append((best, best.blocks))
-        position = best.blocks.end
+        best = max(candidates, key=lambda r: (min(r.blocks.end, wanted.end), r.throughput))
+        span = BlockRange(position, min(best.blocks.end, wanted.end))
+        chain.append((best, span))
+        position = span.end
     return chain
 
 

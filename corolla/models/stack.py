@@ -49,8 +49,10 @@ class BlockStack(nn.Module):
         attention_mask: torch.Tensor | None = None,  # [batch, past+new], 1 real token / 0 padding
         position_ids: torch.Tensor | None = None,  # [batch, new]
         cache: transformers.Cache | None = None,
+        span: BlockRange | None = None,
     ) -> torch.Tensor:  # [batch, new, hidden]
-        """Run the stack. With ``cache``, attend to the cached past and append the new keys/values in place.
+        """Run the stack, or only blocks ``span`` of it. With ``cache`` (made by ``new_cache(span)``), attend to the
+        cached past and append the new keys/values in place.
 
         ``attention_mask`` None means no padding; ``position_ids`` None means ``past + arange(new)`` for every row.
         """
@@ -58,24 +60,46 @@ class BlockStack(nn.Module):
             raise BadRequestError(
                 f"hidden_states must be [batch, new, {self.hidden_size}], got {list(hidden_states.shape)}"
             )
+        local = self._local_slice(span)
+        layers = self.layers[local]
         hidden_states = hidden_states.to(device=self.device, dtype=self.dtype)
         batch_size, new_length, _ = hidden_states.shape
-        past_length = self._check_cache(cache, batch_size)
+        past_length = self._check_cache(cache, batch_size, len(layers))
         if new_length == 0:
             return hidden_states  # [batch, 0, hidden]: nothing to run, the cache stays as it was
         attention_mask = self._check_attention_mask(attention_mask, batch_size, past_length + new_length)
         position_ids = self._check_position_ids(position_ids, batch_size, past_length, new_length)
 
+        if cache is not None:
+            self._number_layers_from(local.start)
         prepared = self.runner.prepare(hidden_states, attention_mask, position_ids, cache)
-        for layer in self.layers:
+        for layer in layers:
             hidden_states = self.runner.run_layer(layer, hidden_states, prepared, cache)  # [batch, new, hidden]
         return hidden_states
 
-    def _check_cache(self, cache: transformers.Cache | None, batch_size: int) -> int:
+    def _local_slice(self, span: BlockRange | None) -> slice:
+        """Indices into ``self.layers`` of blocks ``span`` (all of them for None)."""
+        span = span or self.blocks
+        if not self.blocks.covers(span):
+            raise BadRequestError(f"this stack holds blocks {self.blocks}, not {span}")
+        return slice(span.start - self.blocks.start, span.end - self.blocks.start)
+
+    def _number_layers_from(self, first: int) -> None:
+        """Point layer ``first`` at cache layer 0 (and the next ones after it): a span's cache holds its layers only.
+
+        Only the compute thread calls the stack, so renumbering between calls of different spans is safe.
+        """
+        if getattr(self, "_numbered_from", 0) == first:
+            return
+        for index, layer in enumerate(self.layers):
+            _renumber_layer(layer, index - first)
+        self._numbered_from = first
+
+    def _check_cache(self, cache: transformers.Cache | None, batch_size: int, num_layers: int) -> int:
         """Validate a cache made by ``new_cache`` and return how many tokens it holds."""
         if cache is None:
             return 0
-        if not isinstance(cache, transformers.Cache) or len(cache.layers) != len(self.layers):
+        if not isinstance(cache, transformers.Cache) or len(cache.layers) != num_layers:
             raise BadRequestError(f"the cache was not made by new_cache() of this stack of blocks {self.blocks}")
         past_length = self.cache_length(cache)
         cached_batch = cache.layers[0].keys.shape[0] if past_length > 0 else batch_size
@@ -111,10 +135,12 @@ class BlockStack(nn.Module):
             )
         return position_ids.to(device=self.device, dtype=torch.long)
 
-    def new_cache(self) -> transformers.Cache:
-        """An empty cache for this stack's layers only (per-layer kinds as the full model would use)."""
+    def new_cache(self, span: BlockRange | None = None) -> transformers.Cache:
+        """An empty cache for blocks ``span`` (default: the whole stack), per-layer kinds as the full model uses."""
+        local = self._local_slice(span)
         cache = DynamicCache(config=self.config)
-        cache.layers = cache.layers[self.blocks.start : self.blocks.end]
+        first = self.blocks.start + local.start
+        cache.layers = cache.layers[first : first + (local.stop - local.start)]
         return cache
 
     def cache_length(self, cache: transformers.Cache) -> int:

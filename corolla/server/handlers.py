@@ -138,13 +138,13 @@ class RequestHandler:
     def _forward(self, request: ForwardRequest) -> torch.Tensor:
         hidden, mask, positions = self._inputs(request)
         with torch.inference_mode():
-            return self.stack(hidden, mask, positions, None)
+            return self.stack(hidden, mask, positions, None, span=request.blocks)
 
     def _backward(self, request: BackwardRequest) -> torch.Tensor:
         hidden, mask, positions = self._inputs(request)
         with torch.enable_grad():
             inputs = hidden.detach().requires_grad_(True)
-            outputs = self.stack(inputs, mask, positions, None)
+            outputs = self.stack(inputs, mask, positions, None, span=request.blocks)
             (grad_inputs,) = torch.autograd.grad(outputs, inputs, request.grad_outputs.to(outputs.device))
         return grad_inputs
 
@@ -164,9 +164,10 @@ class RequestHandler:
             )
         session = SessionState(
             session_id=request.session_id,
+            blocks=request.blocks,
             max_length=request.max_length,
             batch_size=request.batch_size,
-            cache=self.stack.new_cache(),
+            cache=self.stack.new_cache(request.blocks),
             mask=torch.zeros(request.batch_size, 0, dtype=torch.long, device=self.stack.device),
         )
         self.budget.reserve(session.reserved_tokens)

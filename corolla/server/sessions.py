@@ -6,6 +6,7 @@ from typing import Any, Optional
 
 import torch
 
+from corolla.core.blocks import BlockRange
 from corolla.core.errors import BadRequestError
 from corolla.server.validation import check_hidden, check_mask, check_positions
 
@@ -13,6 +14,7 @@ from corolla.server.validation import check_hidden, check_mask, check_positions
 @dataclass
 class SessionState:
     session_id: str
+    blocks: BlockRange  # the span of this server's blocks the session runs
     max_length: int  # tokens the session may hold, declared by the client
     batch_size: int
     cache: Any  # the block stack's attention cache
@@ -76,6 +78,7 @@ def run_step(
             full_mask,
             None if position_ids is None else position_ids.to(device=device, dtype=torch.long),
             session.cache,
+            span=session.blocks,
         )
     session.mask = full_mask
     session.position += new

@@ -100,8 +100,13 @@ def test_sliced_remote_sequential(llama_remote, tokenizer):
     with torch.no_grad():
         embeds = llama_remote.model.embed_tokens(ids)
         staged = layers[20:30](layers[10:20](layers[0:10](embeds)))
+        misaligned = layers[17:30](layers[5:17](layers[0:5](embeds)))  # parts of the servers' spans
         whole = layers(embeds)
+        with layers[5:17].inference_session(max_length=ids.shape[1]) as session:
+            stepped = torch.cat([session.step(layers[0:5](embeds)[:, :2]), session.step(layers[0:5](embeds)[:, 2:])], 1)
     _assert_same_hidden(staged, whole)
+    _assert_same_hidden(misaligned, whole)
+    _assert_same_hidden(stepped, layers[5:17](layers[0:5](embeds)))
 
 
 def test_generate_continues_session(llama_remote, llama_local, tokenizer):

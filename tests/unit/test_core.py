@@ -39,6 +39,14 @@ def test_plan_chain_prefers_longest_then_fastest():
     assert [(r.peer_id, str(span)) for r, span in chain] == [("b", "0:20"), ("d", "20:30")]
 
 
+def test_plan_chain_uses_parts_of_spans():
+    records = [rec("a", 0, 12), rec("b", 10, 30)]
+    chain = plan_chain(records, BlockRange(0, 30))
+    assert [(r.peer_id, str(span)) for r, span in chain] == [("a", "0:12"), ("b", "12:30")]
+    chain = plan_chain(records, BlockRange(5, 11))
+    assert [(r.peer_id, str(span)) for r, span in chain] == [("a", "5:11")]
+
+
 def test_plan_chain_names_missing_blocks():
     with pytest.raises(BlocksNotServedError, match="10:20"):
         plan_chain([rec("a", 0, 10), rec("c", 20, 30)], BlockRange(0, 30))

@@ -26,6 +26,7 @@ def test_validation_messages():
     with pytest.raises(BadRequestError, match="holds blocks 0:10, not 5:15"):
         check_blocks(BlockRange(5, 15), BlockRange(0, 10))
     check_blocks(BlockRange(0, 10), BlockRange(0, 10))
+    check_blocks(BlockRange(3, 7), BlockRange(0, 10))
     with pytest.raises(BadRequestError, match=r"\[batch, seq, hidden\]"):
         check_hidden("h", torch.zeros(2, 8), 8, torch.float32)
     with pytest.raises(BadRequestError, match="over this server's limit of 10"):
