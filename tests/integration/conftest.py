@@ -6,7 +6,6 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, BloomConfig, BloomForCausalLM
 
 from corolla.cli.local_swarm import LocalSwarm
-from corolla.client.config import ClientConfig
 
 
 @pytest.fixture(scope="session")
@@ -69,5 +68,16 @@ def bloom_remote(bloom_dir, bloom_swarm):
     model.close()
 
 
-def quick_client_config(**overrides) -> ClientConfig:
-    return ClientConfig(**{"wait_for_blocks_s": 30.0, **overrides})
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory):
+    """A tiny Llama with random weights (4 blocks), for process-level tests that need no real model."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256,
+    )
+    path = tmp_path_factory.mktemp("tiny-llama")
+    LlamaForCausalLM(config).save_pretrained(path)
+    return path

@@ -1,0 +1,166 @@
+"""The command line and server lifecycle as real processes: dht, serve, swarm, generate; records; shutdown."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from corolla.cli.local_swarm import LocalSwarm
+from corolla.core.blocks import BlockRange
+from corolla.core.errors import BlocksNotServedError
+from corolla.core.records import ServerState
+from corolla.models.checkpoint import model_dht_prefix
+from corolla.net.addresses import read_address_file
+from corolla.net.loop import LoopThread
+from corolla.net.peer import Peer, PeerConfig
+from corolla.net.records import fetch_records
+
+from corolla.client.config import ClientConfig
+
+CLI = [sys.executable, "-m", "corolla.cli.main"]
+
+
+def _wait_for_file(path: Path, process: subprocess.Popen, timeout_s: float = 120) -> list[str]:
+    deadline = time.monotonic() + timeout_s
+    while not path.exists():
+        assert process.poll() is None, f"process exited early with {process.returncode}"
+        assert time.monotonic() < deadline, f"{path} not written in {timeout_s} s"
+        time.sleep(0.1)
+    return read_address_file(path)
+
+
+def _records(initial_peers, prefix, blocks):
+    loop = LoopThread()
+    try:
+        peer = loop.run(Peer.create(PeerConfig(initial_peers=tuple(initial_peers), client_mode=True)), 30)
+        try:
+            return loop.run(fetch_records(peer, prefix, blocks), 30)
+        finally:
+            loop.run(peer.shutdown(), 10)
+    finally:
+        loop.stop()
+
+
+def _spawn(args, log_path: Path):
+    with open(log_path, "w") as log:
+        return subprocess.Popen(CLI + args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+def _stop(process: subprocess.Popen, sig=signal.SIGTERM, timeout_s: float = 30) -> int:
+    if process.poll() is None:
+        process.send_signal(sig)
+    try:
+        return process.wait(timeout_s)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        try:
+            os.killpg(process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def test_serve_announces_then_leaves_cleanly(tiny_llama_dir, tmp_path):
+    """`corolla dht` + `corolla serve --blocks`: online records per block; SIGTERM -> offline record, exit 0."""
+    dht = _spawn(["dht", "--address-file", str(tmp_path / "dht.addr")], tmp_path / "dht.log")
+    server = None
+    try:
+        peers = _wait_for_file(tmp_path / "dht.addr", dht)
+        assert all(addr.startswith("/ip4/127.0.0.1/tcp/") and "/p2p/" in addr for addr in peers)
+        server = _spawn(
+            ["serve", str(tiny_llama_dir), "--initial-peers", *peers, "--blocks", "1:3", "--num-threads", "1",
+             "--address-file", str(tmp_path / "server.addr"), "--dht-prefix", "tiny"],
+            tmp_path / "server.log",
+        )
+        _wait_for_file(tmp_path / "server.addr", server)
+        records = _records(peers, "tiny", range(4))
+        assert len(records) == 1
+        record = records[0]
+        assert record.blocks == BlockRange(1, 3) and record.state is ServerState.ONLINE
+        assert record.throughput > 0 and record.dtype == "float32" and record.cache_tokens_free > 0
+
+        assert _stop(server) == 0, (tmp_path / "server.log").read_text()
+        records = _records(peers, "tiny", range(4))
+        assert [r.state for r in records] == [ServerState.OFFLINE]
+    finally:
+        if server is not None:
+            _stop(server, signal.SIGKILL)
+        assert _stop(dht) == 0
+
+
+def test_new_swarm_and_num_blocks_take_the_free_span(tiny_llama_dir, tmp_path):
+    first = _spawn(
+        ["serve", str(tiny_llama_dir), "--new-swarm", "--blocks", "0:2", "--num-threads", "1", "--dht-prefix", "tiny2",
+         "--address-file", str(tmp_path / "first.addr")],
+        tmp_path / "first.log",
+    )
+    second = None
+    try:
+        peers = _wait_for_file(tmp_path / "first.addr", first)
+        second = _spawn(
+            ["serve", str(tiny_llama_dir), "--initial-peers", *peers, "--num-blocks", "2", "--num-threads", "1",
+             "--dht-prefix", "tiny2", "--address-file", str(tmp_path / "second.addr")],
+            tmp_path / "second.log",
+        )
+        _wait_for_file(tmp_path / "second.addr", second)
+        spans = sorted(r.blocks for r in _records(peers, "tiny2", range(4)))
+        assert spans == [BlockRange(0, 2), BlockRange(2, 4)]
+    finally:
+        for process in (second, first):
+            if process is not None:
+                assert _stop(process) == 0
+
+
+def test_missing_blocks_error_names_them(tiny_llama_dir):
+    from corolla import DistributedLlamaForCausalLM
+
+    with LocalSwarm(model=str(tiny_llama_dir), spans=[BlockRange(0, 2)], dht_prefix="tiny3") as swarm:
+        model = DistributedLlamaForCausalLM.from_pretrained(
+            str(tiny_llama_dir), initial_peers=swarm.initial_peers, dht_prefix="tiny3",
+            client_config=ClientConfig(wait_for_blocks_s=2.0),
+        )
+        try:
+            started = time.monotonic()
+            with pytest.raises(BlocksNotServedError, match=r"blocks 2:4 of tiny3 are served by nobody"):
+                model(torch.tensor([[1, 2, 3]]))
+            assert time.monotonic() - started < 20
+        finally:
+            model.close()
+
+
+def test_swarm_command_starts_and_stops_everything(tiny_llama_dir, tmp_path):
+    swarm = _spawn(["swarm", str(tiny_llama_dir), "--servers", "2", "--address-file", str(tmp_path / "swarm.addr")],
+                   tmp_path / "swarm.log")
+    try:
+        peers = _wait_for_file(tmp_path / "swarm.addr", swarm)
+        spans = sorted(r.blocks for r in _records(peers, model_dht_prefix(tiny_llama_dir), range(4)))
+        assert spans == [BlockRange(0, 2), BlockRange(2, 4)], (tmp_path / "swarm.log").read_text()
+        children = subprocess.run(["pgrep", "-P", str(swarm.pid)], capture_output=True, text=True).stdout.split()
+        assert len(children) == 3  # the DHT node and two servers
+    finally:
+        assert _stop(swarm, signal.SIGINT) == 0
+    for pid in children:
+        assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text()
+
+
+def test_generate_command_streams_the_local_answer(embedded_dir, llama_swarm, llama_local, tokenizer):
+    prompt = "What is the capital of France?"
+    messages = [{"role": "user", "content": prompt}]
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    expected_ids = llama_local.generate(ids["input_ids"], attention_mask=ids["attention_mask"], max_new_tokens=12, do_sample=False)
+    expected = tokenizer.decode(expected_ids[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+    result = subprocess.run(
+        CLI + ["generate", str(embedded_dir), prompt, "--initial-peers", *llama_swarm.initial_peers,
+               "--max-new-tokens", "12", "--num-threads", "1"],
+        capture_output=True, text=True, timeout=180,
+    )
+    assert result.returncode == 0, result.stderr
+    assert expected and expected in result.stdout
