@@ -1,38 +1,43 @@
 """Corolla: run and fine-tune large language models collaboratively.
 
-Public API (importing it starts nothing):
+Public API (names resolve lazily, so ``import corolla`` is cheap and starts nothing):
 
 - ``AutoDistributedModelForCausalLM``, ``DistributedLlamaForCausalLM``, ``DistributedBloomForCausalLM``:
   models whose blocks run in a swarm; ``from_pretrained(name_or_path, initial_peers=[...])``.
 - ``RemoteSequential``, ``InferenceSession``: the remote block stack and its sessions.
 - ``ServerConfig``, ``ClientConfig``: settings objects.
-- ``BlockRange`` and the error types in ``corolla.core.errors``.
+- ``BlockRange``, ``EMBEDDED_MODEL_NAME`` and the error types (also in ``corolla.core.errors``).
 """
-from corolla.client.config import ClientConfig
-from corolla.client.model import (
-    AutoDistributedModelForCausalLM,
-    DistributedBloomForCausalLM,
-    DistributedLlamaForCausalLM,
-)
-from corolla.client.sequential import RemoteSequential
-from corolla.client.session import InferenceSession
-from corolla.core.blocks import BlockRange
-from corolla.core.errors import BlocksNotServedError, CorollaError, RemoteError
-from corolla.models.embedded import EMBEDDED_MODEL_NAME
-from corolla.server.config import ServerConfig
+from __future__ import annotations
 
-__all__ = [
-    "AutoDistributedModelForCausalLM",
-    "BlockRange",
-    "BlocksNotServedError",
-    "ClientConfig",
-    "CorollaError",
-    "DistributedBloomForCausalLM",
-    "DistributedLlamaForCausalLM",
-    "EMBEDDED_MODEL_NAME",
-    "InferenceSession",
-    "RemoteError",
-    "RemoteSequential",
-    "ServerConfig",
-]
+import importlib
+
+_EXPORTS = {
+    "AutoDistributedModelForCausalLM": "corolla.client.model",
+    "DistributedLlamaForCausalLM": "corolla.client.model",
+    "DistributedBloomForCausalLM": "corolla.client.model",
+    "RemoteSequential": "corolla.client.sequential",
+    "InferenceSession": "corolla.client.session",
+    "ClientConfig": "corolla.client.config",
+    "ServerConfig": "corolla.server.config",
+    "BlockRange": "corolla.core.blocks",
+    "CorollaError": "corolla.core.errors",
+    "BlocksNotServedError": "corolla.core.errors",
+    "RemoteError": "corolla.core.errors",
+    "EMBEDDED_MODEL_NAME": "corolla.models.embedded",
+}
+
+__all__ = sorted(_EXPORTS)
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'corolla' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(list(globals()) + __all__)

@@ -44,7 +44,13 @@ class Server:
         self.stack = None
         self.handler: Optional[RequestHandler] = None
         self.budget: Optional[CacheBudget] = None
-        self.compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="corolla-compute")
+        threads = config.num_threads
+        self.compute = ThreadPoolExecutor(
+            max_workers=1,
+            thread_name_prefix="corolla-compute",
+            initializer=torch.set_num_threads if threads else None,
+            initargs=(threads,) if threads else (),
+        )
         self.announcer = Announcer(peer, model_prefix, self.record, config.announce_period_s, config.record_ttl_s)
 
     @classmethod
@@ -76,10 +82,13 @@ class Server:
     async def _start(self, path, model_config) -> None:
         config = self.config
         logger.info("loading blocks %s of %s (%s, %s)", self.blocks, self.model_prefix, self.dtype, config.device)
-        self.stack = await asyncio.to_thread(
-            load_block_stack, path, model_config, self.blocks, self.dtype, torch.device(config.device)
+        # Every torch call of this process runs on the one compute thread: with several intra-op threads, torch
+        # work split across Python threads loses its parallelism (measured: 2 threads ran at 1-thread speed).
+        loop = asyncio.get_running_loop()
+        self.stack = await loop.run_in_executor(
+            self.compute, load_block_stack, path, model_config, self.blocks, self.dtype, torch.device(config.device)
         )
-        self.throughput = config.throughput or await asyncio.to_thread(measure_throughput, self.stack)
+        self.throughput = config.throughput or await loop.run_in_executor(self.compute, measure_throughput, self.stack)
         self.budget = CacheBudget(config.cache_tokens, self.stack.cache_bytes_per_token())
         self.handler = RequestHandler(self.stack, config, self.budget, self.compute, self.info)
         await self.peer.serve_stream(RPC_PROTOCOL, self.handler.handle_stream)
@@ -138,8 +147,6 @@ class Server:
 
 def run_server(config: ServerConfig) -> int:
     """Run a server in this process until SIGTERM/SIGINT; returns the exit code."""
-    if config.num_threads:
-        torch.set_num_threads(config.num_threads)
 
     async def main() -> int:
         stop = asyncio.Event()

@@ -15,6 +15,7 @@ Any request may be answered with ``ErrorReply`` instead.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import types
 import typing
 from dataclasses import dataclass
@@ -63,12 +64,8 @@ def message_from_frame(frame: Frame) -> Message:
     cls = Message.registry.get(type_name) if isinstance(type_name, str) else None
     if cls is None:
         raise BadRequestError(f"unknown message type {type_name!r}")
-    hints = typing.get_type_hints(cls)
     values: dict[str, Any] = {}
-    for field in dataclasses.fields(cls):
-        hint = hints[field.name]
-        optional = _is_optional(hint)
-        base = _strip_optional(hint)
+    for field, base, optional in _field_kinds(cls):
         if base is torch.Tensor:
             value = frame.tensors.get(field.name)
         else:
@@ -80,6 +77,13 @@ def message_from_frame(frame: Frame) -> Message:
             raise BadRequestError(f"{type_name} is missing its field {field.name!r}")
         values[field.name] = _convert(type_name, field.name, base, value)
     return cls(**values)
+
+
+@functools.lru_cache(maxsize=None)
+def _field_kinds(cls: type) -> tuple[tuple[dataclasses.Field, Any, bool], ...]:
+    """Each field of a message class with its base type and whether it is optional (computed once per class)."""
+    hints = typing.get_type_hints(cls)
+    return tuple((f, _strip_optional(hints[f.name]), _is_optional(hints[f.name])) for f in dataclasses.fields(cls))
 
 
 def _is_optional(hint) -> bool:
