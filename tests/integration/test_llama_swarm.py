@@ -118,3 +118,29 @@ def test_generate_continues_session(llama_remote, llama_local, tokenizer):
         assert session.position == ids.shape[1] + 11  # the last token is sampled, not yet fed
     assert first.tolist() == expected[:, : ids.shape[1] + 5].tolist()
     assert second.tolist() == expected.tolist()
+
+
+def test_backward_through_swarm_equals_local_autograd(llama_remote, llama_local, tokenizer):
+    """Gradients w.r.t. the first block's inputs through three servers (their `backward` RPC) match local autograd."""
+    ids = _ids(tokenizer, "Gradients flow back through every remote block")
+    embeds = llama_local.model.embed_tokens(ids).detach()
+    target = torch.randn(embeds.shape, generator=torch.Generator().manual_seed(0))
+
+    local_in = embeds.clone().requires_grad_(True)
+    position_ids = torch.arange(ids.shape[1]).unsqueeze(0)
+    hidden = local_in
+    rotary = llama_local.model.rotary_emb(hidden, position_ids)
+    from transformers.masking_utils import create_causal_mask
+
+    mask = create_causal_mask(config=llama_local.config, inputs_embeds=hidden, attention_mask=None, cache=None,
+                              position_ids=position_ids)
+    for layer in llama_local.model.layers:
+        hidden = layer(hidden, attention_mask=mask, position_embeddings=rotary, position_ids=position_ids)
+    ((hidden * target).sum() / 1000).backward()
+
+    remote_in = embeds.clone().requires_grad_(True)
+    out = llama_remote.model.layers(remote_in)
+    ((out * target).sum() / 1000).backward()
+    _assert_same_hidden(out.detach(), hidden.detach())
+    error = (remote_in.grad - local_in.grad).abs().max() / local_in.grad.abs().max()
+    assert error < 1e-4, f"relative gradient error {error:.2e}"

@@ -164,3 +164,14 @@ def test_generate_command_streams_the_local_answer(embedded_dir, llama_swarm, ll
     )
     assert result.returncode == 0, result.stderr
     assert expected and expected in result.stdout
+
+
+def test_chat_command_keeps_the_conversation(embedded_dir, llama_swarm):
+    result = subprocess.run(
+        CLI + ["chat", str(embedded_dir), "--initial-peers", *llama_swarm.initial_peers, "--max-new-tokens", "10",
+               "--num-threads", "1"],
+        input="What is the capital of France?\nAnd of Italy?\n\n", capture_output=True, text=True, timeout=180,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("model> ") == 2, result.stdout
+    assert "Paris" in result.stdout, result.stdout
