@@ -30,6 +30,19 @@ class LoopThread:
             raise
 
     def stop(self) -> None:
-        if self.loop.is_running():
-            self.loop.call_soon_threadsafe(self.loop.stop)
-            self._thread.join(timeout=5)
+        """Cancel the loop's remaining tasks (background work of what ran on it), then stop the loop."""
+        if not self.loop.is_running():
+            return
+        try:
+            self.run(_cancel_other_tasks(), timeout_s=5)
+        except Exception:
+            pass
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(timeout=5)
+
+
+async def _cancel_other_tasks() -> None:
+    tasks = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
