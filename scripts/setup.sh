@@ -27,4 +27,4 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   .venv/bin/python -c "import torch, transformers, hivemind; assert torch.__version__.startswith('2.13.0'), torch.__version__"
   echo "$want" > "$stamp"
 fi
-echo "[setup] embedded model: $(.venv/bin/python -c 'from corolla.models.embedded import embedded_model_dir; print(embedded_model_dir())')"
+.venv/bin/python -c 'from corolla.models.embedded import embedded_model_dir; print("[setup] embedded model:", embedded_model_dir())'

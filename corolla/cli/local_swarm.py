@@ -67,6 +67,7 @@ class LocalSwarm:
         env = dict(os.environ)
         env.setdefault("OMP_NUM_THREADS", str(self.num_threads))
         env["PYTHONUNBUFFERED"] = "1"
+        env["COROLLA_PARENT_PID"] = str(os.getpid())  # children exit if this process dies (see cli/main.py)
         return env
 
     def _spawn(self, name: str, args: list[str]) -> ChildProcess:
