@@ -11,6 +11,14 @@ class ClientConfig:
     dht_prefix: Optional[str] = None  # DHT name of the model; None derives it from the checkpoint
     wait_for_blocks_s: float = 60.0  # how long to wait for every block to be served before failing
     connect_timeout_s: float = 20.0  # starting the client's own peer
-    request_timeout_s: float = 120.0  # one forward/backward request or one inference step
+    request_timeout_s: float = 120.0  # one forward/backward request to one server
+    step_timeout_s: float = 10.0  # one inference step at one server (plus token_timeout_s per token sent)
+    token_timeout_s: float = 0.05  # extra step time allowed per token of the step (long prefills)
     lookup_period_s: float = 0.5  # how often to re-read the DHT while waiting for blocks
+    refresh_period_s: float = 5.0  # how often the background view of the swarm is refreshed
+    ping_timeout_s: float = 5.0  # a round-trip measurement to one server
+    default_latency_s: float = 0.01  # assumed round trip to a server not measured yet
+    ban_base_s: float = 5.0  # first ban of a failed server; doubles on each further failure
+    ban_max_s: float = 300.0  # longest ban
+    max_retries: int = 5  # replacement attempts for one failed span before giving up
     max_request_tokens: int = 4096  # forward/backward batches are split into pieces of at most this many tokens

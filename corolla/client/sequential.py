@@ -7,14 +7,16 @@ from typing import Optional
 import torch
 from torch import nn
 
+from corolla.client.failures import describe_attempts, is_server_failure
 from corolla.client.rpc import call_unary
 from corolla.client.swarm import RemoteSwarm
 from corolla.core.blocks import BlockRange
+from corolla.core.errors import CorollaError
 from corolla.core.records import ServerRecord
 from corolla.wire.codec import dtype_from_name
 from corolla.wire.messages import BackwardReply, BackwardRequest, ForwardReply, ForwardRequest
 
-Chain = list[tuple[ServerRecord, BlockRange]]
+Hop = tuple[ServerRecord, BlockRange, torch.Tensor]  # a server, the blocks it ran, their inputs
 
 
 class RemoteSequential(nn.Module):
@@ -76,42 +78,73 @@ class RemoteSequential(nn.Module):
         rows = max(1, self.swarm.config.max_request_tokens // max(seq, 1))
         return [slice(i, min(i + rows, batch)) for i in range(0, batch, rows)]
 
-    async def _forward_piece(self, chain: Chain, hidden, mask, positions) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        inputs = []
-        for record, span in chain:
-            hidden = hidden.to(dtype_from_name(record.dtype))
-            inputs.append(hidden)
-            request = ForwardRequest(span, hidden, attention_mask=mask, position_ids=positions)
-            reply = await call_unary(self.swarm.peer, record, request, ForwardReply, self.swarm.config.request_timeout_s)
-            hidden = reply.hidden_states
-        return hidden, inputs
+    async def _call(self, record, request, expected):
+        return await call_unary(self.swarm.peer, record, request, expected, self.swarm.config.request_timeout_s)
 
-    async def _backward_piece(self, chain: Chain, inputs, grad, mask, positions) -> torch.Tensor:
-        for (record, span), hidden in reversed(list(zip(chain, inputs))):
-            grad = grad.to(hidden.dtype)
-            request = BackwardRequest(span, hidden, grad, attention_mask=mask, position_ids=positions)
-            reply = await call_unary(self.swarm.peer, record, request, BackwardReply, self.swarm.config.request_timeout_s)
-            grad = reply.grad_inputs
+    async def _forward_span(self, blocks: BlockRange, hidden, mask, positions) -> tuple[torch.Tensor, list[Hop]]:
+        """Run ``blocks`` through servers chosen by throughput; a failed server's blocks go to another one.
+        Returns the outputs and, per hop, (server, blocks, inputs) for the backward pass."""
+        hops: list[Hop] = []
+        attempts: list[tuple[str, str]] = []
+        position = blocks.start
+        while position < blocks.end:
+            chain = await self.swarm.plan_batch(BlockRange(position, blocks.end))
+            for record, span in chain:
+                inputs = hidden.to(dtype_from_name(record.dtype))
+                try:
+                    reply = await self._call(record, ForwardRequest(span, inputs, mask, positions), ForwardReply)
+                except Exception as exc:
+                    self._handle_failure(record, span, exc, attempts)
+                    break  # plan the remaining blocks again, without that server
+                hops.append((record, span, inputs))
+                hidden = reply.hidden_states
+                position = span.end
+        return hidden, hops
+
+    async def _backward_span(self, record, span: BlockRange, inputs, grad, mask, positions, attempts=None):
+        """d loss / d inputs of ``span``; if its server fails, recompute the span's forward on other servers and
+        backpropagate through them instead."""
+        attempts = [] if attempts is None else attempts
+        try:
+            request = BackwardRequest(span, inputs, grad.to(inputs.dtype), mask, positions)
+            return (await self._call(record, request, BackwardReply)).grad_inputs
+        except Exception as exc:
+            self._handle_failure(record, span, exc, attempts)
+        _, hops = await self._forward_span(span, inputs, mask, positions)
+        for other, other_span, other_inputs in reversed(hops):
+            grad = await self._backward_span(other, other_span, other_inputs, grad, mask, positions, attempts)
         return grad
 
+    def _handle_failure(self, record, span, exc, attempts: list[tuple[str, str]]) -> None:
+        """Ban a failed server and note the attempt; re-raise what is not a server failure, or when out of tries."""
+        if not is_server_failure(exc):
+            raise exc
+        self.swarm.report_failure(record.peer_id)
+        attempts.append((record.peer_id, f"{type(exc).__name__}: {exc}"))
+        if len(attempts) > self.swarm.config.max_retries:
+            raise CorollaError(
+                f"blocks {span} failed on {len(attempts)} servers in a row: {describe_attempts(attempts)}"
+            ) from exc
+
     async def run_forward(self, hidden, mask, positions):
-        chain = await self.swarm.plan(self.blocks)
         pieces = self._pieces(*hidden.shape[:2])
         results = await asyncio.gather(
-            *(
-                self._forward_piece(chain, hidden[p], _rows(mask, p), _rows(positions, p))
-                for p in pieces
-            )
+            *(self._forward_span(self.blocks, hidden[p], _rows(mask, p), _rows(positions, p)) for p in pieces)
         )
         outputs = torch.cat([out for out, _ in results], dim=0)
-        return outputs, (chain, pieces, [inputs for _, inputs in results])
+        return outputs, (pieces, [hops for _, hops in results])
+
+    async def _backward_piece(self, hops: list[Hop], grad, mask, positions):
+        for record, span, inputs in reversed(hops):
+            grad = await self._backward_span(record, span, inputs, grad, mask, positions)
+        return grad
 
     async def run_backward(self, saved, grad, mask, positions):
-        chain, pieces, inputs = saved
+        pieces, hops = saved
         grads = await asyncio.gather(
             *(
-                self._backward_piece(chain, piece_inputs, grad[p], _rows(mask, p), _rows(positions, p))
-                for p, piece_inputs in zip(pieces, inputs)
+                self._backward_piece(piece_hops, grad[p], _rows(mask, p), _rows(positions, p))
+                for p, piece_hops in zip(pieces, hops)
             )
         )
         return torch.cat(grads, dim=0)

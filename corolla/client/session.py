@@ -1,15 +1,68 @@
-"""``InferenceSession``: step-by-step inference through a chain of servers that keep attention caches."""
+"""``InferenceSession``: step-by-step inference through a chain of servers that keep attention caches.
+
+Failover: when a server of the chain dies, drops the stream, errors or stays silent past the step timeout, the
+session bans it, plans replacement servers for exactly its blocks, replays to them every input that server had
+received in this session (reordered as its cache was, for beam search) so they rebuild its cache at the same
+positions, and continues with the step. The caller sees the same outputs as in an unbroken run.
+"""
 from __future__ import annotations
 
+import asyncio
+import logging
 import uuid
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
 
+from corolla.client.failures import describe_attempts, is_server_failure
 from corolla.client.rpc import SessionStream
-from corolla.core.errors import BadRequestError
+from corolla.core.blocks import BlockRange
+from corolla.core.errors import BadRequestError, CorollaError
+from corolla.core.records import ServerRecord
 from corolla.wire.codec import dtype_from_name
 from corolla.wire.messages import OpenSession, SessionStep, SessionStepReply
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class _History:
+    """Every input a server has cached in this session, rows kept in the order of its cache."""
+
+    hidden: Optional[torch.Tensor] = None  # [batch, tokens, hidden]
+    mask: Optional[torch.Tensor] = None  # [batch, tokens]
+    positions: Optional[torch.Tensor] = None  # [batch, tokens]
+
+    @property
+    def length(self) -> int:
+        return 0 if self.hidden is None else self.hidden.shape[1]
+
+    def reordered(self, hypo_ids: Optional[torch.Tensor]) -> "_History":
+        if hypo_ids is None or self.hidden is None:
+            return _History(self.hidden, self.mask, self.positions)
+        return _History(self.hidden[hypo_ids], self.mask[hypo_ids], self.positions[hypo_ids])
+
+    def appended(self, hidden: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor) -> "_History":
+        if self.hidden is None:
+            return _History(hidden, mask, positions)
+        return _History(
+            torch.cat([self.hidden, hidden], 1), torch.cat([self.mask, mask], 1), torch.cat([self.positions, positions], 1)
+        )
+
+
+@dataclass
+class _Hop:
+    """This session at one server: the blocks it runs, its open stream, what it has cached."""
+
+    record: ServerRecord
+    span: BlockRange
+    stream: SessionStream
+    history: _History = field(default_factory=_History)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return dtype_from_name(self.record.dtype)
 
 
 class InferenceSession:
@@ -24,14 +77,21 @@ class InferenceSession:
         if max_length < 1:
             raise ValueError(f"max_length must be at least 1, got {max_length}")
         self.seq = seq
+        self.swarm = seq.swarm
         self.max_length = max_length
         self.session_id = uuid.uuid4().hex
         self.position = 0  # tokens the servers hold for this session
         self.batch_size: Optional[int] = None
         self.output_ids: Optional[torch.Tensor] = None  # token history, kept by the model's generate()
         self.output_mask: Optional[torch.Tensor] = None  # its attention mask (0 = left padding)
-        self._streams: Optional[list[SessionStream]] = None
+        self.failovers = 0  # servers replaced during this session
+        self._hops: Optional[list[_Hop]] = None
         self._closed = False
+
+    @property
+    def chain(self) -> list[tuple[str, BlockRange]]:
+        """``[(peer id, blocks), ...]`` of the servers currently running this session."""
+        return [(hop.record.peer_id, hop.span) for hop in self._hops or []]
 
     # ---------------------------------------------------------------- public API
 
@@ -59,10 +119,12 @@ class InferenceSession:
             )
         if self.batch_size is not None and batch != self.batch_size:
             raise ValueError(f"this session has batch size {self.batch_size}, the step has {batch}")
-        outputs = self.seq.swarm.run(
-            self._step(hidden_states.detach().cpu(), attention_mask, position_ids, hypo_ids),
-            self.seq.swarm.config.request_timeout_s * 2,
-        )
+        mask = torch.ones(batch, new, dtype=torch.long) if attention_mask is None else attention_mask.detach().cpu().long()
+        if position_ids is None:
+            position_ids = torch.arange(self.position, self.position + new).unsqueeze(0).expand(batch, new)
+        positions = position_ids.detach().cpu().long()
+        hypo = None if hypo_ids is None else hypo_ids.detach().cpu().long()
+        outputs = self.swarm.run(self._step(hidden_states.detach().cpu(), mask, positions, hypo))
         self.position += new
         return outputs.to(device=hidden_states.device, dtype=hidden_states.dtype)
 
@@ -70,14 +132,14 @@ class InferenceSession:
         if self._closed:
             return
         self._closed = True
-        if self._streams:
-            streams, self._streams = self._streams, None
+        if self._hops:
+            hops, self._hops = self._hops, None
 
             async def _close():
-                for stream in streams:
-                    stream.close()
+                for hop in hops:
+                    hop.stream.close()
 
-            self.seq.swarm.run(_close(), 10)
+            self.swarm.run(_close(), 10)
 
     def __enter__(self) -> "InferenceSession":
         return self
@@ -93,30 +155,76 @@ class InferenceSession:
 
     # ---------------------------------------------------------------- on the client's loop
 
-    async def _open(self, batch: int) -> None:
-        chain = await self.seq.swarm.plan(self.seq.blocks)
-        timeout_s = self.seq.swarm.config.request_timeout_s
-        streams: list[SessionStream] = []
-        try:
-            for record, span in chain:
-                request = OpenSession(self.session_id, span, self.max_length, batch)
-                streams.append(await SessionStream.open(self.seq.swarm.peer, record, request, timeout_s))
-        except BaseException:
-            for stream in streams:
-                stream.close()
-            raise
-        self._streams = streams
-        self.batch_size = batch
-
-    async def _step(self, hidden, attention_mask, position_ids, hypo_ids) -> torch.Tensor:
-        if self._streams is None:
-            await self._open(hidden.shape[0])
-        timeout_s = self.seq.swarm.config.request_timeout_s
-        for stream in self._streams:
-            hidden = hidden.to(dtype_from_name(stream.record.dtype))
-            step = SessionStep(
-                self.session_id, hidden, attention_mask=attention_mask, position_ids=position_ids, hypo_ids=hypo_ids
-            )
-            reply: SessionStepReply = await stream.call(step, SessionStepReply, timeout_s)
-            hidden = reply.hidden_states
+    async def _step(self, hidden, mask, positions, hypo_ids) -> torch.Tensor:
+        if self._hops is None:
+            self.batch_size = hidden.shape[0]
+            self._hops = await self._open_chain(self.seq.blocks, _History())
+        index, fresh = 0, set()
+        while index < len(self._hops):
+            hop = self._hops[index]
+            try:
+                outputs = await self._send(hop, hidden, mask, positions, None if id(hop) in fresh else hypo_ids)
+            except Exception as exc:
+                if not is_server_failure(exc):
+                    raise
+                replacements = await self._replace(hop, hypo_ids, exc)
+                self._hops[index : index + 1] = replacements
+                fresh.update(id(h) for h in replacements)  # replayed with this step's reordering already applied
+                continue
+            if id(hop) not in fresh:
+                hop.history = hop.history.reordered(hypo_ids)
+            hop.history = hop.history.appended(hidden.to(hop.dtype), mask, positions)
+            hidden = outputs
+            index += 1
         return hidden
+
+    async def _send(self, hop: _Hop, hidden, mask, positions, hypo_ids) -> torch.Tensor:
+        timeout_s = self.swarm.config.step_timeout_s + hidden.shape[1] * self.swarm.config.token_timeout_s
+        step = SessionStep(self.session_id, hidden.to(hop.dtype), attention_mask=mask, position_ids=positions,
+                           hypo_ids=hypo_ids)
+        try:
+            reply: SessionStepReply = await asyncio.wait_for(hop.stream.call(step, SessionStepReply, timeout_s), timeout_s)
+        except BaseException:
+            hop.stream.close()  # after a timeout or a broken stream its state is unknown: never reuse it
+            raise
+        return reply.hidden_states
+
+    async def _open_chain(self, blocks: BlockRange, history: _History) -> list[_Hop]:
+        """Open this session on a chain of servers for ``blocks`` and replay ``history`` (inputs of ``blocks``)
+        through it; retries other servers on failure."""
+        attempts: list[tuple[str, str]] = []
+        for _ in range(self.swarm.config.max_retries + 1):
+            chain = await self.swarm.plan_inference(blocks)
+            hops: list[_Hop] = []
+            replay = history
+            current = None
+            try:
+                for record, span in chain:
+                    current = record
+                    request = OpenSession(self.session_id, span, self.max_length, self.batch_size)
+                    stream = await SessionStream.open(self.swarm.peer, record, request, self.swarm.config.step_timeout_s)
+                    hop = _Hop(record, span, stream)
+                    hops.append(hop)
+                    if replay.length:
+                        outputs = await self._send(hop, replay.hidden, replay.mask, replay.positions, None)
+                        hop.history = _History(replay.hidden.to(hop.dtype), replay.mask, replay.positions)
+                        replay = _History(outputs, replay.mask, replay.positions)
+                return hops
+            except Exception as exc:
+                for hop in hops:
+                    hop.stream.close()
+                if not is_server_failure(exc):
+                    raise
+                attempts.append((current.peer_id, f"{type(exc).__name__}: {exc}"))
+                self.swarm.report_failure(current.peer_id)
+        raise CorollaError(
+            f"could not run blocks {blocks} of session {self.session_id[:8]} after {len(attempts)} attempts: "
+            f"{describe_attempts(attempts)}"
+        )
+
+    async def _replace(self, failed: _Hop, hypo_ids, error: BaseException) -> list[_Hop]:
+        logger.warning("server %s failed for blocks %s (%s: %s); replacing it",
+                       failed.record.peer_id, failed.span, type(error).__name__, error)
+        self.swarm.report_failure(failed.record.peer_id)
+        self.failovers += 1
+        return await self._open_chain(failed.span, failed.history.reordered(hypo_ids))

@@ -1,23 +1,32 @@
-"""``RemoteSwarm``: the client's own peer and its view of which servers hold which blocks."""
+"""``RemoteSwarm``: the client's own peer and its live view of the swarm.
+
+It refreshes the servers' DHT records in the background, measures round trips to the servers it may use,
+keeps a ban list of servers that failed, and plans chains with ``corolla.core.routing``.
+"""
 from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
-from typing import Awaitable, TypeVar
+from typing import Awaitable, Callable, TypeVar
 
 from corolla.client.config import ClientConfig
+from corolla.client.rpc import call_unary
 from corolla.core.blocks import BlockRange
 from corolla.core.errors import BlocksNotServedError
 from corolla.core.records import ServerRecord
-from corolla.core.spans import describe_blocks, plan_chain, unserved_blocks, usable
+from corolla.core.routing import BanList, Chain, plan_batch_route, plan_inference_route
+from corolla.core.spans import describe_blocks, unserved_blocks, usable
 from corolla.net.loop import LoopThread
 from corolla.net.peer import Peer, PeerConfig
 from corolla.net.records import fetch_records
-from corolla.wire.messages import PROTOCOL_VERSION
+from corolla.wire.messages import PROTOCOL_VERSION, InfoReply, InfoRequest
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
+
+LATENCY_SMOOTHING = 0.3  # weight of a new round-trip sample in the moving average
 
 
 class RemoteSwarm:
@@ -29,6 +38,11 @@ class RemoteSwarm:
         self.config = config
         self.model_prefix = model_prefix
         self.num_blocks = num_blocks
+        self.bans = BanList(base_s=config.ban_base_s, max_s=config.ban_max_s)
+        self.latency_s: dict[str, float] = {}
+        self._records: list[ServerRecord] = []
+        self._records_time = -float("inf")
+        self._rng = random.Random()
         self.loop = LoopThread("corolla-client")
         try:
             self.peer: Peer = self.loop.run(
@@ -38,35 +52,100 @@ class RemoteSwarm:
         except BaseException:
             self.loop.stop()
             raise
+        self._refresher = self.loop.run(self._start_refresher())
         self._closed = False
 
     def run(self, coro: Awaitable[T], timeout_s: float | None = None) -> T:
         return self.loop.run(coro, timeout_s)
 
-    async def records(self, blocks: BlockRange) -> list[ServerRecord]:
-        found = await fetch_records(self.peer, self.model_prefix, blocks)
-        return usable(found, PROTOCOL_VERSION)
+    # ---------------------------------------------------------------- the view
 
-    async def plan(self, blocks: BlockRange) -> list[tuple[ServerRecord, BlockRange]]:
-        """A chain of servers for ``blocks``, waiting up to ``wait_for_blocks_s`` for it to exist."""
-        deadline = time.monotonic() + self.config.wait_for_blocks_s
+    async def _start_refresher(self) -> asyncio.Task:
+        return asyncio.create_task(self._refresh_loop())
+
+    async def _refresh_loop(self) -> None:
         while True:
-            records = await self.records(blocks)
             try:
-                return plan_chain(records, blocks)
-            except BlocksNotServedError as exc:
+                await self.refresh()
+            except Exception as exc:  # the DHT may be briefly unreachable; the next round retries
+                logger.debug("refreshing the swarm view failed: %s", exc)
+            await asyncio.sleep(self.config.refresh_period_s)
+
+    async def refresh(self) -> list[ServerRecord]:
+        """Read every server's record for this model's blocks, and measure round trips to new servers."""
+        found = await fetch_records(self.peer, self.model_prefix, range(self.num_blocks))
+        self._records = usable(found, PROTOCOL_VERSION)
+        self._records_time = time.monotonic()
+        unmeasured = [r for r in self._records if r.peer_id not in self.latency_s and not self.bans.is_banned(r.peer_id)]
+        if unmeasured:
+            await asyncio.gather(*(self.ping(r) for r in unmeasured))
+        return self._records
+
+    async def records(self, max_age_s: float | None = None) -> list[ServerRecord]:
+        """Known online servers, not banned; re-read from the DHT if the view is older than ``max_age_s``."""
+        max_age_s = self.config.refresh_period_s if max_age_s is None else max_age_s
+        if time.monotonic() - self._records_time > max_age_s:
+            await self.refresh()
+        return self.bans.filter(self._records)
+
+    async def ping(self, record: ServerRecord) -> float | None:
+        """Round trip of an ``info`` request to ``record``'s server, folded into its latency estimate."""
+        start = time.perf_counter()
+        try:
+            await call_unary(self.peer, record, InfoRequest(), InfoReply, self.config.ping_timeout_s)
+        except Exception as exc:
+            logger.debug("ping of %s failed: %s", record.peer_id, exc)
+            self.report_failure(record.peer_id)
+            return None
+        sample = time.perf_counter() - start
+        previous = self.latency_s.get(record.peer_id)
+        self.latency_s[record.peer_id] = (
+            sample if previous is None else (1 - LATENCY_SMOOTHING) * previous + LATENCY_SMOOTHING * sample
+        )
+        return sample
+
+    def report_failure(self, peer_id: str) -> float:
+        duration = self.bans.ban(peer_id)
+        self.latency_s.pop(peer_id, None)
+        logger.info("server %s failed; banned for %.0f s", peer_id, duration)
+        return duration
+
+    def report_success(self, peer_id: str) -> None:
+        self.bans.succeeded(peer_id)
+
+    # ---------------------------------------------------------------- planning
+
+    async def _plan(self, blocks: BlockRange, planner: Callable[[list[ServerRecord]], Chain]) -> Chain:
+        """Plan with ``planner``, waiting up to ``wait_for_blocks_s`` for the blocks to be served."""
+        deadline = time.monotonic() + self.config.wait_for_blocks_s
+        max_age_s = None
+        while True:
+            records = await self.records(max_age_s)
+            try:
+                return planner(records)
+            except BlocksNotServedError:
                 if time.monotonic() >= deadline:
+                    everyone = self._records
                     missing = unserved_blocks(records, blocks)
-                    detail = (
-                        f"blocks {describe_blocks(missing)} of {self.model_prefix} are served by nobody"
-                        if missing
-                        else str(exc)
-                    )
+                    banned = [r.peer_id for r in everyone if self.bans.is_banned(r.peer_id)]
                     raise BlocksNotServedError(
-                        f"{detail} (waited {self.config.wait_for_blocks_s:.0f} s; {len(records)} usable server(s) "
-                        f"known for blocks {blocks})"
+                        f"blocks {describe_blocks(missing)} of {self.model_prefix} are served by nobody "
+                        f"(waited {self.config.wait_for_blocks_s:.0f} s; {len(everyone)} online server(s) known"
+                        + (f", {len(banned)} of them banned after failures" if banned else "")
+                        + f"; needed blocks {blocks})"
                     ) from None
+            max_age_s = 0.0  # re-read the DHT on every further try
             await asyncio.sleep(self.config.lookup_period_s)
+
+    async def plan_inference(self, blocks: BlockRange) -> Chain:
+        """The chain with the least expected time per step (latency + compute), for inference sessions."""
+        return await self._plan(
+            blocks, lambda records: plan_inference_route(records, blocks, self.latency_s, self.config.default_latency_s)
+        )
+
+    async def plan_batch(self, blocks: BlockRange) -> Chain:
+        """A chain that spreads forward/backward load over servers by throughput."""
+        return await self._plan(blocks, lambda records: plan_batch_route(records, blocks, self._rng))
 
     def close(self) -> None:
         if self._closed:

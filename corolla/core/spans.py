@@ -1,4 +1,4 @@
-"""Coverage of a model's blocks by servers: gaps, a chain through all blocks, a span to serve.
+"""Coverage of a model's blocks by servers: gaps, and the span a new server should take.
 
 Pure functions over ``ServerRecord``s; the client and the server act on what they return.
 """
@@ -36,29 +36,6 @@ def describe_blocks(blocks: Sequence[int]) -> str:
     if start is not None:
         spans.append(f"{start}:{prev + 1}")
     return ", ".join(spans)
-
-
-def plan_chain(records: Sequence[ServerRecord], wanted: BlockRange) -> list[tuple[ServerRecord, BlockRange]]:
-    """A chain of servers that together run blocks ``wanted`` in order: ``[(server, span it runs), ...]``.
-
-    Greedy: from the current block, take the server holding it that reaches furthest (ties: higher throughput);
-    a server may run any part of its span. Raises ``BlocksNotServedError`` naming the blocks nobody serves.
-    """
-    chain: list[tuple[ServerRecord, BlockRange]] = []
-    position = wanted.start
-    while position < wanted.end:
-        candidates = [r for r in records if position in r.blocks]
-        if not candidates:
-            missing = unserved_blocks(records, BlockRange(position, wanted.end))
-            raise BlocksNotServedError(
-                f"blocks {describe_blocks(missing)} are served by nobody "
-                f"(needed {wanted}; {len(records)} usable server(s) known)"
-            )
-        best = max(candidates, key=lambda r: (min(r.blocks.end, wanted.end), r.throughput))
-        span = BlockRange(position, min(best.blocks.end, wanted.end))
-        chain.append((best, span))
-        position = span.end
-    return chain
 
 
 def choose_span(num_blocks_total: int, records: Iterable[ServerRecord], span_length: int) -> BlockRange:

@@ -25,7 +25,7 @@ HIDDEN = 576
 @pytest.fixture(scope="module")
 def first_server(llama_remote):
     swarm = llama_remote.swarm
-    chain = swarm.run(swarm.plan(BlockRange(0, 30)))
+    chain = swarm.run(swarm.plan_inference(BlockRange(0, 30)))
     record, span = chain[0]
     return swarm, record, span
 

@@ -5,9 +5,8 @@ import pytest
 
 from corolla.cli.local_swarm import split_blocks
 from corolla.core.blocks import BlockRange
-from corolla.core.errors import BlocksNotServedError
 from corolla.core.records import ServerRecord, ServerState
-from corolla.core.spans import choose_span, describe_blocks, plan_chain, unserved_blocks
+from corolla.core.spans import choose_span, describe_blocks, unserved_blocks
 
 
 def rec(peer, start, end, throughput=10.0, state=ServerState.ONLINE):
@@ -31,25 +30,6 @@ def test_record_roundtrip_and_malformed():
     assert ServerRecord.from_value({"blocks": [0, 1]}) is None
     assert ServerRecord.from_value("garbage") is None
     assert ServerRecord.from_value({**record.to_value(), "state": "bogus"}) is None
-
-
-def test_plan_chain_prefers_longest_then_fastest():
-    records = [rec("a", 0, 10), rec("b", 0, 20, throughput=1), rec("c", 20, 30), rec("d", 20, 30, throughput=50)]
-    chain = plan_chain(records, BlockRange(0, 30))
-    assert [(r.peer_id, str(span)) for r, span in chain] == [("b", "0:20"), ("d", "20:30")]
-
-
-def test_plan_chain_uses_parts_of_spans():
-    records = [rec("a", 0, 12), rec("b", 10, 30)]
-    chain = plan_chain(records, BlockRange(0, 30))
-    assert [(r.peer_id, str(span)) for r, span in chain] == [("a", "0:12"), ("b", "12:30")]
-    chain = plan_chain(records, BlockRange(5, 11))
-    assert [(r.peer_id, str(span)) for r, span in chain] == [("a", "5:11")]
-
-
-def test_plan_chain_names_missing_blocks():
-    with pytest.raises(BlocksNotServedError, match="10:20"):
-        plan_chain([rec("a", 0, 10), rec("c", 20, 30)], BlockRange(0, 30))
 
 
 def test_unserved_and_describe():
