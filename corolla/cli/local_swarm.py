@@ -34,6 +34,14 @@ class ChildProcess:
     log_path: Path
     address_file: Path
 
+    @property
+    def peer_id(self) -> str | None:
+        """The libp2p peer id from the child's address file (None until it is ready)."""
+        try:
+            return read_address_file(self.address_file)[0].rsplit("/p2p/", 1)[1]
+        except (OSError, IndexError):
+            return None
+
     def log_tail(self, lines: int = 30) -> str:
         try:
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
@@ -128,6 +136,12 @@ class LocalSwarm:
     @property
     def servers(self) -> list[ChildProcess]:
         return [c for c in self.children if c.name.startswith("server")]
+
+    def server_by_peer(self, peer_id: str) -> ChildProcess:
+        for child in self.servers:
+            if child.peer_id == peer_id:
+                return child
+        raise KeyError(f"no server of this swarm has peer id {peer_id}")
 
     def _num_blocks(self) -> int:
         from corolla.models.checkpoint import load_config, resolve_model

@@ -127,7 +127,12 @@ class Peer:
                 await self._p2p._client.connect(remote, [Multiaddr(addr) for addr in maddrs])
             except Exception as exc:  # fall back to the daemon's own peer routing
                 logger.debug("direct dial of %s failed: %s", peer_id, exc)
-        _, reader, writer = await self._p2p.call_binary_stream_handler(remote, name)
+        try:
+            _, reader, writer = await self._p2p.call_binary_stream_handler(remote, name)
+        except (asyncio.CancelledError, asyncio.TimeoutError):
+            raise
+        except Exception as exc:  # hivemind's daemon errors (dial failures, ...) surface as ConnectionError
+            raise ConnectionError(f"cannot open a stream to {peer_id}: {exc}") from exc
         return reader, writer
 
     async def shutdown(self) -> None:

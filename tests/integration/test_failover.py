@@ -1,0 +1,165 @@
+"""Healing: servers killed or frozen mid-session are replaced, inputs replayed, outputs unchanged."""
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+import torch
+from transformers.generation.streamers import BaseStreamer
+
+from corolla.cli.local_swarm import LocalSwarm
+from corolla.client.config import ClientConfig
+from corolla.core.blocks import BlockRange
+
+PROMPT = "The three most useful things to pack for a long hike are"
+NEW_TOKENS = 24
+FAST_FAILOVER = ClientConfig(step_timeout_s=3.0, wait_for_blocks_s=30.0, refresh_period_s=2.0)
+
+
+@pytest.fixture(scope="module")
+def replica_swarm(embedded_dir):
+    """Primaries 0:10, 10:20, 20:30 and replicas 0:15, 15:30 of the embedded model (five servers)."""
+    spans = [BlockRange(0, 10), BlockRange(10, 20), BlockRange(20, 30), BlockRange(0, 15), BlockRange(15, 30)]
+    with LocalSwarm(model=str(embedded_dir), spans=spans) as swarm:
+        yield swarm
+
+
+@pytest.fixture(scope="module")
+def expected_tokens(llama_local, tokenizer):
+    ids = tokenizer(PROMPT, return_tensors="pt")["input_ids"]
+    return ids, llama_local.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False)
+
+
+def _client(embedded_dir, swarm):
+    from corolla import AutoDistributedModelForCausalLM
+
+    return AutoDistributedModelForCausalLM.from_pretrained(
+        str(embedded_dir), initial_peers=swarm.initial_peers, client_config=FAST_FAILOVER
+    )
+
+
+class _Saboteur(BaseStreamer):
+    """Streams tokens; after ``after`` generated tokens, sends ``sig`` to the server running ``block``."""
+
+    def __init__(self, swarm, session, block: int, after: int, sig):
+        self.swarm, self.session, self.block, self.after, self.sig = swarm, session, block, after, sig
+        self.times: list[float] = []
+        self.victim = None
+        self.kill_time = None
+
+    def put(self, value):
+        self.times.append(time.monotonic())
+        if len(self.times) == self.after + 1 and self.victim is None:  # the first put() is the prompt
+            peer = next(p for p, span in self.session.chain if self.block in span)
+            self.victim = self.swarm.server_by_peer(peer)
+            os.kill(self.victim.process.pid, self.sig)
+            self.kill_time = time.monotonic()
+
+    def end(self):
+        pass
+
+    def next_token_delay_s(self) -> float:
+        return next(t for t in self.times if t > self.kill_time) - self.kill_time
+
+
+def _restore(swarm, victim, span_of):
+    """Put the swarm back as it was: a new server for the victim's span (the victim is dead or resumed)."""
+    if victim.process.poll() is None:
+        victim.process.send_signal(signal.SIGCONT)
+        return
+    swarm.start_server(span_of[victim.name])
+
+
+@pytest.mark.parametrize("block", [0, 14, 29], ids=["first", "middle", "last"])
+def test_sigkill_mid_generation_recovers_with_identical_tokens(block, replica_swarm, expected_tokens, embedded_dir):
+    ids, expected = expected_tokens
+    span_of = {c.name: s for c, s in zip(replica_swarm.servers, replica_swarm.spans)}
+    model = _client(embedded_dir, replica_swarm)
+    try:
+        with model.inference_session(max_length=64) as session:
+            saboteur = _Saboteur(replica_swarm, session, block, after=8, sig=signal.SIGKILL)
+            got = model.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False, streamer=saboteur)
+            assert session.failovers >= 1
+            assert all(peer != saboteur.victim.peer_id for peer, _ in session.chain)
+        assert got.tolist() == expected.tolist()
+        assert saboteur.next_token_delay_s() < 2.0, f"next token {saboteur.next_token_delay_s():.2f} s after the kill"
+    finally:
+        model.close()
+        replica_swarm.spans = list(replica_swarm.spans)
+        if saboteur.victim is not None:
+            span = span_of[saboteur.victim.name]
+            replica_swarm.start_server(span)
+            replica_swarm.spans.append(span)
+
+
+def test_sigstop_is_detected_and_sigcont_harms_nothing(replica_swarm, expected_tokens, embedded_dir):
+    ids, expected = expected_tokens
+    model = _client(embedded_dir, replica_swarm)
+    saboteur = None
+    try:
+        with model.inference_session(max_length=64) as session:
+            saboteur = _Saboteur(replica_swarm, session, 14, after=6, sig=signal.SIGSTOP)
+            got = model.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False, streamer=saboteur)
+            assert session.failovers >= 1
+        assert got.tolist() == expected.tolist()
+        delay = saboteur.next_token_delay_s()
+        assert FAST_FAILOVER.step_timeout_s <= delay < FAST_FAILOVER.step_timeout_s + 2.0, delay
+    finally:
+        if saboteur is not None and saboteur.victim is not None:
+            saboteur.victim.process.send_signal(signal.SIGCONT)
+        model.close()
+    # the resumed server still answers, and a new client can use the whole swarm again
+    time.sleep(1.0)
+    assert saboteur.victim.process.poll() is None
+    fresh = _client(embedded_dir, replica_swarm)
+    try:
+        assert fresh.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False).tolist() == expected.tolist()
+    finally:
+        fresh.close()
+
+
+def test_forward_backward_survive_a_killed_server(replica_swarm, embedded_dir, llama_local, tokenizer):
+    ids = tokenizer(PROMPT, return_tensors="pt")["input_ids"]
+    model = _client(embedded_dir, replica_swarm)
+    try:
+        embeds = llama_local.model.embed_tokens(ids).detach()
+        reference_in = embeds.clone().requires_grad_(True)
+        reference = model.model.layers(reference_in)
+        reference.pow(2).mean().backward()
+
+        remote_in = embeds.clone().requires_grad_(True)
+        out = model.model.layers(remote_in)
+        _, hops = out.grad_fn.saved  # the servers the forward pass used: (pieces, [[(record, span, inputs)]])
+        record = next(record for record, span, _ in hops[0] if 14 in span)
+        os.kill(replica_swarm.server_by_peer(record.peer_id).process.pid, signal.SIGKILL)  # backward needs it
+        out.pow(2).mean().backward()
+        assert torch.allclose(out, reference, rtol=1e-5, atol=1e-4)
+        error = (remote_in.grad - reference_in.grad).abs().max() / reference_in.grad.abs().max()
+        assert error < 1e-4
+        again = model.model.layers(embeds)  # a new forward pass avoids the dead server
+        assert torch.allclose(again, reference, rtol=1e-5, atol=1e-4)
+    finally:
+        model.close()
+
+
+def test_server_joining_later_is_used(tiny_llama_dir):
+    from corolla import DistributedLlamaForCausalLM
+
+    config = ClientConfig(step_timeout_s=3.0, wait_for_blocks_s=20.0, refresh_period_s=1.0)
+    with LocalSwarm(model=str(tiny_llama_dir), spans=[BlockRange(0, 4)], dht_prefix="join") as swarm:
+        model = DistributedLlamaForCausalLM.from_pretrained(
+            str(tiny_llama_dir), initial_peers=swarm.initial_peers, dht_prefix="join", client_config=config
+        )
+        try:
+            ids = torch.tensor([[5, 6, 7, 8]])
+            first = model.generate(ids, max_new_tokens=6, do_sample=False)
+            newcomer = swarm.start_server(BlockRange(0, 4))
+            os.kill(swarm.servers[0].process.pid, signal.SIGKILL)
+            with model.inference_session(max_length=16) as session:
+                again = model.generate(ids, max_new_tokens=6, do_sample=False)
+                assert session.chain == [(newcomer.peer_id, BlockRange(0, 4))]
+            assert again.tolist() == first.tolist()
+        finally:
+            model.close()
