@@ -4,10 +4,10 @@ Pure functions over ``ServerRecord``s; the client and the server act on what the
 """
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+from dataclasses import replace
+from typing import Iterable, Optional, Sequence
 
 from corolla.core.blocks import BlockRange
-from corolla.core.errors import BlocksNotServedError
 from corolla.core.records import ServerRecord, ServerState
 
 
@@ -38,25 +38,65 @@ def describe_blocks(blocks: Sequence[int]) -> str:
     return ", ".join(spans)
 
 
-def choose_span(num_blocks_total: int, records: Iterable[ServerRecord], span_length: int) -> BlockRange:
-    """The span of ``span_length`` blocks a new server should take.
+def block_throughputs(num_blocks_total: int, records: Iterable[ServerRecord]) -> list[float]:
+    """Total throughput serving each block, over servers that are not leaving.
 
-    The first block nobody serves starts the span; when every block is served, the span whose blocks have
-    the fewest servers (summed over the span) wins, earliest first.
+    A server still joining has not measured its throughput yet; it counts as the median of the online ones (or 1),
+    so that servers starting at the same time spread out instead of piling onto the same span.
     """
-    if not 1 <= span_length:
-        raise ValueError(f"--num-blocks must be at least 1, got {span_length}")
-    span_length = min(span_length, num_blocks_total)
-    counts = [0] * num_blocks_total
+    records = [r for r in records if r.state is not ServerState.OFFLINE]
+    measured = sorted(r.throughput for r in records if r.state is ServerState.ONLINE and r.throughput > 0)
+    stand_in = measured[len(measured) // 2] if measured else 1.0
+    totals = [0.0] * num_blocks_total
     for record in records:
-        if record.state is ServerState.OFFLINE:
-            continue
+        throughput = record.throughput if record.throughput > 0 else stand_in
         for b in record.blocks:
             if 0 <= b < num_blocks_total:
-                counts[b] += 1
-    for start, count in enumerate(counts):
-        if count == 0:
-            return BlockRange(start, min(start + span_length, num_blocks_total))
-    starts = range(0, num_blocks_total - span_length + 1)
-    best = min(starts, key=lambda s: (sum(counts[s : s + span_length]), s))
+                totals[b] += throughput
+    return totals
+
+
+def choose_span(num_blocks_total: int, records: Iterable[ServerRecord], span_length: int) -> BlockRange:
+    """The span of ``span_length`` blocks a new server should take: where the swarm is weakest.
+
+    Windows are compared by how many of their blocks nobody serves (more first), then by the total throughput
+    serving their blocks (less first), then by position (earlier first).
+    """
+    if span_length < 1:
+        raise ValueError(f"--num-blocks must be at least 1, got {span_length}")
+    span_length = min(span_length, num_blocks_total)
+    totals = block_throughputs(num_blocks_total, records)
+
+    def weakness(start: int):
+        window = totals[start : start + span_length]
+        return (-sum(1 for t in window if t <= 0), sum(window), start)
+
+    best = min(range(num_blocks_total - span_length + 1), key=weakness)
     return BlockRange(best, best + span_length)
+
+
+def swarm_throughput(totals: Sequence[float]) -> float:
+    """What the whole swarm can push through the model: its weakest block."""
+    return min(totals) if totals else 0.0
+
+
+def choose_move(
+    num_blocks_total: int, records: Sequence[ServerRecord], me: str, balance_quality: float = 0.75
+) -> Optional[BlockRange]:
+    """Where server ``me`` should move to, or None to stay.
+
+    It moves when taking its span away and placing it where the swarm is then weakest raises the swarm's
+    throughput (its weakest block) above the current figure divided by ``balance_quality`` (0.75: by a third);
+    a block nobody serves always makes a move worth it.
+    """
+    mine = next((r for r in records if r.peer_id == me), None)
+    if mine is None:
+        return None
+    others = [r for r in records if r.peer_id != me]
+    target = choose_span(num_blocks_total, others, len(mine.blocks))
+    if target == mine.blocks:
+        return None
+    now = swarm_throughput(block_throughputs(num_blocks_total, records))
+    moved = replace(mine, blocks=target)
+    after = swarm_throughput(block_throughputs(num_blocks_total, [*others, moved]))
+    return target if after > now / balance_quality else None

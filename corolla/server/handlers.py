@@ -55,6 +55,7 @@ class RequestHandler:
         self.compute = compute
         self.info = info
         self.sessions: dict[str, SessionState] = {}
+        self._session_writers: dict[str, asyncio.StreamWriter] = {}
         self.accepting = True
         self.in_flight = 0
         self.max_positions = getattr(stack.config, "max_position_embeddings", None)
@@ -170,16 +171,32 @@ class RequestHandler:
             cache=self.stack.new_cache(request.blocks),
             mask=torch.zeros(request.batch_size, 0, dtype=torch.long, device=self.stack.device),
         )
-        self.budget.reserve(session.reserved_tokens)
+        budget = self.budget
+        budget.reserve(session.reserved_tokens)
         self.sessions[session.session_id] = session
+        self._session_writers[session.session_id] = writer
         try:
             await write_message(writer, SessionOpened(session.session_id, session.reserved_tokens))
-            await self._session_loop(session, reader, writer)
+            await self._session_loop(session, self.stack, reader, writer)
         finally:
             del self.sessions[session.session_id]
-            self.budget.release(session.reserved_tokens)
+            del self._session_writers[session.session_id]
+            budget.release(session.reserved_tokens)
 
-    async def _session_loop(self, session: SessionState, reader, writer) -> None:
+    def close_sessions(self) -> int:
+        """End every open session by closing its stream; their clients fail over to other servers."""
+        writers = list(self._session_writers.values())
+        for writer in writers:
+            writer.close()
+        return len(writers)
+
+    def replace_stack(self, stack, budget: CacheBudget) -> None:
+        """Serve other blocks from now on (after a move); requests in flight keep the objects they started with."""
+        self.stack = stack
+        self.budget = budget
+        self.max_positions = getattr(stack.config, "max_position_embeddings", None)
+
+    async def _session_loop(self, session: SessionState, stack, reader, writer) -> None:
         while True:
             try:
                 step = await asyncio.wait_for(
@@ -210,7 +227,7 @@ class RequestHandler:
                     )
                 outputs = await self._run(
                     run_step,
-                    self.stack,
+                    stack,
                     session,
                     step.hidden_states,
                     step.attention_mask,

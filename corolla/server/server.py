@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import signal
 from concurrent.futures import ThreadPoolExecutor
 from typing import Optional
@@ -11,7 +12,7 @@ import torch
 
 from corolla.core.blocks import BlockRange
 from corolla.core.records import ServerRecord, ServerState
-from corolla.core.spans import choose_span
+from corolla.core.spans import choose_move, choose_span
 from corolla.models.checkpoint import load_config, model_dht_prefix, resolve_model
 from corolla.models.dtypes import resolve_dtype
 from corolla.models.stack import load_block_stack
@@ -34,6 +35,10 @@ class Server:
 
     def __init__(self, config: ServerConfig, peer: Peer, model_prefix: str, blocks: BlockRange):
         self.config = config
+        self.path = None  # the checkpoint directory
+        self.model_config = None
+        self.moves = 0  # times this server moved to other blocks
+        self._rebalancer: Optional[asyncio.Task] = None
         self.peer = peer
         self.model_prefix = model_prefix
         self.blocks = blocks
@@ -81,26 +86,80 @@ class Server:
 
     async def _start(self, path, model_config) -> None:
         config = self.config
-        logger.info("loading blocks %s of %s (%s, %s)", self.blocks, self.model_prefix, self.dtype, config.device)
-        # Every torch call of this process runs on the one compute thread: with several intra-op threads, torch
-        # work split across Python threads loses its parallelism (measured: 2 threads ran at 1-thread speed).
-        loop = asyncio.get_running_loop()
-        self.stack = await loop.run_in_executor(
-            self.compute, load_block_stack, path, model_config, self.blocks, self.dtype, torch.device(config.device)
-        )
-        self.throughput = config.throughput or await loop.run_in_executor(self.compute, measure_throughput, self.stack)
-        self.budget = CacheBudget(config.cache_tokens, self.stack.cache_bytes_per_token())
+        self.path, self.model_config = path, model_config
+        self.stack, self.budget = await self._load(self.blocks)
         self.handler = RequestHandler(self.stack, config, self.budget, self.compute, self.info)
         await self.peer.serve_stream(RPC_PROTOCOL, self.handler.handle_stream)
         self.state = ServerState.ONLINE
         await self.announcer.announce_now()
         self.announcer.start()
+        if config.blocks is None:  # a server that chose its span may move; one told which blocks to serve stays
+            self._rebalancer = asyncio.create_task(self._rebalance_loop())
         if config.address_file:
             write_address_file(config.address_file, self.maddrs)
         logger.info(
             "serving blocks %s of %s as %s: %.1f tokens/s, cache %d tokens",
             self.blocks, self.model_prefix, self.peer.peer_id, self.throughput, config.cache_tokens,
         )
+
+    async def _load(self, blocks: BlockRange):
+        """Load ``blocks`` and measure them; returns the stack and its cache budget."""
+        config = self.config
+        logger.info("loading blocks %s of %s (%s, %s)", blocks, self.model_prefix, self.dtype, config.device)
+        # Every torch call of this process runs on the one compute thread: with several intra-op threads, torch
+        # work split across Python threads loses its parallelism (measured: 2 threads ran at 1-thread speed).
+        loop = asyncio.get_running_loop()
+        stack = await loop.run_in_executor(
+            self.compute, load_block_stack, self.path, self.model_config, blocks, self.dtype, torch.device(config.device)
+        )
+        self.throughput = config.throughput or await loop.run_in_executor(self.compute, measure_throughput, stack)
+        return stack, CacheBudget(config.cache_tokens, stack.cache_bytes_per_token())
+
+    async def _rebalance_loop(self) -> None:
+        total = self.model_config.num_hidden_layers
+        while True:
+            await asyncio.sleep(self.config.rebalance_period_s * random.uniform(0.5, 1.5))  # jitter: no herds
+            try:
+                records = await fetch_records(self.peer, self.model_prefix, range(total))
+                if not any(r.peer_id == self.peer.peer_id for r in records):
+                    records.append(self.record())
+                target = choose_move(total, records, self.peer.peer_id, self.config.balance_quality)
+                if target is not None:
+                    await self.move_to(target)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                logger.exception("rebalancing check failed; will retry")
+
+    async def move_to(self, blocks: BlockRange) -> None:
+        """Leave the current blocks (announce offline, end sessions: their clients fail over), load ``blocks``,
+        announce them."""
+        old = self.blocks
+        logger.warning("moving from blocks %s to %s: the swarm is weaker there", old, blocks)
+        self.handler.accepting = False
+        self.state = ServerState.OFFLINE
+        await self.announcer.announce_now()
+        await self._drain(self.config.shutdown_grace_s)
+        self.handler.close_sessions()
+        self.stack = self.handler.stack = None  # free the old weights before loading the new ones
+        self.blocks, self.state, self.throughput = blocks, ServerState.JOINING, 0.0
+        await self.announcer.announce_now()
+        self.stack, self.budget = await self._load(blocks)
+        self.handler.replace_stack(self.stack, self.budget)
+        self.state = ServerState.ONLINE
+        self.handler.accepting = True
+        self.moves += 1
+        await self.announcer.announce_now()
+        logger.warning("now serving blocks %s", blocks)
+
+    async def _drain(self, grace_s: float) -> None:
+        """Wait up to ``grace_s`` for requests other than open sessions to finish."""
+        deadline = asyncio.get_running_loop().time() + grace_s
+        while self.handler is not None and self.handler.in_flight > len(self.handler.sessions):
+            if asyncio.get_running_loop().time() > deadline:
+                logger.warning("%d request(s) still running after %.0f s", self.handler.in_flight, grace_s)
+                return
+            await asyncio.sleep(0.05)
 
     def record(self) -> ServerRecord:
         return ServerRecord(
@@ -130,17 +189,14 @@ class Server:
 
     async def shutdown(self) -> None:
         """Announce offline, refuse new work, give in-flight work ``shutdown_grace_s``, then stop."""
+        if self._rebalancer is not None:
+            self._rebalancer.cancel()
         self.state = ServerState.OFFLINE
         if self.handler is not None:
             self.handler.accepting = False
         await self.announcer.stop()
         await self.announcer.announce_now(ttl_s=self.config.record_ttl_s)
-        deadline = asyncio.get_running_loop().time() + self.config.shutdown_grace_s
-        while self.handler is not None and self.handler.in_flight > len(self.handler.sessions):
-            if asyncio.get_running_loop().time() > deadline:
-                logger.warning("shutting down with %d request(s) still running", self.handler.in_flight)
-                break
-            await asyncio.sleep(0.05)
+        await self._drain(self.config.shutdown_grace_s)
         await self.peer.shutdown()
         self.compute.shutdown(wait=False, cancel_futures=True)
 

@@ -81,3 +81,18 @@ def tiny_llama_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny-llama")
     LlamaForCausalLM(config).save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_llama6_dir(tmp_path_factory):
+    """A tiny Llama with random weights and 6 blocks, for block-choice tests."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(1)
+    config = LlamaConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=6, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256,
+    )
+    path = tmp_path_factory.mktemp("tiny-llama6")
+    LlamaForCausalLM(config).save_pretrained(path)
+    return path

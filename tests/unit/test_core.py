@@ -6,7 +6,7 @@ import pytest
 from corolla.cli.local_swarm import split_blocks
 from corolla.core.blocks import BlockRange
 from corolla.core.records import ServerRecord, ServerState
-from corolla.core.spans import choose_span, describe_blocks, unserved_blocks
+from corolla.core.spans import choose_move, choose_span, describe_blocks, unserved_blocks
 
 
 def rec(peer, start, end, throughput=10.0, state=ServerState.ONLINE):
@@ -40,11 +40,33 @@ def test_unserved_and_describe():
 def test_choose_span_first_gap_then_weakest():
     assert choose_span(30, [], 10) == BlockRange(0, 10)
     assert choose_span(30, [rec("a", 0, 10)], 10) == BlockRange(10, 20)
-    assert choose_span(30, [rec("a", 0, 10), rec("b", 10, 20)], 15) == BlockRange(20, 30)
+    assert choose_span(30, [rec("a", 0, 10), rec("b", 10, 20)], 15) == BlockRange(15, 30)  # covers the gap fully
     full = [rec("a", 0, 30), rec("b", 0, 10), rec("c", 20, 30)]
     assert choose_span(30, full, 10) == BlockRange(10, 20)
     assert choose_span(30, [rec("a", 0, 30, state=ServerState.OFFLINE)], 10) == BlockRange(0, 10)
     assert choose_span(5, [], 10) == BlockRange(0, 5)
+    # by throughput, not by count: one fast server outweighs two slow ones
+    weighted = [rec("fast", 0, 10, throughput=100), rec("s1", 10, 20, throughput=5), rec("s2", 10, 20, throughput=5),
+                rec("m", 20, 30, throughput=50)]
+    assert choose_span(30, weighted, 10) == BlockRange(10, 20)
+    # a server still joining (no throughput yet) counts as a typical one, so simultaneous joiners spread out
+    assert choose_span(30, [rec("a", 0, 10), rec("j", 10, 20, throughput=0, state=ServerState.JOINING)], 10) == BlockRange(20, 30)
+
+
+def test_choose_move_fills_holes_and_ignores_small_gains():
+    # blocks 20:30 are served by nobody: the over-served span's server moves there
+    records = [rec("a", 0, 10), rec("b", 10, 20), rec("c", 0, 10)]
+    assert choose_move(30, records, "c") == BlockRange(20, 30)
+    assert choose_move(30, records, "b") is None  # moving b would open a hole of its own
+    # balanced swarm: nobody moves
+    balanced = [rec("a", 0, 10), rec("b", 10, 20), rec("c", 20, 30)]
+    assert all(choose_move(30, balanced, p) is None for p in "abc")
+    # a small improvement is not worth a move; a large one is
+    skew = [rec("a", 0, 15, throughput=10), rec("b", 15, 30, throughput=9), rec("c", 0, 15, throughput=10)]
+    assert choose_move(30, skew, "c") is None
+    skew = [rec("a", 0, 15, throughput=10), rec("b", 15, 30, throughput=2), rec("c", 0, 15, throughput=10)]
+    assert choose_move(30, skew, "c") == BlockRange(15, 30)
+    assert choose_move(30, skew, "unknown") is None
 
 
 def test_split_blocks():
