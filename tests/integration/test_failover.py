@@ -163,3 +163,27 @@ def test_server_joining_later_is_used(tiny_llama_dir):
             assert again.tolist() == first.tolist()
         finally:
             model.close()
+
+
+def test_when_nothing_works_the_error_says_what_was_tried(tiny_llama_dir):
+    from corolla import DistributedLlamaForCausalLM
+    from corolla.core.errors import BlocksNotServedError
+
+    config = ClientConfig(step_timeout_s=2.0, wait_for_blocks_s=3.0, refresh_period_s=1.0)
+    with LocalSwarm(model=str(tiny_llama_dir), spans=[BlockRange(0, 4)], dht_prefix="doomed") as swarm:
+        model = DistributedLlamaForCausalLM.from_pretrained(
+            str(tiny_llama_dir), initial_peers=swarm.initial_peers, dht_prefix="doomed", client_config=config
+        )
+        try:
+            layers = model.model.layers
+            with layers.inference_session(max_length=8) as session:
+                session.step(torch.randn(1, 2, 64))
+                os.kill(swarm.servers[0].process.pid, signal.SIGKILL)
+                started = time.monotonic()
+                with pytest.raises(BlocksNotServedError, match=r"blocks 0:4 of doomed are served by nobody.*banned"):
+                    session.step(torch.randn(1, 1, 64))
+                assert time.monotonic() - started < 15
+            with pytest.raises(BlocksNotServedError, match="0:4"):
+                layers(torch.randn(1, 2, 64))
+        finally:
+            model.close()
