@@ -6,7 +6,6 @@ a ``RemoteCache`` so that every step sends only the new tokens to servers that k
 """
 from __future__ import annotations
 
-import copy
 import logging
 from typing import Optional
 

@@ -1,7 +1,6 @@
 """Every kind of bad request gets an error naming its cause, and the server keeps serving."""
 from __future__ import annotations
 
-import asyncio
 
 import pytest
 import torch

@@ -105,7 +105,8 @@ def test_sigstop_is_detected_and_sigcont_harms_nothing(replica_swarm, expected_t
             assert session.failovers >= 1
         assert got.tolist() == expected.tolist()
         delay = saboteur.next_token_delay_s()
-        assert FAST_FAILOVER.step_timeout_s <= delay < FAST_FAILOVER.step_timeout_s + 2.0, delay
+        # noticed at the step timeout, then replaced (replay included) within a few seconds even on a busy machine
+        assert FAST_FAILOVER.step_timeout_s <= delay < FAST_FAILOVER.step_timeout_s + 5.0, delay
     finally:
         if saboteur is not None and saboteur.victim is not None:
             saboteur.victim.process.send_signal(signal.SIGCONT)
