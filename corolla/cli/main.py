@@ -71,6 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--cache-tokens", type=int, default=32768, help="session cache budget in tokens")
     serve.add_argument("--max-message-mb", type=float, default=256, help="largest request accepted, MiB")
     serve.add_argument("--throughput", type=float, default=None, help="tokens/s to announce instead of measuring")
+    serve.add_argument("--adapters", nargs="+", default=[], metavar="PATH_OR_ID",
+                       help="PEFT LoRA adapters to load; clients choose one per request by this name (active_adapter)")
     serve.add_argument("--rebalance-period", type=float, default=60.0,
                        help="seconds between checks whether to move to weaker blocks (only without --blocks)")
     serve.add_argument("--balance-quality", type=float, default=0.75,
@@ -142,7 +144,7 @@ def _serve(args) -> int:
         initial_peers=tuple(args.initial_peers), new_swarm=args.new_swarm, host=args.host, port=args.port,
         address_file=args.address_file, dtype=args.dtype, device=args.device, num_threads=args.num_threads,
         cache_tokens=args.cache_tokens, max_message_bytes=int(args.max_message_mb * 2**20), throughput=args.throughput,
-        rebalance_period_s=args.rebalance_period, balance_quality=args.balance_quality,
+        rebalance_period_s=args.rebalance_period, balance_quality=args.balance_quality, adapters=tuple(args.adapters),
     )
     return run_server(config)
 

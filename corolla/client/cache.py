@@ -18,7 +18,7 @@ class RemoteCache(Cache):
         self._pending_hypo_ids: Optional[torch.Tensor] = None
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
-        return self.session.position
+        return self.session.position - self.session.prefix_length  # tokens of the user's sequence, not the prompt
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         beam_idx = beam_idx.detach().cpu().long()

@@ -11,7 +11,13 @@ from typing import Optional
 
 import torch
 from torch import nn
-from transformers import BloomForCausalLM, LlamaForCausalLM, PretrainedConfig
+from transformers import (
+    BloomForCausalLM,
+    BloomForSequenceClassification,
+    LlamaForCausalLM,
+    LlamaForSequenceClassification,
+    PretrainedConfig,
+)
 from transformers.modeling_outputs import BaseModelOutputWithPast
 from transformers.models.bloom.modeling_bloom import BloomPreTrainedModel
 from transformers.models.llama.modeling_llama import LlamaPreTrainedModel, LlamaRMSNorm
@@ -21,6 +27,7 @@ from corolla.client.config import ClientConfig
 from corolla.client.sequential import RemoteSequential
 from corolla.client.session import InferenceSession
 from corolla.client.swarm import RemoteSwarm
+from corolla.client.tuning import PromptTuning, RemoteLora, TuningConfig, TuningMode
 from corolla.models.checkpoint import load_config, model_dht_prefix, read_tensors, resolve_model
 from corolla.models.dtypes import resolve_dtype
 from corolla.models.family import family_for
@@ -43,6 +50,9 @@ class RemoteBaseModel(nn.Module):
         for name, module in modules.items():
             setattr(self, name, module)
         setattr(self, layers, RemoteSequential(swarm))
+        self.prompt_tuning: Optional[PromptTuning] = None  # set by tuning_mode="ptune" / "deep_ptune"
+        self.remote_lora: Optional[RemoteLora] = None  # set by tuning_mode="lora"
+        self.active_adapter: Optional[str] = None  # a LoRA adapter loaded by the servers, for every request
 
     @property
     def remote_layers(self) -> RemoteSequential:
@@ -68,25 +78,54 @@ class RemoteBaseModel(nn.Module):
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)  # [batch, seq, hidden]
         hidden = inputs_embeds
+        session = cache.session if isinstance(cache, RemoteCache) else None
+        if cache is not None and session is None:
+            raise TypeError(f"a distributed model keeps its cache on the servers; got a local {type(cache).__name__}")
+        prefix = 0
+        if self.prompt_tuning is not None:
+            hidden, attention_mask, position_ids, prefix = self._with_soft_prompt(hidden, attention_mask, position_ids, session)
         if self._embed_norm is not None:
             hidden = getattr(self, self._embed_norm)(hidden)
         block_inputs = hidden
-        layers = self.remote_layers
-        if isinstance(cache, RemoteCache):
+        deep_prompts = None if self.prompt_tuning is None else self.prompt_tuning.deep_prompts()
+        lora = None if self.remote_lora is None else self.remote_lora.lora_set()
+        if session is not None:
             new = hidden.shape[1]
             new_mask = None if attention_mask is None else attention_mask[:, attention_mask.shape[1] - new :]
-            hidden = cache.session.step(hidden, new_mask, position_ids, hypo_ids=cache.take_hypo_ids())
-        elif cache is not None:
-            raise TypeError(f"a distributed model keeps its cache on the servers; got a local {type(cache).__name__}")
+            if deep_prompts is not None and session.position < prefix:
+                deep_prompts = deep_prompts.to(hidden.dtype)
+            else:
+                deep_prompts = None
+            hidden = session.step(hidden, new_mask, position_ids, hypo_ids=cache.take_hypo_ids(), prompts=deep_prompts)
         else:
-            hidden = layers(hidden, attention_mask, position_ids)
+            if deep_prompts is not None:
+                deep_prompts = deep_prompts.to(hidden.dtype)
+            hidden = self.remote_layers(hidden, attention_mask, position_ids, prompts=deep_prompts, lora=lora,
+                                        active_adapter=self.active_adapter)
         block_outputs = hidden
-        hidden = getattr(self, self._names[1])(hidden)
+        hidden = getattr(self, self._names[1])(hidden)[:, prefix:]  # the soft prompt's positions are not outputs
         return BaseModelOutputWithPast(
             last_hidden_state=hidden,
             cache=cache,
             hidden_states=(block_inputs, block_outputs) if output_hidden_states else None,
         )
+
+    def _with_soft_prompt(self, hidden, attention_mask, position_ids, session):
+        """Prepend the trainable prompt (first step of a session, or every stateless call); shift positions."""
+        prefix = self.prompt_tuning.pre_seq_len
+        batch = hidden.shape[0]
+        if session is not None and session.position > 0:  # the prompt is already in the servers' caches
+            return hidden, attention_mask, None if position_ids is None else position_ids + prefix, 0
+        prompt = self.prompt_tuning.input_prompts(batch).to(hidden.dtype)  # [batch, prefix, hidden]
+        hidden = torch.cat([prompt, hidden], dim=1)
+        if attention_mask is not None:
+            attention_mask = torch.cat([attention_mask.new_ones(batch, prefix), attention_mask], dim=1)
+        if position_ids is not None:
+            head = torch.arange(prefix, device=position_ids.device).expand(batch, prefix)
+            position_ids = torch.cat([head, position_ids + prefix], dim=1)
+        if session is not None:
+            session.prefix_length = prefix
+        return hidden, attention_mask, position_ids, prefix
 
 
 class DistributedModelMixin:
@@ -104,10 +143,22 @@ class DistributedModelMixin:
         dtype: "torch.dtype | str | None" = None,
         dht_prefix: Optional[str] = None,
         client_config: Optional[ClientConfig] = None,
+        tuning_mode: Optional[str] = None,
+        pre_seq_len: int = 0,
+        lora_rank: int = 8,
+        lora_alpha: float = 16.0,
+        lora_target_modules: Optional[tuple[str, ...]] = None,
+        active_adapter: Optional[str] = None,
         **config_overrides,
     ):
         """Load the client's parts of a checkpoint (local dir, hub id, or None for the embedded model) and
-        connect to the swarm at ``initial_peers``."""
+        connect to the swarm at ``initial_peers``.
+
+        ``tuning_mode``: "ptune" (a trainable soft prompt of ``pre_seq_len`` tokens), "deep_ptune" (plus a trainable
+        prompt for every block) or "lora" (trainable LoRA weights of rank ``lora_rank`` for ``lora_target_modules``
+        of every block). The client's own weights are then frozen: only the tuning parameters (and a task head,
+        if any) train. ``active_adapter`` picks a LoRA adapter the servers loaded (``corolla serve --adapters``).
+        """
         path = resolve_model(name_or_path)
         config = load_config(path)
         for key, value in config_overrides.items():
@@ -127,6 +178,10 @@ class DistributedModelMixin:
             model = cls(config, swarm)
             tensors = read_tensors(path, lambda name: family.is_block_tensor(name) is None)
             model._load_client_tensors(tensors)
+            tuning = TuningConfig(TuningMode(tuning_mode or "none"), pre_seq_len, lora_rank, lora_alpha,
+                                  None if lora_target_modules is None else tuple(lora_target_modules))
+            model._set_up_tuning(tuning, family)
+            getattr(model, cls._base_attr).active_adapter = active_adapter
             model.to(resolve_dtype(dtype or torch_dtype, config))
         except BaseException:
             swarm.close()
@@ -135,9 +190,41 @@ class DistributedModelMixin:
         model.name_or_path = str(name_or_path or path)
         return model
 
+    _new_head_prefixes: tuple[str, ...] = ()  # task heads trained from scratch: not in the checkpoint
+
+    def _set_up_tuning(self, tuning: TuningConfig, family) -> None:
+        base = getattr(self, self._base_attr)
+        self.tuning = tuning
+        if tuning.mode is TuningMode.NONE:
+            return
+        for name, parameter in self.named_parameters():  # the pretrained client weights stay as they are
+            if not name.startswith(self._new_head_prefixes):
+                parameter.requires_grad_(False)
+        if tuning.mode in (TuningMode.PTUNE, TuningMode.DEEP_PTUNE):
+            base.prompt_tuning = PromptTuning(
+                self.config.num_hidden_layers, self.config.hidden_size, tuning.pre_seq_len,
+                deep=tuning.mode is TuningMode.DEEP_PTUNE,
+            )
+        elif tuning.mode is TuningMode.LORA:
+            base.remote_lora = RemoteLora(family, self.config, self.config.num_hidden_layers, tuning.lora_rank,
+                                          tuning.lora_alpha, tuning.lora_targets)
+
+    def save_lora(self, path) -> None:
+        """Save the trained LoRA weights as a PEFT adapter (loads onto a local model with ``peft``)."""
+        lora = getattr(self, self._base_attr).remote_lora
+        if lora is None:
+            raise ValueError('this model has no LoRA weights: load it with tuning_mode="lora"')
+        lora.save_pretrained(path, base_model=str(getattr(self, "name_or_path", "")))
+
+    def load_lora(self, path) -> None:
+        lora = getattr(self, self._base_attr).remote_lora
+        if lora is None:
+            raise ValueError('this model has no LoRA weights: load it with tuning_mode="lora"')
+        lora.load_pretrained(path)
+
     def _load_client_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
         own = self.state_dict()
-        missing = [name for name in own if name not in tensors]
+        missing = [name for name in own if name not in tensors and not name.startswith(self._new_head_prefixes)]
         tied = self._ties_embeddings()
         if tied:
             missing = [name for name in missing if not name.startswith("lm_head.")]
@@ -160,9 +247,16 @@ class DistributedModelMixin:
 
     def inference_session(self, max_length: int) -> InferenceSession:
         """``with model.inference_session(max_length=N) as sess:`` keeps server caches across generate() calls."""
-        session = self.remote_layers.inference_session(max_length)
+        session = self._new_session(max_length)
         self._active_session = session
         return session
+
+    def _new_session(self, max_length: int) -> InferenceSession:
+        """A session with this model's LoRA weights (as they are now) or server adapter, and room for its prompt."""
+        base = getattr(self, self._base_attr)
+        prefix = base.prompt_tuning.pre_seq_len if base.prompt_tuning is not None else 0
+        lora = None if base.remote_lora is None else base.remote_lora.lora_set()
+        return self.remote_layers.inference_session(max_length + prefix, lora=lora, active_adapter=base.active_adapter)
 
     def _current_session(self) -> Optional[InferenceSession]:
         session = getattr(self, "_active_session", None)
@@ -198,7 +292,7 @@ class DistributedModelMixin:
         if kwargs.get("attention_mask") is None:
             kwargs.pop("attention_mask", None)
         if owns_session:
-            session = self.remote_layers.inference_session(self._session_length(inputs, kwargs))
+            session = self._new_session(self._session_length(inputs, kwargs))
         try:
             outputs = super().generate(inputs, *args, cache=RemoteCache(session), **kwargs)
         finally:
@@ -227,16 +321,29 @@ class DistributedModelMixin:
         self.swarm.close()
 
 
+def _llama_base(config, swarm: RemoteSwarm) -> RemoteBaseModel:
+    modules = {
+        "embed_tokens": nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id),
+        "norm": LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps),
+    }
+    return RemoteBaseModel(config, "embed_tokens", "norm", "layers", modules, swarm)
+
+
+def _bloom_base(config, swarm: RemoteSwarm) -> RemoteBaseModel:
+    modules = {
+        "word_embeddings": nn.Embedding(config.vocab_size, config.hidden_size),
+        "word_embeddings_layernorm": nn.LayerNorm(config.hidden_size, eps=config.layer_norm_epsilon),
+        "ln_f": nn.LayerNorm(config.hidden_size, eps=config.layer_norm_epsilon),
+    }
+    return RemoteBaseModel(config, "word_embeddings", "ln_f", "h", modules, swarm)
+
+
 class DistributedLlamaForCausalLM(DistributedModelMixin, LlamaForCausalLM):
     _base_attr = "model"
 
     def __init__(self, config, swarm: RemoteSwarm):
         LlamaPreTrainedModel.__init__(self, config)
-        modules = {
-            "embed_tokens": nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id),
-            "norm": LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps),
-        }
-        self.model = RemoteBaseModel(config, "embed_tokens", "norm", "layers", modules, swarm)
+        self.model = _llama_base(config, swarm)
         self.vocab_size = config.vocab_size
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
 
@@ -246,28 +353,54 @@ class DistributedBloomForCausalLM(DistributedModelMixin, BloomForCausalLM):
 
     def __init__(self, config, swarm: RemoteSwarm):
         BloomPreTrainedModel.__init__(self, config)
-        modules = {
-            "word_embeddings": nn.Embedding(config.vocab_size, config.hidden_size),
-            "word_embeddings_layernorm": nn.LayerNorm(config.hidden_size, eps=config.layer_norm_epsilon),
-            "ln_f": nn.LayerNorm(config.hidden_size, eps=config.layer_norm_epsilon),
-        }
-        self.transformer = RemoteBaseModel(config, "word_embeddings", "ln_f", "h", modules, swarm)
+        self.transformer = _bloom_base(config, swarm)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
 
 
-_CAUSAL_LM_CLASSES = {"llama": DistributedLlamaForCausalLM, "bloom": DistributedBloomForCausalLM}
+class DistributedLlamaForSequenceClassification(DistributedModelMixin, LlamaForSequenceClassification):
+    """A classification head (``score``, trained from scratch) on the remote blocks' last non-padding token."""
+
+    _base_attr = "model"
+    _new_head_prefixes = ("score.",)
+
+    def __init__(self, config, swarm: RemoteSwarm):
+        LlamaPreTrainedModel.__init__(self, config)
+        self.num_labels = config.num_labels
+        self.model = _llama_base(config, swarm)
+        self.score = nn.Linear(config.hidden_size, config.num_labels, bias=False)
 
 
-class AutoDistributedModelForCausalLM:
+class DistributedBloomForSequenceClassification(DistributedModelMixin, BloomForSequenceClassification):
+    _base_attr = "transformer"
+    _new_head_prefixes = ("score.",)
+
+    def __init__(self, config, swarm: RemoteSwarm):
+        BloomPreTrainedModel.__init__(self, config)
+        self.num_labels = config.num_labels
+        self.transformer = _bloom_base(config, swarm)
+        self.score = nn.Linear(config.hidden_size, config.num_labels, bias=False)
+
+
+class _AutoDistributed:
     """Picks the distributed class for a checkpoint's ``model_type``, like transformers' Auto classes."""
+
+    _classes: dict[str, type] = {}
 
     @classmethod
     def from_pretrained(cls, name_or_path: Optional[str] = None, *, initial_peers, **kwargs):
         config: PretrainedConfig = load_config(resolve_model(name_or_path))
         try:
-            model_class = _CAUSAL_LM_CLASSES[config.model_type]
+            model_class = cls._classes[config.model_type]
         except KeyError:
             raise ValueError(
-                f"no distributed causal LM for model_type {config.model_type!r}; supported: {sorted(_CAUSAL_LM_CLASSES)}"
+                f"no {cls.__name__} for model_type {config.model_type!r}; supported: {sorted(cls._classes)}"
             ) from None
         return model_class.from_pretrained(name_or_path, initial_peers=initial_peers, **kwargs)
+
+
+class AutoDistributedModelForCausalLM(_AutoDistributed):
+    _classes = {"llama": DistributedLlamaForCausalLM, "bloom": DistributedBloomForCausalLM}
+
+
+class AutoDistributedModelForSequenceClassification(_AutoDistributed):
+    _classes = {"llama": DistributedLlamaForSequenceClassification, "bloom": DistributedBloomForSequenceClassification}

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -13,6 +14,7 @@ from corolla.client.swarm import RemoteSwarm
 from corolla.core.blocks import BlockRange
 from corolla.core.errors import CorollaError
 from corolla.core.records import ServerRecord
+from corolla.models.lora import LoraSet
 from corolla.wire.codec import dtype_from_name
 from corolla.wire.messages import BackwardReply, BackwardRequest, ForwardReply, ForwardRequest
 
@@ -61,16 +63,30 @@ class RemoteSequential(nn.Module):
         hidden_states: torch.Tensor,
         attention_mask: Optional[torch.Tensor] = None,
         position_ids: Optional[torch.Tensor] = None,
+        prompts: Optional[torch.Tensor] = None,
+        lora: Optional[LoraSet] = None,
+        active_adapter: Optional[str] = None,
     ) -> torch.Tensor:
-        """[batch, seq, hidden] -> [batch, seq, hidden] through every block, differentiable w.r.t. the input."""
+        """[batch, seq, hidden] -> [batch, seq, hidden] through every block, differentiable w.r.t. the input,
+        the deep ``prompts`` ([blocks, batch or 1, prefix, hidden]) and the ``lora`` weights (a ``LoraSet`` whose
+        tensors may require grad). ``active_adapter`` names a LoRA adapter the servers loaded instead."""
         if hidden_states.dim() != 3:
             raise ValueError(f"hidden_states must be [batch, seq, hidden], got {list(hidden_states.shape)}")
-        return _RemoteBlocksFunction.apply(hidden_states, attention_mask, position_ids, self)
+        if prompts is not None and (prompts.dim() != 4 or prompts.shape[0] != len(self)):
+            raise ValueError(f"prompts must be [{len(self)} blocks, batch or 1, prefix, hidden], got {list(prompts.shape)}")
+        if lora is not None:
+            lora = lora.for_blocks(self.blocks)
+        options = _Options(list(lora.pairs) if lora else [], lora.scaling if lora else 1.0, active_adapter)
+        tensors = lora.tensors() if lora else []
+        return _RemoteBlocksFunction.apply(hidden_states, attention_mask, position_ids, prompts, self, options, *tensors)
 
-    def inference_session(self, max_length: int):
+    def inference_session(self, max_length: int, lora: Optional[LoraSet] = None, active_adapter: Optional[str] = None):
+        """A session keeping attention caches on the servers; ``lora`` (weights, as of now) or ``active_adapter``
+        (a server-loaded adapter) apply to every step."""
         from corolla.client.session import InferenceSession
 
-        return InferenceSession(self, max_length)
+        return InferenceSession(self, max_length, lora=None if lora is None else lora.for_blocks(self.blocks),
+                                active_adapter=active_adapter)
 
     # ---------------------------------------------------------------- remote calls
 
@@ -81,7 +97,19 @@ class RemoteSequential(nn.Module):
     async def _call(self, record, request, expected):
         return await call_unary(self.swarm.peer, record, request, expected, self.swarm.config.request_timeout_s)
 
-    async def _forward_span(self, blocks: BlockRange, hidden, mask, positions) -> tuple[torch.Tensor, list[Hop]]:
+    def _extras(self, span: BlockRange, rows: slice, extras: "_Extras", dtype: torch.dtype) -> dict:
+        """The deep prompts and LoRA weights of ``span`` for batch ``rows``, as request fields."""
+        fields = {"active_adapter": extras.adapter}
+        if extras.prompts is not None:
+            prompts = extras.prompts[span.start - self.blocks.start : span.end - self.blocks.start]
+            fields["prompts"] = (prompts if prompts.shape[1] == 1 else prompts[:, rows]).to(dtype)
+        if extras.lora is not None:
+            lora = extras.lora.for_blocks(span)
+            fields["lora"] = {k: t.to(dtype) for k, t in lora.to_flat().items()} or None
+            fields["lora_scaling"] = lora.scaling
+        return fields
+
+    async def _forward_span(self, blocks: BlockRange, hidden, mask, positions, rows: slice, extras: "_Extras"):
         """Run ``blocks`` through servers chosen by throughput; a failed server's blocks go to another one.
         Returns the outputs and, per hop, (server, blocks, inputs) for the backward pass."""
         hops: list[Hop] = []
@@ -90,9 +118,11 @@ class RemoteSequential(nn.Module):
         while position < blocks.end:
             chain = await self.swarm.plan_batch(BlockRange(position, blocks.end))
             for record, span in chain:
-                inputs = hidden.to(dtype_from_name(record.dtype))
+                dtype = dtype_from_name(record.dtype)
+                inputs = hidden.to(dtype)
+                request = ForwardRequest(span, inputs, mask, positions, **self._extras(span, rows, extras, dtype))
                 try:
-                    reply = await self._call(record, ForwardRequest(span, inputs, mask, positions), ForwardReply)
+                    reply = await self._call(record, request, ForwardReply)
                 except Exception as exc:
                     self._handle_failure(record, span, exc, attempts)
                     break  # plan the remaining blocks again, without that server
@@ -101,18 +131,23 @@ class RemoteSequential(nn.Module):
                 position = span.end
         return hidden, hops
 
-    async def _backward_span(self, record, span: BlockRange, inputs, grad, mask, positions, attempts=None):
-        """d loss / d inputs of ``span``; if its server fails, recompute the span's forward on other servers and
-        backpropagate through them instead."""
+    async def _backward_span(self, record, span: BlockRange, inputs, grad, mask, positions, rows, extras, grads,
+                             attempts=None):
+        """d loss / d inputs of ``span`` (prompt and LoRA gradients go into ``grads``); if its server fails,
+        recompute the span's forward on other servers and backpropagate through them instead."""
         attempts = [] if attempts is None else attempts
         try:
-            request = BackwardRequest(span, inputs, grad.to(inputs.dtype), mask, positions)
-            return (await self._call(record, request, BackwardReply)).grad_inputs
+            request = BackwardRequest(span, inputs, grad.to(inputs.dtype), mask, positions,
+                                      **self._extras(span, rows, extras, inputs.dtype))
+            reply = await self._call(record, request, BackwardReply)
+            grads.add(span, rows, reply)
+            return reply.grad_inputs
         except Exception as exc:
             self._handle_failure(record, span, exc, attempts)
-        _, hops = await self._forward_span(span, inputs, mask, positions)
+        _, hops = await self._forward_span(span, inputs, mask, positions, rows, extras)
         for other, other_span, other_inputs in reversed(hops):
-            grad = await self._backward_span(other, other_span, other_inputs, grad, mask, positions, attempts)
+            grad = await self._backward_span(other, other_span, other_inputs, grad, mask, positions, rows, extras,
+                                             grads, attempts)
         return grad
 
     def _handle_failure(self, record, span, exc, attempts: list[tuple[str, str]]) -> None:
@@ -126,28 +161,66 @@ class RemoteSequential(nn.Module):
                 f"blocks {span} failed on {len(attempts)} servers in a row: {describe_attempts(attempts)}"
             ) from exc
 
-    async def run_forward(self, hidden, mask, positions):
+    async def run_forward(self, hidden, mask, positions, extras: "_Extras"):
         pieces = self._pieces(*hidden.shape[:2])
         results = await asyncio.gather(
-            *(self._forward_span(self.blocks, hidden[p], _rows(mask, p), _rows(positions, p)) for p in pieces)
+            *(self._forward_span(self.blocks, hidden[p], _rows(mask, p), _rows(positions, p), p, extras) for p in pieces)
         )
         outputs = torch.cat([out for out, _ in results], dim=0)
         return outputs, (pieces, [hops for _, hops in results])
 
-    async def _backward_piece(self, hops: list[Hop], grad, mask, positions):
+    async def _backward_piece(self, hops: list[Hop], grad, mask, positions, rows, extras, grads):
         for record, span, inputs in reversed(hops):
-            grad = await self._backward_span(record, span, inputs, grad, mask, positions)
+            grad = await self._backward_span(record, span, inputs, grad, mask, positions, rows, extras, grads)
         return grad
 
-    async def run_backward(self, saved, grad, mask, positions):
+    async def run_backward(self, saved, grad, mask, positions, extras: "_Extras", grads: "_Gradients"):
         pieces, hops = saved
-        grads = await asyncio.gather(
+        results = await asyncio.gather(
             *(
-                self._backward_piece(piece_hops, grad[p], _rows(mask, p), _rows(positions, p))
+                self._backward_piece(piece_hops, grad[p], _rows(mask, p), _rows(positions, p), p, extras, grads)
                 for p, piece_hops in zip(pieces, hops)
             )
         )
-        return torch.cat(grads, dim=0)
+        return torch.cat(results, dim=0)
+
+
+@dataclass(frozen=True)
+class _Options:
+    """What the autograd function needs besides tensors: LoRA key order and scaling, the server adapter."""
+
+    lora_keys: list[str]
+    lora_scaling: float
+    adapter: Optional[str]
+
+
+@dataclass(frozen=True)
+class _Extras:
+    """Deep prompts and LoRA weights (detached) sent with each request of one forward/backward pass."""
+
+    prompts: Optional[torch.Tensor]
+    lora: Optional[LoraSet]
+    adapter: Optional[str]
+
+
+class _Gradients:
+    """Sums the prompt and LoRA gradients that servers return, over hops and batch pieces."""
+
+    def __init__(self, seq: "RemoteSequential", extras: _Extras):
+        self.seq = seq
+        self.prompts = None if extras.prompts is None else torch.zeros_like(extras.prompts, dtype=torch.float32)
+        self.lora = {k: torch.zeros_like(t, dtype=torch.float32) for k, t in (extras.lora.to_flat().items() if extras.lora else [])}
+
+    def add(self, span: BlockRange, rows: slice, reply: BackwardReply) -> None:
+        if self.prompts is not None and reply.grad_prompts is not None:
+            local = slice(span.start - self.seq.blocks.start, span.end - self.seq.blocks.start)
+            if self.prompts.shape[1] == 1:
+                self.prompts[local] += reply.grad_prompts.float()
+            else:
+                self.prompts[local, rows] += reply.grad_prompts.float()
+        for key, grad in (reply.grad_lora or {}).items():
+            if key in self.lora:
+                self.lora[key] += grad.float()
 
 
 def _rows(tensor: Optional[torch.Tensor], rows: slice) -> Optional[torch.Tensor]:
@@ -156,15 +229,36 @@ def _rows(tensor: Optional[torch.Tensor], rows: slice) -> Optional[torch.Tensor]
 
 class _RemoteBlocksFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden_states, attention_mask, position_ids, seq: RemoteSequential):
-        outputs, saved = seq.swarm.run(seq.run_forward(hidden_states.detach().cpu(), attention_mask, position_ids))
-        ctx.seq, ctx.saved = seq, saved
+    def forward(ctx, hidden_states, attention_mask, position_ids, prompts, seq: RemoteSequential, options: _Options,
+                *lora_tensors):
+        lora = None
+        if options.lora_keys:
+            flat = iter(t.detach().cpu() for t in lora_tensors)
+            lora = LoraSet(options.lora_scaling, {key: (next(flat), next(flat)) for key in options.lora_keys})
+        extras = _Extras(None if prompts is None else prompts.detach().cpu(), lora, options.adapter)
+        outputs, saved = seq.swarm.run(seq.run_forward(hidden_states.detach().cpu(), attention_mask, position_ids, extras))
+        ctx.seq, ctx.saved, ctx.extras = seq, saved, extras
         ctx.mask, ctx.positions = attention_mask, position_ids
         ctx.input_dtype, ctx.input_device = hidden_states.dtype, hidden_states.device
+        ctx.prompts_like = prompts
+        ctx.lora_like = lora_tensors
         return outputs.to(device=hidden_states.device, dtype=hidden_states.dtype)
 
     @staticmethod
     def backward(ctx, grad_outputs):
         seq: RemoteSequential = ctx.seq
-        grad = seq.swarm.run(seq.run_backward(ctx.saved, grad_outputs.detach().cpu(), ctx.mask, ctx.positions))
-        return grad.to(device=ctx.input_device, dtype=ctx.input_dtype), None, None, None
+        grads = _Gradients(seq, ctx.extras)
+        grad = seq.swarm.run(
+            seq.run_backward(ctx.saved, grad_outputs.detach().cpu(), ctx.mask, ctx.positions, ctx.extras, grads)
+        )
+        grad_prompts = None
+        if ctx.prompts_like is not None:
+            grad_prompts = grads.prompts.to(device=ctx.prompts_like.device, dtype=ctx.prompts_like.dtype)
+        grad_lora = []
+        if ctx.extras.lora is not None:
+            flat = grads.lora
+            for key, like in zip([k for key in ctx.extras.lora.pairs for k in (f"{key}.lora_A", f"{key}.lora_B")],
+                                 ctx.lora_like):
+                grad_lora.append(flat[key].to(device=like.device, dtype=like.dtype))
+        grad_inputs = grad.to(device=ctx.input_device, dtype=ctx.input_dtype)
+        return (grad_inputs, None, None, grad_prompts, None, None, *grad_lora)

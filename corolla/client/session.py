@@ -20,6 +20,7 @@ from corolla.client.rpc import SessionStream
 from corolla.core.blocks import BlockRange
 from corolla.core.errors import BadRequestError, CorollaError
 from corolla.core.records import ServerRecord
+from corolla.models.lora import LoraSet
 from corolla.wire.codec import dtype_from_name
 from corolla.wire.messages import OpenSession, SessionStep, SessionStepReply
 
@@ -73,7 +74,7 @@ class InferenceSession:
     opened on the first step, when the batch size is known. At most ``max_length`` tokens in all.
     """
 
-    def __init__(self, seq, max_length: int):
+    def __init__(self, seq, max_length: int, lora=None, active_adapter: Optional[str] = None):
         if max_length < 1:
             raise ValueError(f"max_length must be at least 1, got {max_length}")
         self.seq = seq
@@ -85,6 +86,11 @@ class InferenceSession:
         self.output_ids: Optional[torch.Tensor] = None  # token history, kept by the model's generate()
         self.output_mask: Optional[torch.Tensor] = None  # its attention mask (0 = left padding)
         self.failovers = 0  # servers replaced during this session
+        self.prefix_length = 0  # soft-prompt positions at the start of the session (prompt tuning)
+        self.lora = None if lora is None else LoraSet(lora.scaling, {k: (a.detach().cpu(), b.detach().cpu())
+                                                                      for k, (a, b) in lora.pairs.items()})
+        self.active_adapter = active_adapter
+        self._prompts: Optional[torch.Tensor] = None  # deep prompts [blocks, 1, prefix, hidden], for replays
         self._hops: Optional[list[_Hop]] = None
         self._closed = False
 
@@ -101,11 +107,13 @@ class InferenceSession:
         attention_mask: Optional[torch.Tensor] = None,
         position_ids: Optional[torch.Tensor] = None,
         hypo_ids: Optional[torch.Tensor] = None,
+        prompts: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """Run the new tokens' hidden states through every block; returns [batch, new, hidden].
 
         ``attention_mask`` ([batch, new], 1 = token, 0 = padding) and ``position_ids`` ([batch, new]) describe the
-        new tokens only; ``hypo_ids`` ([batch]) reorders the rows cached so far first (beam search).
+        new tokens only; ``hypo_ids`` ([batch]) reorders the rows cached so far first (beam search); ``prompts``
+        ([blocks, 1, prefix, hidden], deep prompt tuning) are added at the session's first ``prefix`` positions.
         """
         if self._closed:
             raise RuntimeError("this inference session is closed")
@@ -124,6 +132,8 @@ class InferenceSession:
             position_ids = torch.arange(self.position, self.position + new).unsqueeze(0).expand(batch, new)
         positions = position_ids.detach().cpu().long()
         hypo = None if hypo_ids is None else hypo_ids.detach().cpu().long()
+        if prompts is not None:
+            self._prompts = prompts.detach().cpu()
         outputs = self.swarm.run(self._step(hidden_states.detach().cpu(), mask, positions, hypo))
         self.position += new
         return outputs.to(device=hidden_states.device, dtype=hidden_states.dtype)
@@ -178,10 +188,18 @@ class InferenceSession:
             index += 1
         return hidden
 
-    async def _send(self, hop: _Hop, hidden, mask, positions, hypo_ids) -> torch.Tensor:
+    def _hop_prompts(self, hop: _Hop, past: int) -> Optional[torch.Tensor]:
+        """This hop's deep prompts, only when the step reaches positions the prompts cover."""
+        if self._prompts is None or past >= self._prompts.shape[2]:
+            return None
+        start = hop.span.start - self.seq.blocks.start
+        return self._prompts[start : start + len(hop.span)].to(hop.dtype)
+
+    async def _send(self, hop: _Hop, hidden, mask, positions, hypo_ids, past: Optional[int] = None) -> torch.Tensor:
         timeout_s = self.swarm.config.step_timeout_s + hidden.shape[1] * self.swarm.config.token_timeout_s
+        past = self.position if past is None else past
         step = SessionStep(self.session_id, hidden.to(hop.dtype), attention_mask=mask, position_ids=positions,
-                           hypo_ids=hypo_ids)
+                           hypo_ids=hypo_ids, prompts=self._hop_prompts(hop, past))
         try:
             reply: SessionStepReply = await asyncio.wait_for(hop.stream.call(step, SessionStepReply, timeout_s), timeout_s)
         except BaseException:
@@ -201,12 +219,19 @@ class InferenceSession:
             try:
                 for record, span in chain:
                     current = record
-                    request = OpenSession(self.session_id, span, self.max_length, self.batch_size)
+                    lora = None if self.lora is None else self.lora.for_blocks(span)
+                    request = OpenSession(
+                        self.session_id, span, self.max_length, self.batch_size,
+                        lora={k: t.to(dtype_from_name(record.dtype)) for k, t in lora.to_flat().items()} or None
+                        if lora is not None else None,
+                        lora_scaling=1.0 if lora is None else lora.scaling,
+                        active_adapter=self.active_adapter,
+                    )
                     stream = await SessionStream.open(self.swarm.peer, record, request, self.swarm.config.step_timeout_s)
                     hop = _Hop(record, span, stream)
                     hops.append(hop)
                     if replay.length:
-                        outputs = await self._send(hop, replay.hidden, replay.mask, replay.positions, None)
+                        outputs = await self._send(hop, replay.hidden, replay.mask, replay.positions, None, past=0)
                         hop.history = _History(replay.hidden.to(hop.dtype), replay.mask, replay.positions)
                         replay = _History(outputs, replay.mask, replay.positions)
                 return hops

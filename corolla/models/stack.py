@@ -50,11 +50,14 @@ class BlockStack(nn.Module):
         position_ids: torch.Tensor | None = None,  # [batch, new]
         cache: transformers.Cache | None = None,
         span: BlockRange | None = None,
+        prompts: torch.Tensor | None = None,  # [len(span), batch or 1, prefix, hidden]
     ) -> torch.Tensor:  # [batch, new, hidden]
         """Run the stack, or only blocks ``span`` of it. With ``cache`` (made by ``new_cache(span)``), attend to the
         cached past and append the new keys/values in place.
 
         ``attention_mask`` None means no padding; ``position_ids`` None means ``past + arange(new)`` for every row.
+        ``prompts`` (deep prompt tuning): ``prompts[i]`` is added to the hidden states entering the span's block ``i``
+        at the sequence's first ``prefix`` positions (those of them in this call: past .. past+new).
         """
         if hidden_states.dim() != 3 or hidden_states.shape[-1] != self.hidden_size:
             raise BadRequestError(
@@ -73,9 +76,19 @@ class BlockStack(nn.Module):
         if cache is not None:
             self._number_layers_from(local.start)
         prepared = self.runner.prepare(hidden_states, attention_mask, position_ids, cache)
-        for layer in layers:
+        if prompts is not None and prompts.shape[0] != len(layers):
+            raise BadRequestError(f"prompts hold {prompts.shape[0]} blocks, the request runs {len(layers)}")
+        for index, layer in enumerate(layers):
+            if prompts is not None:
+                hidden_states = _add_prompt(hidden_states, prompts[index], past_length)
             hidden_states = self.runner.run_layer(layer, hidden_states, prepared, cache)  # [batch, new, hidden]
         return hidden_states
+
+    def layer(self, block: int) -> nn.Module:
+        """The decoder layer of block ``block`` (numbered as in the full model)."""
+        if block not in self.blocks:
+            raise BadRequestError(f"this stack holds blocks {self.blocks}, not block {block}")
+        return self.layers[block - self.blocks.start]
 
     def _local_slice(self, span: BlockRange | None) -> slice:
         """Indices into ``self.layers`` of blocks ``span`` (all of them for None)."""
@@ -212,6 +225,17 @@ def load_block_stack(
         layer.requires_grad_(False)
         layers.append(layer)
     return BlockStack(family, stack_config, blocks, layers, dtype, device)
+
+
+def _add_prompt(hidden: torch.Tensor, prompt: torch.Tensor, past: int) -> torch.Tensor:
+    """``hidden`` [batch, new, hidden] holds positions past .. past+new; add ``prompt`` [batch or 1, prefix, hidden]
+    to those of them below ``prefix``."""
+    end = min(prompt.shape[1], past + hidden.shape[1])
+    if end <= past:
+        return hidden
+    count = end - past
+    head = hidden[:, :count] + prompt[:, past:end].to(hidden.dtype)  # [batch, count, hidden]
+    return torch.cat([head, hidden[:, count:]], dim=1)
 
 
 def _renumber_layer(layer: nn.Module, local_index: int) -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 
@@ -16,7 +16,15 @@ from corolla.core.errors import BadRequestError, CorollaError
 from corolla.server.cache import CacheBudget
 from corolla.server.config import ServerConfig
 from corolla.server.sessions import SessionState, run_step
-from corolla.server.validation import check_blocks, check_hidden, check_mask, check_positions, check_same_shape
+from corolla.models.lora import LoraSet, check_lora, lora_applied
+from corolla.server.validation import (
+    check_blocks,
+    check_hidden,
+    check_mask,
+    check_positions,
+    check_prompts,
+    check_same_shape,
+)
 from corolla.wire.framing import read_message, write_message
 from corolla.wire.messages import (
     BackwardReply,
@@ -48,12 +56,14 @@ class RequestHandler:
         budget: CacheBudget,
         compute: ThreadPoolExecutor,
         info: Callable[[], InfoReply],
+        adapters: Optional[dict[str, LoraSet]] = None,
     ):
         self.stack = stack
         self.config = config
         self.budget = budget
         self.compute = compute
         self.info = info
+        self.adapters: dict[str, LoraSet] = adapters or {}  # name -> LoRA weights for the held blocks
         self.sessions: dict[str, SessionState] = {}
         self._session_writers: dict[str, asyncio.StreamWriter] = {}
         self.accepting = True
@@ -110,8 +120,7 @@ class RequestHandler:
         if isinstance(request, BackwardRequest):
             self._check_batch_request(request)
             check_same_shape("grad_outputs", request.grad_outputs, request.hidden_states)
-            grads = await self._run(self._backward, request)
-            return BackwardReply(grad_inputs=grads)
+            return await self._run(self._backward, request)
         if isinstance(request, SessionStep):
             owner = "belongs to another stream" if request.session_id in self.sessions else "is not open here"
             raise BadRequestError(
@@ -126,6 +135,25 @@ class RequestHandler:
         batch, seq = hidden.shape[:2]
         check_mask("attention_mask", request.attention_mask, batch, seq)
         check_positions(request.position_ids, batch, seq, self.max_positions)
+        check_prompts(request.prompts, request.blocks, batch, self.stack.hidden_size, self.stack.dtype)
+        self._lora(request)  # validates the LoRA weights or the adapter name
+
+    def _lora(self, request) -> Optional[LoraSet]:
+        """The LoRA weights a request asks for: its own (validated) or a server-loaded adapter's; None for neither."""
+        if request.lora is not None and request.active_adapter is not None:
+            raise BadRequestError("send either LoRA weights or active_adapter, not both")
+        if request.lora is not None:
+            lora = LoraSet.from_flat(request.lora, request.lora_scaling)
+            check_lora(self.stack, lora, request.blocks)
+            return lora
+        if request.active_adapter is not None:
+            adapter = self.adapters.get(request.active_adapter)
+            if adapter is None:
+                raise BadRequestError(
+                    f"unknown adapter {request.active_adapter!r}; this server has {sorted(self.adapters) or 'none'}"
+                )
+            return adapter.for_blocks(request.blocks)
+        return None
 
     def _inputs(self, request: ForwardRequest | BackwardRequest):
         device = self.stack.device
@@ -134,20 +162,43 @@ class RequestHandler:
         mask = torch.ones(batch, seq, dtype=torch.long) if mask is None else mask.to(torch.long)
         positions = request.position_ids
         positions = None if positions is None else positions.to(device=device, dtype=torch.long)
-        return request.hidden_states.to(device), mask.to(device), positions
+        prompts = None if request.prompts is None else request.prompts.to(device)
+        return request.hidden_states.to(device), mask.to(device), positions, prompts
 
     def _forward(self, request: ForwardRequest) -> torch.Tensor:
-        hidden, mask, positions = self._inputs(request)
-        with torch.inference_mode():
-            return self.stack(hidden, mask, positions, None, span=request.blocks)
+        hidden, mask, positions, prompts = self._inputs(request)
+        with torch.inference_mode(), lora_applied(self.stack, self._lora(request)):
+            return self.stack(hidden, mask, positions, None, span=request.blocks, prompts=prompts)
 
-    def _backward(self, request: BackwardRequest) -> torch.Tensor:
-        hidden, mask, positions = self._inputs(request)
+    def _backward(self, request: BackwardRequest) -> BackwardReply:
+        hidden, mask, positions, prompts = self._inputs(request)
+        lora = self._lora(request)
         with torch.enable_grad():
             inputs = hidden.detach().requires_grad_(True)
-            outputs = self.stack(inputs, mask, positions, None, span=request.blocks)
-            (grad_inputs,) = torch.autograd.grad(outputs, inputs, request.grad_outputs.to(outputs.device))
-        return grad_inputs
+            wrt = [inputs]
+            if prompts is not None:
+                prompts = prompts.detach().requires_grad_(True)
+                wrt.append(prompts)
+            trained = request.lora is not None  # gradients only for weights the client trains, not for adapters
+            if trained:
+                lora = LoraSet(lora.scaling, {
+                    k: (a.detach().to(self.stack.device).requires_grad_(True),
+                        b.detach().to(self.stack.device).requires_grad_(True))
+                    for k, (a, b) in lora.pairs.items()
+                })
+                wrt.extend(lora.tensors())
+            with lora_applied(self.stack, lora):
+                outputs = self.stack(inputs, mask, positions, None, span=request.blocks, prompts=prompts)
+            grads = torch.autograd.grad(outputs, wrt, request.grad_outputs.to(outputs.device), allow_unused=True)
+        grads = [torch.zeros_like(t) if g is None else g for g, t in zip(grads, wrt)]
+        grad_prompts = grads[1] if prompts is not None else None
+        grad_lora = None
+        if trained:
+            lora_grads = iter(grads[len(grads) - len(lora.tensors()):])
+            grad_lora = {}
+            for key in lora.pairs:
+                grad_lora[f"{key}.lora_A"], grad_lora[f"{key}.lora_B"] = next(lora_grads), next(lora_grads)
+        return BackwardReply(grad_inputs=grads[0], grad_prompts=grad_prompts, grad_lora=grad_lora)
 
     # ---------------------------------------------------------------- inference sessions
 
@@ -163,8 +214,13 @@ class RequestHandler:
             raise BadRequestError(
                 f"max_length {request.max_length} exceeds the model's {self.max_positions} positions"
             )
+        lora = self._lora(request)
+        if lora is not None and request.lora is not None:
+            lora = LoraSet(lora.scaling, {k: (a.to(self.stack.device), b.to(self.stack.device))
+                                          for k, (a, b) in lora.pairs.items()})
         session = SessionState(
             session_id=request.session_id,
+            lora=lora,
             blocks=request.blocks,
             max_length=request.max_length,
             batch_size=request.batch_size,
@@ -190,10 +246,11 @@ class RequestHandler:
             writer.close()
         return len(writers)
 
-    def replace_stack(self, stack, budget: CacheBudget) -> None:
+    def replace_stack(self, stack, budget: CacheBudget, adapters: dict[str, LoraSet]) -> None:
         """Serve other blocks from now on (after a move); requests in flight keep the objects they started with."""
         self.stack = stack
         self.budget = budget
+        self.adapters = adapters
         self.max_positions = getattr(stack.config, "max_position_embeddings", None)
 
     async def _session_loop(self, session: SessionState, stack, reader, writer) -> None:
@@ -234,6 +291,7 @@ class RequestHandler:
                     step.position_ids,
                     step.hypo_ids,
                     self.max_positions,
+                    step.prompts,
                 )
                 await write_message(writer, SessionStepReply(hidden_states=outputs, position=session.position))
             except CorollaError as exc:

@@ -15,6 +15,7 @@ from corolla.core.records import ServerRecord, ServerState
 from corolla.core.spans import choose_move, choose_span
 from corolla.models.checkpoint import load_config, model_dht_prefix, resolve_model
 from corolla.models.dtypes import resolve_dtype
+from corolla.models.lora import read_peft_adapter
 from corolla.models.stack import load_block_stack
 from corolla.net.addresses import write_address_file
 from corolla.net.peer import Peer, PeerConfig
@@ -87,8 +88,8 @@ class Server:
     async def _start(self, path, model_config) -> None:
         config = self.config
         self.path, self.model_config = path, model_config
-        self.stack, self.budget = await self._load(self.blocks)
-        self.handler = RequestHandler(self.stack, config, self.budget, self.compute, self.info)
+        self.stack, self.budget, adapters = await self._load(self.blocks)
+        self.handler = RequestHandler(self.stack, config, self.budget, self.compute, self.info, adapters)
         await self.peer.serve_stream(RPC_PROTOCOL, self.handler.handle_stream)
         self.state = ServerState.ONLINE
         await self.announcer.announce_now()
@@ -113,7 +114,14 @@ class Server:
             self.compute, load_block_stack, self.path, self.model_config, blocks, self.dtype, torch.device(config.device)
         )
         self.throughput = config.throughput or await loop.run_in_executor(self.compute, measure_throughput, stack)
-        return stack, CacheBudget(config.cache_tokens, stack.cache_bytes_per_token())
+        adapters = {}
+        for name in config.adapters:
+            path = await asyncio.to_thread(resolve_model, name)
+            adapters[name], _ = await loop.run_in_executor(
+                self.compute, read_peft_adapter, path, stack.family, blocks, self.dtype
+            )
+            logger.info("adapter %s: %d adapted layers in blocks %s", name, len(adapters[name].pairs), blocks)
+        return stack, CacheBudget(config.cache_tokens, stack.cache_bytes_per_token()), adapters
 
     async def _rebalance_loop(self) -> None:
         total = self.model_config.num_hidden_layers
@@ -144,8 +152,8 @@ class Server:
         self.stack = self.handler.stack = None  # free the old weights before loading the new ones
         self.blocks, self.state, self.throughput = blocks, ServerState.JOINING, 0.0
         await self.announcer.announce_now()
-        self.stack, self.budget = await self._load(blocks)
-        self.handler.replace_stack(self.stack, self.budget)
+        self.stack, self.budget, adapters = await self._load(blocks)
+        self.handler.replace_stack(self.stack, self.budget, adapters)
         self.state = ServerState.ONLINE
         self.handler.accepting = True
         self.moves += 1

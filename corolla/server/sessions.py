@@ -8,7 +8,8 @@ import torch
 
 from corolla.core.blocks import BlockRange
 from corolla.core.errors import BadRequestError
-from corolla.server.validation import check_hidden, check_mask, check_positions
+from corolla.models.lora import LoraSet, lora_applied
+from corolla.server.validation import check_hidden, check_mask, check_positions, check_prompts
 
 
 @dataclass
@@ -19,6 +20,7 @@ class SessionState:
     batch_size: int
     cache: Any  # the block stack's attention cache
     mask: torch.Tensor  # [batch, position]: 1 = token, 0 = padding, for everything cached so far
+    lora: Optional[LoraSet] = None  # LoRA weights applied in every step (the client's, or a loaded adapter's)
     position: int = 0  # tokens cached so far
     steps: int = field(default=0)
 
@@ -35,6 +37,7 @@ def run_step(
     position_ids: Optional[torch.Tensor],
     hypo_ids: Optional[torch.Tensor],
     max_positions: Optional[int],
+    prompts: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Validate one step against the session, then run it through ``stack`` and update the session.
 
@@ -51,6 +54,7 @@ def run_step(
         )
     check_mask("attention_mask", attention_mask, batch, new)
     check_positions(position_ids, batch, new, max_positions)
+    check_prompts(prompts, session.blocks, batch, stack.hidden_size, stack.dtype)
     if hypo_ids is not None:
         if list(hypo_ids.shape) != [batch] or hypo_ids.dtype not in (torch.int64, torch.int32):
             raise BadRequestError(f"hypo_ids must be an int64 tensor of shape [{batch}], got {list(hypo_ids.shape)}")
@@ -60,7 +64,7 @@ def run_step(
     if new == 0 and hypo_ids is None:
         return hidden_states
     device = stack.device
-    with torch.inference_mode():
+    with torch.inference_mode(), lora_applied(stack, session.lora):
         if hypo_ids is not None:
             hypo_ids = hypo_ids.to(device=device, dtype=torch.int64)
             stack.reorder_cache(session.cache, hypo_ids)
@@ -79,6 +83,7 @@ def run_step(
             None if position_ids is None else position_ids.to(device=device, dtype=torch.long),
             session.cache,
             span=session.blocks,
+            prompts=None if prompts is None else prompts.to(device),
         )
     session.mask = full_mask
     session.position += new

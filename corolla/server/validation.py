@@ -70,3 +70,19 @@ def check_same_shape(name: str, tensor: torch.Tensor, reference: torch.Tensor) -
         raise BadRequestError(f"{name} has dtype {tensor.dtype}, expected {reference.dtype}")
     if tensor.numel() and not bool(torch.isfinite(tensor).all()):
         raise BadRequestError(f"{name} contains non-finite values (NaN or inf)")
+
+
+def check_prompts(prompts: Optional[torch.Tensor], blocks: BlockRange, batch: int, hidden_size: int,
+                  dtype: torch.dtype) -> None:
+    """Deep prompts: [len(blocks), batch or 1, prefix, hidden], the server's dtype, finite."""
+    if prompts is None:
+        return
+    if prompts.dim() != 4 or prompts.shape[0] != len(blocks) or prompts.shape[1] not in (1, batch) \
+            or prompts.shape[3] != hidden_size:
+        raise BadRequestError(
+            f"prompts must be [{len(blocks)} blocks, {batch} or 1, prefix, {hidden_size}], got {list(prompts.shape)}"
+        )
+    if prompts.dtype != dtype:
+        raise BadRequestError(f"prompts have dtype {prompts.dtype}, this server computes in {dtype}")
+    if prompts.numel() and not bool(torch.isfinite(prompts).all()):
+        raise BadRequestError("prompts contain non-finite values (NaN or inf)")

@@ -28,6 +28,7 @@ from corolla.core.errors import BadRequestError, ProtocolVersionError
 from corolla.wire.codec import Frame
 
 PROTOCOL_VERSION = 1
+TensorDict = dict[str, torch.Tensor]  # a field of named tensors; travels as tensors "<field>/<name>"
 RPC_PROTOCOL = "/corolla/rpc"  # the libp2p protocol name servers register; the version travels in each frame
 
 
@@ -47,6 +48,9 @@ class Message:
             value = getattr(self, field.name)
             if isinstance(value, torch.Tensor):
                 tensors[field.name] = value
+            elif isinstance(value, dict) and value and all(isinstance(v, torch.Tensor) for v in value.values()):
+                for key, tensor in value.items():
+                    tensors[f"{field.name}/{key}"] = tensor
             elif isinstance(value, BlockRange):
                 header[field.name] = str(value)
             else:
@@ -68,6 +72,9 @@ def message_from_frame(frame: Frame) -> Message:
     for field, base, optional in _field_kinds(cls):
         if base is torch.Tensor:
             value = frame.tensors.get(field.name)
+        elif base == TensorDict:
+            prefix = field.name + "/"
+            value = {k[len(prefix):]: t for k, t in frame.tensors.items() if k.startswith(prefix)} or None
         else:
             value = header.get(field.name)
         if value is None:
@@ -101,7 +108,7 @@ def _convert(type_name: str, field_name: str, base, value):
     try:
         if base is BlockRange:
             return BlockRange.parse(value)
-        if base is torch.Tensor:
+        if base is torch.Tensor or base == TensorDict:
             return value
         if base is float and isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
@@ -144,6 +151,10 @@ class ForwardRequest(Message):
     hidden_states: torch.Tensor  # [batch, seq, hidden]
     attention_mask: Optional[torch.Tensor] = None  # [batch, seq], 1 = token, 0 = padding
     position_ids: Optional[torch.Tensor] = None  # [batch, seq]
+    prompts: Optional[torch.Tensor] = None  # [blocks, batch or 1, prefix, hidden]: added before each block (deep prompts)
+    lora: Optional[TensorDict] = None  # "<block>.<module>.lora_A" [rank, in] / ".lora_B" [out, rank]: the client's LoRA
+    lora_scaling: float = 1.0  # LoRA output multiplier (alpha / rank)
+    active_adapter: Optional[str] = None  # a LoRA adapter loaded by the server (--adapters), by name
 
 
 @dataclass(frozen=True)
@@ -158,11 +169,17 @@ class BackwardRequest(Message):
     grad_outputs: torch.Tensor  # [batch, seq, hidden]: d loss / d outputs
     attention_mask: Optional[torch.Tensor] = None
     position_ids: Optional[torch.Tensor] = None
+    prompts: Optional[torch.Tensor] = None  # as in ForwardRequest; its gradient comes back
+    lora: Optional[TensorDict] = None  # as in ForwardRequest; their gradients come back
+    lora_scaling: float = 1.0
+    active_adapter: Optional[str] = None
 
 
 @dataclass(frozen=True)
 class BackwardReply(Message):
     grad_inputs: torch.Tensor  # [batch, seq, hidden]: d loss / d inputs
+    grad_prompts: Optional[torch.Tensor] = None  # d loss / d prompts, when prompts were sent
+    grad_lora: Optional[TensorDict] = None  # d loss / d each LoRA tensor sent, same names
 
 
 @dataclass(frozen=True)
@@ -171,6 +188,9 @@ class OpenSession(Message):
     blocks: BlockRange
     max_length: int  # tokens (prefix + generated) the session may ever hold
     batch_size: int
+    lora: Optional[TensorDict] = None  # the client's LoRA weights, for every step of the session
+    lora_scaling: float = 1.0
+    active_adapter: Optional[str] = None  # or a LoRA adapter loaded by the server, by name
 
 
 @dataclass(frozen=True)
@@ -186,6 +206,7 @@ class SessionStep(Message):
     attention_mask: Optional[torch.Tensor] = None  # [batch, new] mask of the new tokens; None = all ones
     position_ids: Optional[torch.Tensor] = None  # [batch, new]; None = past + arange(new)
     hypo_ids: Optional[torch.Tensor] = None  # [batch]: reorder cached rows first (beam search)
+    prompts: Optional[torch.Tensor] = None  # deep prompts, applied to the session's first positions
 
 
 @dataclass(frozen=True)
