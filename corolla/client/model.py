@@ -231,7 +231,7 @@ class DistributedModelMixin:
         if missing:
             raise ValueError(f"the checkpoint lacks client tensors {missing}")
         self.load_state_dict({k: v for k, v in tensors.items() if k in own}, strict=False)
-        if tied:
+        if tied and hasattr(self, "lm_head"):
             self.lm_head.weight = self.get_input_embeddings().weight
 
     def _ties_embeddings(self) -> bool:

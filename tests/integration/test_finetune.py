@@ -1,0 +1,333 @@
+"""Fine-tuning through three servers equals the same computation on the local model."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from transformers import LlamaForSequenceClassification
+
+TEXTS = ["The quick brown fox jumps over the lazy dog", "Corolla trains adapters through a swarm"]
+
+
+@pytest.fixture(scope="module")
+def batch(tokenizer):
+    tokenizer.padding_side = "left"
+    return tokenizer(TEXTS, return_tensors="pt", padding=True)
+
+
+def _remote(embedded_dir, swarm, **kwargs):
+    from corolla import AutoDistributedModelForCausalLM
+
+    torch.manual_seed(0)
+    return AutoDistributedModelForCausalLM.from_pretrained(str(embedded_dir), initial_peers=swarm.initial_peers, **kwargs)
+
+
+def _local_logits(local, input_ids, attention_mask, soft=None, deep=None, lora=None, scaling=1.0):
+    """The local model with the same soft prompt, deep prompts ([blocks, 1, prefix, hidden]) and LoRA pairs
+    ({"<block>.<path>": (A, B)}), written independently of Corolla's server code (hooks on transformers' layers)."""
+    embeds = local.model.embed_tokens(input_ids)
+    prefix = 0
+    if soft is not None:
+        prefix = soft.shape[0]
+        embeds = torch.cat([soft.unsqueeze(0).expand(embeds.shape[0], -1, -1), embeds], 1)
+        attention_mask = torch.cat([attention_mask.new_ones(embeds.shape[0], prefix), attention_mask], 1)
+    handles = []
+    for index, layer in enumerate(local.model.layers):
+        if deep is not None:
+            def add_prompt(module, args, kwargs, prompt=deep[index]):
+                hidden = args[0] if args else kwargs["hidden_states"]
+                hidden = torch.cat([hidden[:, : prompt.shape[1]] + prompt, hidden[:, prompt.shape[1]:]], 1)
+                return ((hidden, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": hidden})
+            handles.append(layer.register_forward_pre_hook(add_prompt, with_kwargs=True))
+        for key, (a, b) in (lora or {}).items():
+            block, path = key.split(".", 1)
+            if int(block) == index:
+                module = layer.get_submodule(path)
+                handles.append(module.register_forward_hook(
+                    lambda m, inp, out, a=a, b=b: out + inp[0] @ a.t() @ b.t() * scaling))
+    try:
+        logits = local(inputs_embeds=embeds, attention_mask=attention_mask).logits
+    finally:
+        for handle in handles:
+            handle.remove()
+    return logits[:, prefix:]
+
+
+def _loss(logits, batch):
+    targets = batch["input_ids"][:, 1:]
+    mask = batch["attention_mask"][:, 1:].bool()
+    losses = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), targets, reduction="none")
+    return losses[mask].mean()
+
+
+def _rel(a, b):
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()
+
+
+def test_gradients_of_inputs_deep_prompts_and_lora_match_local(embedded_dir, llama_swarm, llama_local, batch):
+    from corolla.models.lora import LoraSet
+
+    remote = _remote(embedded_dir, llama_swarm, tuning_mode="deep_ptune", pre_seq_len=3)
+    try:
+        layers = remote.model.layers
+        with torch.no_grad():
+            remote.model.prompt_tuning.intermediate_prompt_embeddings.weight.normal_(std=0.05)
+        embeds = remote.model.embed_tokens(batch["input_ids"]).detach()
+        deep = remote.model.prompt_tuning.deep_prompts().detach()
+        generator = torch.Generator().manual_seed(1)
+        pairs = {
+            f"{b}.self_attn.q_proj": (torch.randn(4, 576, generator=generator) * 0.02, torch.randn(576, 4, generator=generator) * 0.02)
+            for b in (0, 14, 29)
+        }
+        # through the swarm: inputs, prompts, LoRA tensors all require grad
+        x = torch.cat([torch.zeros(2, 3, 576), embeds], 1).requires_grad_(True)
+        mask = torch.cat([torch.ones(2, 3, dtype=torch.long), batch["attention_mask"]], 1)
+        prompts = deep.clone().requires_grad_(True)
+        lora_pairs = {k: (a.clone().requires_grad_(True), b.clone().requires_grad_(True)) for k, (a, b) in pairs.items()}
+        out = layers(x, mask, prompts=prompts, lora=LoraSet(2.0, lora_pairs))
+        weights = torch.randn(out.shape, generator=generator)
+        (out * weights).sum().backward()
+
+        # locally, by hand
+        x_local = x.detach().clone().requires_grad_(True)
+        prompts_local = deep.clone().requires_grad_(True)
+        local_pairs = {k: (a.clone().requires_grad_(True), b.clone().requires_grad_(True)) for k, (a, b) in pairs.items()}
+        hidden = x_local
+        handles = []
+        for index, layer in enumerate(llama_local.model.layers):
+            for key, (a, b) in local_pairs.items():
+                if int(key.split(".")[0]) == index:
+                    handles.append(layer.self_attn.q_proj.register_forward_hook(
+                        lambda m, inp, o, a=a, b=b: o + inp[0] @ a.t() @ b.t() * 2.0))
+        try:
+            from transformers.masking_utils import create_causal_mask
+
+            positions = torch.arange(x.shape[1]).unsqueeze(0)
+            causal = create_causal_mask(config=llama_local.config, inputs_embeds=hidden, attention_mask=mask, cache=None,
+                                        position_ids=positions)
+            rotary = llama_local.model.rotary_emb(hidden, positions)
+            for index, layer in enumerate(llama_local.model.layers):
+                hidden = torch.cat([hidden[:, :3] + prompts_local[index], hidden[:, 3:]], 1)
+                hidden = layer(hidden, attention_mask=causal, position_embeddings=rotary, position_ids=positions)
+        finally:
+            for handle in handles:
+                handle.remove()
+        (hidden * weights).sum().backward()
+
+        assert _rel(out.detach(), hidden.detach()) < 1e-5
+        assert _rel(x.grad, x_local.grad) < 1e-4
+        assert _rel(prompts.grad, prompts_local.grad) < 1e-4
+        for key in pairs:
+            assert _rel(lora_pairs[key][0].grad, local_pairs[key][0].grad) < 1e-4, key
+            assert _rel(lora_pairs[key][1].grad, local_pairs[key][1].grad) < 1e-4, key
+    finally:
+        remote.close()
+
+
+@pytest.mark.parametrize("mode", ["ptune", "deep_ptune", "lora"])
+def test_optimizer_steps_match_local(mode, embedded_dir, llama_swarm, llama_local, batch):
+    kwargs = {"lora": dict(tuning_mode="lora", lora_rank=4, lora_alpha=8)}.get(mode, dict(tuning_mode=mode, pre_seq_len=4))
+    remote = _remote(embedded_dir, llama_swarm, **kwargs)
+    try:
+        trainable = [p for p in remote.parameters() if p.requires_grad]
+        assert trainable and all(not p.requires_grad for p in remote.lm_head.parameters())
+        local_params = [p.detach().clone().requires_grad_(True) for p in trainable]
+        names = [n for n, p in remote.named_parameters() if p.requires_grad]
+        remote_opt = torch.optim.Adam(trainable, lr=2e-3)
+        local_opt = torch.optim.Adam(local_params, lr=2e-3)
+        losses = []
+        for _ in range(3):
+            remote_opt.zero_grad()
+            loss = _loss(remote(**batch).logits, batch)
+            loss.backward()
+            remote_opt.step()
+            losses.append(loss.item())
+
+            local_opt.zero_grad()
+            by_name = dict(zip(names, local_params))
+            soft = by_name.get("model.prompt_tuning.prompt_embeddings.weight")
+            deep = None
+            if "model.prompt_tuning.intermediate_prompt_embeddings.weight" in by_name:
+                weight = by_name["model.prompt_tuning.intermediate_prompt_embeddings.weight"]
+                deep = weight.view(weight.shape[0], 30, 576).permute(1, 0, 2).unsqueeze(1)
+            lora = None
+            if mode == "lora":
+                lora = {}
+                for name, param in by_name.items():
+                    if ".lora_A." in name:
+                        key = name.split(".lora_A.")[1]
+                        block, path = key.split("__", 1)
+                        lora[f"{block}.{path.replace('__', '.')}"] = (param, by_name[name.replace(".lora_A.", ".lora_B.")])
+            local_loss = _loss(_local_logits(llama_local, batch["input_ids"], batch["attention_mask"], soft, deep, lora,
+                                             scaling=2.0), batch)
+            local_loss.backward()
+            local_opt.step()
+            assert abs(local_loss.item() - loss.item()) < 1e-4 * max(1.0, abs(loss.item()))
+        assert losses[-1] < losses[0], losses
+        for name, remote_param, local_param in zip(names, trainable, local_params):
+            # Adam divides by the gradient's running scale: float noise in near-zero gradients moves a few elements by
+            # a small fraction of one step (lr 2e-3); everything else agrees to ~1e-7
+            assert torch.allclose(remote_param, local_param, atol=5e-5, rtol=1e-4), name
+    finally:
+        remote.close()
+
+
+def test_lora_saves_in_peft_format_and_generates_with_it(embedded_dir, llama_swarm, llama_local, batch, tmp_path):
+    import peft
+
+    remote = _remote(embedded_dir, llama_swarm, tuning_mode="lora", lora_rank=4, lora_alpha=8)
+    try:
+        with torch.no_grad():
+            for param in remote.model.remote_lora.lora_B.values():
+                param.normal_(std=0.02)
+        remote.save_lora(tmp_path / "adapter")
+        local = peft.PeftModel.from_pretrained(copy.deepcopy(llama_local), tmp_path / "adapter").eval()
+        with torch.no_grad():
+            expected = local(**batch).logits
+            got = remote(**batch).logits
+        assert (got - expected).abs().max().item() < 1e-4
+        ids = batch["input_ids"][1:, -6:]
+        with torch.no_grad():
+            local_tokens = local.generate(input_ids=ids, max_new_tokens=8, do_sample=False)
+        assert remote.generate(ids, max_new_tokens=8, do_sample=False).tolist() == local_tokens.tolist()
+
+        other = _remote(embedded_dir, llama_swarm, tuning_mode="lora", lora_rank=4, lora_alpha=8)
+        try:
+            other.load_lora(tmp_path / "adapter")
+            with torch.no_grad():
+                assert (other(**batch).logits - got).abs().max().item() < 1e-5
+        finally:
+            other.close()
+    finally:
+        remote.close()
+
+
+def test_sequence_classification_head(embedded_dir, llama_swarm, llama_local, batch):
+    from corolla import AutoDistributedModelForSequenceClassification
+
+    torch.manual_seed(0)
+    remote = AutoDistributedModelForSequenceClassification.from_pretrained(
+        str(embedded_dir), initial_peers=llama_swarm.initial_peers, num_labels=3, tuning_mode="ptune", pre_seq_len=2
+    )
+    try:
+        assert [n for n, p in remote.named_parameters() if p.requires_grad] == [
+            "model.prompt_tuning.prompt_embeddings.weight", "score.weight"]
+        local = LlamaForSequenceClassification(copy.deepcopy(remote.config)).eval()
+        local.model.load_state_dict(llama_local.model.state_dict())
+        local.score.load_state_dict(remote.score.state_dict())
+        with torch.no_grad():
+            soft = remote.model.prompt_tuning.prompt_embeddings.weight
+            hidden = _local_logits_hidden(local, batch, soft)
+            expected = local.score(hidden)[:, -1]  # left padding: the last position is the last token
+            got = remote(**batch).logits
+        assert got.shape == (2, 3)
+        assert (got - expected).abs().max().item() < 1e-4
+        labels = torch.tensor([0, 2])
+        optimizer = torch.optim.Adam([p for p in remote.parameters() if p.requires_grad], lr=3e-2)
+        losses = []
+        for _ in range(4):
+            optimizer.zero_grad()
+            loss = remote(**batch, labels=labels).loss
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+        assert losses[-1] < losses[0], losses
+    finally:
+        remote.close()
+
+
+def _local_logits_hidden(local_cls, batch, soft):
+    embeds = local_cls.model.embed_tokens(batch["input_ids"])
+    embeds = torch.cat([soft.unsqueeze(0).expand(embeds.shape[0], -1, -1), embeds], 1)
+    mask = torch.cat([batch["attention_mask"].new_ones(embeds.shape[0], soft.shape[0]), batch["attention_mask"]], 1)
+    return local_cls.model(inputs_embeds=embeds, attention_mask=mask).last_hidden_state[:, soft.shape[0]:]
+
+
+@pytest.fixture(scope="module")
+def adapter_swarm(tiny_llama_dir, tmp_path_factory):
+    """Two servers of the tiny Llama that also load a PEFT LoRA adapter (random, non-zero) with --adapters."""
+    import peft
+    from transformers import LlamaForCausalLM
+
+    from corolla.cli.local_swarm import LocalSwarm
+    from corolla.core.blocks import BlockRange
+
+    torch.manual_seed(3)
+    base = LlamaForCausalLM.from_pretrained(tiny_llama_dir).eval()
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], lora_dropout=0.0)
+    peft_model = peft.get_peft_model(base, config)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(std=0.1)
+    adapter_dir = tmp_path_factory.mktemp("tiny-adapter")
+    peft_model.save_pretrained(adapter_dir)
+    local = peft.PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(tiny_llama_dir), adapter_dir).eval()
+    with LocalSwarm(model=str(tiny_llama_dir), spans=[BlockRange(0, 2), BlockRange(2, 4)], dht_prefix="adapted",
+                    extra_server_args=["--adapters", str(adapter_dir)]) as swarm:
+        yield swarm, str(adapter_dir), local
+
+
+def test_served_adapter_equals_local_peft(adapter_swarm, tiny_llama_dir):
+    from corolla import AutoDistributedModelForCausalLM
+
+    swarm, adapter, local = adapter_swarm
+    ids = torch.tensor([[5, 9, 17, 33, 2, 70], [8, 8, 19, 4, 91, 23]])
+    model = AutoDistributedModelForCausalLM.from_pretrained(
+        str(tiny_llama_dir), initial_peers=swarm.initial_peers, dht_prefix="adapted", active_adapter=adapter)
+    plain = AutoDistributedModelForCausalLM.from_pretrained(
+        str(tiny_llama_dir), initial_peers=swarm.initial_peers, dht_prefix="adapted")
+    try:
+        with torch.no_grad():
+            expected = local(ids).logits
+            got = model(ids).logits
+            without = plain(ids).logits
+        assert (got - expected).abs().max().item() < 1e-4
+        assert (without - expected).abs().max().item() > 1e-3  # the adapter really changes the outputs
+        local_tokens = local.generate(input_ids=ids, max_new_tokens=8, do_sample=False)
+        assert model.generate(ids, max_new_tokens=8, do_sample=False).tolist() == local_tokens.tolist()
+    finally:
+        model.close()
+        plain.close()
+
+
+def test_bad_tuning_requests_get_clear_errors(adapter_swarm, tiny_llama_dir):
+    from corolla.client.rpc import call_unary
+    from corolla.client.swarm import RemoteSwarm
+    from corolla.client.config import ClientConfig
+    from corolla.core.blocks import BlockRange
+    from corolla.core.errors import RemoteError
+    from corolla.wire.messages import BackwardReply, BackwardRequest, ForwardReply, ForwardRequest
+
+    swarm, adapter, _ = adapter_swarm
+    client = RemoteSwarm(ClientConfig(initial_peers=tuple(swarm.initial_peers)), "adapted", 4)
+    try:
+        record, span = client.run(client.plan_inference(BlockRange(0, 2)))[0]
+        hidden = torch.randn(1, 3, 64)
+
+        def call(request, expected=ForwardReply):
+            return client.run(call_unary(client.peer, record, request, expected, 30))
+
+        def rejected(request, *words, expected=ForwardReply):
+            with pytest.raises(RemoteError) as info:
+                call(request, expected)
+            for word in words:
+                assert word in str(info.value), str(info.value)
+            assert call(ForwardRequest(span, hidden)).hidden_states.shape == (1, 3, 64)  # still serving
+
+        rejected(BackwardRequest(span, hidden, torch.randn(1, 2, 64)), "grad_outputs has shape [1, 2, 64]",
+                 expected=BackwardReply)
+        rejected(ForwardRequest(span, hidden, lora={"0.self_attn.q_proj.lora_A": torch.randn(4, 64),
+                                                    "0.self_attn.q_proj.lora_B": torch.randn(64, 3)}), "same rank")
+        rejected(ForwardRequest(span, hidden, lora={"1.self_attn.nope.lora_A": torch.randn(4, 64),
+                                                    "1.self_attn.nope.lora_B": torch.randn(64, 4)}),
+                 "no linear layer 'self_attn.nope'", "self_attn.q_proj")
+        rejected(ForwardRequest(span, hidden, lora={"3.self_attn.q_proj.lora_A": torch.randn(4, 64),
+                                                    "3.self_attn.q_proj.lora_B": torch.randn(64, 4)}),
+                 "block 3 sent with a request for blocks 0:2")
+        rejected(ForwardRequest(span, hidden, active_adapter="no-such-adapter"), "unknown adapter 'no-such-adapter'",
+                 adapter)
+        rejected(ForwardRequest(span, hidden, prompts=torch.randn(5, 1, 2, 64)), "prompts must be [2 blocks")
+    finally:
+        client.close()
