@@ -22,3 +22,5 @@ class ClientConfig:
     ban_max_s: float = 300.0  # longest ban
     max_retries: int = 5  # replacement attempts for one failed span before giving up
     max_request_tokens: int = 4096  # forward/backward batches are split into pieces of at most this many tokens
+    pipeline_pieces: int = 4  # ...and into at least this many (rows allowing), sent concurrently: servers of the
+    #                           chain then work on different pieces at the same time

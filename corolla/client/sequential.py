@@ -91,7 +91,10 @@ class RemoteSequential(nn.Module):
     # ---------------------------------------------------------------- remote calls
 
     def _pieces(self, batch: int, seq: int) -> list[slice]:
-        rows = max(1, self.swarm.config.max_request_tokens // max(seq, 1))
+        """Row ranges: each within the request size limit, and enough of them to keep the chain's servers busy."""
+        config = self.swarm.config
+        rows = max(1, config.max_request_tokens // max(seq, 1))
+        rows = min(rows, max(1, -(-batch // max(1, config.pipeline_pieces))))  # ceil(batch / pieces)
         return [slice(i, min(i + rows, batch)) for i in range(0, batch, rows)]
 
     async def _call(self, record, request, expected):
