@@ -339,3 +339,21 @@ def test_bad_tuning_requests_get_clear_errors(adapter_swarm, tiny_llama_dir):
         rejected(ForwardRequest(span, hidden, prompts=torch.randn(5, 1, 2, 64)), "prompts must be [2 blocks")
     finally:
         client.close()
+
+
+def test_example_script_trains_and_saves(llama_swarm, tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[2] / "examples" / "finetune_lora.py"
+    result = subprocess.run(
+        [sys.executable, str(script), "--initial-peers", *llama_swarm.initial_peers, "--steps", "4",
+         "--output", str(tmp_path / "adapter")],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    first, last = map(float, result.stdout.split("loss: ")[1].split("\n")[0].split(" -> "))
+    assert last < first
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").exists()
+    assert result.stdout.count("  after:  ") == 3
