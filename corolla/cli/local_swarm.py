@@ -32,14 +32,14 @@ class ChildProcess:
     name: str
     process: subprocess.Popen
     log_path: Path
-    address_file: Path
+    address_file: Optional[Path]
 
     @property
     def peer_id(self) -> str | None:
         """The libp2p peer id from the child's address file (None until it is ready)."""
         try:
             return read_address_file(self.address_file)[0].rsplit("/p2p/", 1)[1]
-        except (OSError, IndexError):
+        except (OSError, IndexError, TypeError):  # not written yet, or no address file at all
             return None
 
     def log_tail(self, lines: int = 30) -> str:

@@ -18,7 +18,7 @@ from corolla.models.lora import LoraSet
 from corolla.wire.codec import dtype_from_name
 from corolla.wire.messages import BackwardReply, BackwardRequest, ForwardReply, ForwardRequest
 
-Hop = tuple[ServerRecord, BlockRange, torch.Tensor]  # a server, the blocks it ran, their inputs
+Hop = tuple[ServerRecord, BlockRange, torch.Tensor, Optional[str]]  # server, blocks it ran, inputs, activations kept
 
 
 class RemoteSequential(nn.Module):
@@ -76,9 +76,12 @@ class RemoteSequential(nn.Module):
             raise ValueError(f"prompts must be [{len(self)} blocks, batch or 1, prefix, hidden], got {list(prompts.shape)}")
         if lora is not None:
             lora = lora.for_blocks(self.blocks)
-        options = _Options(list(lora.pairs) if lora else [], lora.scaling if lora else 1.0, active_adapter)
-        tensors = lora.tensors() if lora else []
-        return _RemoteBlocksFunction.apply(hidden_states, attention_mask, position_ids, prompts, self, options, *tensors)
+        lora_tensors = lora.tensors() if lora else []
+        differentiated = [hidden_states, prompts, *lora_tensors]
+        keep = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in differentiated)
+        options = _Options(list(lora.pairs) if lora else [], lora.scaling if lora else 1.0, active_adapter, keep)
+        return _RemoteBlocksFunction.apply(hidden_states, attention_mask, position_ids, prompts, self, options,
+                                           *lora_tensors)
 
     def inference_session(self, max_length: int, lora: Optional[LoraSet] = None, active_adapter: Optional[str] = None):
         """A session keeping attention caches on the servers; ``lora`` (weights, as of now) or ``active_adapter``
@@ -123,34 +126,35 @@ class RemoteSequential(nn.Module):
             for record, span in chain:
                 dtype = dtype_from_name(record.dtype)
                 inputs = hidden.to(dtype)
-                request = ForwardRequest(span, inputs, mask, positions, **self._extras(span, rows, extras, dtype))
+                request = ForwardRequest(span, inputs, mask, positions, keep_activations=extras.keep_activations,
+                                         **self._extras(span, rows, extras, dtype))
                 try:
                     reply = await self._call(record, request, ForwardReply)
                 except Exception as exc:
                     self._handle_failure(record, span, exc, attempts)
                     break  # plan the remaining blocks again, without that server
-                hops.append((record, span, inputs))
+                hops.append((record, span, inputs, reply.activation_id))
                 hidden = reply.hidden_states
                 position = span.end
         return hidden, hops
 
-    async def _backward_span(self, record, span: BlockRange, inputs, grad, mask, positions, rows, extras, grads,
-                             attempts=None):
+    async def _backward_span(self, record, span: BlockRange, inputs, activation_id, grad, mask, positions, rows,
+                             extras, grads, attempts=None):
         """d loss / d inputs of ``span`` (prompt and LoRA gradients go into ``grads``); if its server fails,
         recompute the span's forward on other servers and backpropagate through them instead."""
         attempts = [] if attempts is None else attempts
         try:
             request = BackwardRequest(span, inputs, grad.to(inputs.dtype), mask, positions,
-                                      **self._extras(span, rows, extras, inputs.dtype))
+                                      activation_id=activation_id, **self._extras(span, rows, extras, inputs.dtype))
             reply = await self._call(record, request, BackwardReply)
             grads.add(span, rows, reply)
             return reply.grad_inputs
         except Exception as exc:
             self._handle_failure(record, span, exc, attempts)
         _, hops = await self._forward_span(span, inputs, mask, positions, rows, extras)
-        for other, other_span, other_inputs in reversed(hops):
-            grad = await self._backward_span(other, other_span, other_inputs, grad, mask, positions, rows, extras,
-                                             grads, attempts)
+        for other, other_span, other_inputs, other_id in reversed(hops):
+            grad = await self._backward_span(other, other_span, other_inputs, other_id, grad, mask, positions, rows,
+                                             extras, grads, attempts)
         return grad
 
     def _handle_failure(self, record, span, exc, attempts: list[tuple[str, str]]) -> None:
@@ -173,8 +177,9 @@ class RemoteSequential(nn.Module):
         return outputs, (pieces, [hops for _, hops in results])
 
     async def _backward_piece(self, hops: list[Hop], grad, mask, positions, rows, extras, grads):
-        for record, span, inputs in reversed(hops):
-            grad = await self._backward_span(record, span, inputs, grad, mask, positions, rows, extras, grads)
+        for record, span, inputs, activation_id in reversed(hops):
+            grad = await self._backward_span(record, span, inputs, activation_id, grad, mask, positions, rows, extras,
+                                             grads)
         return grad
 
     async def run_backward(self, saved, grad, mask, positions, extras: "_Extras", grads: "_Gradients"):
@@ -195,6 +200,7 @@ class _Options:
     lora_keys: list[str]
     lora_scaling: float
     adapter: Optional[str]
+    keep_activations: bool  # a backward pass will follow: servers keep activations for it
 
 
 @dataclass(frozen=True)
@@ -204,6 +210,7 @@ class _Extras:
     prompts: Optional[torch.Tensor]
     lora: Optional[LoraSet]
     adapter: Optional[str]
+    keep_activations: bool = False
 
 
 class _Gradients:
@@ -238,7 +245,8 @@ class _RemoteBlocksFunction(torch.autograd.Function):
         if options.lora_keys:
             flat = iter(t.detach().cpu() for t in lora_tensors)
             lora = LoraSet(options.lora_scaling, {key: (next(flat), next(flat)) for key in options.lora_keys})
-        extras = _Extras(None if prompts is None else prompts.detach().cpu(), lora, options.adapter)
+        extras = _Extras(None if prompts is None else prompts.detach().cpu(), lora, options.adapter,
+                         options.keep_activations)
         outputs, saved = seq.swarm.run(seq.run_forward(hidden_states.detach().cpu(), attention_mask, position_ids, extras))
         ctx.seq, ctx.saved, ctx.extras = seq, saved, extras
         ctx.mask, ctx.positions = attention_mask, position_ids

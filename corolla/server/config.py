@@ -29,6 +29,8 @@ class ServerConfig:
     record_ttl_s: float = 30.0  # how long a record lives without refresh
     throughput: Optional[float] = None  # tokens/s to announce; None measures it at start-up
     shutdown_grace_s: float = 5.0  # time given to in-flight requests on SIGTERM/SIGINT
+    activation_cache_bytes: int = 2 * 2**30  # activations kept between training forward and backward passes
+    activation_ttl_s: float = 120.0  # kept activations whose backward never comes are dropped after this
     adapters: tuple[str, ...] = ()  # PEFT LoRA adapters (directories or hub ids) clients may pick by that name
     rebalance_period_s: float = 60.0  # how often a server that chose its own span checks whether to move
     balance_quality: float = 0.75  # move only if the swarm's throughput rises above current / this

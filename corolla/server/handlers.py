@@ -13,6 +13,7 @@ from typing import Callable, Optional
 import torch
 
 from corolla.core.errors import BadRequestError, CorollaError
+from corolla.server.activations import ActivationStore, Graph
 from corolla.server.cache import CacheBudget
 from corolla.server.config import ServerConfig
 from corolla.server.sessions import SessionState, run_step
@@ -64,6 +65,7 @@ class RequestHandler:
         self.compute = compute
         self.info = info
         self.adapters: dict[str, LoraSet] = adapters or {}  # name -> LoRA weights for the held blocks
+        self.activations = ActivationStore(config.activation_cache_bytes, config.activation_ttl_s)
         self.sessions: dict[str, SessionState] = {}
         self._session_writers: dict[str, asyncio.StreamWriter] = {}
         self.accepting = True
@@ -115,8 +117,7 @@ class RequestHandler:
             return self.info()
         if isinstance(request, ForwardRequest):
             self._check_batch_request(request)
-            outputs = await self._run(self._forward, request)
-            return ForwardReply(hidden_states=outputs)
+            return await self._run(self._forward, request)
         if isinstance(request, BackwardRequest):
             self._check_batch_request(request)
             check_same_shape("grad_outputs", request.grad_outputs, request.hidden_states)
@@ -165,21 +166,27 @@ class RequestHandler:
         prompts = None if request.prompts is None else request.prompts.to(device)
         return request.hidden_states.to(device), mask.to(device), positions, prompts
 
-    def _forward(self, request: ForwardRequest) -> torch.Tensor:
+    def _forward(self, request: ForwardRequest) -> ForwardReply:
+        if request.keep_activations:
+            graph = self._graph(request)
+            return ForwardReply(hidden_states=graph.outputs.detach(), activation_id=self.activations.put(graph))
         hidden, mask, positions, prompts = self._inputs(request)
         with torch.inference_mode(), lora_applied(self.stack, self._lora(request)):
-            return self.stack(hidden, mask, positions, None, span=request.blocks, prompts=prompts)
+            outputs = self.stack(hidden, mask, positions, None, span=request.blocks, prompts=prompts)
+        return ForwardReply(hidden_states=outputs)
 
-    def _backward(self, request: BackwardRequest) -> BackwardReply:
+    def _graph(self, request: ForwardRequest | BackwardRequest) -> Graph:
+        """Run the request's forward pass with autograd, ready to differentiate w.r.t. its inputs, prompts and the
+        client's LoRA weights (a server-loaded adapter gets no gradient)."""
         hidden, mask, positions, prompts = self._inputs(request)
         lora = self._lora(request)
+        trained = request.lora is not None
         with torch.enable_grad():
             inputs = hidden.detach().requires_grad_(True)
             wrt = [inputs]
             if prompts is not None:
                 prompts = prompts.detach().requires_grad_(True)
                 wrt.append(prompts)
-            trained = request.lora is not None  # gradients only for weights the client trains, not for adapters
             if trained:
                 lora = LoraSet(lora.scaling, {
                     k: (a.detach().to(self.stack.device).requires_grad_(True),
@@ -189,16 +196,36 @@ class RequestHandler:
                 wrt.extend(lora.tensors())
             with lora_applied(self.stack, lora):
                 outputs = self.stack(inputs, mask, positions, None, span=request.blocks, prompts=prompts)
-            grads = torch.autograd.grad(outputs, wrt, request.grad_outputs.to(outputs.device), allow_unused=True)
-        grads = [torch.zeros_like(t) if g is None else g for g, t in zip(grads, wrt)]
-        grad_prompts = grads[1] if prompts is not None else None
+        return Graph(outputs, wrt, request.blocks, prompts is not None, list(lora.pairs) if trained else [],
+                     size_bytes=self._activation_bytes(hidden, request.blocks))
+
+    def _activation_bytes(self, hidden: torch.Tensor, blocks) -> int:
+        """A generous estimate of what autograd keeps for ``hidden`` through ``blocks``."""
+        config = self.stack.config
+        width = 12 * config.hidden_size + 4 * getattr(config, "intermediate_size", 4 * config.hidden_size)
+        return hidden.shape[0] * hidden.shape[1] * len(blocks) * width * hidden.element_size()
+
+    def _backward(self, request: BackwardRequest) -> BackwardReply:
+        graph = self.activations.take(request.activation_id) if request.activation_id else None
+        if graph is not None and (graph.blocks != request.blocks or graph.outputs.shape != request.grad_outputs.shape):
+            raise BadRequestError(
+                f"activations {request.activation_id} are of blocks {graph.blocks} and shape "
+                f"{list(graph.outputs.shape)}, not {request.blocks} and {list(request.grad_outputs.shape)}"
+            )
+        if graph is None:  # never kept, evicted, expired, or kept by another server: recompute
+            graph = self._graph(request)
+        with torch.enable_grad():
+            grads = torch.autograd.grad(graph.outputs, graph.wrt, request.grad_outputs.to(graph.outputs.device),
+                                        allow_unused=True)
+        grads = [torch.zeros_like(t) if g is None else g for g, t in zip(grads, graph.wrt)]
         grad_lora = None
-        if trained:
-            lora_grads = iter(grads[len(grads) - len(lora.tensors()):])
+        if graph.lora_keys:
+            lora_grads = iter(grads[len(grads) - 2 * len(graph.lora_keys):])
             grad_lora = {}
-            for key in lora.pairs:
+            for key in graph.lora_keys:
                 grad_lora[f"{key}.lora_A"], grad_lora[f"{key}.lora_B"] = next(lora_grads), next(lora_grads)
-        return BackwardReply(grad_inputs=grads[0], grad_prompts=grad_prompts, grad_lora=grad_lora)
+        return BackwardReply(grad_inputs=grads[0], grad_prompts=grads[1] if graph.has_prompts else None,
+                             grad_lora=grad_lora)
 
     # ---------------------------------------------------------------- inference sessions
 
@@ -251,6 +278,7 @@ class RequestHandler:
         self.stack = stack
         self.budget = budget
         self.adapters = adapters
+        self.activations = ActivationStore(self.config.activation_cache_bytes, self.config.activation_ttl_s)
         self.max_positions = getattr(stack.config, "max_position_embeddings", None)
 
     async def _session_loop(self, session: SessionState, stack, reader, writer) -> None:

@@ -193,6 +193,7 @@ class Server:
             cache_tokens_total=self.budget.total_tokens,
             max_message_bytes=self.config.max_message_bytes,
             protocol_version=PROTOCOL_VERSION,
+            activations_kept=len(self.handler.activations),
         )
 
     async def shutdown(self) -> None:

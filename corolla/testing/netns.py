@@ -51,6 +51,9 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+from corolla.cli.local_swarm import ChildProcess
+from corolla.net.addresses import read_address_file
+
 NAME_PREFIX = "crl"  # every namespace this module creates starts with crl<pid>-
 _STALE_RE = re.compile(rf"^{NAME_PREFIX}(\d+)-")
 _HOST_NAME_RE = re.compile(r"^[a-z][a-z0-9_]{0,23}$")
@@ -70,14 +73,10 @@ class HostSpec:
 
 
 @dataclass
-class HostProcess:
-    """A process started on a host by ``NetnsSwarm``."""
+class HostProcess(ChildProcess):
+    """A process started on a host by ``NetnsSwarm`` (``address_file`` only for DHT nodes and servers)."""
 
-    name: str
-    host: str
-    process: subprocess.Popen
-    log_path: Path
-    address_file: Optional[Path] = None  # for DHT nodes and servers: where their multiaddrs appear
+    host: str = ""
 
     @property
     def pid(self) -> int:
@@ -87,20 +86,7 @@ class HostProcess:
     def addresses(self) -> list[str]:
         if self.address_file is None or not self.address_file.exists():
             return []
-        return [line.strip() for line in self.address_file.read_text().splitlines() if line.strip()]
-
-    @property
-    def peer_id(self) -> Optional[str]:
-        for addr in self.addresses:
-            if "/p2p/" in addr:
-                return addr.rsplit("/p2p/", 1)[1]
-        return None
-
-    def log_tail(self, lines: int = 30) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return "(no log)"
+        return read_address_file(self.address_file)
 
 
 # ---------------------------------------------------------------------------------------------- shell helpers
@@ -496,7 +482,7 @@ class NetnsSwarm:
                 ["ip", "netns", "exec", namespace, *argv], env=full_env, start_new_session=True,
                 preexec_fn=_die_with_parent, **popen_kwargs,
             )
-        child = HostProcess(name, host, process, log, address_file)
+        child = HostProcess(name, process, log, address_file, host=host)
         self.children.append(child)
         return child
 

@@ -6,4 +6,6 @@
 
 The client and the server both import this package and never import each other.
 """
-from corolla.wire.messages import PROTOCOL_VERSION  # noqa: F401
+from corolla.wire.messages import PROTOCOL_VERSION
+
+__all__ = ["PROTOCOL_VERSION"]

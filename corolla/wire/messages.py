@@ -141,6 +141,7 @@ class InfoReply(Message):
     throughput: float  # announced throughput, tokens/s through all held blocks
     cache_tokens_free: int  # tokens (of one batch row) the session cache can still reserve
     cache_tokens_total: int
+    activations_kept: int  # forward passes whose activations wait for their backward pass
     max_message_bytes: int  # largest frame the server accepts
     protocol_version: int
 
@@ -155,11 +156,13 @@ class ForwardRequest(Message):
     lora: Optional[TensorDict] = None  # "<block>.<module>.lora_A" [rank, in] / ".lora_B" [out, rank]: the client's LoRA
     lora_scaling: float = 1.0  # LoRA output multiplier (alpha / rank)
     active_adapter: Optional[str] = None  # a LoRA adapter loaded by the server (--adapters), by name
+    keep_activations: bool = False  # a backward pass will follow: keep this pass's activations for it
 
 
 @dataclass(frozen=True)
 class ForwardReply(Message):
     hidden_states: torch.Tensor  # [batch, seq, hidden]
+    activation_id: Optional[str] = None  # with keep_activations: name them in the BackwardRequest
 
 
 @dataclass(frozen=True)
@@ -173,6 +176,7 @@ class BackwardRequest(Message):
     lora: Optional[TensorDict] = None  # as in ForwardRequest; their gradients come back
     lora_scaling: float = 1.0
     active_adapter: Optional[str] = None
+    activation_id: Optional[str] = None  # from the ForwardReply: use those activations instead of recomputing
 
 
 @dataclass(frozen=True)

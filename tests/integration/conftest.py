@@ -68,31 +68,26 @@ def bloom_remote(bloom_dir, bloom_swarm):
     model.close()
 
 
+def _save_tiny_llama(tmp_path_factory, name: str, num_layers: int, seed: int):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=num_layers, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256,
+    )
+    path = tmp_path_factory.mktemp(name)
+    LlamaForCausalLM(config).save_pretrained(path)
+    return path
+
+
 @pytest.fixture(scope="session")
 def tiny_llama_dir(tmp_path_factory):
     """A tiny Llama with random weights (4 blocks), for process-level tests that need no real model."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=256,
-    )
-    path = tmp_path_factory.mktemp("tiny-llama")
-    LlamaForCausalLM(config).save_pretrained(path)
-    return path
+    return _save_tiny_llama(tmp_path_factory, "tiny-llama", 4, seed=0)
 
 
 @pytest.fixture(scope="session")
 def tiny_llama6_dir(tmp_path_factory):
     """A tiny Llama with random weights and 6 blocks, for block-choice tests."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(1)
-    config = LlamaConfig(
-        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=6, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=256,
-    )
-    path = tmp_path_factory.mktemp("tiny-llama6")
-    LlamaForCausalLM(config).save_pretrained(path)
-    return path
+    return _save_tiny_llama(tmp_path_factory, "tiny-llama6", 6, seed=1)

@@ -133,7 +133,7 @@ def test_forward_backward_survive_a_killed_server(replica_swarm, embedded_dir, l
         remote_in = embeds.clone().requires_grad_(True)
         out = model.model.layers(remote_in)
         _, hops = out.grad_fn.saved  # the servers the forward pass used: (pieces, [[(record, span, inputs)]])
-        record = next(record for record, span, _ in hops[0] if 14 in span)
+        record = next(record for record, span, *_ in hops[0] if 14 in span)
         os.kill(replica_swarm.server_by_peer(record.peer_id).process.pid, signal.SIGKILL)  # backward needs it
         out.pow(2).mean().backward()
         assert torch.allclose(out, reference, rtol=1e-5, atol=1e-4)

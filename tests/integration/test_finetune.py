@@ -357,3 +357,27 @@ def test_example_script_trains_and_saves(llama_swarm, tmp_path):
     assert last < first
     assert (tmp_path / "adapter" / "adapter_model.safetensors").exists()
     assert result.stdout.count("  after:  ") == 3
+
+
+def test_servers_keep_activations_for_backward(embedded_dir, llama_swarm, batch):
+    from corolla.client.rpc import call_unary
+    from corolla.wire.messages import InfoReply, InfoRequest
+
+    remote = _remote(embedded_dir, llama_swarm, tuning_mode="ptune", pre_seq_len=2)
+    try:
+        swarm = remote.swarm
+        records = swarm.run(swarm.records())
+
+        def kept() -> int:
+            return sum(swarm.run(call_unary(swarm.peer, r, InfoRequest(), InfoReply, 30)).activations_kept for r in records)
+
+        with torch.no_grad():
+            remote(**batch)
+        assert kept() == 0  # nothing to differentiate: nothing kept
+        loss = _loss(remote(**batch).logits, batch)
+        assert kept() >= 3  # every server of the chain kept this pass's activations (one per batch piece)
+        loss.backward()
+        assert kept() == 0  # the backward pass used them all, none recomputed or left behind
+        assert remote.model.prompt_tuning.prompt_embeddings.weight.grad.abs().sum() > 0
+    finally:
+        remote.close()

@@ -37,3 +37,21 @@ def test_validation_messages():
         check_mask("m", torch.ones(1, 4, dtype=torch.long), 1, 3)
     with pytest.raises(BadRequestError, match=r"lie in \[0, 16\)"):
         check_positions(torch.tensor([[3, 16]]), 1, 2, 16)
+
+
+def test_activation_store_budget_ttl_and_take():
+    from corolla.server.activations import ActivationStore, Graph
+
+    def graph(size):
+        return Graph(outputs=None, wrt=[], blocks=BlockRange(0, 1), has_prompts=False, lora_keys=[], size_bytes=size)
+
+    store = ActivationStore(budget_bytes=100, ttl_s=60)
+    a, b = store.put(graph(60)), store.put(graph(30))
+    assert len(store) == 2
+    c = store.put(graph(50))  # over budget: the oldest goes
+    assert store.take(a) is None and store.take(b) is not None and len(store) == 1
+    assert store.put(graph(101)) is None  # alone larger than the budget: not kept
+    assert store.take(c).size_bytes == 50 and store.take(c) is None
+    store.ttl_s = -1  # everything is now too old
+    d = store.put(graph(10))
+    assert store.take(d) is None
