@@ -372,3 +372,22 @@ def test_resolve_model_local_and_hub(tmp_path, monkeypatch):
     monkeypatch.setattr(huggingface_hub, "snapshot_download", failing_snapshot_download)
     with pytest.raises(CorollaError, match="cannot find model 'someone/other'.*offline"):
         checkpoint.resolve_model("someone/other")
+
+
+def test_hub_id_resolves_from_a_real_offline_hub_cache(tiny, tmp_path, monkeypatch):
+    """The real huggingface_hub lookup (no mock): a model in the hub cache's layout is found offline."""
+    import shutil
+
+    import huggingface_hub.constants
+
+    cache = tmp_path / "hub"
+    snapshot = cache / "models--someone--tiny-llama" / "snapshots" / "0123abc"
+    source = tiny.path
+    shutil.copytree(source, snapshot)
+    (cache / "models--someone--tiny-llama" / "refs").mkdir(parents=True)
+    (cache / "models--someone--tiny-llama" / "refs" / "main").write_text("0123abc")  # what the hub cache records
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    resolved = checkpoint.resolve_model("someone/tiny-llama")
+    assert resolved == snapshot
+    assert checkpoint.load_config(resolved).model_type == checkpoint.load_config(source).model_type
