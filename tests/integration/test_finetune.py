@@ -381,3 +381,27 @@ def test_servers_keep_activations_for_backward(embedded_dir, llama_swarm, batch)
         assert remote.model.prompt_tuning.prompt_embeddings.weight.grad.abs().sum() > 0
     finally:
         remote.close()
+
+
+@pytest.mark.parametrize("mode", ["ptune", "deep_ptune"])
+def test_generate_with_trained_prompts_equals_local(mode, embedded_dir, llama_swarm, llama_local, tokenizer):
+    remote = _remote(embedded_dir, llama_swarm, tuning_mode=mode, pre_seq_len=3)
+    try:
+        tuning = remote.model.prompt_tuning
+        with torch.no_grad():
+            tuning.prompt_embeddings.weight.normal_(std=0.5)
+            if tuning.intermediate_prompt_embeddings is not None:
+                tuning.intermediate_prompt_embeddings.weight.normal_(std=0.5)
+        ids = tokenizer("The weather today is", return_tensors="pt")["input_ids"]
+        got = remote.generate(ids, max_new_tokens=10, do_sample=False)
+        # locally: greedy decoding by hand with the same soft prompt and deep prompts, no cache
+        soft, deep = tuning.prompt_embeddings.weight.detach(), tuning.deep_prompts()
+        deep = None if deep is None else deep.detach()
+        tokens = ids
+        with torch.no_grad():
+            for _ in range(10):
+                logits = _local_logits(llama_local, tokens, torch.ones_like(tokens), soft, deep)
+                tokens = torch.cat([tokens, logits[:, -1:].argmax(-1)], 1)
+        assert got.tolist() == tokens.tolist()
+    finally:
+        remote.close()
