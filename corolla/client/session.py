@@ -27,29 +27,30 @@ from corolla.wire.messages import OpenSession, SessionStep, SessionStepReply
 logger = logging.getLogger(__name__)
 
 
-@dataclass
+@dataclass(frozen=True)
 class _History:
-    """Every input a server has cached in this session, rows kept in the order of its cache."""
+    """Every input a server has cached in this session, rows kept in the order of its cache.
 
-    hidden: Optional[torch.Tensor] = None  # [batch, tokens, hidden]
-    mask: Optional[torch.Tensor] = None  # [batch, tokens]
-    positions: Optional[torch.Tensor] = None  # [batch, tokens]
+    Kept as the list of steps (concatenated only for a replay), so a step costs no copy of the whole history.
+    """
+
+    steps: tuple = ()  # ((hidden [batch, new, hidden], mask [batch, new], positions [batch, new]), ...)
 
     @property
     def length(self) -> int:
-        return 0 if self.hidden is None else self.hidden.shape[1]
+        return sum(hidden.shape[1] for hidden, _, _ in self.steps)
 
     def reordered(self, hypo_ids: Optional[torch.Tensor]) -> "_History":
-        if hypo_ids is None or self.hidden is None:
-            return _History(self.hidden, self.mask, self.positions)
-        return _History(self.hidden[hypo_ids], self.mask[hypo_ids], self.positions[hypo_ids])
+        if hypo_ids is None:
+            return self
+        return _History(tuple((h[hypo_ids], m[hypo_ids], p[hypo_ids]) for h, m, p in self.steps))
 
     def appended(self, hidden: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor) -> "_History":
-        if self.hidden is None:
-            return _History(hidden, mask, positions)
-        return _History(
-            torch.cat([self.hidden, hidden], 1), torch.cat([self.mask, mask], 1), torch.cat([self.positions, positions], 1)
-        )
+        return _History(self.steps + ((hidden, mask, positions),))
+
+    def joined(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(hidden [batch, tokens, hidden], mask [batch, tokens], positions [batch, tokens]) of every step."""
+        return tuple(torch.cat(parts, dim=1) for parts in zip(*self.steps))
 
 
 @dataclass
@@ -214,7 +215,7 @@ class InferenceSession:
         for _ in range(self.swarm.config.max_retries + 1):
             chain = await self.swarm.plan_inference(blocks)
             hops: list[_Hop] = []
-            replay = history
+            replay = history.joined() if history.length else None
             current = None
             try:
                 for record, span in chain:
@@ -230,10 +231,11 @@ class InferenceSession:
                     stream = await SessionStream.open(self.swarm.peer, record, request, self.swarm.config.step_timeout_s)
                     hop = _Hop(record, span, stream)
                     hops.append(hop)
-                    if replay.length:
-                        outputs = await self._send(hop, replay.hidden, replay.mask, replay.positions, None, past=0)
-                        hop.history = _History(replay.hidden.to(hop.dtype), replay.mask, replay.positions)
-                        replay = _History(outputs, replay.mask, replay.positions)
+                    if replay is not None:
+                        hidden, mask, positions = replay
+                        outputs = await self._send(hop, hidden, mask, positions, None, past=0)
+                        hop.history = _History(((hidden.to(hop.dtype), mask, positions),))
+                        replay = (outputs, mask, positions)
                 return hops
             except Exception as exc:
                 for hop in hops:

@@ -188,3 +188,39 @@ def test_when_nothing_works_the_error_says_what_was_tried(tiny_llama_dir):
                 layers(torch.randn(1, 2, 64))
         finally:
             model.close()
+
+
+def test_beam_search_survives_a_kill_with_identical_output(replica_swarm, embedded_dir, llama_local, tokenizer):
+    """Replay must reproduce the beam reorderings the failed server had applied to its cache."""
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    ids = tokenizer(PROMPT, return_tensors="pt")["input_ids"]
+    kwargs = dict(max_new_tokens=12, do_sample=False, num_beams=3)
+    expected = llama_local.generate(ids, **kwargs)
+    model = _client(embedded_dir, replica_swarm)
+    killed = []
+
+    class KillAfter(LogitsProcessor):  # runs once per step, between the step's forward pass and the next
+        def __init__(self, session):
+            self.session, self.calls = session, 0
+
+        def __call__(self, input_ids, scores):
+            self.calls += 1
+            if self.calls == 6 and not killed:
+                peer = next(p for p, span in self.session.chain if 14 in span)
+                victim = replica_swarm.server_by_peer(peer)
+                os.kill(victim.process.pid, signal.SIGKILL)
+                killed.append(victim)
+            return scores
+
+    try:
+        with model.inference_session(max_length=64) as session:
+            got = model.generate(ids, logits_processor=LogitsProcessorList([KillAfter(session)]), **kwargs)
+            assert session.failovers >= 1
+        assert got.tolist() == expected.tolist()
+    finally:
+        model.close()
+        for victim in killed:
+            span = dict(zip([c.name for c in replica_swarm.servers], replica_swarm.spans))[victim.name]
+            replica_swarm.start_server(span)
+            replica_swarm.spans.append(span)
