@@ -8,6 +8,7 @@ positions, and continues with the step. The caller sees the same outputs as in a
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import uuid
 from dataclasses import dataclass, field
@@ -60,6 +61,7 @@ class _Hop:
     record: ServerRecord
     span: BlockRange
     stream: SessionStream
+    session_id: str  # this hop's id at its server: unique, since one server may run two spans of a session
     history: _History = field(default_factory=_History)
 
     @property
@@ -82,6 +84,7 @@ class InferenceSession:
         self.swarm = seq.swarm
         self.max_length = max_length
         self.session_id = uuid.uuid4().hex
+        self._hop_ids = itertools.count()
         self.position = 0  # tokens the servers hold for this session
         self.batch_size: Optional[int] = None
         self.output_ids: Optional[torch.Tensor] = None  # token history, kept by the model's generate()
@@ -199,7 +202,7 @@ class InferenceSession:
     async def _send(self, hop: _Hop, hidden, mask, positions, hypo_ids, past: Optional[int] = None) -> torch.Tensor:
         timeout_s = self.swarm.config.step_timeout_s + hidden.shape[1] * self.swarm.config.token_timeout_s
         past = self.position if past is None else past
-        step = SessionStep(self.session_id, hidden.to(hop.dtype), attention_mask=mask, position_ids=positions,
+        step = SessionStep(hop.session_id, hidden.to(hop.dtype), attention_mask=mask, position_ids=positions,
                            hypo_ids=hypo_ids, prompts=self._hop_prompts(hop, past))
         try:
             reply: SessionStepReply = await asyncio.wait_for(hop.stream.call(step, SessionStepReply, timeout_s), timeout_s)
@@ -221,15 +224,16 @@ class InferenceSession:
                 for record, span in chain:
                     current = record
                     lora = None if self.lora is None else self.lora.for_blocks(span)
+                    hop_id = f"{self.session_id}.{next(self._hop_ids)}"
                     request = OpenSession(
-                        self.session_id, span, self.max_length, self.batch_size,
+                        hop_id, span, self.max_length, self.batch_size,
                         lora={k: t.to(dtype_from_name(record.dtype)) for k, t in lora.to_flat().items()} or None
                         if lora is not None else None,
                         lora_scaling=1.0 if lora is None else lora.scaling,
                         active_adapter=self.active_adapter,
                     )
                     stream = await SessionStream.open(self.swarm.peer, record, request, self.swarm.config.step_timeout_s)
-                    hop = _Hop(record, span, stream)
+                    hop = _Hop(record, span, stream, hop_id)
                     hops.append(hop)
                     if replay is not None:
                         hidden, mask, positions = replay

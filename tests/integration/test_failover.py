@@ -64,19 +64,18 @@ class _Saboteur(BaseStreamer):
         return next(t for t in self.times if t > self.kill_time) - self.kill_time
 
 
-def _restore(swarm, victim, span_of):
-    """Put the swarm back as it was: a new server for the victim's span (the victim is dead or resumed)."""
-    if victim.process.poll() is None:
-        victim.process.send_signal(signal.SIGCONT)
-        return
-    swarm.start_server(span_of[victim.name])
+def _restore_span(swarm, victim):
+    """Put the swarm back as it was: a new server for a killed server's span, so later tests find replicas."""
+    span = dict(zip([c.name for c in swarm.servers], swarm.spans))[victim.name]
+    swarm.start_server(span)
+    swarm.spans = [*swarm.spans, span]
 
 
 @pytest.mark.parametrize("block", [0, 14, 29], ids=["first", "middle", "last"])
 def test_sigkill_mid_generation_recovers_with_identical_tokens(block, replica_swarm, expected_tokens, embedded_dir):
     ids, expected = expected_tokens
-    span_of = {c.name: s for c, s in zip(replica_swarm.servers, replica_swarm.spans)}
     model = _client(embedded_dir, replica_swarm)
+    saboteur = None
     try:
         with model.inference_session(max_length=64) as session:
             saboteur = _Saboteur(replica_swarm, session, block, after=8, sig=signal.SIGKILL)
@@ -87,11 +86,8 @@ def test_sigkill_mid_generation_recovers_with_identical_tokens(block, replica_sw
         assert saboteur.next_token_delay_s() < 2.0, f"next token {saboteur.next_token_delay_s():.2f} s after the kill"
     finally:
         model.close()
-        replica_swarm.spans = list(replica_swarm.spans)
-        if saboteur.victim is not None:
-            span = span_of[saboteur.victim.name]
-            replica_swarm.start_server(span)
-            replica_swarm.spans.append(span)
+        if saboteur is not None and saboteur.victim is not None:
+            _restore_span(replica_swarm, saboteur.victim)
 
 
 def test_sigstop_is_detected_and_sigcont_harms_nothing(replica_swarm, expected_tokens, embedded_dir):
@@ -124,6 +120,7 @@ def test_sigstop_is_detected_and_sigcont_harms_nothing(replica_swarm, expected_t
 def test_forward_backward_survive_a_killed_server(replica_swarm, embedded_dir, llama_local, tokenizer):
     ids = tokenizer(PROMPT, return_tensors="pt")["input_ids"]
     model = _client(embedded_dir, replica_swarm)
+    victim = None
     try:
         embeds = llama_local.model.embed_tokens(ids).detach()
         reference_in = embeds.clone().requires_grad_(True)
@@ -134,7 +131,8 @@ def test_forward_backward_survive_a_killed_server(replica_swarm, embedded_dir, l
         out = model.model.layers(remote_in)
         _, hops = out.grad_fn.saved  # the servers the forward pass used: (pieces, [[(record, span, inputs)]])
         record = next(record for record, span, *_ in hops[0] if 14 in span)
-        os.kill(replica_swarm.server_by_peer(record.peer_id).process.pid, signal.SIGKILL)  # backward needs it
+        victim = replica_swarm.server_by_peer(record.peer_id)
+        os.kill(victim.process.pid, signal.SIGKILL)  # the backward pass needs it
         out.pow(2).mean().backward()
         assert torch.allclose(out, reference, rtol=1e-5, atol=1e-4)
         error = (remote_in.grad - reference_in.grad).abs().max() / reference_in.grad.abs().max()
@@ -143,6 +141,8 @@ def test_forward_backward_survive_a_killed_server(replica_swarm, embedded_dir, l
         assert torch.allclose(again, reference, rtol=1e-5, atol=1e-4)
     finally:
         model.close()
+        if victim is not None:
+            _restore_span(replica_swarm, victim)
 
 
 def test_server_joining_later_is_used(tiny_llama_dir):
@@ -221,6 +221,28 @@ def test_beam_search_survives_a_kill_with_identical_output(replica_swarm, embedd
     finally:
         model.close()
         for victim in killed:
-            span = dict(zip([c.name for c in replica_swarm.servers], replica_swarm.spans))[victim.name]
-            replica_swarm.start_server(span)
-            replica_swarm.spans.append(span)
+            _restore_span(replica_swarm, victim)
+
+
+def test_a_chain_may_visit_one_server_twice(tiny_llama_dir):
+    """A slow server holding everything and a fast one holding the middle: the least-time chain goes slow -> fast
+    -> slow, so one server runs two spans of the same session."""
+    from transformers import LlamaForCausalLM
+
+    from corolla import DistributedLlamaForCausalLM
+
+    with LocalSwarm(model=str(tiny_llama_dir), spans=[], dht_prefix="twice") as swarm:
+        slow = swarm.start_server(BlockRange(0, 4), extra_args=["--throughput", "1"])
+        fast = swarm.start_server(BlockRange(1, 3), extra_args=["--throughput", "1000"])
+        model = DistributedLlamaForCausalLM.from_pretrained(
+            str(tiny_llama_dir), initial_peers=swarm.initial_peers, dht_prefix="twice", client_config=FAST_FAILOVER)
+        try:
+            ids = torch.tensor([[5, 6, 7, 8, 9]])
+            with model.inference_session(max_length=16) as session:
+                got = model.generate(ids, max_new_tokens=6, do_sample=False)
+                assert session.chain == [(slow.peer_id, BlockRange(0, 1)), (fast.peer_id, BlockRange(1, 3)),
+                                         (slow.peer_id, BlockRange(3, 4))]
+            local = LlamaForCausalLM.from_pretrained(tiny_llama_dir).eval()
+            assert got.tolist() == local.generate(ids, max_new_tokens=6, do_sample=False).tolist()
+        finally:
+            model.close()
