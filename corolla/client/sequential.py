@@ -133,6 +133,7 @@ class RemoteSequential(nn.Module):
                 except Exception as exc:
                     self._handle_failure(record, span, exc, attempts)
                     break  # plan the remaining blocks again, without that server
+                self.swarm.report_success(record.peer_id)
                 hops.append((record, span, inputs, reply.activation_id))
                 hidden = reply.hidden_states
                 position = span.end

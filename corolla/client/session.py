@@ -185,6 +185,7 @@ class InferenceSession:
                 self._hops[index : index + 1] = replacements
                 fresh.update(id(h) for h in replacements)  # replayed with this step's reordering already applied
                 continue
+            self.swarm.report_success(hop.record.peer_id)  # a server that answers again starts its bans over
             if id(hop) not in fresh:
                 hop.history = hop.history.reordered(hypo_ids)
             hop.history = hop.history.appended(hidden.to(hop.dtype), mask, positions)

@@ -179,10 +179,6 @@ def _probe() -> tuple[bool, bool, str]:
         _sh(["ip", "netns", "del", probe], check=False)
 
 
-def netem_available() -> bool:
-    return _probe()[1]
-
-
 def netns_available() -> tuple[bool, str]:
     """Whether ``NetnsSwarm`` can run here, and why not (or which backend it will use)."""
     works, netem, reason = _probe()
