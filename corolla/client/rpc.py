@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from typing import Optional
 
 from corolla.core.errors import CorollaError, RemoteError
@@ -32,10 +33,9 @@ async def call_unary(
     async def _call() -> Message:
         reader, writer = await peer.open_stream(record.peer_id, RPC_PROTOCOL, record.maddrs)
         try:
-            try:
+            # the server may reject a request (too large, say) before reading all of it: then read why it did
+            with contextlib.suppress(ConnectionError):
                 await write_message(writer, request, version)
-            except ConnectionError:
-                pass  # the server may have rejected the request (e.g. too large) before reading it all: read why
             return _check_reply(await read_message(reader, REPLY_MAX_BYTES), expected, record)
         finally:
             writer.close()
