@@ -77,9 +77,6 @@ class Peer:
     def now() -> float:
         return get_dht_time()
 
-    async def announce(self, key: str, subkey: str, value: Any, expiration_time: float) -> bool:
-        return await self._dht.store(key, value, expiration_time, subkey=subkey)
-
     async def announce_many(self, items: Sequence[tuple[str, str, Any]], expiration_time: float) -> bool:
         keys = [key for key, _, _ in items]
         subkeys = [subkey for _, subkey, _ in items]

@@ -116,12 +116,12 @@ class RequestHandler:
         if isinstance(request, InfoRequest):
             return self.info()
         if isinstance(request, ForwardRequest):
-            self._check_batch_request(request)
-            return await self._run(self._forward, request)
+            lora = self._check_batch_request(request)
+            return await self._run(self._forward, request, lora)
         if isinstance(request, BackwardRequest):
-            self._check_batch_request(request)
+            lora = self._check_batch_request(request)
             check_same_shape("grad_outputs", request.grad_outputs, request.hidden_states)
-            return await self._run(self._backward, request)
+            return await self._run(self._backward, request, lora)
         if isinstance(request, SessionStep):
             owner = "belongs to another stream" if request.session_id in self.sessions else "is not open here"
             raise BadRequestError(
@@ -129,7 +129,8 @@ class RequestHandler:
             )
         raise BadRequestError(f"{type(request).__name__} is not a request this server answers")
 
-    def _check_batch_request(self, request: ForwardRequest | BackwardRequest) -> None:
+    def _check_batch_request(self, request: ForwardRequest | BackwardRequest) -> Optional[LoraSet]:
+        """Validate the request; returns the LoRA weights it asks for (validated once, here)."""
         check_blocks(request.blocks, self.stack.blocks)
         hidden = request.hidden_states
         check_hidden("hidden_states", hidden, self.stack.hidden_size, self.stack.dtype, self.config.max_batch_tokens)
@@ -137,7 +138,7 @@ class RequestHandler:
         check_mask("attention_mask", request.attention_mask, batch, seq)
         check_positions(request.position_ids, batch, seq, self.max_positions)
         check_prompts(request.prompts, request.blocks, batch, self.stack.hidden_size, self.stack.dtype)
-        self._lora(request)  # validates the LoRA weights or the adapter name
+        return self._lora(request)
 
     def _lora(self, request) -> Optional[LoraSet]:
         """The LoRA weights a request asks for: its own (validated) or a server-loaded adapter's; None for neither."""
@@ -166,20 +167,19 @@ class RequestHandler:
         prompts = None if request.prompts is None else request.prompts.to(device)
         return request.hidden_states.to(device), mask.to(device), positions, prompts
 
-    def _forward(self, request: ForwardRequest) -> ForwardReply:
+    def _forward(self, request: ForwardRequest, lora: Optional[LoraSet]) -> ForwardReply:
         if request.keep_activations:
-            graph = self._graph(request)
+            graph = self._graph(request, lora)
             return ForwardReply(hidden_states=graph.outputs.detach(), activation_id=self.activations.put(graph))
         hidden, mask, positions, prompts = self._inputs(request)
-        with torch.inference_mode(), lora_applied(self.stack, self._lora(request)):
+        with torch.inference_mode(), lora_applied(self.stack, lora):
             outputs = self.stack(hidden, mask, positions, None, span=request.blocks, prompts=prompts)
         return ForwardReply(hidden_states=outputs)
 
-    def _graph(self, request: ForwardRequest | BackwardRequest) -> Graph:
+    def _graph(self, request: ForwardRequest | BackwardRequest, lora: Optional[LoraSet]) -> Graph:
         """Run the request's forward pass with autograd, ready to differentiate w.r.t. its inputs, prompts and the
         client's LoRA weights (a server-loaded adapter gets no gradient)."""
         hidden, mask, positions, prompts = self._inputs(request)
-        lora = self._lora(request)
         trained = request.lora is not None
         with torch.enable_grad():
             inputs = hidden.detach().requires_grad_(True)
@@ -205,7 +205,7 @@ class RequestHandler:
         width = 12 * config.hidden_size + 4 * getattr(config, "intermediate_size", 4 * config.hidden_size)
         return hidden.shape[0] * hidden.shape[1] * len(blocks) * width * hidden.element_size()
 
-    def _backward(self, request: BackwardRequest) -> BackwardReply:
+    def _backward(self, request: BackwardRequest, lora: Optional[LoraSet]) -> BackwardReply:
         graph = self.activations.take(request.activation_id) if request.activation_id else None
         if graph is not None and (graph.blocks != request.blocks or graph.outputs.shape != request.grad_outputs.shape):
             raise BadRequestError(
@@ -213,7 +213,7 @@ class RequestHandler:
                 f"{list(graph.outputs.shape)}, not {request.blocks} and {list(request.grad_outputs.shape)}"
             )
         if graph is None:  # never kept, evicted, expired, or kept by another server: recompute
-            graph = self._graph(request)
+            graph = self._graph(request, lora)
         with torch.enable_grad():
             grads = torch.autograd.grad(graph.outputs, graph.wrt, request.grad_outputs.to(graph.outputs.device),
                                         allow_unused=True)

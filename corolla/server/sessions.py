@@ -1,7 +1,7 @@
 """Inference sessions: the per-session state a server keeps between steps."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
@@ -22,7 +22,6 @@ class SessionState:
     mask: torch.Tensor  # [batch, position]: 1 = token, 0 = padding, for everything cached so far
     lora: Optional[LoraSet] = None  # LoRA weights applied in every step (the client's, or a loaded adapter's)
     position: int = 0  # tokens cached so far
-    steps: int = field(default=0)
 
     @property
     def reserved_tokens(self) -> int:
@@ -87,5 +86,4 @@ def run_step(
         )
     session.mask = full_mask
     session.position += new
-    session.steps += 1
     return outputs
