@@ -1,7 +1,8 @@
 """Inference over distance: a three-server chain whose hosts are network namespaces with emulated delay and rate.
 
 Run (root; see corolla/testing/netns.py): .venv/bin/python benchmarks/bench_distance.py [--new-tokens 24]
-    [--recovery-tokens 40] [--kill-after 10] [--no-recovery] [--keep-logs DIR]
+    [--recovery-tokens 40] [--kill-after 10] [--no-recovery] [--speculative-tokens 48] [--no-speculative]
+    [--keep-logs DIR]
 
 Hosts: ``dht``, ``s0``/``s1``/``s2`` (blocks 0:10, 10:20, 20:30), ``client``, and for the recovery part ``r0``/``r1``
 (a second chain: 0:15, 15:30). Every impairment applies to what a host sends, so the RTT between two hosts is the
@@ -20,6 +21,12 @@ Recovery (under (a)): with the second chain up, the client generates ``--recover
 and, right after token ``--kill-after``, SIGKILLs the process group of the server in the middle of the chain its
 session uses. It reports the gap between the tokens before and after the kill against the median gap, and whether
 the tokens equal the unbroken run -- or "recovery: failed: <error>" if the generation raised.
+
+Speculative decoding (under (b), then with no delay): greedy ``generate()`` of ``--speculative-tokens`` tokens by
+the plain distributed model, by ``AutoDistributedSpeculativeModel`` with the embedded model itself as the draft (it
+agrees with the swarm on nearly every token) and with a tiny random model of the same vocabulary as the draft (it
+almost never agrees), in one client process; tokens per second over the whole call (prefill included), the ratio
+to plain, rounds (verification steps), drafts accepted, and whether the tokens equal plain greedy.
 
 The client always runs on its own host: this file's ``client`` mode, started under ``ip netns exec``, prints JSON.
 """
@@ -118,7 +125,9 @@ def client_main(config: dict) -> dict:
     )
     try:
         model.generate(input_ids, max_new_tokens=2, do_sample=False)  # warm-up: connections, route, DHT lookups
-        if config["mode"] == "throughput":
+        if config["mode"] == "speculative":
+            result.update(_speculative(model, input_ids, config))
+        elif config["mode"] == "throughput":
             streamer = _make_streamer(lambda n: None)
             started = time.monotonic()
             model.generate(input_ids, max_new_tokens=config["new_tokens"], do_sample=False, streamer=streamer)
@@ -128,6 +137,39 @@ def client_main(config: dict) -> dict:
     finally:
         model.close()
     return result
+
+
+def _speculative(plain, input_ids, config: dict) -> dict:
+    """Plain greedy decoding against speculative decoding with a draft that agrees and one that does not."""
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    from corolla import AutoDistributedSpeculativeModel
+
+    same = AutoModelForCausalLM.from_pretrained(config["model"], dtype=torch.float32).eval()
+    torch.manual_seed(0)
+    tiny = LlamaForCausalLM(LlamaConfig(vocab_size=same.config.vocab_size, hidden_size=64, intermediate_size=128,
+                                        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)).eval()
+    new_tokens = config["new_tokens"]
+    runs: dict = {}
+
+    def timed(model, name):
+        model.generate(input_ids, max_new_tokens=2, do_sample=False)  # warm-up
+        started = time.monotonic()
+        out = model.generate(input_ids, max_new_tokens=new_tokens, do_sample=False)
+        elapsed = time.monotonic() - started
+        runs[name] = {"s": elapsed, "tokens": out[0, input_ids.shape[1]:].tolist(),
+                      "stats": dict(getattr(model, "last_speculation", {}) or {})}
+
+    timed(plain, "plain")
+    for name, draft in (("same", same), ("random", tiny)):
+        model = AutoDistributedSpeculativeModel.from_pretrained(
+            config["model"], initial_peers=config["initial_peers"], torch_dtype=torch.float32, small_model=draft)
+        try:
+            timed(model, name)
+        finally:
+            model.close()
+    return {"speculative": runs}
 
 
 def _recovery(model, input_ids, config: dict) -> dict:
@@ -185,6 +227,8 @@ def main() -> int:
     parser.add_argument("--recovery-tokens", type=int, default=40)
     parser.add_argument("--kill-after", type=int, default=10)
     parser.add_argument("--no-recovery", action="store_true")
+    parser.add_argument("--speculative-tokens", type=int, default=48)
+    parser.add_argument("--no-speculative", action="store_true")
     parser.add_argument("--keep-logs", default=None, help="keep logs and address files in this directory")
     args = parser.parse_args()
 
@@ -212,6 +256,8 @@ def main() -> int:
                       "new_tokens": args.new_tokens, "local_reference": i == 0}
             results.append((label, _run_client(net, config, f"client-{i}")))
         _print_throughput(results, args)
+        if not args.no_speculative:
+            _measure_speculative(net, model_dir, args)
         if not args.no_recovery:
             _measure_recovery(net, model_dir, primaries, args)
     print(f"\ntotal {time.monotonic() - started:.0f} s; every namespace and process removed")
@@ -241,6 +287,27 @@ def _print_throughput(results: list, args) -> None:
         print(f"  {label:<52} {_fmt_rate(swarm['steps_per_s'])} steps/s   "
               f"first token {swarm['first_token_s']:.3f} s   median step {swarm['median_step_s'] * 1000:6.1f} ms   "
               f"x{ratio:.2f} of local   {same}")
+
+
+def _measure_speculative(net, model_dir: str, args) -> None:
+    print(f"\nspeculative decoding: greedy, {args.speculative_tokens} new tokens, 3-server chain; tokens/s over the "
+          "whole generate() call")
+    for label, delay_ms, rate_mbit in (PHASES[2], PHASES[0]):
+        net.shape_all(delay_ms=delay_ms, rate_mbit=rate_mbit)
+        config = {"mode": "speculative", "model": model_dir, "initial_peers": net.initial_peers,
+                  "new_tokens": args.speculative_tokens}
+        runs = _run_client(net, config, f"client-speculative-{int(delay_ms)}")["speculative"]
+        plain = runs["plain"]
+        print(f"  {label}")
+        for name, text in (("plain", "plain generate()"), ("same", "speculative, draft = the embedded model"),
+                           ("random", "speculative, draft = a random tiny model")):
+            run = runs[name]
+            rate = len(run["tokens"]) / run["s"]
+            stats = run["stats"]
+            detail = (f"{stats['rounds']:3d} rounds, {stats['accepted']:3d}/{stats['drafted']:3d} drafts accepted"
+                      if stats else "one step per token")
+            same = "same tokens as plain" if run["tokens"] == plain["tokens"] else "TOKENS DIFFER"
+            print(f"    {text:<42} {rate:6.2f} tokens/s  x{plain['s'] / run['s']:.2f} of plain   {detail}   {same}")
 
 
 def _measure_recovery(net, model_dir: str, primaries: list, args) -> None:

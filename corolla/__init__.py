@@ -4,6 +4,8 @@ Public API (names resolve lazily, so ``import corolla`` is cheap and starts noth
 
 - ``AutoDistributedModelForCausalLM``, ``DistributedLlamaForCausalLM``, ``DistributedBloomForCausalLM``:
   models whose blocks run in a swarm; ``from_pretrained(name_or_path, initial_peers=[...])``.
+- ``AutoDistributedSpeculativeModel``: the same, decoding speculatively with a small local draft model
+  (``from_pretrained(name, small_model=..., initial_peers=[...])``).
 - ``RemoteSequential``, ``InferenceSession``: the remote block stack and its sessions.
 - ``ServerConfig``, ``ClientConfig``: settings objects.
 - ``BlockRange``, ``EMBEDDED_MODEL_NAME`` and the error types (also in ``corolla.core.errors``).
@@ -19,6 +21,9 @@ _EXPORTS = {
     "AutoDistributedModelForSequenceClassification": "corolla.client.model",
     "DistributedLlamaForSequenceClassification": "corolla.client.model",
     "DistributedBloomForSequenceClassification": "corolla.client.model",
+    "AutoDistributedSpeculativeModel": "corolla.client.speculative_model",
+    "DistributedLlamaForSpeculativeGeneration": "corolla.client.speculative_model",
+    "DistributedBloomForSpeculativeGeneration": "corolla.client.speculative_model",
     "RemoteSequential": "corolla.client.sequential",
     "InferenceSession": "corolla.client.session",
     "ClientConfig": "corolla.client.config",
@@ -27,6 +32,7 @@ _EXPORTS = {
     "CorollaError": "corolla.core.errors",
     "BlocksNotServedError": "corolla.core.errors",
     "RemoteError": "corolla.core.errors",
+    "AdapterNotServedError": "corolla.core.errors",
     "EMBEDDED_MODEL_NAME": "corolla.models.embedded",
 }
 

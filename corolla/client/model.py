@@ -6,6 +6,7 @@ a ``RemoteCache`` so that every step sends only the new tokens to servers that k
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 from typing import Optional
 
@@ -52,7 +53,31 @@ class RemoteBaseModel(nn.Module):
         setattr(self, layers, RemoteSequential(swarm))
         self.prompt_tuning: Optional[PromptTuning] = None  # set by tuning_mode="ptune" / "deep_ptune"
         self.remote_lora: Optional[RemoteLora] = None  # set by tuning_mode="lora"
-        self.active_adapter: Optional[str] = None  # a LoRA adapter loaded by the servers, for every request
+        # word_embeddings_layernorm of families without one; kept out of the submodules (it holds nothing)
+        object.__setattr__(self, "_identity", nn.Identity())
+
+    # Petals' names and Hugging Face's, for every family: the same modules under both.
+    _ALIASES = {"word_embeddings": 0, "embed_tokens": 0, "ln_f": 1, "norm": 1, "h": 2, "layers": 2}
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            index = RemoteBaseModel._ALIASES.get(name)
+            if index is not None and name != self._names[index]:
+                return getattr(self, self._names[index])
+            if name == "word_embeddings_layernorm":
+                return self.__dict__["_identity"]
+            raise
+
+    @property
+    def active_adapter(self) -> Optional[str]:
+        """The server-loaded LoRA adapter every request uses; kept in ``config.active_adapter`` as in Petals."""
+        return getattr(self.config, "active_adapter", None)
+
+    @active_adapter.setter
+    def active_adapter(self, name: Optional[str]) -> None:
+        self.config.active_adapter = name
 
     @property
     def remote_layers(self) -> RemoteSequential:
@@ -81,6 +106,10 @@ class RemoteBaseModel(nn.Module):
         session = cache.session if isinstance(cache, RemoteCache) else None
         if cache is not None and session is None:
             raise TypeError(f"a distributed model keeps its cache on the servers; got a local {type(cache).__name__}")
+        manual = session is None and self.remote_layers.active_session is not None
+        if manual:  # ``model(ids)`` inside ``with model.inference_session(...)``: the session's next tokens
+            session = self.remote_layers.active_session
+            held = max(0, session.position - session.prefix_length)
         prefix = 0
         if self.prompt_tuning is not None:
             hidden, attention_mask, position_ids, prefix = self._with_soft_prompt(hidden, attention_mask, position_ids, session)
@@ -96,7 +125,10 @@ class RemoteBaseModel(nn.Module):
                 deep_prompts = deep_prompts.to(hidden.dtype)
             else:
                 deep_prompts = None
-            hidden = session.step(hidden, new_mask, position_ids, hypo_ids=cache.take_hypo_ids(), prompts=deep_prompts)
+            hypo_ids = None if manual else cache.take_hypo_ids()
+            hidden = session.step(hidden, new_mask, position_ids, hypo_ids=hypo_ids, prompts=deep_prompts)
+            if manual:
+                _record_tokens(session, held, input_ids, new_mask)
         else:
             if deep_prompts is not None:
                 deep_prompts = deep_prompts.to(hidden.dtype)
@@ -126,6 +158,20 @@ class RemoteBaseModel(nn.Module):
         if session is not None:
             session.prefix_length = prefix
         return hidden, attention_mask, position_ids, prefix
+
+
+def _record_tokens(session: InferenceSession, held: int, input_ids, mask) -> None:
+    """Keep ``session.output_ids`` (the token ids the servers hold) true after a step made by calling the model:
+    the ``held`` tokens before it, then ``input_ids``; unknown (None) when the step came as embeddings."""
+    if input_ids is None or (session.output_ids is None and held > 0):
+        session.output_ids = session.output_mask = None
+        return
+    mask = torch.ones_like(input_ids) if mask is None else mask.to(input_ids.device)
+    if session.output_ids is None:
+        session.output_ids, session.output_mask = input_ids, mask
+        return
+    session.output_ids = torch.cat([session.output_ids[:, :held], input_ids.to(session.output_ids.device)], dim=1)
+    session.output_mask = torch.cat([session.output_mask[:, :held], mask.to(session.output_mask.dtype)], dim=1)
 
 
 class DistributedModelMixin:
@@ -181,7 +227,8 @@ class DistributedModelMixin:
             tuning = TuningConfig(TuningMode(tuning_mode or "none"), pre_seq_len, lora_rank, lora_alpha,
                                   None if lora_target_modules is None else tuple(lora_target_modules))
             model._set_up_tuning(tuning, family)
-            getattr(model, cls._base_attr).active_adapter = active_adapter
+            if active_adapter is not None:
+                config.active_adapter = active_adapter
             model.to(resolve_dtype(dtype or torch_dtype, config))
         except BaseException:
             swarm.close()
@@ -191,6 +238,14 @@ class DistributedModelMixin:
         return model
 
     _new_head_prefixes: tuple[str, ...] = ()  # task heads trained from scratch: not in the checkpoint
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name in ("model", "transformer") and name != self._base_attr:  # Petals' and HF's name of the base
+                return getattr(self, self._base_attr)
+            raise
 
     def _set_up_tuning(self, tuning: TuningConfig, family) -> None:
         base = getattr(self, self._base_attr)
@@ -246,10 +301,25 @@ class DistributedModelMixin:
         return getattr(self, self._base_attr).remote_layers
 
     def inference_session(self, max_length: int) -> InferenceSession:
-        """``with model.inference_session(max_length=N) as sess:`` keeps server caches across generate() calls."""
-        session = self._new_session(max_length)
-        self._active_session = session
-        return session
+        """``with model.inference_session(max_length=N) as session:`` keeps the servers' attention caches across
+        ``generate()`` calls and ``model(...)`` calls inside the block (N counts every token the session will hold)."""
+        return self._new_session(max_length)
+
+    @property
+    def active_session(self) -> Optional[InferenceSession]:
+        """The session entered with ``with model.inference_session(...)``, if any (Petals' name)."""
+        session = self.remote_layers.active_session
+        return None if session is None or session._closed else session
+
+    @contextlib.contextmanager
+    def use_session(self, session: Optional[InferenceSession]):
+        """Make ``session`` (opened earlier, not closed) the active one inside the ``with`` block (Petals' name)."""
+        layers = self.remote_layers
+        previous, layers.active_session = layers.active_session, session
+        try:
+            yield session
+        finally:
+            layers.active_session = previous
 
     def _new_session(self, max_length: int) -> InferenceSession:
         """A session with this model's LoRA weights (as they are now) or server adapter, and room for its prompt."""
@@ -258,56 +328,82 @@ class DistributedModelMixin:
         lora = None if base.remote_lora is None else base.remote_lora.lora_set()
         return self.remote_layers.inference_session(max_length + prefix, lora=lora, active_adapter=base.active_adapter)
 
-    def _current_session(self) -> Optional[InferenceSession]:
-        session = getattr(self, "_active_session", None)
-        if session is not None and session._closed:
-            self._active_session = session = None
-        return session
-
     def generate(self, inputs: Optional[torch.Tensor] = None, *args, session: Optional[InferenceSession] = None, **kwargs):
         """Hugging Face ``generate()`` with the blocks in the swarm.
 
-        Inside ``with model.inference_session(...)`` (or with ``session=``), each call continues the session:
-        ``inputs`` are appended to what the session has seen, and ``generate(None, max_new_tokens=k)`` simply
-        continues. The returned ids cover the whole session so far.
+        Without a session, it opens one for this call and returns the inputs followed by the new tokens, as
+        transformers does. Inside ``with model.inference_session(...)`` (or with ``session=``), each call continues
+        the session, with Petals' results: the first call returns its inputs and the new tokens; a later
+        ``generate(new_ids)`` appends ``new_ids`` to everything the session holds and returns ``new_ids`` and the new
+        tokens; ``generate(None)`` continues and returns only the new tokens. After ``session.position = k`` the
+        session continues from its first ``k`` tokens.
         """
         if inputs is None and kwargs.get("input_ids") is not None:
             inputs = kwargs.pop("input_ids")
         kwargs.pop("input_ids", None)
-        session = session or self._current_session()
+        if kwargs.get("max_length") is None:
+            kwargs.pop("max_length", None)
+        session = session or self.active_session
         owns_session = session is None
-        history = None if session is None else session.output_ids
-        if inputs is None:
-            if history is None:
-                raise ValueError("generate(None) continues an inference session, but none has produced tokens yet")
-            inputs = history
-            kwargs["attention_mask"] = session.output_mask
-        elif history is not None:
-            if history.shape[0] != inputs.shape[0]:
-                raise ValueError(f"the session holds batch {history.shape[0]}, got inputs with batch {inputs.shape[0]}")
-            mask = kwargs.get("attention_mask")
-            mask = torch.ones_like(inputs) if mask is None else mask
-            kwargs["attention_mask"] = torch.cat([session.output_mask, mask.to(session.output_mask.dtype)], dim=1)
-            inputs = torch.cat([history, inputs.to(history.device)], dim=1)
+        inputs, previous = self._session_inputs(session, inputs, kwargs)
         if kwargs.get("attention_mask") is None:
             kwargs.pop("attention_mask", None)
         if owns_session:
             session = self._new_session(self._session_length(inputs, kwargs))
+        elif session.position - session.prefix_length >= inputs.shape[1]:
+            # the servers hold every input token (after a rewind, or model(...) steps): generate() needs the logits
+            # of the last one, so it is run again
+            session.position = session.prefix_length + inputs.shape[1] - 1
         try:
             outputs = super().generate(inputs, *args, cache=RemoteCache(session), **kwargs)
         finally:
             if owns_session:
                 session.close()
         sequences = outputs if isinstance(outputs, torch.Tensor) else outputs.sequences
-        if not owns_session and sequences.shape[0] == inputs.shape[0]:
-            session.output_ids = sequences
-            mask = kwargs.get("attention_mask")
-            mask = torch.ones_like(inputs) if mask is None else mask
-            extra = torch.ones(sequences.shape[0], sequences.shape[1] - mask.shape[1], dtype=mask.dtype, device=mask.device)
-            session.output_mask = torch.cat([mask, extra], dim=1)
-        elif not owns_session:
-            session.output_ids = None  # beams or several return sequences: rows no longer match the cache
+        if not owns_session:
+            self._remember_tokens(session, inputs, sequences, kwargs.get("attention_mask"))
+        if previous == 0:
+            return outputs
+        if isinstance(outputs, torch.Tensor):
+            return outputs[:, previous:]
+        outputs.sequences = sequences[:, previous:]
         return outputs
+
+    @staticmethod
+    def _session_inputs(session: Optional[InferenceSession], inputs, kwargs) -> tuple[torch.Tensor, int]:
+        """The whole sequence to hand to transformers' ``generate()`` (the session's tokens, then ``inputs``; the
+        attention mask in ``kwargs`` extended likewise), and how many of its tokens earlier calls returned."""
+        history = None if session is None else session.output_ids
+        held = 0 if session is None else session.position - session.prefix_length
+        if history is None and held > 0:
+            raise ValueError(
+                f"this session holds {held} tokens that were sent as hidden states or embeddings, not token ids; "
+                "generate() cannot continue it (start a new session, or step it with model(input_ids=...))"
+            )
+        if inputs is None:
+            if history is None or history.shape[1] == 0:
+                raise ValueError("generate(None) continues an inference session, but none holds tokens yet")
+            kwargs["attention_mask"] = session.output_mask
+            return history, history.shape[1]
+        if history is None or history.shape[1] == 0:
+            return inputs, 0
+        if history.shape[0] != inputs.shape[0]:
+            raise ValueError(f"the session holds batch {history.shape[0]}, got inputs with batch {inputs.shape[0]}")
+        mask = kwargs.get("attention_mask")
+        mask = torch.ones_like(inputs) if mask is None else mask
+        kwargs["attention_mask"] = torch.cat([session.output_mask, mask.to(session.output_mask.dtype)], dim=1)
+        return torch.cat([history, inputs.to(history.device)], dim=1), history.shape[1]
+
+    @staticmethod
+    def _remember_tokens(session: InferenceSession, inputs, sequences, mask) -> None:
+        """After ``generate()`` in a session: the token ids of the session (the last one not yet sent)."""
+        if sequences.shape[0] != inputs.shape[0]:
+            session.output_ids = session.output_mask = None  # several sequences per input: rows no longer match
+            return
+        mask = torch.ones_like(inputs) if mask is None else mask
+        extra = torch.ones(sequences.shape[0], sequences.shape[1] - mask.shape[1], dtype=mask.dtype, device=mask.device)
+        session.output_ids = sequences
+        session.output_mask = torch.cat([mask, extra], dim=1)
 
     def _session_length(self, inputs: torch.Tensor, kwargs: dict) -> int:
         generation_config = kwargs.get("generation_config") or self.generation_config

@@ -18,7 +18,7 @@ def _check_reply(reply: Optional[Message], expected: type, record: ServerRecord)
     if reply is None:
         raise RemoteError("ConnectionClosed", "the server closed the stream without replying", record.peer_id)
     if isinstance(reply, ErrorReply):
-        raise RemoteError(reply.kind, reply.message, record.peer_id)
+        raise RemoteError.from_reply(reply.kind, reply.message, record.peer_id)
     if not isinstance(reply, expected):
         raise RemoteError("ProtocolError", f"expected {expected.__name__}, got {type(reply).__name__}", record.peer_id)
     return reply

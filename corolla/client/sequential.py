@@ -33,7 +33,7 @@ class RemoteSequential(nn.Module):
         super().__init__()
         self.swarm = swarm
         self.blocks = blocks if blocks is not None else BlockRange(0, swarm.num_blocks)
-        self.active_session = None  # set while a model-level inference session is open
+        self.active_session = None  # the session entered with ``with seq.inference_session(...)``, if any
 
     def __len__(self) -> int:
         return len(self.blocks)
@@ -69,9 +69,14 @@ class RemoteSequential(nn.Module):
     ) -> torch.Tensor:
         """[batch, seq, hidden] -> [batch, seq, hidden] through every block, differentiable w.r.t. the input,
         the deep ``prompts`` ([blocks, batch or 1, prefix, hidden]) and the ``lora`` weights (a ``LoraSet`` whose
-        tensors may require grad). ``active_adapter`` names a LoRA adapter the servers loaded instead."""
+        tensors may require grad). ``active_adapter`` names a LoRA adapter the servers loaded instead.
+
+        Inside ``with seq.inference_session(...)`` the call is a step of that session instead (as in Petals):
+        the inputs are the session's next tokens and the servers keep their attention caches."""
         if hidden_states.dim() != 3:
             raise ValueError(f"hidden_states must be [batch, seq, hidden], got {list(hidden_states.shape)}")
+        if self.active_session is not None:  # inside ``with seq.inference_session(...)``: continue that session
+            return self.active_session.step(hidden_states, attention_mask, position_ids, prompts=prompts)
         if prompts is not None and (prompts.dim() != 4 or prompts.shape[0] != len(self)):
             raise ValueError(f"prompts must be [{len(self)} blocks, batch or 1, prefix, hidden], got {list(prompts.shape)}")
         if lora is not None:
@@ -122,7 +127,7 @@ class RemoteSequential(nn.Module):
         attempts: list[tuple[str, str]] = []
         position = blocks.start
         while position < blocks.end:
-            chain = await self.swarm.plan_batch(BlockRange(position, blocks.end))
+            chain = await self.swarm.plan_batch(BlockRange(position, blocks.end), extras.adapter)
             for record, span in chain:
                 dtype = dtype_from_name(record.dtype)
                 inputs = hidden.to(dtype)

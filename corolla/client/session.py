@@ -19,13 +19,17 @@ import torch
 from corolla.client.failures import describe_attempts, is_server_failure
 from corolla.client.rpc import SessionStream
 from corolla.core.blocks import BlockRange
-from corolla.core.errors import BadRequestError, CorollaError
+from corolla.core.errors import CorollaError, RemoteError
 from corolla.core.records import ServerRecord
 from corolla.models.lora import LoraSet
 from corolla.wire.codec import dtype_from_name
 from corolla.wire.messages import OpenSession, SessionStep, SessionStepReply
 
 logger = logging.getLogger(__name__)
+
+
+class SessionLengthError(ValueError):
+    """A step would take the session past the ``max_length`` it was opened with (a ``ValueError``, as in Petals)."""
 
 
 @dataclass(frozen=True)
@@ -48,6 +52,17 @@ class _History:
 
     def appended(self, hidden: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor) -> "_History":
         return _History(self.steps + ((hidden, mask, positions),))
+
+    def truncated(self, length: int) -> "_History":
+        """The history of the first ``length`` tokens only (after the session rewinds)."""
+        steps, kept = [], 0
+        for hidden, mask, positions in self.steps:
+            if kept >= length:
+                break
+            take = min(hidden.shape[1], length - kept)
+            steps.append((hidden[:, :take], mask[:, :take], positions[:, :take]))
+            kept += take
+        return _History(tuple(steps))
 
     def joined(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(hidden [batch, tokens, hidden], mask [batch, tokens], positions [batch, tokens]) of every step."""
@@ -75,6 +90,11 @@ class InferenceSession:
     ``step(hidden_states)`` sends the new tokens' hidden states ([batch, new, hidden], ``new`` may be 0) and
     returns their outputs; the servers remember every earlier step of this session. The server streams are
     opened on the first step, when the batch size is known. At most ``max_length`` tokens in all.
+
+    ``session.position`` is the number of tokens the servers hold; assigning a smaller value rewinds the session
+    (the servers drop the later tokens with the next step, and a replacement server after a failover is rebuilt
+    only up to it), as speculative decoding or regenerating an answer need. While the session is entered
+    (``with ... as session``), the ``RemoteSequential`` (and the model) it belongs to run their calls through it.
     """
 
     def __init__(self, seq, max_length: int, lora=None, active_adapter: Optional[str] = None):
@@ -85,7 +105,7 @@ class InferenceSession:
         self.max_length = max_length
         self.session_id = uuid.uuid4().hex
         self._hop_ids = itertools.count()
-        self.position = 0  # tokens the servers hold for this session
+        self._position = 0  # tokens the servers hold for this session (after the next step's rewind, if any)
         self.batch_size: Optional[int] = None
         self.output_ids: Optional[torch.Tensor] = None  # token history, kept by the model's generate()
         self.output_mask: Optional[torch.Tensor] = None  # its attention mask (0 = left padding)
@@ -97,6 +117,36 @@ class InferenceSession:
         self._prompts: Optional[torch.Tensor] = None  # deep prompts [blocks, 1, prefix, hidden], for replays
         self._hops: Optional[list[_Hop]] = None
         self._closed = False
+        self._entered_over: list = []  # the sessions that were active on ``seq`` before each __enter__
+
+    @property
+    def position(self) -> int:
+        """Tokens the servers hold for this session."""
+        return self._position
+
+    @position.setter
+    def position(self, value: int) -> None:
+        """Rewind to ``value`` tokens (0 <= value <= position): later tokens are forgotten by the servers."""
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"position must be an int, got {type(value).__name__}")
+        if not 0 <= value <= self._position:
+            raise ValueError(
+                f"a session can only rewind: position must be in 0..{self._position} (the tokens it holds), got {value}"
+            )
+        if 0 < value < self.prefix_length:
+            raise ValueError(
+                f"cannot rewind into the soft prompt (positions 0..{self.prefix_length - 1}): rewind to 0 to send it "
+                f"again, or to {self.prefix_length} or later"
+            )
+        if value == self._position:
+            return
+        self._position = value
+        for hop in self._hops or []:
+            hop.history = hop.history.truncated(value)
+        if self.output_ids is not None:  # tokens of the user's sequence the servers still hold
+            kept = max(0, value - self.prefix_length)
+            self.output_ids = self.output_ids[:, :kept]
+            self.output_mask = self.output_mask[:, :kept]
 
     @property
     def chain(self) -> list[tuple[str, BlockRange]]:
@@ -125,7 +175,7 @@ class InferenceSession:
             raise ValueError(f"hidden_states must be [batch, new, hidden], got {list(hidden_states.shape)}")
         batch, new = hidden_states.shape[:2]
         if self.position + new > self.max_length:
-            raise BadRequestError(
+            raise SessionLengthError(
                 f"a step of {new} tokens would bring the session to {self.position + new} tokens, "
                 f"past its max_length of {self.max_length}"
             )
@@ -139,7 +189,7 @@ class InferenceSession:
         if prompts is not None:
             self._prompts = prompts.detach().cpu()
         outputs = self.swarm.run(self._step(hidden_states.detach().cpu(), mask, positions, hypo))
-        self.position += new
+        self._position += new
         return outputs.to(device=hidden_states.device, dtype=hidden_states.dtype)
 
     def close(self) -> None:
@@ -156,9 +206,13 @@ class InferenceSession:
             self.swarm.run(_close(), 10)
 
     def __enter__(self) -> "InferenceSession":
+        self._entered_over.append(self.seq.active_session)
+        self.seq.active_session = self
         return self
 
     def __exit__(self, *exc) -> None:
+        if self._entered_over:
+            self.seq.active_session = self._entered_over.pop()
         self.close()
 
     def __del__(self):
@@ -204,12 +258,20 @@ class InferenceSession:
         timeout_s = self.swarm.config.step_timeout_s + hidden.shape[1] * self.swarm.config.token_timeout_s
         past = self.position if past is None else past
         step = SessionStep(hop.session_id, hidden.to(hop.dtype), attention_mask=mask, position_ids=positions,
-                           hypo_ids=hypo_ids, prompts=self._hop_prompts(hop, past))
+                           hypo_ids=hypo_ids, prompts=self._hop_prompts(hop, past), start_from_position=past)
         try:
             reply: SessionStepReply = await asyncio.wait_for(hop.stream.call(step, SessionStepReply, timeout_s), timeout_s)
         except BaseException:
             hop.stream.close()  # after a timeout or a broken stream its state is unknown: never reuse it
             raise
+        if reply.position != past + hidden.shape[1] or reply.hidden_states.shape != hidden.shape:
+            hop.stream.close()
+            raise RemoteError(
+                "ProtocolError",
+                f"the step reply holds {list(reply.hidden_states.shape)} at position {reply.position}; expected "
+                f"{list(hidden.shape)} at {past + hidden.shape[1]}",
+                hop.record.peer_id,
+            )
         return reply.hidden_states
 
     async def _open_chain(self, blocks: BlockRange, history: _History) -> list[_Hop]:
@@ -217,7 +279,7 @@ class InferenceSession:
         through it; retries other servers on failure."""
         attempts: list[tuple[str, str]] = []
         for _ in range(self.swarm.config.max_retries + 1):
-            chain = await self.swarm.plan_inference(blocks)
+            chain = await self.swarm.plan_inference(blocks, self.active_adapter)
             hops: list[_Hop] = []
             replay = history.joined() if history.length else None
             current = None

@@ -9,12 +9,12 @@ import asyncio
 import logging
 import random
 import time
-from typing import Awaitable, Callable, TypeVar
+from typing import Awaitable, Callable, Optional, TypeVar
 
 from corolla.client.config import ClientConfig
 from corolla.client.rpc import call_unary
 from corolla.core.blocks import BlockRange
-from corolla.core.errors import BlocksNotServedError
+from corolla.core.errors import AdapterNotServedError, BlocksNotServedError
 from corolla.core.records import ServerRecord
 from corolla.core.routing import BanList, Chain, plan_batch_route, plan_inference_route
 from corolla.core.spans import describe_blocks, unserved_blocks, usable
@@ -115,37 +115,58 @@ class RemoteSwarm:
 
     # ---------------------------------------------------------------- planning
 
-    async def _plan(self, blocks: BlockRange, planner: Callable[[list[ServerRecord]], Chain]) -> Chain:
-        """Plan with ``planner``, waiting up to ``wait_for_blocks_s`` for the blocks to be served."""
+    async def _plan(self, blocks: BlockRange, planner: Callable[[list[ServerRecord]], Chain],
+                    adapter: Optional[str] = None) -> Chain:
+        """Plan with ``planner`` over the servers (holding ``adapter``, if given), waiting up to
+        ``wait_for_blocks_s`` for the blocks to be served."""
         deadline = time.monotonic() + self.config.wait_for_blocks_s
         max_age_s = None
         while True:
             records = await self.records(max_age_s)
+            holders = records if adapter is None else [r for r in records if adapter in r.adapters]
             try:
-                return planner(records)
+                return planner(holders)
             except BlocksNotServedError:
+                if adapter is not None and not unserved_blocks(records, blocks):
+                    self._raise_adapter_not_served(blocks, adapter)
                 if time.monotonic() >= deadline:
                     everyone = self._records
-                    missing = unserved_blocks(records, blocks)
+                    missing = unserved_blocks(holders, blocks)
                     banned = [r.peer_id for r in everyone if self.bans.is_banned(r.peer_id)]
                     raise BlocksNotServedError(
                         f"blocks {describe_blocks(missing)} of {self.model_prefix} are served by nobody "
-                        f"(waited {self.config.wait_for_blocks_s:.0f} s; {len(everyone)} online server(s) known"
+                        + ("" if adapter is None else f"with adapter {adapter!r} ")
+                        + f"(waited {self.config.wait_for_blocks_s:.0f} s; {len(everyone)} online server(s) known"
                         + (f", {len(banned)} of them banned after failures" if banned else "")
                         + f"; needed blocks {blocks})"
                     ) from None
             max_age_s = 0.0  # re-read the DHT on every further try
             await asyncio.sleep(self.config.lookup_period_s)
 
-    async def plan_inference(self, blocks: BlockRange) -> Chain:
-        """The chain with the least expected time per step (latency + compute), for inference sessions."""
-        return await self._plan(
-            blocks, lambda records: plan_inference_route(records, blocks, self.latency_s, self.config.default_latency_s)
+    def _raise_adapter_not_served(self, blocks: BlockRange, adapter: str) -> None:
+        """Every block is served, but some only by servers without ``adapter``: unless a banned server holds it
+        (it may come back), that is the caller's mistake, reported at once."""
+        everyone = [r for r in self._records if blocks.start < r.blocks.end and r.blocks.start < blocks.end]
+        missing = unserved_blocks([r for r in everyone if adapter in r.adapters], blocks)
+        if not missing:
+            return  # the holders are banned for now: wait for them like for any missing block
+        offered = sorted({name for r in everyone for name in r.adapters})
+        raise AdapterNotServedError(
+            f"no server of blocks {describe_blocks(missing)} of {self.model_prefix} holds adapter {adapter!r}; "
+            f"adapters offered there: {', '.join(map(repr, offered)) or 'none'}"
         )
 
-    async def plan_batch(self, blocks: BlockRange) -> Chain:
+    async def plan_inference(self, blocks: BlockRange, adapter: Optional[str] = None) -> Chain:
+        """The chain with the least expected time per step (latency + compute), for inference sessions."""
+        return await self._plan(
+            blocks,
+            lambda records: plan_inference_route(records, blocks, self.latency_s, self.config.default_latency_s),
+            adapter,
+        )
+
+    async def plan_batch(self, blocks: BlockRange, adapter: Optional[str] = None) -> Chain:
         """A chain that spreads forward/backward load over servers by throughput."""
-        return await self._plan(blocks, lambda records: plan_batch_route(records, blocks, self._rng))
+        return await self._plan(blocks, lambda records: plan_batch_route(records, blocks, self._rng), adapter)
 
     def close(self) -> None:
         if self._closed:

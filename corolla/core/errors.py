@@ -2,6 +2,9 @@
 
 Errors raised by a server travel to the client as a ``RemoteError`` whose ``kind`` is the server-side
 class name, so a client can tell a bad request (its own fault) from a broken server.
+
+The caller's own mistakes (a bad argument, a step past a session's ``max_length``, an adapter nobody serves) are
+also ``ValueError`` subclasses, as in Petals and transformers, so ``except ValueError`` code keeps working.
 """
 from __future__ import annotations
 
@@ -10,7 +13,7 @@ class CorollaError(Exception):
     """Base class of every error Corolla raises on purpose."""
 
 
-class BadRequestError(CorollaError):
+class BadRequestError(CorollaError, ValueError):
     """The request itself is wrong (shape, dtype, values, sizes, unknown session...)."""
 
 
@@ -30,6 +33,10 @@ class BlocksNotServedError(CorollaError):
     """Some blocks of the model are served by nobody reachable."""
 
 
+class AdapterNotServedError(BlocksNotServedError, ValueError):
+    """The servers of some blocks are reachable, but none of them holds the LoRA adapter the caller asked for."""
+
+
 class RemoteError(CorollaError):
     """An error reported by a remote server, re-raised on the client."""
 
@@ -42,6 +49,16 @@ class RemoteError(CorollaError):
     @property
     def is_bad_request(self) -> bool:
         return self.kind in _BAD_REQUEST_KINDS
+
+    @staticmethod
+    def from_reply(kind: str, message: str, peer: str = "?") -> "RemoteError":
+        """The error for a server's answer: a ``RemoteBadRequestError`` (also a ``ValueError``) for a bad request."""
+        cls = RemoteBadRequestError if kind in _BAD_REQUEST_KINDS else RemoteError
+        return cls(kind, message, peer)
+
+
+class RemoteBadRequestError(RemoteError, ValueError):
+    """A server refused the request itself (shape, sizes, unknown adapter...): the caller's mistake."""
 
 
 _BAD_REQUEST_KINDS = {cls.__name__ for cls in (BadRequestError, ProtocolVersionError, MessageTooLargeError)}

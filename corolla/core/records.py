@@ -24,6 +24,7 @@ class ServerRecord:
     protocol_version: int
     cache_tokens_free: int
     maddrs: tuple[str, ...] = field(default=())  # where to dial it
+    adapters: tuple[str, ...] = field(default=())  # LoRA adapters it loaded (--adapters), by the name clients use
 
     def to_value(self) -> dict[str, Any]:
         """The msgpack-friendly value stored in the DHT."""
@@ -31,6 +32,7 @@ class ServerRecord:
         value["blocks"] = [self.blocks.start, self.blocks.end]
         value["state"] = self.state.value
         value["maddrs"] = list(self.maddrs)
+        value["adapters"] = list(self.adapters)
         return value
 
     @classmethod
@@ -47,9 +49,22 @@ class ServerRecord:
                 protocol_version=int(value["protocol_version"]),
                 cache_tokens_free=int(value["cache_tokens_free"]),
                 maddrs=tuple(str(a) for a in value.get("maddrs", ())),
+                adapters=_names(value.get("adapters", ())),
             )
         except (KeyError, TypeError, ValueError):
             return None
+
+
+MAX_ADAPTERS = 256  # adapter names one record may list
+MAX_ADAPTER_NAME = 512  # characters of one adapter name (a path or a hub id)
+
+
+def _names(value: Any) -> tuple[str, ...]:
+    if not isinstance(value, (list, tuple)) or len(value) > MAX_ADAPTERS:
+        raise ValueError("adapters must be a list of at most %d names" % MAX_ADAPTERS)
+    if not all(isinstance(name, str) and 0 < len(name) <= MAX_ADAPTER_NAME for name in value):
+        raise ValueError("adapter names must be non-empty strings")
+    return tuple(value)
 
 
 def block_key(model_prefix: str, block: int) -> str:

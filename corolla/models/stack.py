@@ -160,6 +160,16 @@ class BlockStack(nn.Module):
         """Number of tokens already in ``cache``."""
         return cache.get_seq_length()
 
+    def crop_cache(self, cache: transformers.Cache, length: int) -> None:
+        """Keep the first ``length`` tokens of ``cache`` (0 <= length <= its length) and drop the rest, in place."""
+        current = self.cache_length(cache)
+        if not 0 <= length <= current:
+            raise BadRequestError(f"cannot keep {length} tokens of a cache holding {current}")
+        if length == current:
+            return
+        for layer in cache.layers:
+            layer.crop(length - current)  # a negative count drops that many tokens from the end
+
     def reorder_cache(self, cache: transformers.Cache, hypo_ids: torch.Tensor) -> None:
         """Select / reorder the batch rows of ``cache`` in place: new row ``i`` is old row ``hypo_ids[i]``."""
         if hypo_ids.dim() != 1 or hypo_ids.is_floating_point():

@@ -320,6 +320,7 @@ class RequestHandler:
                     step.hypo_ids,
                     self.max_positions,
                     step.prompts,
+                    step.start_from_position,
                 )
                 await write_message(writer, SessionStepReply(hidden_states=outputs, position=session.position))
             except CorollaError as exc:

@@ -179,6 +179,7 @@ class Server:
             protocol_version=PROTOCOL_VERSION,
             cache_tokens_free=self.budget.free_tokens if self.budget else 0,
             maddrs=tuple(self.maddrs),
+            adapters=tuple(self.config.adapters),
         )
 
     def info(self) -> InfoReply:

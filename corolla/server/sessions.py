@@ -37,18 +37,26 @@ def run_step(
     hypo_ids: Optional[torch.Tensor],
     max_positions: Optional[int],
     prompts: Optional[torch.Tensor] = None,
+    start_from_position: Optional[int] = None,
 ) -> torch.Tensor:
     """Validate one step against the session, then run it through ``stack`` and update the session.
 
+    ``start_from_position`` rewinds the session first: cached tokens from that position on are dropped.
     Every check happens before the session changes, so a rejected step leaves it usable.
     """
     check_hidden("hidden_states", hidden_states, stack.hidden_size, stack.dtype)
     batch, new = hidden_states.shape[:2]
     if batch != session.batch_size:
         raise BadRequestError(f"step has batch {batch}, the session was opened with batch {session.batch_size}")
-    if session.position + new > session.max_length:
+    start = session.position if start_from_position is None else start_from_position
+    if not 0 <= start <= session.position:
         raise BadRequestError(
-            f"a step of {new} tokens would bring session {session.session_id} to {session.position + new} tokens, "
+            f"start_from_position {start} is outside session {session.session_id}'s 0..{session.position} "
+            "cached tokens: a session can only rewind"
+        )
+    if start + new > session.max_length:
+        raise BadRequestError(
+            f"a step of {new} tokens would bring session {session.session_id} to {start + new} tokens, "
             f"past its max_length of {session.max_length}"
         )
     check_mask("attention_mask", attention_mask, batch, new)
@@ -60,6 +68,10 @@ def run_step(
         if batch and (int(hypo_ids.min()) < 0 or int(hypo_ids.max()) >= batch):
             raise BadRequestError(f"hypo_ids must index rows 0..{batch - 1}")
 
+    if start < session.position:
+        stack.crop_cache(session.cache, start)
+        session.mask = session.mask[:, :start]
+        session.position = start
     if new == 0 and hypo_ids is None:
         return hidden_states
     device = stack.device

@@ -27,7 +27,7 @@ from corolla.core.blocks import BlockRange
 from corolla.core.errors import BadRequestError, ProtocolVersionError
 from corolla.wire.codec import Frame
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: SessionStep.start_from_position (rewinding sessions)
 TensorDict = dict[str, torch.Tensor]  # a field of named tensors; travels as tensors "<field>/<name>"
 RPC_PROTOCOL = "/corolla/rpc"  # the libp2p protocol name servers register; the version travels in each frame
 
@@ -211,6 +211,8 @@ class SessionStep(Message):
     position_ids: Optional[torch.Tensor] = None  # [batch, new]; None = past + arange(new)
     hypo_ids: Optional[torch.Tensor] = None  # [batch]: reorder cached rows first (beam search)
     prompts: Optional[torch.Tensor] = None  # deep prompts, applied to the session's first positions
+    start_from_position: Optional[int] = None  # tokens of the cache to keep before this step (0 .. position):
+    #                                            the rest are dropped first, so the session rewinds
 
 
 @dataclass(frozen=True)

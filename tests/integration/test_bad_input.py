@@ -129,6 +129,32 @@ def test_step_past_max_length(first_server):
     _assert_still_serves(swarm, record, span)
 
 
+def test_bad_rewinds_are_refused(first_server):
+    swarm, record, span = first_server
+
+    async def scenario():
+        stream = await SessionStream.open(swarm.peer, record, OpenSession("rewind", span, max_length=8, batch_size=1), 60)
+        try:
+            await stream.call(SessionStep("rewind", torch.randn(1, 3, HIDDEN) * 0.1), SessionStepReply, 60)
+            for bad in (4, -1):
+                with pytest.raises(RemoteError) as error:
+                    step = SessionStep("rewind", torch.randn(1, 1, HIDDEN) * 0.1, start_from_position=bad)
+                    await stream.call(step, SessionStepReply, 60)
+                assert f"start_from_position {bad} is outside" in str(error.value) and "0..3" in str(error.value)
+            with pytest.raises(RemoteError) as error:  # rewinding does not lift max_length
+                step = SessionStep("rewind", torch.randn(1, 7, HIDDEN) * 0.1, start_from_position=2)
+                await stream.call(step, SessionStepReply, 60)
+            assert "past its max_length of 8" in str(error.value)
+            # the refused steps left the session as it was; a valid rewind works
+            step = SessionStep("rewind", torch.randn(1, 2, HIDDEN) * 0.1, start_from_position=1)
+            assert (await stream.call(step, SessionStepReply, 60)).position == 3
+        finally:
+            stream.close()
+
+    swarm.run(scenario())
+    _assert_still_serves(swarm, record, span)
+
+
 def test_client_side_errors_are_clear(llama_remote):
     with pytest.raises(ValueError, match="hidden_states must be"):
         llama_remote.model.layers(torch.randn(3, HIDDEN))

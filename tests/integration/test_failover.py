@@ -224,6 +224,58 @@ def test_beam_search_survives_a_kill_with_identical_output(replica_swarm, embedd
             _restore_span(replica_swarm, victim)
 
 
+def test_rewound_session_survives_a_killed_server(replica_swarm, expected_tokens, embedded_dir, tokenizer, llama_local):
+    """After ``session.position = k`` the replacement server is rebuilt to position k only: the continuation equals
+    local transformers from the first k tokens."""
+    ids, expected = expected_tokens
+    model = _client(embedded_dir, replica_swarm)
+    victim = None
+    try:
+        with model.inference_session(max_length=64) as session:
+            model.generate(ids, max_new_tokens=12, do_sample=False)
+            keep = ids.shape[1] + 4
+            session.position = keep
+            peer = next(p for p, span in session.chain if 14 in span)
+            victim = replica_swarm.server_by_peer(peer)
+            os.kill(victim.process.pid, signal.SIGKILL)
+            other = tokenizer(" really", return_tensors="pt")["input_ids"][:, -1:]
+            got = model.generate(other, max_new_tokens=10, do_sample=False)
+            assert session.failovers >= 1
+        context = torch.cat([expected[:, :keep], other], dim=1)
+        assert got.tolist() == llama_local.generate(context, max_new_tokens=10, do_sample=False)[:, keep:].tolist()
+    finally:
+        model.close()
+        if victim is not None:
+            _restore_span(replica_swarm, victim)
+
+
+def test_speculative_generation_survives_a_killed_server(replica_swarm, expected_tokens, embedded_dir, llama_local):
+    """Speculative rounds rewind the session after nearly every step; a kill mid-generation changes no token."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from corolla import AutoDistributedSpeculativeModel
+
+    ids, expected = expected_tokens
+    torch.manual_seed(3)
+    draft = LlamaForCausalLM(LlamaConfig(vocab_size=llama_local.config.vocab_size, hidden_size=32,
+                                         intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                         num_key_value_heads=1)).eval()
+    model = AutoDistributedSpeculativeModel.from_pretrained(
+        str(embedded_dir), initial_peers=replica_swarm.initial_peers, small_model=draft, client_config=FAST_FAILOVER)
+    saboteur = None
+    try:
+        with model.inference_session(max_length=64) as session:
+            saboteur = _Saboteur(replica_swarm, session, 14, after=8, sig=signal.SIGKILL)
+            got = model.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False, streamer=saboteur)
+            assert session.failovers >= 1
+        assert got.tolist() == expected.tolist()
+        assert model.last_speculation["rounds"] >= 10  # the random draft is rarely right: many rewinds
+    finally:
+        model.close()
+        if saboteur is not None and saboteur.victim is not None:
+            _restore_span(replica_swarm, saboteur.victim)
+
+
 def test_a_chain_may_visit_one_server_twice(tiny_llama_dir):
     """A slow server holding everything and a fast one holding the middle: the least-time chain goes slow -> fast
     -> slow, so one server runs two spans of the same session."""

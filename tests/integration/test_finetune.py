@@ -2,10 +2,13 @@
 from __future__ import annotations
 
 import copy
+import time
 
 import pytest
 import torch
 from transformers import LlamaForSequenceClassification
+
+from corolla.core.errors import AdapterNotServedError
 
 TEXTS = ["The quick brown fox jumps over the lazy dog", "Corolla trains adapters through a swarm"]
 
@@ -272,8 +275,10 @@ def adapter_swarm(tiny_llama_dir, tmp_path_factory):
     adapter_dir = tmp_path_factory.mktemp("tiny-adapter")
     peft_model.save_pretrained(adapter_dir)
     local = peft.PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(tiny_llama_dir), adapter_dir).eval()
-    with LocalSwarm(model=str(tiny_llama_dir), spans=[BlockRange(0, 2), BlockRange(2, 4)], dht_prefix="adapted",
-                    extra_server_args=["--adapters", str(adapter_dir)]) as swarm:
+    # a plain server of every block (the fastest chain: one hop), and two that hold the adapter
+    with LocalSwarm(model=str(tiny_llama_dir), spans=[BlockRange(0, 4)], dht_prefix="adapted") as swarm:
+        for span in (BlockRange(0, 2), BlockRange(2, 4)):
+            swarm.start_server(span, extra_args=["--adapters", str(adapter_dir)])
         yield swarm, str(adapter_dir), local
 
 
@@ -295,6 +300,23 @@ def test_served_adapter_equals_local_peft(adapter_swarm, tiny_llama_dir):
         assert (without - expected).abs().max().item() > 1e-3  # the adapter really changes the outputs
         local_tokens = local.generate(input_ids=ids, max_new_tokens=8, do_sample=False)
         assert model.generate(ids, max_new_tokens=8, do_sample=False).tolist() == local_tokens.tolist()
+        with model.inference_session(max_length=16):  # sessions are routed to the servers holding it too
+            assert model.generate(ids, max_new_tokens=8, do_sample=False).tolist() == local_tokens.tolist()
+
+        # Petals' way: the adapter named in the model's config
+        plain.config.active_adapter = adapter
+        with torch.no_grad():
+            assert (plain(ids).logits - expected).abs().max().item() < 1e-4
+        assert plain.generate(ids, max_new_tokens=8, do_sample=False).tolist() == local_tokens.tolist()
+        plain.config.active_adapter = "no-such-adapter"
+        started = time.monotonic()
+        with pytest.raises(ValueError, match="holds adapter 'no-such-adapter'") as refused:
+            plain(ids)
+        assert isinstance(refused.value, AdapterNotServedError) and adapter in str(refused.value)
+        assert time.monotonic() - started < 5.0  # told at once, not after waiting for blocks
+        plain.config.active_adapter = None
+        with torch.no_grad():
+            assert (plain(ids).logits - without).abs().max().item() < 1e-5
     finally:
         model.close()
         plain.close()
@@ -311,7 +333,7 @@ def test_bad_tuning_requests_get_clear_errors(adapter_swarm, tiny_llama_dir):
     swarm, adapter, _ = adapter_swarm
     client = RemoteSwarm(ClientConfig(initial_peers=tuple(swarm.initial_peers)), "adapted", 4)
     try:
-        record, span = client.run(client.plan_inference(BlockRange(0, 2)))[0]
+        record, span = client.run(client.plan_inference(BlockRange(0, 2), adapter))[0]
         hidden = torch.randn(1, 3, 64)
 
         def call(request, expected=ForwardReply):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 
 import pytest
 import torch
@@ -10,7 +11,7 @@ from corolla.core.blocks import BlockRange
 from corolla.core.errors import BadRequestError, MessageTooLargeError, ProtocolVersionError
 from corolla.wire.codec import PREFIX, decode_frame, decode_prefix, encode_frame
 from corolla.wire.framing import encode_message, read_message
-from corolla.wire.messages import ForwardRequest, InfoRequest, SessionStep, message_from_frame
+from corolla.wire.messages import PROTOCOL_VERSION, ForwardRequest, InfoRequest, SessionStep, message_from_frame
 
 
 def _roundtrip(data: bytes, max_bytes: int = 2**30):
@@ -62,21 +63,21 @@ def test_oversized_frame_is_dropped_and_stream_stays_in_step():
 
 def test_version_mismatch():
     data = encode_message(InfoRequest(), version=7)
-    with pytest.raises(ProtocolVersionError, match="version 1, got 7"):
+    with pytest.raises(ProtocolVersionError, match=f"version {PROTOCOL_VERSION}, got 7"):
         _roundtrip(data)
 
 
 def test_bad_frames_name_the_cause():
     with pytest.raises(BadRequestError, match="not a Corolla frame"):
         _roundtrip(b"XXXX" + b"\0" * (PREFIX.size - 4))
-    frame = decode_frame(b'{"type": "Nope", "version": 1}', b"")
+    frame = decode_frame(json.dumps({"type": "Nope", "version": PROTOCOL_VERSION}).encode(), b"")
     with pytest.raises(BadRequestError, match="unknown message type 'Nope'"):
         message_from_frame(frame)
-    frame = decode_frame(b'{"type": "SessionStep", "version": 1}', b"")
+    frame = decode_frame(json.dumps({"type": "SessionStep", "version": PROTOCOL_VERSION}).encode(), b"")
     with pytest.raises(BadRequestError, match="missing its field 'session_id'"):
         message_from_frame(frame)
-    frame = decode_frame(b'{"type": "OpenSession", "version": 1, "session_id": "s", "blocks": "0:2", '
-                         b'"max_length": "many", "batch_size": 1}', b"")
+    frame = decode_frame(json.dumps({"type": "OpenSession", "version": PROTOCOL_VERSION, "session_id": "s",
+                                     "blocks": "0:2", "max_length": "many", "batch_size": 1}).encode(), b"")
     with pytest.raises(BadRequestError, match="max_length must be int"):
         message_from_frame(frame)
     with pytest.raises(BadRequestError, match="runs past the frame body"):
