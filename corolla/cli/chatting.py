@@ -49,20 +49,47 @@ def generate_reply(model, tokenizer, input_ids: torch.Tensor, args, session=None
 
 
 def chat_loop(model, tokenizer, args) -> None:
-    """Read user turns from stdin until EOF or an empty line; keep the conversation as context."""
-    messages: list[dict] = []
-    if args.system:
-        messages.append({"role": "system", "content": args.system})
+    """Read user turns from stdin until EOF or an empty line; keep the conversation as context.
+
+    The conversation lives in one inference session: each turn sends only the tokens the servers do not hold yet
+    (the session rewinds to the longest prefix it shares with the new prompt, e.g. where the template re-tokenized
+    the last reply differently, or where old turns were dropped to stay within ``--max-context``).
+    """
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    turns: list[dict] = []
+    max_context = getattr(args, "max_context", 2048)
     print("Chatting with the swarm. An empty line or Ctrl-D ends.", flush=True)
-    while True:
-        try:
-            text = input("you> ").strip()
-        except EOFError:
-            break
-        if not text:
-            break
-        messages.append({"role": "user", "content": text})
-        input_ids = chat_input_ids(tokenizer, messages)
-        print("model> ", end="", flush=True)
-        reply = generate_reply(model, tokenizer, input_ids, args)
-        messages.append({"role": "assistant", "content": reply.strip()})
+    with model.inference_session(max_length=max_context) as session:
+        while True:
+            try:
+                text = input("you> ").strip()
+            except EOFError:
+                break
+            if not text:
+                break
+            turns.append({"role": "user", "content": text})
+            input_ids = chat_input_ids(tokenizer, system + turns)
+            while input_ids.shape[1] + args.max_new_tokens > max_context and len(turns) > 1:
+                turns = turns[2:] if len(turns) > 2 else turns[1:]  # drop the oldest exchange
+                input_ids = chat_input_ids(tokenizer, system + turns)
+            if input_ids.shape[1] + args.max_new_tokens > max_context:
+                print(f"(this message needs more than --max-context {max_context} tokens; not sent)", flush=True)
+                turns.pop()
+                continue
+            new_ids = _rewind_to_shared_prefix(session, input_ids)
+            print("model> ", end="", flush=True)
+            reply = generate_reply(model, tokenizer, new_ids, args, session=session)
+            turns.append({"role": "assistant", "content": reply.strip()})
+
+
+def _rewind_to_shared_prefix(session, input_ids: torch.Tensor) -> torch.Tensor:
+    """Rewind ``session`` to the longest prefix of ``input_ids`` it holds; returns the tokens it still needs."""
+    held = session.output_ids
+    if held is None:
+        session.position = 0
+        return input_ids
+    length = min(session.position, held.shape[1], input_ids.shape[1] - 1)  # at least one new token to send
+    same = (held[0, :length] == input_ids[0, :length]).long()
+    shared = int(same.cumprod(0).sum()) if length > 0 else 0
+    session.position = shared
+    return input_ids[:, shared:]

@@ -96,6 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
     chat = commands.add_parser("chat", help="chat with a model served by a swarm")
     _add_model(chat)
     _add_client_args(chat)
+    chat.add_argument("--max-context", type=int, default=2048,
+                      help="tokens the conversation's server-side session holds; older turns are dropped to fit")
 
     demo = commands.add_parser("demo", help="start a local swarm of 3 servers, answer a prompt, stop the swarm")
     _add_model(demo)

@@ -166,12 +166,26 @@ def test_generate_command_streams_the_local_answer(embedded_dir, llama_swarm, ll
     assert expected and expected in result.stdout
 
 
-def test_chat_command_keeps_the_conversation(embedded_dir, llama_swarm):
+def test_chat_command_keeps_the_conversation(embedded_dir, llama_swarm, llama_local, tokenizer):
+    """Both replies equal local greedy decoding of the whole conversation so far, though the second turn sends
+    only the new tokens to the session the first one left on the servers."""
+    questions = ["What is the capital of France?", "And of Italy?"]
+    messages, expected = [], []
+    for question in questions:
+        messages.append({"role": "user", "content": question})
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
+                                            return_dict=True)["input_ids"]
+        out = llama_local.generate(ids, max_new_tokens=10, do_sample=False)
+        reply = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+        expected.append(reply)
+        messages.append({"role": "assistant", "content": reply.strip()})
     result = subprocess.run(
         CLI + ["chat", str(embedded_dir), "--initial-peers", *llama_swarm.initial_peers, "--max-new-tokens", "10",
                "--num-threads", "1"],
-        input="What is the capital of France?\nAnd of Italy?\n\n", capture_output=True, text=True, timeout=180,
+        input="\n".join(questions) + "\n\n", capture_output=True, text=True, timeout=180,
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.count("model> ") == 2, result.stdout
     assert "Paris" in result.stdout, result.stdout
+    for reply in expected:
+        assert reply.strip() and reply.strip() in result.stdout, (reply, result.stdout)
