@@ -2,6 +2,7 @@
 
 Run (root; see corolla/testing/netns.py): .venv/bin/python benchmarks/bench_distance.py [--new-tokens 24]
     [--recovery-tokens 40] [--kill-after 10] [--no-recovery] [--speculative-tokens 48] [--no-speculative]
+    [--no-throughput]
     [--keep-logs DIR]
 
 Hosts: ``dht``, ``s0``/``s1``/``s2`` (blocks 0:10, 10:20, 20:30), ``client``, and for the recovery part ``r0``/``r1``
@@ -229,6 +230,7 @@ def main() -> int:
     parser.add_argument("--no-recovery", action="store_true")
     parser.add_argument("--speculative-tokens", type=int, default=48)
     parser.add_argument("--no-speculative", action="store_true")
+    parser.add_argument("--no-throughput", action="store_true", help="skip the plain throughput phases")
     parser.add_argument("--keep-logs", default=None, help="keep logs and address files in this directory")
     args = parser.parse_args()
 
@@ -250,12 +252,13 @@ def main() -> int:
         net.wait_ready(primaries)
         print(f"chain s0 0:10 -> s1 10:20 -> s2 20:30 ready in {time.monotonic() - started:.1f} s", flush=True)
         results = []
-        for i, (label, delay_ms, rate_mbit) in enumerate(PHASES):
+        for i, (label, delay_ms, rate_mbit) in enumerate([] if args.no_throughput else PHASES):
             net.shape_all(delay_ms=delay_ms, rate_mbit=rate_mbit)
             config = {"mode": "throughput", "model": model_dir, "initial_peers": net.initial_peers,
                       "new_tokens": args.new_tokens, "local_reference": i == 0}
             results.append((label, _run_client(net, config, f"client-{i}")))
-        _print_throughput(results, args)
+        if results:
+            _print_throughput(results, args)
         if not args.no_speculative:
             _measure_speculative(net, model_dir, args)
         if not args.no_recovery:

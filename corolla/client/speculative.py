@@ -81,13 +81,16 @@ class DraftLength:
     draft_tokens: float = 0.0
     _verify: tuple = (0.0, 0.0, 0.0, 0.0, 0.0)
     rounds: int = 0
+    probe_every: int = 8  # while drafting does not pay, draft one token every this many rounds
+    _plain_rounds: int = 0
 
     def update(self, offered: int, accepted: int, draft_s: float, verify_s: float) -> None:
         d = self.decay
-        self.accepted = d * self.accepted + accepted
-        self.rejected = d * self.rejected + (1 if accepted < offered else 0)
-        self.draft_s = d * self.draft_s + draft_s
-        self.draft_tokens = d * self.draft_tokens + offered
+        if offered:  # a plain step (no drafts) says nothing about the draft
+            self.accepted = d * self.accepted + accepted
+            self.rejected = d * self.rejected + (1 if accepted < offered else 0)
+            self.draft_s = d * self.draft_s + draft_s
+            self.draft_tokens = d * self.draft_tokens + offered
         w, n, t, nn, nt = self._verify
         sent = offered + 1
         self._verify = (d * w + 1, d * n + sent, d * t + verify_s, d * nn + sent * sent, d * nt + sent * verify_s)
@@ -103,11 +106,12 @@ class DraftLength:
             return 1.0
         mean_n, mean_t = n / w, t / w
         variance = nn / w - mean_n * mean_n
-        slope = max(0.0, (nt / w - mean_n * mean_t) / variance) if variance > 0.25 else 0.0
+        slope = max(0.0, (nt / w - mean_n * mean_t) / variance) if variance > 0.01 else 0.0
         return max(1e-6, mean_t + slope * (tokens - mean_n))
 
     def next(self, limit: int) -> int:
-        """Draft tokens for the next round, at most ``limit`` (and at least 1 when ``limit`` allows)."""
+        """Draft tokens for the next round, at most ``limit``. 0 (a plain step) when drafting does not pay, except
+        every ``probe_every``-th round, which drafts one token so the acceptance rate stays measured."""
         limit = min(limit, self.max_tokens)
         if limit <= 0:
             return 0
@@ -119,7 +123,12 @@ class DraftLength:
         def rate(k: int) -> float:
             return expected_tokens_per_round(a, k) / (k * per_draft_s + self.verify_cost_s(k + 1))
 
-        return max(range(1, limit + 1), key=rate)
+        best = max(range(0, limit + 1), key=rate)
+        if best == 0:
+            self._plain_rounds += 1
+            if self._plain_rounds % self.probe_every == 0:
+                return 1
+        return best
 
 
 class SpeculativeRun:
