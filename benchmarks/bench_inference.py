@@ -25,7 +25,7 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from corolla import AutoDistributedModelForCausalLM
-from corolla.cli.local_swarm import LocalSwarm, split_blocks
+from corolla.testing.local_swarm import LocalSwarm, split_blocks
 from corolla.models.checkpoint import load_config, resolve_model
 from corolla.models.family import family_for
 

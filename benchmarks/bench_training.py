@@ -22,7 +22,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from corolla import AutoDistributedModelForCausalLM
-from corolla.cli.local_swarm import LocalSwarm
+from corolla.testing.local_swarm import LocalSwarm
 from corolla.models.checkpoint import resolve_model
 
 

@@ -30,7 +30,7 @@ import transformers
 from transformers import AutoModelForCausalLM, BloomConfig, BloomForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from corolla import AutoDistributedModelForCausalLM
-from corolla.cli.local_swarm import LocalSwarm
+from corolla.testing.local_swarm import LocalSwarm
 
 PAD = 3
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}

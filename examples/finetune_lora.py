@@ -19,7 +19,7 @@ from tqdm import tqdm
 from transformers import AutoTokenizer
 
 from corolla import AutoDistributedModelForCausalLM
-from corolla.cli.local_swarm import LocalSwarm
+from corolla.testing.local_swarm import LocalSwarm
 from corolla.models.checkpoint import resolve_model
 
 FACTS = [

@@ -152,7 +152,7 @@ def _serve(args) -> int:
 
 
 def _swarm(args) -> int:
-    from corolla.cli.local_swarm import LocalSwarm
+    from corolla.testing.local_swarm import LocalSwarm
     from corolla.net.addresses import write_address_file
 
     stop = {"now": False}
@@ -224,7 +224,7 @@ def _demo(args) -> int:
     import torch
 
     from corolla.cli.chatting import chat_input_ids, generate_reply, load_tokenizer
-    from corolla.cli.local_swarm import LocalSwarm
+    from corolla.testing.local_swarm import LocalSwarm
     from corolla.client.model import AutoDistributedModelForCausalLM
     from corolla.models.checkpoint import resolve_model
 
@@ -254,7 +254,7 @@ def _demo(args) -> int:
 
 
 def _spans(swarm):
-    from corolla.cli.local_swarm import split_blocks
+    from corolla.testing.local_swarm import split_blocks
 
     return split_blocks(swarm._num_blocks(), swarm.num_servers)
 

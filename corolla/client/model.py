@@ -27,11 +27,12 @@ from corolla.client.cache import RemoteCache
 from corolla.client.config import ClientConfig
 from corolla.client.sequential import RemoteSequential
 from corolla.client.session import InferenceSession
-from corolla.client.swarm import RemoteSwarm
+from corolla.client.swarm import RemoteSwarm, hivemind_client
 from corolla.client.tuning import PromptTuning, RemoteLora, TuningConfig, TuningMode
 from corolla.models.checkpoint import load_config, model_dht_prefix, read_tensors, resolve_model
 from corolla.models.dtypes import resolve_dtype
 from corolla.models.family import family_for
+from corolla.net.transport import TransportFactory
 
 logger = logging.getLogger(__name__)
 
@@ -184,7 +185,7 @@ class DistributedModelMixin:
         cls,
         name_or_path: Optional[str] = None,
         *,
-        initial_peers,
+        initial_peers=(),
         torch_dtype: "torch.dtype | str | None" = None,
         dtype: "torch.dtype | str | None" = None,
         dht_prefix: Optional[str] = None,
@@ -195,6 +196,7 @@ class DistributedModelMixin:
         lora_alpha: float = 16.0,
         lora_target_modules: Optional[tuple[str, ...]] = None,
         active_adapter: Optional[str] = None,
+        transport_factory: Optional[TransportFactory] = None,
         **config_overrides,
     ):
         """Load the client's parts of a checkpoint (local dir, hub id, or None for the embedded model) and
@@ -204,6 +206,7 @@ class DistributedModelMixin:
         prompt for every block) or "lora" (trainable LoRA weights of rank ``lora_rank`` for ``lora_target_modules``
         of every block). The client's own weights are then frozen: only the tuning parameters (and a task head,
         if any) train. ``active_adapter`` picks a LoRA adapter the servers loaded (``corolla serve --adapters``).
+        ``transport_factory`` replaces the libp2p peer joined to ``initial_peers`` (tests: an in-memory network).
         """
         path = resolve_model(name_or_path)
         config = load_config(path)
@@ -219,7 +222,8 @@ class DistributedModelMixin:
             }
         )
         prefix = client_config.dht_prefix or model_dht_prefix(name_or_path if name_or_path is not None else path)
-        swarm = RemoteSwarm(client_config, prefix, config.num_hidden_layers)
+        swarm = RemoteSwarm(client_config, prefix, config.num_hidden_layers,
+                            transport_factory or hivemind_client(client_config))
         try:
             model = cls(config, swarm)
             tensors = read_tensors(path, lambda name: family.is_block_tensor(name) is None)
@@ -483,7 +487,7 @@ class _AutoDistributed:
     _classes: dict[str, type] = {}
 
     @classmethod
-    def from_pretrained(cls, name_or_path: Optional[str] = None, *, initial_peers, **kwargs):
+    def from_pretrained(cls, name_or_path: Optional[str] = None, *, initial_peers=(), **kwargs):
         config: PretrainedConfig = load_config(resolve_model(name_or_path))
         try:
             model_class = cls._classes[config.model_type]

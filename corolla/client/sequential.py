@@ -9,14 +9,14 @@ import torch
 from torch import nn
 
 from corolla.client.failures import describe_attempts, is_server_failure
-from corolla.client.rpc import call_unary
+from corolla.client.rpc import call
 from corolla.client.swarm import RemoteSwarm
 from corolla.core.blocks import BlockRange
 from corolla.core.errors import CorollaError
 from corolla.core.records import ServerRecord
 from corolla.models.lora import LoraSet
 from corolla.wire.codec import dtype_from_name
-from corolla.wire.messages import BackwardReply, BackwardRequest, ForwardReply, ForwardRequest
+from corolla.wire.messages import BackwardReply, BackwardRequest, ForwardRequest
 
 Hop = tuple[ServerRecord, BlockRange, torch.Tensor, Optional[str]]  # server, blocks it ran, inputs, activations kept
 
@@ -105,8 +105,8 @@ class RemoteSequential(nn.Module):
         rows = min(rows, max(1, -(-batch // max(1, config.pipeline_pieces))))  # ceil(batch / pieces)
         return [slice(i, min(i + rows, batch)) for i in range(0, batch, rows)]
 
-    async def _call(self, record, request, expected):
-        return await call_unary(self.swarm.peer, record, request, expected, self.swarm.config.request_timeout_s)
+    async def _call(self, record, request):
+        return await call(self.swarm.transport, record, request, self.swarm.config.request_timeout_s)
 
     def _extras(self, span: BlockRange, rows: slice, extras: "_Extras", dtype: torch.dtype) -> dict:
         """The deep prompts and LoRA weights of ``span`` for batch ``rows``, as request fields."""
@@ -134,7 +134,7 @@ class RemoteSequential(nn.Module):
                 request = ForwardRequest(span, inputs, mask, positions, keep_activations=extras.keep_activations,
                                          **self._extras(span, rows, extras, dtype))
                 try:
-                    reply = await self._call(record, request, ForwardReply)
+                    reply = await self._call(record, request)
                 except Exception as exc:
                     self._handle_failure(record, span, exc, attempts)
                     break  # plan the remaining blocks again, without that server
@@ -152,7 +152,7 @@ class RemoteSequential(nn.Module):
         try:
             request = BackwardRequest(span, inputs, grad.to(inputs.dtype), mask, positions,
                                       activation_id=activation_id, **self._extras(span, rows, extras, inputs.dtype))
-            reply = await self._call(record, request, BackwardReply)
+            reply = await self._call(record, request)
             grads.add(span, rows, reply)
             return reply.grad_inputs
         except Exception as exc:

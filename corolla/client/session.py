@@ -260,7 +260,7 @@ class InferenceSession:
         step = SessionStep(hop.session_id, hidden.to(hop.dtype), attention_mask=mask, position_ids=positions,
                            hypo_ids=hypo_ids, prompts=self._hop_prompts(hop, past), start_from_position=past)
         try:
-            reply: SessionStepReply = await asyncio.wait_for(hop.stream.call(step, SessionStepReply, timeout_s), timeout_s)
+            reply: SessionStepReply = await asyncio.wait_for(hop.stream.step(step, timeout_s), timeout_s)
         except BaseException:
             hop.stream.close()  # after a timeout or a broken stream its state is unknown: never reuse it
             raise
@@ -295,7 +295,8 @@ class InferenceSession:
                         lora_scaling=1.0 if lora is None else lora.scaling,
                         active_adapter=self.active_adapter,
                     )
-                    stream = await SessionStream.open(self.swarm.peer, record, request, self.swarm.config.step_timeout_s)
+                    stream = await SessionStream.open(self.swarm.transport, record, request,
+                                                      self.swarm.config.step_timeout_s)
                     hop = _Hop(record, span, stream, hop_id)
                     hops.append(hop)
                     if replay is not None:

@@ -32,8 +32,8 @@ class SpeculativeGenerationMixin:
     small_model: torch.nn.Module
 
     @classmethod
-    def from_pretrained(cls, name_or_path: Optional[str] = None, *, small_model, initial_peers, max_draft_tokens: int = 12,
-                        **kwargs):
+    def from_pretrained(cls, name_or_path: Optional[str] = None, *, small_model, initial_peers=(),
+                        max_draft_tokens: int = 12, **kwargs):
         model = super().from_pretrained(name_or_path, initial_peers=initial_peers, **kwargs)
         try:
             if isinstance(small_model, (str, bytes)) or hasattr(small_model, "__fspath__"):

@@ -12,7 +12,7 @@ import time
 from typing import Awaitable, Callable, Optional, TypeVar
 
 from corolla.client.config import ClientConfig
-from corolla.client.rpc import call_unary
+from corolla.client.rpc import call
 from corolla.core.blocks import BlockRange
 from corolla.core.errors import AdapterNotServedError, BlocksNotServedError
 from corolla.core.records import ServerRecord
@@ -20,8 +20,9 @@ from corolla.core.routing import BanList, Chain, plan_batch_route, plan_inferenc
 from corolla.core.spans import describe_blocks, unserved_blocks, usable
 from corolla.net.loop import LoopThread
 from corolla.net.peer import Peer, PeerConfig
+from corolla.net.transport import Transport, TransportFactory
 from corolla.net.records import fetch_records
-from corolla.wire.messages import PROTOCOL_VERSION, InfoReply, InfoRequest
+from corolla.wire.messages import PROTOCOL_VERSION, InfoRequest
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -29,12 +30,18 @@ T = TypeVar("T")
 LATENCY_SMOOTHING = 0.3  # weight of a new round-trip sample in the moving average
 
 
-class RemoteSwarm:
-    """Owns a background event loop and a client-mode peer; plans chains of servers for block spans."""
+def hivemind_client(config: ClientConfig) -> TransportFactory:
+    """The real transport of a client: a client-mode libp2p peer joined to ``config.initial_peers``."""
+    if not config.initial_peers:
+        raise ValueError("a client needs initial_peers: the multiaddrs of any peer of the swarm")
+    return lambda: Peer.create(PeerConfig(initial_peers=tuple(config.initial_peers), client_mode=True))
 
-    def __init__(self, config: ClientConfig, model_prefix: str, num_blocks: int):
-        if not config.initial_peers:
-            raise ValueError("a client needs initial_peers: the multiaddrs of any peer of the swarm")
+
+class RemoteSwarm:
+    """Owns a background event loop and a transport made on it by ``transport_factory`` (the caller builds the
+    real one, ``hivemind_client(config)``, or an in-memory one); plans chains of servers for block spans."""
+
+    def __init__(self, config: ClientConfig, model_prefix: str, num_blocks: int, transport_factory: TransportFactory):
         self.config = config
         self.model_prefix = model_prefix
         self.num_blocks = num_blocks
@@ -45,10 +52,7 @@ class RemoteSwarm:
         self._rng = random.Random()
         self.loop = LoopThread("corolla-client")
         try:
-            self.peer: Peer = self.loop.run(
-                Peer.create(PeerConfig(initial_peers=tuple(config.initial_peers), client_mode=True)),
-                config.connect_timeout_s,
-            )
+            self.transport: Transport = self.loop.run(transport_factory(), config.connect_timeout_s)
         except BaseException:
             self.loop.stop()
             raise
@@ -73,7 +77,7 @@ class RemoteSwarm:
 
     async def refresh(self) -> list[ServerRecord]:
         """Read every server's record for this model's blocks, and measure round trips to new servers."""
-        found = await fetch_records(self.peer, self.model_prefix, range(self.num_blocks))
+        found = await fetch_records(self.transport, self.model_prefix, range(self.num_blocks))
         self._records = usable(found, PROTOCOL_VERSION)
         self._records_time = time.monotonic()
         unmeasured = [r for r in self._records if r.peer_id not in self.latency_s and not self.bans.is_banned(r.peer_id)]
@@ -92,7 +96,7 @@ class RemoteSwarm:
         """Round trip of an ``info`` request to ``record``'s server, folded into its latency estimate."""
         start = time.perf_counter()
         try:
-            await call_unary(self.peer, record, InfoRequest(), InfoReply, self.config.ping_timeout_s)
+            await call(self.transport, record, InfoRequest(), self.config.ping_timeout_s)
         except Exception as exc:
             logger.debug("ping of %s failed: %s", record.peer_id, exc)
             self.report_failure(record.peer_id)
@@ -173,7 +177,7 @@ class RemoteSwarm:
             return
         self._closed = True
         try:
-            self.loop.run(self.peer.shutdown(), 10)
+            self.loop.run(self.transport.shutdown(), 10)
         except Exception as exc:
             logger.debug("client peer shutdown: %s", exc)
         self.loop.stop()

@@ -3,5 +3,6 @@
 - ``blocks.py``  ``BlockRange``: a half-open span of transformer blocks, parsing ``"a:b"``.
 - ``records.py`` ``ServerRecord`` and ``ServerState``: what a server announces for each of its blocks.
 - ``errors.py``  the error types a user sees, each with a message naming the cause.
-- ``spans.py``   coverage of a model's blocks by servers: choosing a chain, finding gaps and free spans.
+- ``spans.py``   coverage of a model's blocks by servers: finding gaps, choosing a span, deciding a move.
+- ``routing.py`` chain planning (least time per step; throughput-weighted batches) and bans with backoff.
 """

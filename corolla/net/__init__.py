@@ -1,9 +1,10 @@
-"""hivemind's DHT and libp2p transport behind a small interface of ours.
+"""The network behind a small interface of ours: ``Transport``.
 
-- ``peer.py``   ``Peer``: one libp2p daemon + one DHT node; announce/lookup records, open/serve streams.
-- ``loop.py``   ``LoopThread``: an asyncio loop on a background thread, for synchronous callers.
+- ``transport.py`` ``Transport``: serve / open byte streams, announce / look up records; ``TransportFactory``.
+- ``peer.py``      ``Peer``: the real transport, one libp2p daemon + one hivemind DHT node.
+- ``records.py``   ``fetch_records``: every live server record of a model's blocks, decoded.
+- ``loop.py``      ``LoopThread``: an asyncio loop on a background thread, for synchronous callers.
 - ``addresses.py`` building loopback-only multiaddrs and writing/reading address files.
 
-Nothing else in Corolla imports hivemind, so the data path can be replaced without touching the client
-or the server.
+Nothing else in Corolla imports hivemind; the in-memory transport for tests is ``corolla.testing.memory``.
 """

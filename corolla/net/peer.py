@@ -1,10 +1,11 @@
-"""``Peer``: our whole use of hivemind: a libp2p daemon, a DHT node on it, and raw byte streams."""
+"""``Peer``: the real ``Transport``, and our whole use of hivemind: a libp2p daemon, a DHT node on it, and raw
+byte streams."""
 from __future__ import annotations
 
 import asyncio
 import logging
 from dataclasses import dataclass
-from typing import Any, Awaitable, Callable, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 from hivemind.dht.node import DHTNode
 from hivemind.p2p import P2P, PeerID
@@ -12,10 +13,9 @@ from hivemind.utils.multiaddr import Multiaddr
 from hivemind.utils.timed_storage import get_dht_time
 
 from corolla.net.addresses import listen_maddrs
+from corolla.net.transport import StreamHandler, Transport
 
 logger = logging.getLogger(__name__)
-
-StreamHandler = Callable[[asyncio.StreamReader, asyncio.StreamWriter, str], Awaitable[None]]
 
 
 @dataclass(frozen=True)
@@ -27,7 +27,7 @@ class PeerConfig:
     startup_timeout_s: float = 30.0
 
 
-class Peer:
+class Peer(Transport):
     """A running libp2p daemon with a DHT node. Create with ``await Peer.create(config)``."""
 
     def __init__(self, p2p: P2P, dht: DHTNode, config: PeerConfig):
@@ -73,8 +73,7 @@ class Peer:
 
     # ---------------------------------------------------------------- DHT
 
-    @staticmethod
-    def now() -> float:
+    def now(self) -> float:
         return get_dht_time()
 
     async def announce_many(self, items: Sequence[tuple[str, str, Any]], expiration_time: float) -> bool:
@@ -101,7 +100,7 @@ class Peer:
 
     # ---------------------------------------------------------------- streams
 
-    async def serve_stream(self, name: str, handler: StreamHandler) -> None:
+    async def serve(self, name: str, handler: StreamHandler) -> None:
         """Serve protocol ``name``: ``handler(reader, writer, remote_peer_id)`` runs for each incoming stream."""
 
         async def _on_stream(stream_info, reader, writer):

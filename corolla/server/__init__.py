@@ -1,11 +1,20 @@
 """A Corolla server: holds a span of blocks, announces it, answers forward/backward/inference.
 
-- ``config.py``    ``ServerConfig``: every setting, built once by the CLI (or a test) and passed down.
-- ``server.py``    ``Server``: start-up (load, measure, announce), serving, graceful shutdown.
-- ``handlers.py``  one stream per request: decode, validate, run, reply (errors become ``ErrorReply``).
-- ``validation.py`` checks every request against what this server holds, before any compute.
-- ``sessions.py``  inference sessions: attention cache, padding mask and position per session.
-- ``cache.py``     ``CacheBudget``: reserves session cache tokens against the configured limit.
-- ``announcer.py`` refreshes this server's DHT records before they expire.
+The request path, in order: ``dispatch`` (by the service table) -> ``handlers`` (validation, sessions) ->
+``scheduler`` (priority queue in front of the one compute thread) -> ``compute`` (torch work).
+
+- ``config.py``     ``ServerConfig``: every setting, built once by the CLI (or a test) and passed down.
+- ``server.py``     ``Server``: start-up (load, measure, announce), serving, moving, graceful shutdown; the real
+                    transport (``hivemind_server``) and ``run_server`` for the CLI.
+- ``dispatch.py``   ``Dispatcher``: one stream per exchange; ``SessionChannel`` for session streams; errors as
+                    ``ErrorReply``.
+- ``handlers.py``   ``RequestHandlers``: one method per service: validate, queue the compute, build the reply.
+- ``scheduler.py``  ``Scheduler``: runs jobs on the compute thread, inference before training.
+- ``compute.py``    ``BlockCompute``: forward, backward (kept activations or recompute), session steps.
+- ``sessions.py``   ``SessionState`` (per-session cache, mask, position; step validation) and ``SessionTable``.
+- ``validation.py`` checks of requests against what this server holds, before any compute.
+- ``activations.py`` ``ActivationStore``: training activations kept between forward and backward.
+- ``cache.py``      ``CacheBudget``: reserves session cache tokens against the configured limit.
+- ``announcer.py``  refreshes this server's DHT records before they expire.
 - ``throughput.py`` measures tokens/s through the held blocks on this hardware.
 """

@@ -5,14 +5,15 @@ import asyncio
 import logging
 from typing import Callable
 
-from corolla.core.records import ServerRecord, block_key
-from corolla.net.peer import Peer
+from corolla.core.records import ServerRecord
+from corolla.wire.records import block_key, encode_record
+from corolla.net.transport import Transport
 
 logger = logging.getLogger(__name__)
 
 
 class Announcer:
-    def __init__(self, peer: Peer, model_prefix: str, record: Callable[[], ServerRecord], period_s: float, ttl_s: float):
+    def __init__(self, peer: Transport, model_prefix: str, record: Callable[[], ServerRecord], period_s: float, ttl_s: float):
         self.peer = peer
         self.model_prefix = model_prefix
         self.record = record
@@ -22,10 +23,10 @@ class Announcer:
 
     async def announce_now(self, ttl_s: float | None = None) -> bool:
         record = self.record()
-        value = record.to_value()
+        value = encode_record(record)
         items = [(block_key(self.model_prefix, b), record.peer_id, value) for b in record.blocks]
         try:
-            return await self.peer.announce_many(items, Peer.now() + (ttl_s or self.ttl_s))
+            return await self.peer.announce_many(items, self.peer.now() + (ttl_s or self.ttl_s))
         except Exception as exc:
             logger.warning("announcing %s failed: %s", record.blocks, exc)
             return False

@@ -1,11 +1,15 @@
-"""``Server``: load a span of blocks, announce it, serve it, leave cleanly."""
+"""``Server``: load a span of blocks, announce it, serve it, leave cleanly.
+
+It wires the request path together: the transport hands each stream to the ``Dispatcher`` (by the service table),
+which calls ``RequestHandlers`` (validation, session table), which queue torch work on the ``Scheduler`` in front
+of the one compute thread (``BlockCompute``).
+"""
 from __future__ import annotations
 
 import asyncio
 import logging
 import random
 import signal
-from concurrent.futures import ThreadPoolExecutor
 from typing import Optional
 
 import torch
@@ -19,11 +23,14 @@ from corolla.models.lora import read_peft_adapter
 from corolla.models.stack import load_block_stack
 from corolla.net.addresses import write_address_file
 from corolla.net.peer import Peer, PeerConfig
+from corolla.net.transport import Transport, TransportFactory
 from corolla.net.records import fetch_records
 from corolla.server.announcer import Announcer
 from corolla.server.cache import CacheBudget
 from corolla.server.config import ServerConfig
-from corolla.server.handlers import RequestHandler
+from corolla.server.dispatch import Dispatcher
+from corolla.server.handlers import RequestHandlers
+from corolla.server.scheduler import Priority, Scheduler
 from corolla.server.throughput import measure_throughput
 from corolla.wire.codec import dtype_name
 from corolla.wire.messages import PROTOCOL_VERSION, RPC_PROTOCOL, InfoReply
@@ -34,7 +41,7 @@ logger = logging.getLogger(__name__)
 class Server:
     """A running server. ``await Server.create(config)``, then ``await server.shutdown()``."""
 
-    def __init__(self, config: ServerConfig, peer: Peer, model_prefix: str, blocks: BlockRange):
+    def __init__(self, config: ServerConfig, peer: Transport, model_prefix: str, blocks: BlockRange):
         self.config = config
         self.path = None  # the checkpoint directory
         self.model_config = None
@@ -48,26 +55,21 @@ class Server:
         self.dtype = resolve_dtype(config.dtype)
         self.maddrs: list[str] = []
         self.stack = None
-        self.handler: Optional[RequestHandler] = None
+        self.handler: Optional[RequestHandlers] = None
+        self.dispatcher: Optional[Dispatcher] = None
         self.budget: Optional[CacheBudget] = None
-        threads = config.num_threads
-        self.compute = ThreadPoolExecutor(
-            max_workers=1,
-            thread_name_prefix="corolla-compute",
-            initializer=torch.set_num_threads if threads else None,
-            initargs=(threads,) if threads else (),
-        )
+        self.scheduler = Scheduler(config.num_threads)
         self.announcer = Announcer(peer, model_prefix, self.record, config.announce_period_s, config.record_ttl_s)
 
     @classmethod
-    async def create(cls, config: ServerConfig) -> "Server":
-        if not config.initial_peers and not config.new_swarm:
-            raise ValueError("a server needs --initial-peers of a running swarm, or --new-swarm to start its own")
+    async def create(cls, config: ServerConfig, transport_factory: TransportFactory) -> "Server":
+        """Start a server on the transport ``transport_factory`` makes (``hivemind_server(config)`` for the real
+        network)."""
         path = await asyncio.to_thread(resolve_model, config.model)
         model_config = await asyncio.to_thread(load_config, path)
         prefix = config.dht_prefix or model_dht_prefix(path if config.model is None else config.model)
         total = model_config.num_hidden_layers
-        peer = await Peer.create(PeerConfig(initial_peers=config.initial_peers, host=config.host, port=config.port))
+        peer = await transport_factory()
         try:
             blocks = config.blocks
             if blocks is None:
@@ -89,8 +91,9 @@ class Server:
         config = self.config
         self.path, self.model_config = path, model_config
         self.stack, self.budget, adapters = await self._load(self.blocks)
-        self.handler = RequestHandler(self.stack, config, self.budget, self.compute, self.info, adapters)
-        await self.peer.serve_stream(RPC_PROTOCOL, self.handler.handle_stream)
+        self.handler = RequestHandlers(self.stack, config, self.budget, self.scheduler, self.info, adapters)
+        self.dispatcher = Dispatcher(self.handler, config.max_message_bytes, config.session_idle_timeout_s)
+        await self.peer.serve(RPC_PROTOCOL, self.dispatcher.handle_stream)
         self.state = ServerState.ONLINE
         await self.announcer.announce_now()
         self.announcer.start()
@@ -109,17 +112,14 @@ class Server:
         logger.info("loading blocks %s of %s (%s, %s)", blocks, self.model_prefix, self.dtype, config.device)
         # Every torch call of this process runs on the one compute thread: with several intra-op threads, torch
         # work split across Python threads loses its parallelism (measured: 2 threads ran at 1-thread speed).
-        loop = asyncio.get_running_loop()
-        stack = await loop.run_in_executor(
-            self.compute, load_block_stack, self.path, self.model_config, blocks, self.dtype, torch.device(config.device)
-        )
-        self.throughput = config.throughput or await loop.run_in_executor(self.compute, measure_throughput, stack)
+        run = self.scheduler.run
+        stack = await run(Priority.BACKGROUND, load_block_stack, self.path, self.model_config, blocks, self.dtype,
+                          torch.device(config.device))
+        self.throughput = config.throughput or await run(Priority.BACKGROUND, measure_throughput, stack)
         adapters = {}
         for name in config.adapters:
             path = await asyncio.to_thread(resolve_model, name)
-            adapters[name], _ = await loop.run_in_executor(
-                self.compute, read_peft_adapter, path, stack.family, blocks, self.dtype
-            )
+            adapters[name], _ = await run(Priority.BACKGROUND, read_peft_adapter, path, stack.family, blocks, self.dtype)
             logger.info("adapter %s: %d adapted layers in blocks %s", name, len(adapters[name].pairs), blocks)
         return stack, CacheBudget(config.cache_tokens, stack.cache_bytes_per_token()), adapters
 
@@ -144,18 +144,19 @@ class Server:
         announce them."""
         old = self.blocks
         logger.warning("moving from blocks %s to %s: the swarm is weaker there", old, blocks)
-        self.handler.accepting = False
+        self.dispatcher.accepting = False
         self.state = ServerState.OFFLINE
         await self.announcer.announce_now()
         await self._drain(self.config.shutdown_grace_s)
-        self.handler.close_sessions()
-        self.stack = self.handler.stack = None  # free the old weights before loading the new ones
+        self.dispatcher.close_sessions()
+        self.stack = None
+        self.handler.replace_stack(None, self.budget, {})  # free the old weights before loading the new ones
         self.blocks, self.state, self.throughput = blocks, ServerState.JOINING, 0.0
         await self.announcer.announce_now()
         self.stack, self.budget, adapters = await self._load(blocks)
         self.handler.replace_stack(self.stack, self.budget, adapters)
         self.state = ServerState.ONLINE
-        self.handler.accepting = True
+        self.dispatcher.accepting = True
         self.moves += 1
         await self.announcer.announce_now()
         logger.warning("now serving blocks %s", blocks)
@@ -163,9 +164,9 @@ class Server:
     async def _drain(self, grace_s: float) -> None:
         """Wait up to ``grace_s`` for requests other than open sessions to finish."""
         deadline = asyncio.get_running_loop().time() + grace_s
-        while self.handler is not None and self.handler.in_flight > len(self.handler.sessions):
+        while self.dispatcher is not None and self.dispatcher.in_flight > self.dispatcher.open_sessions:
             if asyncio.get_running_loop().time() > deadline:
-                logger.warning("%d request(s) still running after %.0f s", self.handler.in_flight, grace_s)
+                logger.warning("%d request(s) still running after %.0f s", self.dispatcher.in_flight, grace_s)
                 return
             await asyncio.sleep(0.05)
 
@@ -194,7 +195,7 @@ class Server:
             cache_tokens_total=self.budget.total_tokens,
             max_message_bytes=self.config.max_message_bytes,
             protocol_version=PROTOCOL_VERSION,
-            activations_kept=len(self.handler.activations),
+            activations_kept=self.handler.activations_kept(),
         )
 
     async def shutdown(self) -> None:
@@ -202,13 +203,20 @@ class Server:
         if self._rebalancer is not None:
             self._rebalancer.cancel()
         self.state = ServerState.OFFLINE
-        if self.handler is not None:
-            self.handler.accepting = False
+        if self.dispatcher is not None:
+            self.dispatcher.accepting = False
         await self.announcer.stop()
         await self.announcer.announce_now(ttl_s=self.config.record_ttl_s)
         await self._drain(self.config.shutdown_grace_s)
         await self.peer.shutdown()
-        self.compute.shutdown(wait=False, cancel_futures=True)
+        await self.scheduler.close()
+
+
+def hivemind_server(config: ServerConfig) -> TransportFactory:
+    """The real transport of a server: a libp2p peer with a DHT node, joined to ``config.initial_peers``."""
+    if not config.initial_peers and not config.new_swarm:
+        raise ValueError("a server needs --initial-peers of a running swarm, or --new-swarm to start its own")
+    return lambda: Peer.create(PeerConfig(initial_peers=config.initial_peers, host=config.host, port=config.port))
 
 
 def run_server(config: ServerConfig) -> int:
@@ -219,7 +227,7 @@ def run_server(config: ServerConfig) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        server = await Server.create(config)
+        server = await Server.create(config, hivemind_server(config))
         print(f"corolla server {server.peer.peer_id} serving blocks {server.blocks}", flush=True)
         for addr in server.maddrs:
             print(f"  {addr}", flush=True)

@@ -1,4 +1,9 @@
-"""Inference sessions: the per-session state a server keeps between steps."""
+"""Inference sessions: the state a server keeps for each between steps, and the table of open sessions.
+
+``SessionTable.open`` validates an ``OpenSession`` and reserves its cache against the budget; ``close`` frees
+it. ``SessionState.check_step`` validates a step against its session before any compute, so a rejected step
+leaves the session usable.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -8,8 +13,10 @@ import torch
 
 from corolla.core.blocks import BlockRange
 from corolla.core.errors import BadRequestError
-from corolla.models.lora import LoraSet, lora_applied
-from corolla.server.validation import check_hidden, check_mask, check_positions, check_prompts
+from corolla.models.lora import LoraSet
+from corolla.server.cache import CacheBudget
+from corolla.server.validation import check_blocks, check_hidden, check_mask, check_positions, check_prompts
+from corolla.wire.messages import OpenSession, SessionStep
 
 
 @dataclass
@@ -27,75 +34,76 @@ class SessionState:
     def reserved_tokens(self) -> int:
         return self.max_length * self.batch_size
 
-
-def run_step(
-    stack,
-    session: SessionState,
-    hidden_states: torch.Tensor,
-    attention_mask: Optional[torch.Tensor],
-    position_ids: Optional[torch.Tensor],
-    hypo_ids: Optional[torch.Tensor],
-    max_positions: Optional[int],
-    prompts: Optional[torch.Tensor] = None,
-    start_from_position: Optional[int] = None,
-) -> torch.Tensor:
-    """Validate one step against the session, then run it through ``stack`` and update the session.
-
-    ``start_from_position`` rewinds the session first: cached tokens from that position on are dropped.
-    Every check happens before the session changes, so a rejected step leaves it usable.
-    """
-    check_hidden("hidden_states", hidden_states, stack.hidden_size, stack.dtype)
-    batch, new = hidden_states.shape[:2]
-    if batch != session.batch_size:
-        raise BadRequestError(f"step has batch {batch}, the session was opened with batch {session.batch_size}")
-    start = session.position if start_from_position is None else start_from_position
-    if not 0 <= start <= session.position:
-        raise BadRequestError(
-            f"start_from_position {start} is outside session {session.session_id}'s 0..{session.position} "
-            "cached tokens: a session can only rewind"
-        )
-    if start + new > session.max_length:
-        raise BadRequestError(
-            f"a step of {new} tokens would bring session {session.session_id} to {start + new} tokens, "
-            f"past its max_length of {session.max_length}"
-        )
-    check_mask("attention_mask", attention_mask, batch, new)
-    check_positions(position_ids, batch, new, max_positions)
-    check_prompts(prompts, session.blocks, batch, stack.hidden_size, stack.dtype)
-    if hypo_ids is not None:
-        if list(hypo_ids.shape) != [batch] or hypo_ids.dtype not in (torch.int64, torch.int32):
-            raise BadRequestError(f"hypo_ids must be an int64 tensor of shape [{batch}], got {list(hypo_ids.shape)}")
-        if batch and (int(hypo_ids.min()) < 0 or int(hypo_ids.max()) >= batch):
-            raise BadRequestError(f"hypo_ids must index rows 0..{batch - 1}")
-
-    if start < session.position:
-        stack.crop_cache(session.cache, start)
-        session.mask = session.mask[:, :start]
-        session.position = start
-    if new == 0 and hypo_ids is None:
-        return hidden_states
-    device = stack.device
-    with torch.inference_mode(), lora_applied(stack, session.lora):
+    def check_step(self, step: SessionStep, stack, max_positions: Optional[int]) -> None:
+        """Every check of a step against this session and the stack, before anything changes."""
+        if step.session_id != self.session_id:
+            raise BadRequestError(
+                f"unknown session {step.session_id!r}: this stream holds session {self.session_id!r}"
+            )
+        hidden_states = step.hidden_states
+        check_hidden("hidden_states", hidden_states, stack.hidden_size, stack.dtype)
+        batch, new = hidden_states.shape[:2]
+        if batch != self.batch_size:
+            raise BadRequestError(f"step has batch {batch}, the session was opened with batch {self.batch_size}")
+        start = self.position if step.start_from_position is None else step.start_from_position
+        if not 0 <= start <= self.position:
+            raise BadRequestError(
+                f"start_from_position {start} is outside session {self.session_id}'s 0..{self.position} "
+                "cached tokens: a session can only rewind"
+            )
+        if start + new > self.max_length:
+            raise BadRequestError(
+                f"a step of {new} tokens would bring session {self.session_id} to {start + new} tokens, "
+                f"past its max_length of {self.max_length}"
+            )
+        check_mask("attention_mask", step.attention_mask, batch, new)
+        check_positions(step.position_ids, batch, new, max_positions)
+        check_prompts(step.prompts, self.blocks, batch, stack.hidden_size, stack.dtype)
+        hypo_ids = step.hypo_ids
         if hypo_ids is not None:
-            hypo_ids = hypo_ids.to(device=device, dtype=torch.int64)
-            stack.reorder_cache(session.cache, hypo_ids)
-            session.mask = session.mask[hypo_ids]
-        if new == 0:
-            return hidden_states
-        new_mask = (
-            torch.ones(batch, new, dtype=torch.long, device=device)
-            if attention_mask is None
-            else attention_mask.to(device=device, dtype=torch.long)
+            if list(hypo_ids.shape) != [batch] or hypo_ids.dtype not in (torch.int64, torch.int32):
+                raise BadRequestError(f"hypo_ids must be an int64 tensor of shape [{batch}], got {list(hypo_ids.shape)}")
+            if batch and (int(hypo_ids.min()) < 0 or int(hypo_ids.max()) >= batch):
+                raise BadRequestError(f"hypo_ids must index rows 0..{batch - 1}")
+
+
+class SessionTable:
+    """The sessions open on this server and the cache they reserve."""
+
+    def __init__(self, budget: CacheBudget):
+        self.budget = budget
+        self.sessions: dict[str, SessionState] = {}
+
+    def open(self, request: OpenSession, stack, lora: Optional[LoraSet], max_positions: Optional[int]) -> SessionState:
+        check_blocks(request.blocks, stack.blocks)
+        if request.max_length < 1 or request.batch_size < 1:
+            raise BadRequestError(
+                f"max_length and batch_size must be >= 1, got {request.max_length} and {request.batch_size}"
+            )
+        if request.session_id in self.sessions:
+            raise BadRequestError(f"session {request.session_id!r} is already open")
+        if max_positions is not None and request.max_length > max_positions:
+            raise BadRequestError(f"max_length {request.max_length} exceeds the model's {max_positions} positions")
+        session = SessionState(
+            session_id=request.session_id,
+            lora=lora,
+            blocks=request.blocks,
+            max_length=request.max_length,
+            batch_size=request.batch_size,
+            cache=stack.new_cache(request.blocks),
+            mask=torch.zeros(request.batch_size, 0, dtype=torch.long, device=stack.device),
         )
-        full_mask = torch.cat([session.mask, new_mask], dim=1)  # [batch, position + new]
-        outputs = stack(
-            hidden_states.to(device),
-            full_mask,
-            None if position_ids is None else position_ids.to(device=device, dtype=torch.long),
-            session.cache,
-            span=session.blocks,
-            prompts=None if prompts is None else prompts.to(device),
-        )
-    session.mask = full_mask
-    session.position += new
-    return outputs
+        self.budget.reserve(session.reserved_tokens)
+        self.sessions[session.session_id] = session
+        return session
+
+    def close(self, session: SessionState) -> None:
+        if self.sessions.get(session.session_id) is session:
+            del self.sessions[session.session_id]
+            self.budget.release(session.reserved_tokens)
+
+    def __len__(self) -> int:
+        return len(self.sessions)
+
+    def __contains__(self, session_id: str) -> bool:
+        return session_id in self.sessions

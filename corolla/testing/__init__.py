@@ -1,5 +1,11 @@
-"""Test and benchmark harnesses that are not part of the library proper.
+"""Test and benchmark harnesses (also used by the CLI's ``swarm`` and ``demo``).
 
-netns.py   ``NetnsSwarm``: a swarm whose DHT node, servers and clients run as separate "hosts" (Linux network
-           namespaces on this machine) joined by an emulated network with per-host delay, rate and loss.
+- ``memory.py``      ``MemoryNetwork`` / ``MemoryTransport``: a whole swarm's network in one process (streams between
+                     event loops, a record store, link delays, kill and freeze).
+- ``inprocess.py``   ``InProcessSwarm``: real servers on a ``MemoryNetwork`` in this process, and clients for them.
+- ``local_swarm.py`` ``LocalSwarm``: a DHT node and N servers as child processes on loopback.
+- ``netns.py``       ``NetnsSwarm``: a swarm whose DHT node, servers and clients run as separate "hosts" (Linux
+                     network namespaces on this machine) joined by an emulated network with per-host delay, rate
+                     and loss.
+- ``tap_switch.py``  the user-space switch ``NetnsSwarm`` uses where the kernel lacks ``sch_netem``.
 """

@@ -51,7 +51,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from corolla.cli.local_swarm import ChildProcess
+from corolla.testing.local_swarm import ChildProcess
 from corolla.net.addresses import read_address_file
 
 NAME_PREFIX = "crl"  # every namespace this module creates starts with crl<pid>-

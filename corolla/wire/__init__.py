@@ -1,6 +1,8 @@
-"""The protocol between Corolla clients and servers: one module for every message, one for tensors.
+"""The protocol between Corolla clients and servers.
 
-- ``messages.py`` every request and reply as a typed dataclass, with the protocol version.
+- ``messages.py`` every request and reply as a typed dataclass with an explicit wire name; the protocol version.
+- ``services.py`` the service table: each request's reply type and exchange (single, or session stream).
+- ``records.py``  the DHT record format (key per block, one subkey per server) and its validating decoder.
 - ``codec.py``    tensors to bytes and back (dtype and shape checked), and message frames.
 - ``framing.py``  reading and writing frames on an asyncio stream, with a size limit.
 

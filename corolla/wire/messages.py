@@ -1,16 +1,10 @@
 """Every message of the Corolla protocol, as typed dataclasses.
 
-Each frame carries ``type`` (the class name) and ``version`` (``PROTOCOL_VERSION``). A receiver that meets
-another version answers ``ErrorReply(kind="ProtocolVersionError")``. Tensor fields travel in the frame body;
-``BlockRange`` fields travel as ``"start:end"``; everything else as JSON.
-
-RPCs (one stream each, the first frame says which):
-- ``InfoRequest`` -> ``InfoReply``
-- ``ForwardRequest`` -> ``ForwardReply``
-- ``BackwardRequest`` -> ``BackwardReply``
-- ``OpenSession`` -> ``SessionOpened``, then any number of ``SessionStep`` -> ``SessionStepReply`` on the
-  same stream; the session and its cache are freed when the stream ends or idles past the server's timeout.
-Any request may be answered with ``ErrorReply`` instead.
+Each frame carries ``type`` (the message's ``WIRE_NAME``, an explicit constant, so renaming a class cannot change
+the protocol) and ``version`` (``PROTOCOL_VERSION``). A receiver that meets another version answers
+``ErrorReply(kind="ProtocolVersionError")``. Tensor fields travel in the frame body; ``BlockRange`` fields travel as
+``"start:end"``; everything else as JSON. Which request opens which exchange, and its reply, is the service table
+in ``corolla.wire.services``.
 """
 from __future__ import annotations
 
@@ -27,22 +21,26 @@ from corolla.core.blocks import BlockRange
 from corolla.core.errors import BadRequestError, ProtocolVersionError
 from corolla.wire.codec import Frame
 
-PROTOCOL_VERSION = 2  # 2: SessionStep.start_from_position (rewinding sessions)
+PROTOCOL_VERSION = 3  # 2: SessionStep.start_from_position; 3: explicit wire names, the service table
 TensorDict = dict[str, torch.Tensor]  # a field of named tensors; travels as tensors "<field>/<name>"
 RPC_PROTOCOL = "/corolla/rpc"  # the libp2p protocol name servers register; the version travels in each frame
 
 
 class Message:
-    """Base of all messages; subclasses are frozen dataclasses registered by class name."""
+    """Base of all messages: frozen dataclasses declared with ``class X(Message, wire_name="...")``."""
 
-    registry: ClassVar[dict[str, type["Message"]]] = {}
+    registry: ClassVar[dict[str, type["Message"]]] = {}  # wire name -> class
+    WIRE_NAME: ClassVar[str]
 
-    def __init_subclass__(cls, **kwargs):
+    def __init_subclass__(cls, wire_name: str, **kwargs):
         super().__init_subclass__(**kwargs)
-        Message.registry[cls.__name__] = cls
+        if wire_name in Message.registry:
+            raise TypeError(f"wire name {wire_name!r} of {cls.__name__} is taken by {Message.registry[wire_name]}")
+        cls.WIRE_NAME = wire_name
+        Message.registry[wire_name] = cls
 
     def to_parts(self, version: int = PROTOCOL_VERSION) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-        header: dict[str, Any] = {"type": type(self).__name__, "version": version}
+        header: dict[str, Any] = {"type": self.WIRE_NAME, "version": version}
         tensors: dict[str, torch.Tensor] = {}
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
@@ -127,12 +125,12 @@ def _convert(type_name: str, field_name: str, base, value):
 
 
 @dataclass(frozen=True)
-class InfoRequest(Message):
+class InfoRequest(Message, wire_name="info"):
     pass
 
 
 @dataclass(frozen=True)
-class InfoReply(Message):
+class InfoReply(Message, wire_name="info.reply"):
     model: str  # DHT prefix of the model
     blocks: BlockRange  # blocks held by the server
     hidden_size: int
@@ -147,7 +145,7 @@ class InfoReply(Message):
 
 
 @dataclass(frozen=True)
-class ForwardRequest(Message):
+class ForwardRequest(Message, wire_name="forward"):
     blocks: BlockRange
     hidden_states: torch.Tensor  # [batch, seq, hidden]
     attention_mask: Optional[torch.Tensor] = None  # [batch, seq], 1 = token, 0 = padding
@@ -160,13 +158,13 @@ class ForwardRequest(Message):
 
 
 @dataclass(frozen=True)
-class ForwardReply(Message):
+class ForwardReply(Message, wire_name="forward.reply"):
     hidden_states: torch.Tensor  # [batch, seq, hidden]
     activation_id: Optional[str] = None  # with keep_activations: name them in the BackwardRequest
 
 
 @dataclass(frozen=True)
-class BackwardRequest(Message):
+class BackwardRequest(Message, wire_name="backward"):
     blocks: BlockRange
     hidden_states: torch.Tensor  # [batch, seq, hidden]: the inputs of the forward pass
     grad_outputs: torch.Tensor  # [batch, seq, hidden]: d loss / d outputs
@@ -180,14 +178,14 @@ class BackwardRequest(Message):
 
 
 @dataclass(frozen=True)
-class BackwardReply(Message):
+class BackwardReply(Message, wire_name="backward.reply"):
     grad_inputs: torch.Tensor  # [batch, seq, hidden]: d loss / d inputs
     grad_prompts: Optional[torch.Tensor] = None  # d loss / d prompts, when prompts were sent
     grad_lora: Optional[TensorDict] = None  # d loss / d each LoRA tensor sent, same names
 
 
 @dataclass(frozen=True)
-class OpenSession(Message):
+class OpenSession(Message, wire_name="session.open"):
     session_id: str
     blocks: BlockRange
     max_length: int  # tokens (prefix + generated) the session may ever hold
@@ -198,13 +196,13 @@ class OpenSession(Message):
 
 
 @dataclass(frozen=True)
-class SessionOpened(Message):
+class SessionOpened(Message, wire_name="session.opened"):
     session_id: str
     cache_tokens_reserved: int  # max_length * batch_size
 
 
 @dataclass(frozen=True)
-class SessionStep(Message):
+class SessionStep(Message, wire_name="session.step"):
     session_id: str
     hidden_states: torch.Tensor  # [batch, new, hidden]; new may be 0
     attention_mask: Optional[torch.Tensor] = None  # [batch, new] mask of the new tokens; None = all ones
@@ -216,12 +214,12 @@ class SessionStep(Message):
 
 
 @dataclass(frozen=True)
-class SessionStepReply(Message):
+class SessionStepReply(Message, wire_name="session.step.reply"):
     hidden_states: torch.Tensor  # [batch, new, hidden]
     position: int  # tokens in the session's cache after this step
 
 
 @dataclass(frozen=True)
-class ErrorReply(Message):
+class ErrorReply(Message, wire_name="error"):
     kind: str  # class name of the error on the server
     message: str

@@ -7,7 +7,7 @@ import time
 
 import torch
 
-from corolla.cli.local_swarm import LocalSwarm
+from corolla.testing.local_swarm import LocalSwarm
 from corolla.core.blocks import BlockRange
 from corolla.core.records import ServerState
 from corolla.net.loop import LoopThread

@@ -261,7 +261,7 @@ def adapter_swarm(tiny_llama_dir, tmp_path_factory):
     import peft
     from transformers import LlamaForCausalLM
 
-    from corolla.cli.local_swarm import LocalSwarm
+    from corolla.testing.local_swarm import LocalSwarm
     from corolla.core.blocks import BlockRange
 
     torch.manual_seed(3)
@@ -323,31 +323,31 @@ def test_served_adapter_equals_local_peft(adapter_swarm, tiny_llama_dir):
 
 
 def test_bad_tuning_requests_get_clear_errors(adapter_swarm, tiny_llama_dir):
-    from corolla.client.rpc import call_unary
-    from corolla.client.swarm import RemoteSwarm
+    from corolla.client.rpc import call
+    from corolla.client.swarm import RemoteSwarm, hivemind_client
     from corolla.client.config import ClientConfig
     from corolla.core.blocks import BlockRange
     from corolla.core.errors import RemoteError
-    from corolla.wire.messages import BackwardReply, BackwardRequest, ForwardReply, ForwardRequest
+    from corolla.wire.messages import BackwardRequest, ForwardRequest
 
     swarm, adapter, _ = adapter_swarm
-    client = RemoteSwarm(ClientConfig(initial_peers=tuple(swarm.initial_peers)), "adapted", 4)
+    config = ClientConfig(initial_peers=tuple(swarm.initial_peers))
+    client = RemoteSwarm(config, "adapted", 4, hivemind_client(config))
     try:
         record, span = client.run(client.plan_inference(BlockRange(0, 2), adapter))[0]
         hidden = torch.randn(1, 3, 64)
 
-        def call(request, expected=ForwardReply):
-            return client.run(call_unary(client.peer, record, request, expected, 30))
+        def ask(request):
+            return client.run(call(client.transport, record, request, 30))
 
-        def rejected(request, *words, expected=ForwardReply):
+        def rejected(request, *words):
             with pytest.raises(RemoteError) as info:
-                call(request, expected)
+                ask(request)
             for word in words:
                 assert word in str(info.value), str(info.value)
-            assert call(ForwardRequest(span, hidden)).hidden_states.shape == (1, 3, 64)  # still serving
+            assert ask(ForwardRequest(span, hidden)).hidden_states.shape == (1, 3, 64)  # still serving
 
-        rejected(BackwardRequest(span, hidden, torch.randn(1, 2, 64)), "grad_outputs has shape [1, 2, 64]",
-                 expected=BackwardReply)
+        rejected(BackwardRequest(span, hidden, torch.randn(1, 2, 64)), "grad_outputs has shape [1, 2, 64]")
         rejected(ForwardRequest(span, hidden, lora={"0.self_attn.q_proj.lora_A": torch.randn(4, 64),
                                                     "0.self_attn.q_proj.lora_B": torch.randn(64, 3)}), "same rank")
         rejected(ForwardRequest(span, hidden, lora={"1.self_attn.nope.lora_A": torch.randn(4, 64),
@@ -382,8 +382,8 @@ def test_example_script_trains_and_saves(llama_swarm, tmp_path):
 
 
 def test_servers_keep_activations_for_backward(embedded_dir, llama_swarm, batch):
-    from corolla.client.rpc import call_unary
-    from corolla.wire.messages import InfoReply, InfoRequest
+    from corolla.client.rpc import call
+    from corolla.wire.messages import InfoRequest
 
     remote = _remote(embedded_dir, llama_swarm, tuning_mode="ptune", pre_seq_len=2)
     try:
@@ -391,7 +391,7 @@ def test_servers_keep_activations_for_backward(embedded_dir, llama_swarm, batch)
         records = swarm.run(swarm.records())
 
         def kept() -> int:
-            return sum(swarm.run(call_unary(swarm.peer, r, InfoRequest(), InfoReply, 30)).activations_kept for r in records)
+            return sum(swarm.run(call(swarm.transport, r, InfoRequest(), 30)).activations_kept for r in records)
 
         with torch.no_grad():
             remote(**batch)

@@ -220,7 +220,7 @@ def test_speculative_refuses_what_it_cannot_do(embedded_dir, llama_swarm, random
 
 @pytest.fixture(scope="module")
 def tiny_swarm(tiny_llama_dir):
-    from corolla.cli.local_swarm import LocalSwarm
+    from corolla.testing.local_swarm import LocalSwarm
 
     with LocalSwarm(model=str(tiny_llama_dir), num_servers=2, dht_prefix="tiny-speculative") as swarm:
         yield swarm

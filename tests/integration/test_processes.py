@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from corolla.cli.local_swarm import LocalSwarm
+from corolla.testing.local_swarm import LocalSwarm
 from corolla.core.blocks import BlockRange
 from corolla.core.errors import BlocksNotServedError
 from corolla.core.records import ServerState

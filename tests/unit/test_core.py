@@ -3,9 +3,10 @@ from __future__ import annotations
 
 import pytest
 
-from corolla.cli.local_swarm import split_blocks
+from corolla.testing.local_swarm import split_blocks
 from corolla.core.blocks import BlockRange
 from corolla.core.records import ServerRecord, ServerState
+from corolla.wire.records import decode_record, encode_record
 from corolla.core.spans import choose_move, choose_span, describe_blocks, unserved_blocks
 
 
@@ -26,10 +27,11 @@ def test_block_range_parse_and_contains():
 
 def test_record_roundtrip_and_malformed():
     record = rec("peer", 0, 10)
-    assert ServerRecord.from_value(record.to_value()) == record
-    assert ServerRecord.from_value({"blocks": [0, 1]}) is None
-    assert ServerRecord.from_value("garbage") is None
-    assert ServerRecord.from_value({**record.to_value(), "state": "bogus"}) is None
+    assert decode_record(encode_record(record)) == record
+    assert decode_record({"blocks": [0, 1]}) is None
+    assert decode_record("garbage") is None
+    assert decode_record({**encode_record(record), "state": "bogus"}) is None
+    assert decode_record({**encode_record(record), "adapters": "not-a-list"}) is None
 
 
 def test_unserved_and_describe():

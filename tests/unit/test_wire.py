@@ -11,7 +11,16 @@ from corolla.core.blocks import BlockRange
 from corolla.core.errors import BadRequestError, MessageTooLargeError, ProtocolVersionError
 from corolla.wire.codec import PREFIX, decode_frame, decode_prefix, encode_frame
 from corolla.wire.framing import encode_message, read_message
-from corolla.wire.messages import PROTOCOL_VERSION, ForwardRequest, InfoRequest, SessionStep, message_from_frame
+from corolla.wire.messages import (
+    PROTOCOL_VERSION,
+    ForwardRequest,
+    InfoRequest,
+    Message,
+    OpenSession,
+    SessionStep,
+    message_from_frame,
+)
+from corolla.wire.services import SERVICES, Exchange, service_for
 
 
 def _roundtrip(data: bytes, max_bytes: int = 2**30):
@@ -73,10 +82,10 @@ def test_bad_frames_name_the_cause():
     frame = decode_frame(json.dumps({"type": "Nope", "version": PROTOCOL_VERSION}).encode(), b"")
     with pytest.raises(BadRequestError, match="unknown message type 'Nope'"):
         message_from_frame(frame)
-    frame = decode_frame(json.dumps({"type": "SessionStep", "version": PROTOCOL_VERSION}).encode(), b"")
+    frame = decode_frame(json.dumps({"type": "session.step", "version": PROTOCOL_VERSION}).encode(), b"")
     with pytest.raises(BadRequestError, match="missing its field 'session_id'"):
         message_from_frame(frame)
-    frame = decode_frame(json.dumps({"type": "OpenSession", "version": PROTOCOL_VERSION, "session_id": "s",
+    frame = decode_frame(json.dumps({"type": "session.open", "version": PROTOCOL_VERSION, "session_id": "s",
                                      "blocks": "0:2", "max_length": "many", "batch_size": 1}).encode(), b"")
     with pytest.raises(BadRequestError, match="max_length must be int"):
         message_from_frame(frame)
@@ -88,3 +97,25 @@ def test_optional_tensor_fields_default_to_none():
     step = SessionStep("s", torch.zeros(1, 0, 4))
     got, _ = _roundtrip(encode_message(step))
     assert got.attention_mask is None and got.hypo_ids is None and got.hidden_states.shape == (1, 0, 4)
+
+
+def test_wire_names_are_explicit_constants():
+    """The frame says "session.step", not a Python class name: renaming a class cannot change the protocol."""
+    header, _ = SessionStep("s", torch.zeros(1, 0, 4)).to_parts()
+    assert header["type"] == "session.step" == SessionStep.WIRE_NAME
+    names = {cls.WIRE_NAME for cls in Message.registry.values()}
+    assert len(names) == len(Message.registry) and all(name == name.lower() for name in names)
+    with pytest.raises(TypeError, match="taken"):
+        class Duplicate(Message, wire_name="session.step"):  # noqa: F841
+            pass
+
+
+def test_service_table_is_complete_and_consistent():
+    requests = {service.request for service in SERVICES}
+    assert {InfoRequest, ForwardRequest, OpenSession} <= requests
+    for service in SERVICES:
+        assert service.reply is not service.request
+        assert (service.exchange is Exchange.SESSION) == (service.step is not None and service.step_reply is not None)
+        assert service_for(service.request.__new__(service.request)) is service
+    with pytest.raises(BadRequestError, match="does not start an exchange"):
+        service_for(SessionStep("s", torch.zeros(1, 0, 4)))

@@ -1,0 +1,153 @@
+"""``Dispatcher``: serves each incoming stream by the service table.
+
+It reads the stream's first message, finds its service (``corolla.wire.services``) and calls the handler's method
+of that name: ``handler.<name>(request, peer)`` returns the reply of a single exchange; for a session,
+``handler.<name>(request, channel, peer)`` talks over a ``SessionChannel``. Every failure a request causes becomes
+an ``ErrorReply`` on its own stream; nothing a client sends can stop the server or disturb other streams.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import AsyncIterator, Optional
+
+from corolla.core.errors import BadRequestError, CorollaError
+from corolla.wire.framing import read_message, write_message
+from corolla.wire.messages import ErrorReply, Message
+from corolla.wire.services import SERVICES, Exchange, Service, service_for
+
+logger = logging.getLogger(__name__)
+
+
+class ServerShuttingDownError(CorollaError):
+    """The server is leaving the swarm and takes no new work."""
+
+
+class Dispatcher:
+    def __init__(self, handler, max_message_bytes: int, session_idle_timeout_s: float):
+        missing = [s.name for s in SERVICES if not callable(getattr(handler, s.name, None))]
+        if missing:
+            raise TypeError(f"{type(handler).__name__} does not answer {missing} of the service table")
+        self.handler = handler
+        self.methods = {s.request: getattr(handler, s.name) for s in SERVICES}
+        self.max_message_bytes = max_message_bytes
+        self.session_idle_timeout_s = session_idle_timeout_s
+        self.accepting = True
+        self.in_flight = 0  # streams being served, sessions included
+        self._channels: set["SessionChannel"] = set()
+
+    async def handle_stream(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, peer: str) -> None:
+        self.in_flight += 1
+        try:
+            try:
+                request = await read_message(reader, self.max_message_bytes)
+            except CorollaError as exc:
+                await reply_error(writer, exc)
+                return
+            if request is None:
+                return
+            if not self.accepting:
+                await reply_error(writer, ServerShuttingDownError("this server is shutting down; use another"))
+                return
+            try:
+                service = self._service(request)
+                if service.exchange is Exchange.UNARY:
+                    reply = await self.methods[service.request](request, peer)
+                    _check_type(service.reply, reply)
+                    await write_message(writer, reply)
+                else:
+                    channel = SessionChannel(self, service, reader, writer)
+                    self._channels.add(channel)
+                    try:
+                        await self.methods[service.request](request, channel, peer)
+                    finally:
+                        self._channels.discard(channel)
+            except CorollaError as exc:
+                await reply_error(writer, exc)
+        except (ConnectionError, asyncio.IncompleteReadError) as exc:
+            logger.debug("stream from %s ended abruptly: %s", peer, exc)
+        except Exception as exc:  # a bug of ours: report it to the client, keep serving
+            logger.exception("request from %s failed", peer)
+            await reply_error(writer, exc)
+        finally:
+            self.in_flight -= 1
+
+    def _service(self, request: Message) -> Service:
+        try:
+            return service_for(request)
+        except BadRequestError:
+            stray = getattr(self.handler, "stray_step", None)
+            if stray is not None and any(s.step is not None and isinstance(request, s.step) for s in SERVICES):
+                raise stray(request) from None  # a step without its session: say which session is unknown
+            raise
+
+    @property
+    def open_sessions(self) -> int:
+        return len(self._channels)
+
+    def close_sessions(self) -> int:
+        """End every session by closing its stream; their clients fail over to other servers."""
+        channels = list(self._channels)
+        for channel in channels:
+            channel.close()
+        return len(channels)
+
+
+class SessionChannel:
+    """The stream of one session: the handler sends the opening reply, then iterates over the steps."""
+
+    def __init__(self, dispatcher: Dispatcher, service: Service, reader, writer):
+        self._dispatcher = dispatcher
+        self.service = service
+        self._reader = reader
+        self._writer = writer
+        self._opened = False
+
+    async def reply(self, message: Message) -> None:
+        """The opening reply first, then one step reply per step."""
+        _check_type(self.service.step_reply if self._opened else self.service.reply, message)
+        self._opened = True
+        await write_message(self._writer, message)
+
+    async def error(self, exc: BaseException) -> None:
+        await reply_error(self._writer, exc)
+
+    async def steps(self) -> AsyncIterator[Message]:
+        """The client's steps until it closes the stream. A bad frame or a message of the wrong kind is answered
+        with an error and skipped; an idle session is closed with an error."""
+        timeout_s = self._dispatcher.session_idle_timeout_s
+        while True:
+            try:
+                step = await asyncio.wait_for(read_message(self._reader, self._dispatcher.max_message_bytes), timeout_s)
+            except asyncio.TimeoutError:
+                await self.error(BadRequestError(f"session idle for {timeout_s:.0f} s: closed"))
+                return
+            except CorollaError as exc:
+                await self.error(exc)
+                continue
+            if step is None:
+                return
+            if not self._dispatcher.accepting:
+                await self.error(ServerShuttingDownError("this server is shutting down; use another"))
+                return
+            if not isinstance(step, self.service.step):
+                await self.error(BadRequestError(
+                    f"expected {self.service.step.WIRE_NAME!r} inside a session, got {step.WIRE_NAME!r}"))
+                continue
+            yield step
+
+    def close(self) -> None:
+        self._writer.close()
+
+
+def _check_type(expected: type[Message], reply: Optional[Message]) -> None:
+    if not isinstance(reply, expected):
+        raise TypeError(f"the handler answered {type(reply).__name__}, the service table says {expected.__name__}")
+
+
+async def reply_error(writer, exc: BaseException) -> None:
+    kind = type(exc).__name__ if isinstance(exc, CorollaError) else "InternalServerError"
+    try:
+        await write_message(writer, ErrorReply(kind=kind, message=str(exc)))
+    except (ConnectionError, RuntimeError):
+        pass

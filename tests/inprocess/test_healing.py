@@ -1,0 +1,243 @@
+"""Healing in one process: real servers and model code on the in-memory network, killed and frozen at will.
+
+The failover logic (replay, bans, retries, bounded failure, moves) is the same code that runs over libp2p; the
+process-level tests in tests/integration keep the cases only real processes show (SIGKILL, SIGSTOP, daemons).
+"""
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+from transformers import LlamaForCausalLM, LogitsProcessor, LogitsProcessorList
+from transformers.generation.streamers import BaseStreamer
+
+from corolla.client.config import ClientConfig
+from corolla.core.blocks import BlockRange
+from corolla.core.errors import BlocksNotServedError
+from corolla.testing.inprocess import InProcessSwarm
+
+FAST = ClientConfig(step_timeout_s=1.0, wait_for_blocks_s=5.0, refresh_period_s=0.5, ban_base_s=2.0)
+PRIMARIES = [BlockRange(0, 2), BlockRange(2, 4), BlockRange(4, 6)]
+REPLICAS = [BlockRange(0, 3), BlockRange(3, 6)]
+IDS = torch.tensor([[5, 6, 7, 8, 9]])
+
+
+@pytest.fixture(scope="module")
+def local6(tiny_llama6_dir):
+    return LlamaForCausalLM.from_pretrained(tiny_llama6_dir).eval()
+
+
+@pytest.fixture
+def swarm(tiny_llama6_dir):
+    """Primaries 0:2, 2:4, 4:6 (fast) and replicas 0:3, 3:6 (slow, so they are used only after a failure)."""
+    with InProcessSwarm(str(tiny_llama6_dir), dht_prefix="heal") as swarm:
+        for span in PRIMARIES:
+            swarm.start_server(span, throughput=1000.0)
+        for span in REPLICAS:
+            swarm.start_server(span, throughput=10.0)
+        yield swarm
+
+
+class _AfterTokens(BaseStreamer):
+    """Calls ``action`` once, after ``count`` generated tokens (the first ``put`` is the prompt)."""
+
+    def __init__(self, count: int, action):
+        self.count, self.action, self.seen = count, action, -1
+        self.times: list[float] = []
+
+    def put(self, value):
+        self.seen += 1
+        self.times.append(time.monotonic())
+        if self.seen == self.count:
+            self.action()
+
+    def end(self):
+        pass
+
+
+@pytest.mark.parametrize("block", [0, 3, 5], ids=["first", "middle", "last"])
+def test_killed_server_is_replaced_and_tokens_are_identical(block, swarm, local6):
+    expected = local6.generate(IDS, max_new_tokens=16, do_sample=False)
+    model = swarm.client(client_config=FAST)
+    try:
+        with model.inference_session(max_length=32) as session:
+            victims = []
+
+            def kill():
+                peer = next(p for p, span in session.chain if block in span)
+                victims.append(swarm.server_by_peer(peer))
+                swarm.kill(victims[0])
+
+            got = model.generate(IDS, max_new_tokens=16, do_sample=False, streamer=_AfterTokens(6, kill))
+            assert session.failovers == 1
+            assert victims[0].peer.peer_id not in [p for p, _ in session.chain]
+        assert got.tolist() == expected.tolist()
+        assert model.swarm.bans.is_banned(victims[0].peer.peer_id)
+    finally:
+        model.close()
+
+
+def test_frozen_server_is_noticed_at_the_step_timeout(swarm, local6):
+    expected = local6.generate(IDS, max_new_tokens=12, do_sample=False)
+    model = swarm.client(client_config=FAST)
+    frozen = []
+    try:
+        with model.inference_session(max_length=32) as session:
+            def freeze():
+                frozen.append(swarm.server_by_peer(session.chain[1][0]))
+                swarm.freeze(frozen[0])
+
+            streamer = _AfterTokens(4, freeze)
+            got = model.generate(IDS, max_new_tokens=12, do_sample=False, streamer=streamer)
+            assert session.failovers == 1
+        assert got.tolist() == expected.tolist()
+        gap = max(b - a for a, b in zip(streamer.times, streamer.times[1:]))
+        assert gap >= FAST.step_timeout_s  # the frozen server was given its step timeout, then replaced
+    finally:
+        swarm.thaw(frozen[0]) if frozen else None
+        model.close()
+
+
+def test_beam_search_and_rewinds_survive_a_kill(swarm, local6):
+    """Replay reproduces the beam reorderings the failed server had applied, and stops at a rewound position."""
+    kwargs = dict(max_new_tokens=10, do_sample=False, num_beams=3)
+    expected = local6.generate(IDS, **kwargs)
+    model = swarm.client(client_config=FAST)
+    try:
+        killed = []
+
+        class KillAfter(LogitsProcessor):
+            def __init__(self, session):
+                self.session, self.calls = session, 0
+
+            def __call__(self, input_ids, scores):
+                self.calls += 1
+                if self.calls == 5 and not killed:
+                    killed.append(swarm.server_by_peer(self.session.chain[1][0]))
+                    swarm.kill(killed[0])
+                return scores
+
+        with model.inference_session(max_length=32) as session:
+            got = model.generate(IDS, logits_processor=LogitsProcessorList([KillAfter(session)]), **kwargs)
+            assert session.failovers == 1
+        assert got.tolist() == expected.tolist()
+
+        # a rewound session: the replacement is rebuilt to the rewound position only
+        greedy = local6.generate(IDS, max_new_tokens=12, do_sample=False)
+        with model.inference_session(max_length=32) as session:
+            model.generate(IDS, max_new_tokens=12, do_sample=False)
+            session.position = IDS.shape[1] + 3
+            swarm.kill(swarm.server_by_peer(session.chain[-1][0]))
+            again = model.generate(None, max_new_tokens=9, do_sample=False)
+            assert session.failovers == 1
+        assert again.tolist() == greedy[:, IDS.shape[1] + 3:].tolist()
+    finally:
+        model.close()
+
+
+def test_forward_and_backward_survive_a_killed_server(swarm, local6):
+    model = swarm.client(client_config=FAST)
+    try:
+        layers = model.model.layers
+        embeds = local6.model.embed_tokens(IDS).detach()
+        reference_in = embeds.clone().requires_grad_(True)
+        reference = layers(reference_in)
+        reference.pow(2).mean().backward()
+
+        remote_in = embeds.clone().requires_grad_(True)
+        out = layers(remote_in)
+        _, hops = out.grad_fn.saved  # (pieces, [[(record, span, inputs, activation id)]])
+        record = next(record for record, span, *_ in hops[0] if 3 in span)
+        swarm.kill(swarm.server_by_peer(record.peer_id))  # the backward pass needs it
+        out.pow(2).mean().backward()
+        assert torch.allclose(out, reference, rtol=1e-5, atol=1e-5)
+        assert torch.allclose(remote_in.grad, reference_in.grad, rtol=1e-4, atol=1e-6)
+        again = layers(embeds)  # a new forward pass avoids the dead server
+        assert torch.allclose(again, reference, rtol=1e-5, atol=1e-5)
+    finally:
+        model.close()
+
+
+def test_a_server_joining_later_is_used_and_a_moved_server_is_left(tiny_llama_dir):
+    local = LlamaForCausalLM.from_pretrained(tiny_llama_dir).eval()
+    expected = local.generate(IDS, max_new_tokens=8, do_sample=False)
+    with InProcessSwarm(str(tiny_llama_dir), [BlockRange(0, 4)], dht_prefix="join") as swarm:
+        model = swarm.client(client_config=FAST)
+        try:
+            assert model.generate(IDS, max_new_tokens=8, do_sample=False).tolist() == expected.tolist()
+            newcomer = swarm.start_server(BlockRange(0, 4))
+            first = swarm.servers[0]
+            with model.inference_session(max_length=16) as session:
+                head = model.generate(IDS, max_new_tokens=3, do_sample=False)
+                mover = swarm.server_by_peer(session.chain[0][0])
+                other = newcomer if mover is first else first
+                swarm.loop.run(mover.move_to(BlockRange(0, 2)), 60)  # ends its sessions: the client fails over
+                tail = model.generate(None, max_new_tokens=5, do_sample=False)
+                assert session.failovers == 1 and session.chain == [(other.peer.peer_id, BlockRange(0, 4))]
+            assert torch.cat([head, tail], 1).tolist() == expected.tolist()
+            assert mover.blocks == BlockRange(0, 2) and mover.moves == 1
+        finally:
+            model.close()
+
+
+def test_when_nothing_works_the_error_says_what_was_tried(tiny_llama_dir):
+    config = ClientConfig(step_timeout_s=1.0, wait_for_blocks_s=1.5, refresh_period_s=0.5)
+    with InProcessSwarm(str(tiny_llama_dir), [BlockRange(0, 4)], dht_prefix="doomed") as swarm:
+        model = swarm.client(client_config=config)
+        try:
+            layers = model.model.layers
+            with layers.inference_session(max_length=8) as session:
+                session.step(torch.randn(1, 2, 64))
+                swarm.kill(swarm.servers[0])
+                started = time.monotonic()
+                with pytest.raises(BlocksNotServedError, match=r"blocks 0:4 of doomed are served by nobody.*banned"):
+                    session.step(torch.randn(1, 1, 64))
+                assert time.monotonic() - started < 10
+            with pytest.raises(BlocksNotServedError, match="0:4"):
+                layers(torch.randn(1, 2, 64))
+        finally:
+            model.close()
+
+
+def test_a_chain_may_visit_one_server_twice(tiny_llama_dir):
+    """A slow server holding everything and a fast one holding the middle: the least-time chain goes slow -> fast
+    -> slow, so one server runs two spans of the same session."""
+    local = LlamaForCausalLM.from_pretrained(tiny_llama_dir).eval()
+    with InProcessSwarm(str(tiny_llama_dir), dht_prefix="twice") as swarm:
+        slow = swarm.start_server(BlockRange(0, 4), throughput=1.0)
+        fast = swarm.start_server(BlockRange(1, 3), throughput=1000.0)
+        model = swarm.client(client_config=FAST)
+        try:
+            with model.inference_session(max_length=16) as session:
+                got = model.generate(IDS, max_new_tokens=6, do_sample=False)
+                assert session.chain == [(slow.peer.peer_id, BlockRange(0, 1)), (fast.peer.peer_id, BlockRange(1, 3)),
+                                         (slow.peer.peer_id, BlockRange(3, 4))]
+            assert got.tolist() == local.generate(IDS, max_new_tokens=6, do_sample=False).tolist()
+        finally:
+            model.close()
+
+
+def test_speculative_generation_survives_a_kill(swarm, local6):
+    """Speculative rounds rewind the session after nearly every step; a kill mid-generation changes no token."""
+    from transformers import LlamaConfig
+
+    from corolla import AutoDistributedSpeculativeModel
+
+    torch.manual_seed(11)
+    draft = LlamaForCausalLM(LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=1)).eval()
+    expected = local6.generate(IDS, max_new_tokens=20, do_sample=False)
+    model = swarm.client(AutoDistributedSpeculativeModel, small_model=draft, client_config=FAST)
+    try:
+        with model.inference_session(max_length=64) as session:
+            def kill():
+                swarm.kill(swarm.server_by_peer(session.chain[1][0]))
+
+            got = model.generate(IDS, max_new_tokens=20, do_sample=False, num_draft_tokens=3,
+                                 streamer=_AfterTokens(8, kill))
+            assert session.failovers == 1
+        assert got.tolist() == expected.tolist()
+        assert model.last_speculation["rounds"] >= 5
+    finally:
+        model.close()
