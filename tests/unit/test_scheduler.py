@@ -1,0 +1,56 @@
+"""The scheduler in front of the compute thread: one job at a time, inference before training, FIFO within."""
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+from corolla.server.scheduler import Priority, Scheduler
+
+
+def test_inference_jobs_jump_ahead_of_queued_training_jobs():
+    async def scenario():
+        scheduler = Scheduler()
+        order, gate = [], threading.Event()
+        busy = asyncio.create_task(scheduler.run(Priority.TRAINING, gate.wait, 10))  # occupies the thread
+        await asyncio.sleep(0.05)
+        jobs = [asyncio.create_task(scheduler.run(priority, order.append, name))
+                for priority, name in [(Priority.TRAINING, "train-1"), (Priority.INFERENCE, "step-1"),
+                                       (Priority.TRAINING, "train-2"), (Priority.INFERENCE, "step-2")]]
+        await asyncio.sleep(0.05)
+        assert scheduler.waiting == 4 and order == []
+        gate.set()
+        await asyncio.gather(busy, *jobs)
+        await scheduler.close()
+        return order
+
+    assert asyncio.run(scenario()) == ["step-1", "step-2", "train-1", "train-2"]
+
+
+def test_jobs_run_one_at_a_time_on_one_thread_and_errors_reach_their_caller():
+    async def scenario():
+        scheduler = Scheduler()
+        threads, running, overlap = set(), [0], [False]
+
+        def job():
+            running[0] += 1
+            overlap[0] |= running[0] > 1
+            threads.add(threading.get_ident())
+            time.sleep(0.01)
+            running[0] -= 1
+
+        await asyncio.gather(*(scheduler.run(Priority.INFERENCE, job) for _ in range(5)))
+
+        def broken():
+            raise ValueError("bad job")
+
+        try:
+            await scheduler.run(Priority.TRAINING, broken)
+        except ValueError as exc:
+            error = str(exc)
+        assert await scheduler.run(Priority.INFERENCE, lambda: 42) == 42  # the thread survives a failed job
+        await scheduler.close()
+        return threads, overlap[0], error
+
+    threads, overlapped, error = asyncio.run(scenario())
+    assert len(threads) == 1 and threading.get_ident() not in threads and not overlapped and error == "bad job"
