@@ -24,3 +24,5 @@ class ClientConfig:
     max_request_tokens: int = 4096  # forward/backward batches are split into pieces of at most this many tokens
     pipeline_pieces: int = 4  # ...and into at least this many (rows allowing), sent concurrently: servers of the
     #                           chain then work on different pieces at the same time
+    relay: bool = True  # inference steps go server to server (each server forwards to the next); False: the client
+    #                     sends every step to every server itself

@@ -5,40 +5,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from typing import Optional
+import time
 
-from corolla.core.errors import CorollaError, RemoteError
 from corolla.core.records import ServerRecord
+from corolla.net.exchange import check_reply, open_exchange, read_reply, service_of
 from corolla.net.transport import Transport
-from corolla.wire.framing import read_message, write_message
-from corolla.wire.messages import PROTOCOL_VERSION, RPC_PROTOCOL, ErrorReply, Message
-from corolla.wire.services import Exchange, Service, service_for
-
-REPLY_MAX_BYTES = 2**40  # replies are as large as the requests we chose to send
-
-
-def _check_reply(reply: Optional[Message], expected: type[Message], record: ServerRecord) -> Message:
-    if reply is None:
-        raise RemoteError("ConnectionClosed", "the server closed the stream without replying", record.peer_id)
-    if isinstance(reply, ErrorReply):
-        raise RemoteError.from_reply(reply.kind, reply.message, record.peer_id)
-    if not isinstance(reply, expected):
-        raise RemoteError("ProtocolError", f"expected {expected.WIRE_NAME!r}, got {reply.WIRE_NAME!r}", record.peer_id)
-    return reply
-
-
-def _service(request: Message, exchange: Exchange) -> Service:
-    service = service_for(request)
-    if service.exchange is not exchange:
-        raise TypeError(f"{request.WIRE_NAME!r} opens a {service.exchange.value} exchange, not a {exchange.value} one")
-    return service
+from corolla.wire.framing import write_message
+from corolla.wire.messages import PROTOCOL_VERSION, RPC_PROTOCOL, ErrorReply, Message, SessionStepReply
+from corolla.wire.services import Exchange, Service
 
 
 async def call(transport: Transport, record: ServerRecord, request: Message, timeout_s: float,
                version: int = PROTOCOL_VERSION) -> Message:
     """Send one request on a new stream and return its reply (of the type the service table names); a server's
     error becomes ``RemoteError``."""
-    service = _service(request, Exchange.UNARY)
+    service = service_of(request, Exchange.UNARY)
 
     async def _call() -> Message:
         reader, writer = await transport.open_stream(record.peer_id, RPC_PROTOCOL, record.maddrs)
@@ -46,7 +27,7 @@ async def call(transport: Transport, record: ServerRecord, request: Message, tim
             # the server may reject a request (too large, say) before reading all of it: then read why it did
             with contextlib.suppress(ConnectionError):
                 await write_message(writer, request, version)
-            return _check_reply(await read_message(reader, REPLY_MAX_BYTES), service.reply, record)
+            return check_reply(await read_reply(reader, record.peer_id, None), service.reply, record.peer_id)
         finally:
             writer.close()
 
@@ -67,37 +48,32 @@ class SessionStream:
     async def open(cls, transport: Transport, record: ServerRecord, request: Message, timeout_s: float,
                    version: int = PROTOCOL_VERSION) -> "SessionStream":
         """Open the session ``request`` starts (e.g. ``OpenSession``) and wait for its opening reply."""
-        service = _service(request, Exchange.SESSION)
-        reader, writer = await asyncio.wait_for(transport.open_stream(record.peer_id, RPC_PROTOCOL, record.maddrs),
-                                                timeout_s)
-        stream = cls(record, service, reader, writer)
-        try:
-            await stream._send(request, version)
-            await stream._receive(service.reply, timeout_s)
-        except BaseException:
-            stream.close()
-            raise
-        return stream
+        service, reader, writer, _ = await open_exchange(transport, record.peer_id, record.maddrs, request,
+                                                         timeout_s, version)
+        return cls(record, service, reader, writer)
 
-    async def _send(self, message: Message, version: int = PROTOCOL_VERSION) -> None:
-        await write_message(self._writer, message, version)
-
-    async def _receive(self, expected: type[Message], timeout_s: float) -> Message:
-        try:
-            reply = await asyncio.wait_for(read_message(self._reader, REPLY_MAX_BYTES), timeout_s)
-        except (ConnectionError, asyncio.IncompleteReadError) as exc:
-            raise RemoteError("ConnectionClosed", f"the session stream broke: {exc}", self.record.peer_id) from None
-        except CorollaError:
-            raise
-        return _check_reply(reply, expected, self.record)
-
-    async def step(self, message: Message, timeout_s: float, version: int = PROTOCOL_VERSION) -> Message:
-        """Send one step of the session and return its reply."""
+    async def send(self, message: Message, version: int = PROTOCOL_VERSION) -> None:
         if not isinstance(message, self.service.step):
             raise TypeError(f"a {self.service.name} session takes {self.service.step.WIRE_NAME!r} steps, "
                             f"not {message.WIRE_NAME!r}")
-        await self._send(message, version)
-        return await self._receive(self.service.step_reply, timeout_s)
+        await write_message(self._writer, message, version)
+
+    async def receive(self, timeout_s: float, step_index=None, attempt=None) -> Message:
+        """The reply to the step numbered (``step_index``, ``attempt``): replies and errors of other steps (left
+        over from an earlier try of a relayed step) are skipped."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            reply = await read_reply(self._reader, self.record.peer_id, max(0.0, deadline - time.monotonic()))
+            if isinstance(reply, (SessionStepReply, ErrorReply)) and step_index is not None \
+                    and reply.step_index is not None and (reply.step_index, reply.attempt) != (step_index, attempt):
+                continue  # stale: an earlier step or try
+            return check_reply(reply, self.service.step_reply, self.record.peer_id)
+
+    async def step(self, message: Message, timeout_s: float, version: int = PROTOCOL_VERSION) -> Message:
+        """Send one step of the session and return its reply."""
+        await self.send(message, version)
+        return await self.receive(timeout_s, getattr(message, "step_index", None), getattr(message, "attempt", None))
 
     def close(self) -> None:
         self._writer.close()
+

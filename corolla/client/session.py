@@ -1,15 +1,20 @@
 """``InferenceSession``: step-by-step inference through a chain of servers that keep attention caches.
 
+Relay: the client sends a step to the first server of the chain with the route to the others; each server
+forwards its outputs to the next one and also answers the client with them, so the client keeps every server's
+inputs (for replays) without waiting on them: a step costs one one-way delay per link instead of a round trip
+per server. A server that cannot reach the next says so in its answer, and the client carries that link itself.
+
 Failover: when a server of the chain dies, drops the stream, errors or stays silent past the step timeout, the
 session bans it, plans replacement servers for exactly its blocks, replays to them every input that server had
-received in this session (reordered as its cache was, for beam search) so they rebuild its cache at the same
-positions, and continues with the step. The caller sees the same outputs as in an unbroken run.
+received in this session (rows as its cache held them) so they rebuild its cache at the same positions, and
+continues the step from there. The caller sees the same outputs as in an unbroken run.
 """
 from __future__ import annotations
 
-import asyncio
 import itertools
 import logging
+import secrets
 import uuid
 from dataclasses import dataclass, field
 from typing import Optional
@@ -24,6 +29,7 @@ from corolla.core.records import ServerRecord
 from corolla.models.lora import LoraSet
 from corolla.wire.codec import dtype_from_name
 from corolla.wire.messages import OpenSession, SessionStep, SessionStepReply
+from corolla.wire.relay import NextHop, encode_route
 
 logger = logging.getLogger(__name__)
 
@@ -77,7 +83,9 @@ class _Hop:
     span: BlockRange
     stream: SessionStream
     session_id: str  # this hop's id at its server: unique, since one server may run two spans of a session
+    token: str = ""  # the relay token of this hop's session: the previous hop presents it to push steps here
     history: _History = field(default_factory=_History)
+    relay_ok: bool = True  # False once this server failed to reach the next one: the client carries that link
 
     @property
     def dtype(self) -> torch.dtype:
@@ -105,6 +113,7 @@ class InferenceSession:
         self.max_length = max_length
         self.session_id = uuid.uuid4().hex
         self._hop_ids = itertools.count()
+        self._step_index = 0  # steps sent so far; every server of the chain sees a step under the same number
         self._position = 0  # tokens the servers hold for this session (after the next step's rewind, if any)
         self.batch_size: Optional[int] = None
         self.output_ids: Optional[torch.Tensor] = None  # token history, kept by the model's generate()
@@ -224,28 +233,45 @@ class InferenceSession:
     # ---------------------------------------------------------------- on the client's loop
 
     async def _step(self, hidden, mask, positions, hypo_ids) -> torch.Tensor:
+        """Run one step through the chain: in relayed segments (the client sends to a segment's first server,
+        every server forwards to the next, each answers the client) or hop by hop. A failed server is replaced
+        (its inputs replayed) and the step goes on from it; servers after it may run the step a second time,
+        which ``start_from_position`` and ``step_index`` make harmless."""
         if self._hops is None:
             self.batch_size = hidden.shape[0]
             self._hops = await self._open_chain(self.seq.blocks, _History())
-        index, fresh = 0, set()
+        self._step_index += 1
+        past, attempt, index = self.position, 0, 0
         while index < len(self._hops):
-            hop = self._hops[index]
-            try:
-                outputs = await self._send(hop, hidden, mask, positions, None if id(hop) in fresh else hypo_ids)
-            except Exception as exc:
-                if not is_server_failure(exc):
-                    raise
-                replacements = await self._replace(hop, hypo_ids, exc)
-                self._hops[index : index + 1] = replacements
-                fresh.update(id(h) for h in replacements)  # replayed with this step's reordering already applied
+            attempt += 1
+            length = self._segment_length(index, past)
+            outputs, error, relay_failed = await self._run_segment(index, length, hidden, mask, positions, hypo_ids,
+                                                                   past, attempt)
+            for output in outputs:  # the servers that answered: their histories gain this step
+                hop = self._hops[index]
+                self.swarm.report_success(hop.record.peer_id)  # a server that answers again starts its bans over
+                hop.history = hop.history.reordered(hypo_ids).appended(hidden.to(hop.dtype), mask, positions)
+                hidden = output
+                index += 1
+            if relay_failed:  # the last server that answered could not reach the next: we carry this link now
+                self._hops[index - 1].relay_ok = False
                 continue
-            self.swarm.report_success(hop.record.peer_id)  # a server that answers again starts its bans over
-            if id(hop) not in fresh:
-                hop.history = hop.history.reordered(hypo_ids)
-            hop.history = hop.history.appended(hidden.to(hop.dtype), mask, positions)
-            hidden = outputs
-            index += 1
+            if error is not None:
+                if not is_server_failure(error):
+                    raise error
+                self._hops[index : index + 1] = await self._replace(self._hops[index], error)
+                if index > 0:
+                    self._hops[index - 1].relay_ok = True  # a new link: worth trying
         return hidden
+
+    def _segment_length(self, index: int, past: int) -> int:
+        """How many servers from ``index`` on one relayed send reaches (1: the client sends to each itself)."""
+        if not self.swarm.config.relay or (self._prompts is not None and past < self._prompts.shape[2]):
+            return 1  # deep prompts differ per server: those first steps go hop by hop
+        end = index + 1
+        while end < len(self._hops) and self._hops[end - 1].relay_ok:
+            end += 1
+        return end - index
 
     def _hop_prompts(self, hop: _Hop, past: int) -> Optional[torch.Tensor]:
         """This hop's deep prompts, only when the step reaches positions the prompts cover."""
@@ -254,24 +280,54 @@ class InferenceSession:
         start = hop.span.start - self.seq.blocks.start
         return self._prompts[start : start + len(hop.span)].to(hop.dtype)
 
-    async def _send(self, hop: _Hop, hidden, mask, positions, hypo_ids, past: Optional[int] = None) -> torch.Tensor:
+    async def _run_segment(self, index: int, length: int, hidden, mask, positions, hypo_ids, past: int, attempt: int):
+        """Send the step to hop ``index`` with the route to the next ``length - 1`` hops; collect each hop's answer.
+        Returns (outputs of the hops that answered, in order; the error of the first that did not, or None;
+        whether the last that answered could not relay further)."""
+        hops = self._hops[index : index + length]
+        first = hops[0]
+        route = [NextHop(h.record.peer_id, h.session_id, h.token, h.record.dtype, tuple(h.record.maddrs)) for h in hops[1:]]
+        step = SessionStep(first.session_id, hidden.to(first.dtype), attention_mask=mask, position_ids=positions,
+                           hypo_ids=hypo_ids, prompts=self._hop_prompts(first, past), start_from_position=past,
+                           step_index=self._step_index, attempt=attempt, next_hops=encode_route(route))
         timeout_s = self.swarm.config.step_timeout_s + hidden.shape[1] * self.swarm.config.token_timeout_s
-        past = self.position if past is None else past
-        step = SessionStep(hop.session_id, hidden.to(hop.dtype), attention_mask=mask, position_ids=positions,
-                           hypo_ids=hypo_ids, prompts=self._hop_prompts(hop, past), start_from_position=past)
-        try:
-            reply: SessionStepReply = await asyncio.wait_for(hop.stream.step(step, timeout_s), timeout_s)
-        except BaseException:
-            hop.stream.close()  # after a timeout or a broken stream its state is unknown: never reuse it
-            raise
-        if reply.position != past + hidden.shape[1] or reply.hidden_states.shape != hidden.shape:
-            hop.stream.close()
+        outputs = []
+        for position, hop in enumerate(hops):
+            try:
+                if position == 0:
+                    await hop.stream.send(step)
+                reply = await hop.stream.receive(timeout_s, self._step_index, attempt)
+                self._check_reply(hop, reply, hidden.shape, past)
+            except Exception as exc:
+                hop.stream.close()  # after a timeout or a broken stream its state is unknown: never reuse it
+                return outputs, exc, False
+            outputs.append(reply.hidden_states)
+            if reply.relay_error is not None and position < len(hops) - 1:
+                logger.info("server %s could not relay: %s", hop.record.peer_id, reply.relay_error)
+                return outputs, None, True
+        return outputs, None, False
+
+    @staticmethod
+    def _check_reply(hop: _Hop, reply: SessionStepReply, shape, past: int) -> None:
+        if reply.position != past + shape[1] or reply.hidden_states.shape != shape:
             raise RemoteError(
                 "ProtocolError",
                 f"the step reply holds {list(reply.hidden_states.shape)} at position {reply.position}; expected "
-                f"{list(hidden.shape)} at {past + hidden.shape[1]}",
+                f"{list(shape)} at {past + shape[1]}",
                 hop.record.peer_id,
             )
+
+    async def _replay(self, hop: _Hop, hidden, mask, positions) -> torch.Tensor:
+        """Send a new server every input its predecessor had received, in one step from position 0."""
+        timeout_s = self.swarm.config.step_timeout_s + hidden.shape[1] * self.swarm.config.token_timeout_s
+        step = SessionStep(hop.session_id, hidden.to(hop.dtype), attention_mask=mask, position_ids=positions,
+                           prompts=self._hop_prompts(hop, 0), start_from_position=0)
+        try:
+            reply = await hop.stream.step(step, timeout_s)
+            self._check_reply(hop, reply, hidden.shape, 0)
+        except BaseException:
+            hop.stream.close()
+            raise
         return reply.hidden_states
 
     async def _open_chain(self, blocks: BlockRange, history: _History) -> list[_Hop]:
@@ -288,20 +344,22 @@ class InferenceSession:
                     current = record
                     lora = None if self.lora is None else self.lora.for_blocks(span)
                     hop_id = f"{self.session_id}.{next(self._hop_ids)}"
+                    token = secrets.token_hex(16)
                     request = OpenSession(
                         hop_id, span, self.max_length, self.batch_size,
                         lora={k: t.to(dtype_from_name(record.dtype)) for k, t in lora.to_flat().items()} or None
                         if lora is not None else None,
                         lora_scaling=1.0 if lora is None else lora.scaling,
                         active_adapter=self.active_adapter,
+                        relay_token=token,
                     )
                     stream = await SessionStream.open(self.swarm.transport, record, request,
                                                       self.swarm.config.step_timeout_s)
-                    hop = _Hop(record, span, stream, hop_id)
+                    hop = _Hop(record, span, stream, hop_id, token)
                     hops.append(hop)
                     if replay is not None:
                         hidden, mask, positions = replay
-                        outputs = await self._send(hop, hidden, mask, positions, None, past=0)
+                        outputs = await self._replay(hop, hidden, mask, positions)
                         hop.history = _History(((hidden.to(hop.dtype), mask, positions),))
                         replay = (outputs, mask, positions)
                 return hops
@@ -317,9 +375,11 @@ class InferenceSession:
             f"{describe_attempts(attempts)}"
         )
 
-    async def _replace(self, failed: _Hop, hypo_ids, error: BaseException) -> list[_Hop]:
+    async def _replace(self, failed: _Hop, error: BaseException) -> list[_Hop]:
+        """New servers for ``failed``'s blocks, rebuilt with its history (rows as its cache held them before the
+        current step, which then runs on them like on any other server)."""
         logger.warning("server %s failed for blocks %s (%s: %s); replacing it",
                        failed.record.peer_id, failed.span, type(error).__name__, error)
         self.swarm.report_failure(failed.record.peer_id)
         self.failovers += 1
-        return await self._open_chain(failed.span, failed.history.reordered(hypo_ids))
+        return await self._open_chain(failed.span, failed.history)

@@ -98,6 +98,9 @@ class BlockCompute:
         if asked, run the new tokens; returns their outputs [batch, new, hidden]."""
         stack = self.stack
         hidden_states, hypo_ids = step.hidden_states, step.hypo_ids
+        if step.step_index is not None and step.step_index == session.last_step_index:
+            hypo_ids = None  # a repeat of the last step (retried upstream): its reordering is in the cache already
+        session.last_step_index = step.step_index
         start = session.position if step.start_from_position is None else step.start_from_position
         if start < session.position:
             stack.crop_cache(session.cache, start)

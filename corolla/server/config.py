@@ -25,6 +25,7 @@ class ServerConfig:
     max_message_bytes: int = 256 * 2**20  # largest request frame accepted
     max_batch_tokens: int = 8192  # largest batch * seq of one forward/backward request
     session_idle_timeout_s: float = 600.0  # a session that sends nothing for this long is closed
+    relay_timeout_s: float = 10.0  # opening a relay stream to the next server of a chain, or pushing a step into it
     announce_period_s: float = 10.0  # how often DHT records are refreshed
     record_ttl_s: float = 30.0  # how long a record lives without refresh
     throughput: Optional[float] = None  # tokens/s to announce; None measures it at start-up

@@ -1,8 +1,8 @@
 """``Dispatcher``: serves each incoming stream by the service table.
 
 It reads the stream's first message, finds its service (``corolla.wire.services``) and calls the handler's method
-of that name: ``handler.<name>(request, peer)`` returns the reply of a single exchange; for a session,
-``handler.<name>(request, channel, peer)`` talks over a ``SessionChannel``. Every failure a request causes becomes
+of that name: ``handler.<name>(request, peer)`` returns the reply of a single exchange; for a session or a push
+stream, ``handler.<name>(request, channel, peer)`` talks over a ``SessionChannel``. Every failure a request causes becomes
 an ``ErrorReply`` on its own stream; nothing a client sends can stop the server or disturb other streams.
 """
 from __future__ import annotations
@@ -94,7 +94,8 @@ class Dispatcher:
 
 
 class SessionChannel:
-    """The stream of one session: the handler sends the opening reply, then iterates over the steps."""
+    """The stream of a session (or a push): the handler sends the opening reply, then iterates over the steps
+    (and, in a session, replies to each)."""
 
     def __init__(self, dispatcher: Dispatcher, service: Service, reader, writer):
         self._dispatcher = dispatcher
@@ -104,18 +105,22 @@ class SessionChannel:
         self._opened = False
 
     async def reply(self, message: Message) -> None:
-        """The opening reply first, then one step reply per step."""
-        _check_type(self.service.step_reply if self._opened else self.service.reply, message)
+        """The opening reply first, then (in a session) one step reply per step."""
+        expected = self.service.step_reply if self._opened else self.service.reply
+        if expected is None:
+            raise TypeError(f"a {self.service.exchange.value} stream has no replies to its steps")
+        _check_type(expected, message)
         self._opened = True
         await write_message(self._writer, message)
 
-    async def error(self, exc: BaseException) -> None:
-        await reply_error(self._writer, exc)
+    async def error(self, exc: BaseException, step_index: Optional[int] = None, attempt: Optional[int] = None) -> None:
+        await reply_error(self._writer, exc, step_index, attempt)
 
-    async def steps(self) -> AsyncIterator[Message]:
-        """The client's steps until it closes the stream. A bad frame or a message of the wrong kind is answered
-        with an error and skipped; an idle session is closed with an error."""
-        timeout_s = self._dispatcher.session_idle_timeout_s
+    async def steps(self, idle_timeout_s: Optional[float] = -1.0) -> AsyncIterator[Message]:
+        """The steps sent on this stream until its sender closes it. A bad frame or a message of the wrong kind is
+        answered with an error and skipped; past ``idle_timeout_s`` without a message (default: the server's
+        session idle timeout; None: no limit) the stream is closed with an error."""
+        timeout_s = self._dispatcher.session_idle_timeout_s if idle_timeout_s == -1.0 else idle_timeout_s
         while True:
             try:
                 step = await asyncio.wait_for(read_message(self._reader, self._dispatcher.max_message_bytes), timeout_s)
@@ -145,9 +150,10 @@ def _check_type(expected: type[Message], reply: Optional[Message]) -> None:
         raise TypeError(f"the handler answered {type(reply).__name__}, the service table says {expected.__name__}")
 
 
-async def reply_error(writer, exc: BaseException) -> None:
+async def reply_error(writer, exc: BaseException, step_index: Optional[int] = None,
+                      attempt: Optional[int] = None) -> None:
     kind = type(exc).__name__ if isinstance(exc, CorollaError) else "InternalServerError"
     try:
-        await write_message(writer, ErrorReply(kind=kind, message=str(exc)))
+        await write_message(writer, ErrorReply(kind=kind, message=str(exc), step_index=step_index, attempt=attempt))
     except (ConnectionError, RuntimeError):
         pass

@@ -5,6 +5,8 @@ Each method validates its request against what this server holds, then queues th
 """
 from __future__ import annotations
 
+import asyncio
+import hmac
 import logging
 from typing import Callable, Optional
 
@@ -14,10 +16,12 @@ from corolla.server.activations import ActivationStore
 from corolla.server.cache import CacheBudget
 from corolla.server.compute import BlockCompute
 from corolla.server.config import ServerConfig
+from corolla.server.relay import Relays
 from corolla.server.scheduler import Priority, Scheduler
 from corolla.server.sessions import SessionTable
 from corolla.server.validation import check_blocks, check_hidden, check_mask, check_positions, check_prompts, \
     check_same_shape
+from corolla.wire.relay import parse_route
 from corolla.wire.messages import (
     BackwardReply,
     BackwardRequest,
@@ -26,6 +30,8 @@ from corolla.wire.messages import (
     InfoReply,
     InfoRequest,
     OpenSession,
+    RelayOpen,
+    RelayOpened,
     SessionOpened,
     SessionStep,
     SessionStepReply,
@@ -36,8 +42,10 @@ logger = logging.getLogger(__name__)
 
 class RequestHandlers:
     def __init__(self, stack, config: ServerConfig, budget: CacheBudget, scheduler: Scheduler,
-                 info: Callable[[], InfoReply], adapters: Optional[dict[str, LoraSet]] = None):
+                 info: Callable[[], InfoReply], transport, adapters: Optional[dict[str, LoraSet]] = None):
         self.config = config
+        self.transport = transport  # to relay outputs to the next server of a chain
+        self.counts = {"client_steps": 0, "relayed_in": 0, "relayed_out": 0}  # session steps, by where they came from
         self.scheduler = scheduler
         self._info = info
         self.replace_stack(stack, budget, adapters or {})
@@ -98,6 +106,8 @@ class RequestHandlers:
     # ---------------------------------------------------------------- inference sessions
 
     async def open_session(self, request: OpenSession, channel, peer: str) -> None:
+        """Run the session's steps, from its own stream or pushed by the previous server of its chain, in order;
+        reply to each on the session's stream and forward the outputs when the step names next hops."""
         stack, compute, sessions = self.stack, self.compute, self.sessions  # a move replaces them; keep ours
         check_blocks(request.blocks, stack.blocks)
         lora = self._lora(request)
@@ -105,17 +115,65 @@ class RequestHandlers:
             lora = LoraSet(lora.scaling, {k: (a.to(stack.device), b.to(stack.device))
                                           for k, (a, b) in lora.pairs.items()})
         session = sessions.open(request, stack, lora, self.max_positions)
+        relays = Relays(self.transport, self.config.relay_timeout_s)
+        reader = asyncio.create_task(self._read_steps(channel, session.inbox))
         try:
             await channel.reply(SessionOpened(session.session_id, session.reserved_tokens))
-            async for step in channel.steps():
+            while True:
+                try:
+                    step = await asyncio.wait_for(session.inbox.get(), self.config.session_idle_timeout_s)
+                except asyncio.TimeoutError:
+                    await channel.error(BadRequestError(
+                        f"session {session.session_id} idle for {self.config.session_idle_timeout_s:.0f} s: closed"))
+                    return
+                if step is None:  # the client closed its stream
+                    return
+                step, relayed = step
+                self.counts["relayed_in" if relayed else "client_steps"] += 1
                 try:
                     session.check_step(step, stack, self.max_positions)
+                    route = parse_route(step.next_hops)
                     outputs = await self.scheduler.run(Priority.INFERENCE, compute.session_step, session, step)
-                    await channel.reply(SessionStepReply(hidden_states=outputs, position=session.position))
+                    relay_error = await relays.forward(step, outputs, route) if route else None
+                    self.counts["relayed_out"] += bool(route) and relay_error is None
+                    await channel.reply(SessionStepReply(hidden_states=outputs, position=session.position,
+                                                         step_index=step.step_index, attempt=step.attempt,
+                                                         relay_error=relay_error))
                 except CorollaError as exc:
-                    await channel.error(exc)
+                    await channel.error(exc, step.step_index, step.attempt)
         finally:
+            reader.cancel()
+            relays.close()
             sessions.close(session)
+            session.inbox = None
+
+    @staticmethod
+    async def _read_steps(channel, inbox: asyncio.Queue) -> None:
+        """Move the steps of the session's own stream into its inbox; None when the client closes the stream."""
+        try:
+            async for step in channel.steps(idle_timeout_s=None):  # idleness is judged on the inbox
+                await inbox.put((step, False))
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        await inbox.put(None)
+
+    async def relay(self, request: RelayOpen, channel, peer: str) -> None:
+        """Another server pushes steps of a session open here (it holds the token the session's client gave)."""
+        session = self.sessions.get(request.session_id)
+        if session is None or session.relay_token is None or \
+                not hmac.compare_digest(session.relay_token.encode(), request.token.encode()):
+            raise BadRequestError(
+                f"no session {request.session_id!r} here accepts relays with that token (closed, or not relayed)")
+        await channel.reply(RelayOpened(session.session_id))
+        async for step in channel.steps(idle_timeout_s=None):
+            inbox = session.inbox
+            if inbox is None:  # the session ended
+                return
+            if step.session_id != session.session_id:
+                await channel.error(BadRequestError(
+                    f"this relay stream feeds session {session.session_id!r}, not {step.session_id!r}"))
+                continue
+            await inbox.put((step, True))
 
     def stray_step(self, step: SessionStep) -> BadRequestError:
         """The error for a step sent as the first message of a stream."""

@@ -91,7 +91,7 @@ class Server:
         config = self.config
         self.path, self.model_config = path, model_config
         self.stack, self.budget, adapters = await self._load(self.blocks)
-        self.handler = RequestHandlers(self.stack, config, self.budget, self.scheduler, self.info, adapters)
+        self.handler = RequestHandlers(self.stack, config, self.budget, self.scheduler, self.info, self.peer, adapters)
         self.dispatcher = Dispatcher(self.handler, config.max_message_bytes, config.session_idle_timeout_s)
         await self.peer.serve(RPC_PROTOCOL, self.dispatcher.handle_stream)
         self.state = ServerState.ONLINE

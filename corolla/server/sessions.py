@@ -6,6 +6,7 @@ leaves the session usable.
 """
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -29,6 +30,9 @@ class SessionState:
     mask: torch.Tensor  # [batch, position]: 1 = token, 0 = padding, for everything cached so far
     lora: Optional[LoraSet] = None  # LoRA weights applied in every step (the client's, or a loaded adapter's)
     position: int = 0  # tokens cached so far
+    relay_token: Optional[str] = None  # who presents it may push steps into this session (the previous hop)
+    last_step_index: Optional[int] = None  # the client's number of the last step applied
+    inbox: Optional[asyncio.Queue] = None  # steps to run, from the client's stream or pushed by the previous hop
 
     @property
     def reserved_tokens(self) -> int:
@@ -82,6 +86,8 @@ class SessionTable:
             )
         if request.session_id in self.sessions:
             raise BadRequestError(f"session {request.session_id!r} is already open")
+        if request.relay_token is not None and not 16 <= len(request.relay_token) <= 200:
+            raise BadRequestError("relay_token must be 16..200 characters")
         if max_positions is not None and request.max_length > max_positions:
             raise BadRequestError(f"max_length {request.max_length} exceeds the model's {max_positions} positions")
         session = SessionState(
@@ -92,6 +98,8 @@ class SessionTable:
             batch_size=request.batch_size,
             cache=stack.new_cache(request.blocks),
             mask=torch.zeros(request.batch_size, 0, dtype=torch.long, device=stack.device),
+            relay_token=request.relay_token,
+            inbox=asyncio.Queue(maxsize=4),
         )
         self.budget.reserve(session.reserved_tokens)
         self.sessions[session.session_id] = session
@@ -101,6 +109,9 @@ class SessionTable:
         if self.sessions.get(session.session_id) is session:
             del self.sessions[session.session_id]
             self.budget.release(session.reserved_tokens)
+
+    def get(self, session_id: str) -> Optional[SessionState]:
+        return self.sessions.get(session_id)
 
     def __len__(self) -> int:
         return len(self.sessions)

@@ -6,7 +6,8 @@ the loop it was created on; bytes cross loops thread-safely). For failures and d
 
 - ``network.set_delay(a, b, seconds)`` delays what ``a`` sends to ``b`` (one way), ``set_default_delay`` every link;
 - ``transport.kill()`` is a SIGKILL: its streams break at once and it can no longer be reached;
-- ``transport.freeze()`` / ``thaw()`` is SIGSTOP / SIGCONT: bytes to and from it wait until it thaws.
+- ``transport.freeze()`` / ``thaw()`` is SIGSTOP / SIGCONT: bytes to and from it wait until it thaws;
+- ``network.block(a, b)`` makes ``b`` unreachable from ``a`` (a firewall between two hosts).
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ class MemoryNetwork:
     def __init__(self, default_delay_s: float = 0.0):
         self.default_delay_s = default_delay_s
         self._delays: dict[tuple[str, str], float] = {}
+        self._blocked: set[tuple[str, str]] = set()
         self._peers: dict[str, "MemoryTransport"] = {}
         self._records: dict[str, dict[str, tuple[Any, float]]] = {}  # key -> subkey -> (value, expiration)
         self._lock = threading.Lock()
@@ -47,6 +49,10 @@ class MemoryNetwork:
 
     def set_default_delay(self, delay_s: float) -> None:
         self.default_delay_s = delay_s
+
+    def block(self, dialer: str, target: str) -> None:
+        """``dialer`` can no longer open streams to ``target`` (streams already open stay)."""
+        self._blocked.add((dialer, target))
 
     def delay_s(self, sender: str, receiver: str) -> float:
         return self._delays.get((sender, receiver), self.default_delay_s)
@@ -94,6 +100,8 @@ class MemoryTransport(Transport):
         if self.dead:
             raise ConnectionError(f"{self.peer_id} is shut down")
         remote = self.network.peer(peer_id)
+        if (self.peer_id, peer_id) in self.network._blocked:
+            raise ConnectionError(f"cannot open a stream to {peer_id}: unreachable from {self.peer_id}")
         if remote is None or remote.dead:
             raise ConnectionError(f"cannot open a stream to {peer_id}: no such peer is reachable")
         while not remote._thawed.is_set():  # a frozen peer does not answer the dial

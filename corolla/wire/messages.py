@@ -21,7 +21,7 @@ from corolla.core.blocks import BlockRange
 from corolla.core.errors import BadRequestError, ProtocolVersionError
 from corolla.wire.codec import Frame
 
-PROTOCOL_VERSION = 3  # 2: SessionStep.start_from_position; 3: explicit wire names, the service table
+PROTOCOL_VERSION = 4  # 2: start_from_position; 3: wire names, the service table; 4: server-to-server relay
 TensorDict = dict[str, torch.Tensor]  # a field of named tensors; travels as tensors "<field>/<name>"
 RPC_PROTOCOL = "/corolla/rpc"  # the libp2p protocol name servers register; the version travels in each frame
 
@@ -112,13 +112,15 @@ def _convert(type_name: str, field_name: str, base, value):
             return float(value)
         if base in (int, str, bool) and type(value) is base:
             return value
-        if typing.get_origin(base) is list and isinstance(value, list):
+        if (base is list or typing.get_origin(base) is list) and isinstance(value, list):
             return value
         if base is dict and isinstance(value, dict):
             return value
     except ValueError as exc:
         raise BadRequestError(f"{type_name}.{field_name}: {exc}") from None
-    raise BadRequestError(f"{type_name}.{field_name} must be {getattr(base, '__name__', base)}, got {value!r}")
+    shown = repr(value)
+    shown = shown if len(shown) <= 100 else shown[:100] + "..."
+    raise BadRequestError(f"{type_name}.{field_name} must be {getattr(base, '__name__', base)}, got {shown}")
 
 
 # ---------------------------------------------------------------- requests and replies
@@ -193,6 +195,8 @@ class OpenSession(Message, wire_name="session.open"):
     lora: Optional[TensorDict] = None  # the client's LoRA weights, for every step of the session
     lora_scaling: float = 1.0
     active_adapter: Optional[str] = None  # or a LoRA adapter loaded by the server, by name
+    relay_token: Optional[str] = None  # a secret: whoever presents it (the previous server of the chain) may push
+    #                                    steps into this session with RelayOpen
 
 
 @dataclass(frozen=True)
@@ -211,15 +215,36 @@ class SessionStep(Message, wire_name="session.step"):
     prompts: Optional[torch.Tensor] = None  # deep prompts, applied to the session's first positions
     start_from_position: Optional[int] = None  # tokens of the cache to keep before this step (0 .. position):
     #                                            the rest are dropped first, so the session rewinds
+    step_index: Optional[int] = None  # the client's number for this step; a step repeating the last one applied
+    #                                   (a retry after a failure upstream) does not reorder the cache again
+    attempt: Optional[int] = None  # which try of that step; echoed in the reply
+    next_hops: Optional[list] = None  # relay: [{"peer_id", "session_id", "token", "dtype", "maddrs"}, ...], the
+    #                                   servers after this one; it forwards its outputs to the first of them
 
 
 @dataclass(frozen=True)
 class SessionStepReply(Message, wire_name="session.step.reply"):
     hidden_states: torch.Tensor  # [batch, new, hidden]
     position: int  # tokens in the session's cache after this step
+    step_index: Optional[int] = None  # echoed from the step
+    attempt: Optional[int] = None
+    relay_error: Optional[str] = None  # the outputs could not be forwarded to the next hop: why
+
+
+@dataclass(frozen=True)
+class RelayOpen(Message, wire_name="relay.open"):
+    session_id: str  # a session open on the receiving server
+    token: str  # its relay_token, as the client handed it to the sender
+
+
+@dataclass(frozen=True)
+class RelayOpened(Message, wire_name="relay.opened"):
+    session_id: str
 
 
 @dataclass(frozen=True)
 class ErrorReply(Message, wire_name="error"):
     kind: str  # class name of the error on the server
     message: str
+    step_index: Optional[int] = None  # inside a session: the step that failed, if the error is about one
+    attempt: Optional[int] = None

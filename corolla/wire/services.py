@@ -1,8 +1,9 @@
 """The service table: the single list of what a client may ask a server, and how each exchange goes.
 
 Each request type maps to its reply type and its exchange: ``UNARY`` (one request, one reply, then the stream
-ends) or ``SESSION`` (an opening request and its reply, then any number of steps and their replies on the same
-stream until the client closes it). The client's ``call()`` / ``SessionStream`` and the server's dispatcher are
+ends), ``SESSION`` (an opening request and its reply, then any number of steps and their replies on the same
+stream until the client closes it) or ``PUSH`` (an opening request and its reply, then steps with no reply on
+that stream: a server relaying a session's hidden states to the next server of the chain). The client's ``call()`` / ``SessionStream`` and the server's dispatcher are
 both built from this table; any request may instead be answered with ``ErrorReply``.
 """
 from __future__ import annotations
@@ -21,6 +22,8 @@ from corolla.wire.messages import (
     InfoRequest,
     Message,
     OpenSession,
+    RelayOpen,
+    RelayOpened,
     SessionOpened,
     SessionStep,
     SessionStepReply,
@@ -30,6 +33,7 @@ from corolla.wire.messages import (
 class Exchange(enum.Enum):
     UNARY = "unary"  # one request, one reply
     SESSION = "session"  # open + opened, then steps and step replies on the same stream
+    PUSH = "push"  # open + opened, then steps without replies (their results go elsewhere)
 
 
 @dataclass(frozen=True)
@@ -38,8 +42,8 @@ class Service:
     request: type[Message]
     reply: type[Message]
     exchange: Exchange
-    step: Optional[type[Message]] = None  # SESSION: the messages the client sends after the opening reply
-    step_reply: Optional[type[Message]] = None
+    step: Optional[type[Message]] = None  # SESSION, PUSH: the messages sent after the opening reply
+    step_reply: Optional[type[Message]] = None  # SESSION: the reply to each step
 
 
 SERVICES: tuple[Service, ...] = (
@@ -47,6 +51,9 @@ SERVICES: tuple[Service, ...] = (
     Service("forward", ForwardRequest, ForwardReply, Exchange.UNARY),
     Service("backward", BackwardRequest, BackwardReply, Exchange.UNARY),
     Service("open_session", OpenSession, SessionOpened, Exchange.SESSION, SessionStep, SessionStepReply),
+    # server to server: the previous hop of a chain pushes its outputs into the next hop's session; the next hop
+    # answers the session's client, on the session's own stream
+    Service("relay", RelayOpen, RelayOpened, Exchange.PUSH, SessionStep),
 )
 
 _BY_REQUEST = {service.request: service for service in SERVICES}

@@ -115,7 +115,8 @@ def test_service_table_is_complete_and_consistent():
     assert {InfoRequest, ForwardRequest, OpenSession} <= requests
     for service in SERVICES:
         assert service.reply is not service.request
-        assert (service.exchange is Exchange.SESSION) == (service.step is not None and service.step_reply is not None)
+        assert (service.exchange is Exchange.UNARY) == (service.step is None)
+        assert (service.exchange is Exchange.SESSION) == (service.step_reply is not None)
         assert service_for(service.request.__new__(service.request)) is service
     with pytest.raises(BadRequestError, match="does not start an exchange"):
         service_for(SessionStep("s", torch.zeros(1, 0, 4)))

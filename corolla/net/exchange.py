@@ -1,0 +1,57 @@
+"""Opening an exchange on a peer: a stream, its opening request, and the opening reply (checked against the
+service table). Used by the client for sessions and by servers for relay streams."""
+from __future__ import annotations
+
+import asyncio
+from typing import Optional, Sequence
+
+from corolla.core.errors import CorollaError, RemoteError
+from corolla.net.transport import Transport
+from corolla.wire.framing import read_message, write_message
+from corolla.wire.messages import PROTOCOL_VERSION, RPC_PROTOCOL, ErrorReply, Message
+from corolla.wire.services import Exchange, Service, service_for
+
+REPLY_MAX_BYTES = 2**40  # replies are as large as the requests we chose to send
+
+
+def check_reply(reply: Optional[Message], expected: type[Message], peer_id: str) -> Message:
+    """``reply`` if it is an ``expected``; a server's error, a closed stream or another message as ``RemoteError``."""
+    if reply is None:
+        raise RemoteError("ConnectionClosed", "the server closed the stream without replying", peer_id)
+    if isinstance(reply, ErrorReply):
+        raise RemoteError.from_reply(reply.kind, reply.message, peer_id)
+    if not isinstance(reply, expected):
+        raise RemoteError("ProtocolError", f"expected {expected.WIRE_NAME!r}, got {reply.WIRE_NAME!r}", peer_id)
+    return reply
+
+
+def service_of(request: Message, *exchanges: Exchange) -> Service:
+    service = service_for(request)
+    if service.exchange not in exchanges:
+        raise TypeError(f"{request.WIRE_NAME!r} opens a {service.exchange.value} exchange, "
+                        f"not a {' or '.join(e.value for e in exchanges)} one")
+    return service
+
+
+async def read_reply(reader: asyncio.StreamReader, peer_id: str, timeout_s: Optional[float]) -> Optional[Message]:
+    """The next message from a server; a broken stream becomes ``RemoteError("ConnectionClosed")``."""
+    try:
+        return await asyncio.wait_for(read_message(reader, REPLY_MAX_BYTES), timeout_s)
+    except (ConnectionError, asyncio.IncompleteReadError) as exc:
+        raise RemoteError("ConnectionClosed", f"the stream broke: {exc}", peer_id) from None
+    except CorollaError:
+        raise
+
+
+async def open_exchange(transport: Transport, peer_id: str, maddrs: Sequence[str], request: Message,
+                        timeout_s: float, version: int = PROTOCOL_VERSION):
+    """Open a session or push exchange: returns ``(service, reader, writer, opening reply)``."""
+    service = service_of(request, Exchange.SESSION, Exchange.PUSH)
+    reader, writer = await asyncio.wait_for(transport.open_stream(peer_id, RPC_PROTOCOL, maddrs), timeout_s)
+    try:
+        await write_message(writer, request, version)
+        opened = check_reply(await read_reply(reader, peer_id, timeout_s), service.reply, peer_id)
+    except BaseException:
+        writer.close()
+        raise
+    return service, reader, writer, opened

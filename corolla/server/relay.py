@@ -1,0 +1,92 @@
+"""Relaying a session's hidden states to the next server of its chain.
+
+After running a step that carries ``next_hops``, a server pushes its outputs to the first of them over a push
+stream (``RelayOpen`` with the token the client gave), kept open for the session's life; that server runs them,
+replies to the client on its own session stream, and forwards them further. A step then costs the compute plus one
+one-way delay per link, instead of a client round trip per server.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Optional
+
+from corolla.core.errors import CorollaError
+from corolla.net.exchange import open_exchange, read_reply
+from corolla.net.transport import Transport
+from corolla.wire.codec import dtype_from_name
+from corolla.wire.framing import write_message
+from corolla.wire.messages import RelayOpen, SessionStep
+from corolla.wire.relay import NextHop, encode_route
+
+logger = logging.getLogger(__name__)
+
+
+class PushStream:
+    """This server's stream into another server's session."""
+
+    def __init__(self, hop: NextHop, reader, writer):
+        self.hop = hop
+        self._writer = writer
+        self._drain = asyncio.create_task(self._read_errors(reader))
+
+    @classmethod
+    async def open(cls, transport: Transport, hop: NextHop, timeout_s: float) -> "PushStream":
+        _, reader, writer, _ = await open_exchange(transport, hop.peer_id, hop.maddrs,
+                                                   RelayOpen(hop.session_id, hop.token), timeout_s)
+        return cls(hop, reader, writer)
+
+    async def push(self, step: SessionStep) -> None:
+        if self._drain.done():
+            raise ConnectionError(f"the relay stream to {self.hop.peer_id} is closed")
+        await write_message(self._writer, step)
+
+    async def _read_errors(self, reader) -> None:
+        """The receiver answers a push stream only to refuse something: log it (its client hears of it too)."""
+        try:
+            while True:
+                reply = await read_reply(reader, self.hop.peer_id, None)
+                if reply is None:
+                    return
+                logger.info("relay to %s: %s", self.hop.peer_id, reply)
+        except (CorollaError, ConnectionError, asyncio.CancelledError):
+            return
+
+    def close(self) -> None:
+        self._drain.cancel()
+        self._writer.close()
+
+
+class Relays:
+    """The push streams of one session, by next hop; closed with the session."""
+
+    def __init__(self, transport: Transport, timeout_s: float):
+        self.transport = transport
+        self.timeout_s = timeout_s
+        self._streams: dict[tuple[str, str], PushStream] = {}
+
+    async def forward(self, step: SessionStep, outputs, route: list[NextHop]) -> Optional[str]:
+        """Push ``outputs`` of ``step`` to ``route[0]`` with the rest of the route; None, or why it failed."""
+        hop, rest = route[0], route[1:]
+        relayed = SessionStep(
+            hop.session_id, outputs.to(dtype_from_name(hop.dtype)), attention_mask=step.attention_mask,
+            position_ids=step.position_ids, hypo_ids=step.hypo_ids, start_from_position=step.start_from_position,
+            step_index=step.step_index, attempt=step.attempt, next_hops=encode_route(rest),
+        )
+        key = (hop.peer_id, hop.session_id)
+        try:
+            stream = self._streams.get(key)
+            if stream is None:
+                stream = self._streams[key] = await PushStream.open(self.transport, hop, self.timeout_s)
+            await asyncio.wait_for(stream.push(relayed), self.timeout_s)
+            return None
+        except Exception as exc:  # unreachable, refused, broken: the client hears why and takes over
+            stream = self._streams.pop(key, None)
+            if stream is not None:
+                stream.close()
+            return f"cannot relay to {hop.peer_id}: {type(exc).__name__}: {exc}"
+
+    def close(self) -> None:
+        for stream in self._streams.values():
+            stream.close()
+        self._streams.clear()

@@ -1,0 +1,132 @@
+"""Server-to-server relay of inference steps: each server forwards its outputs to the next one of the chain and
+answers the client too; unreachable links fall back to the client; forged relays are refused."""
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import LlamaForCausalLM
+
+from corolla.client.config import ClientConfig
+from corolla.client.rpc import SessionStream
+from corolla.core.blocks import BlockRange
+from corolla.core.errors import RemoteError
+from corolla.net.exchange import open_exchange
+from corolla.testing.inprocess import InProcessSwarm
+from corolla.wire.framing import read_message, write_message
+from corolla.wire.messages import ErrorReply, OpenSession, RelayOpen, SessionStep
+from corolla.wire.relay import NextHop, encode_route
+
+SPANS = [BlockRange(0, 2), BlockRange(2, 4), BlockRange(4, 6)]
+IDS = torch.tensor([[5, 6, 7, 8, 9]])
+HIDDEN = 64
+
+
+@pytest.fixture(scope="module")
+def local6(tiny_llama6_dir):
+    return LlamaForCausalLM.from_pretrained(tiny_llama6_dir).eval()
+
+
+@pytest.fixture
+def swarm(tiny_llama6_dir):
+    with InProcessSwarm(str(tiny_llama6_dir), SPANS, dht_prefix="relay") as swarm:
+        yield swarm
+
+
+def _counts(swarm):
+    return [dict(server.handler.counts) for server in swarm.servers]
+
+
+@pytest.mark.parametrize("relay", [True, False], ids=["relay", "hub"])
+def test_steps_travel_server_to_server(relay, swarm, local6):
+    model = swarm.client(client_config=ClientConfig(relay=relay))
+    try:
+        expected = local6.generate(IDS, max_new_tokens=10, do_sample=False)
+        with model.inference_session(max_length=32) as session:
+            got = model.generate(IDS, max_new_tokens=10, do_sample=False)
+            assert [span for _, span in session.chain] == SPANS
+        assert got.tolist() == expected.tolist()
+        beams = dict(max_new_tokens=6, do_sample=False, num_beams=3)
+        assert model.generate(IDS, **beams).tolist() == local6.generate(IDS, **beams).tolist()
+    finally:
+        model.close()
+    first, second, third = _counts(swarm)
+    steps = first["client_steps"]
+    assert steps >= 16  # 10 greedy + 6 beam steps, all sent to the first server by the client
+    if relay:  # the others got every step from the server before them, none from the client
+        assert second == {"client_steps": 0, "relayed_in": steps, "relayed_out": steps}
+        assert third == {"client_steps": 0, "relayed_in": steps, "relayed_out": 0}
+        assert first["relayed_out"] == steps
+    else:
+        assert second["client_steps"] == third["client_steps"] == steps
+        assert second["relayed_in"] == third["relayed_in"] == first["relayed_out"] == 0
+
+
+def test_an_unreachable_next_server_is_reported_and_the_client_carries_that_link(swarm, local6):
+    first, second, third = swarm.servers
+    swarm.network.block(second.peer.peer_id, third.peer.peer_id)  # a firewall between two servers
+    model = swarm.client()
+    try:
+        with model.inference_session(max_length=32) as session:
+            got = model.generate(IDS, max_new_tokens=8, do_sample=False)
+            assert [hop.relay_ok for hop in session._hops] == [True, False, True]
+            assert session.failovers == 0  # the third server is fine: only the link was bad
+        assert got.tolist() == local6.generate(IDS, max_new_tokens=8, do_sample=False).tolist()
+    finally:
+        model.close()
+    counts = _counts(swarm)
+    assert counts[1]["relayed_out"] == 0 and counts[2]["relayed_in"] == 0
+    assert counts[2]["client_steps"] == counts[0]["client_steps"]  # the client sent each step to the third itself
+
+
+def test_forged_relays_and_routes_are_refused_and_the_server_keeps_serving(swarm):
+    first, second, _ = swarm.servers
+    model = swarm.client()
+    client = model.swarm
+    try:
+        records = {r.peer_id: r for r in client.run(client.refresh())}
+        rec1, rec2 = records[first.peer.peer_id], records[second.peer.peer_id]
+        token = "t" * 32
+
+        async def scenario():
+            target = await SessionStream.open(client.transport, rec2, OpenSession("s2", SPANS[1], 16, 1,
+                                                                                  relay_token=token), 10)
+            source = await SessionStream.open(client.transport, rec1, OpenSession("s1", SPANS[0], 16, 1), 10)
+            try:
+                # a relay into s2 with a wrong token, or into a session that does not exist
+                for session_id, wrong in (("s2", "x" * 32), ("nope", token)):
+                    with pytest.raises(RemoteError, match="accepts relays with that token"):
+                        await open_exchange(client.transport, rec2.peer_id, rec2.maddrs,
+                                            RelayOpen(session_id, wrong), 10)
+                # the right token, but a pushed step naming another session
+                _, reader, writer, _ = await open_exchange(client.transport, rec2.peer_id, rec2.maddrs,
+                                                           RelayOpen("s2", token), 10)
+                await write_message(writer, SessionStep("s1", torch.randn(1, 1, HIDDEN)))
+                refused = await read_message(reader)
+                assert isinstance(refused, ErrorReply) and "feeds session 's2', not 's1'" in refused.message
+                writer.close()
+                # a malformed route is refused before any compute
+                bad = SessionStep("s1", torch.randn(1, 2, HIDDEN), next_hops=[{"peer_id": rec2.peer_id}])
+                with pytest.raises(RemoteError, match="next_hops: session_id must be a string"):
+                    await source.step(bad, 10)
+                # a route naming s2 with a forged token: s1 answers, and says it could not relay
+                hop = NextHop(rec2.peer_id, "s2", "f" * 32, "float32", tuple(rec2.maddrs))
+                reply = await source.step(SessionStep("s1", torch.randn(1, 2, HIDDEN), next_hops=encode_route([hop])),
+                                          10)
+                assert reply.position == 2 and "accepts relays with that token" in reply.relay_error
+                # with the true token the step reaches s2, which answers on its own stream (s1 rewinds first, so
+                # both hold the same tokens)
+                hop = NextHop(rec2.peer_id, "s2", token, "float32", tuple(rec2.maddrs))
+                reply = await source.step(SessionStep("s1", torch.randn(1, 3, HIDDEN), next_hops=encode_route([hop]),
+                                                      start_from_position=0, step_index=7, attempt=1), 10)
+                assert reply.relay_error is None and reply.position == 3
+                relayed = await target.receive(10, 7, 1)
+                assert relayed.position == 3 and relayed.hidden_states.shape == (1, 3, HIDDEN)
+            finally:
+                source.close()
+                target.close()
+
+        client.run(scenario(), 60)
+        ids = torch.tensor([[1, 2, 3]])
+        assert model.generate(ids, max_new_tokens=3, do_sample=False).shape == (1, 6)  # still serving
+    finally:
+        model.close()
