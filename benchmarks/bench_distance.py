@@ -23,6 +23,12 @@ and, right after token ``--kill-after``, SIGKILLs the process group of the serve
 session uses. It reports the gap between the tokens before and after the kill against the median gap, and whether
 the tokens equal the unbroken run -- or "recovery: failed: <error>" if the generation raised.
 
+Relay against client-hub (``--no-relay`` skips it): the same greedy decoding with every step relayed server to
+server and with the client as the hub of every step (``ClientConfig(relay=False)``), at 0, 25 and 100 ms RTT on
+every link, through the three-server chain and through a six-server chain (hosts ``t0``..``t5``, blocks 0:5 ...
+25:30, its own DHT prefix); the relay's median step against the compute (its no-delay step) plus (servers + 1)
+one-way delays.
+
 Speculative decoding (under (b), then with no delay): greedy ``generate()`` of ``--speculative-tokens`` tokens by
 the plain distributed model, by ``AutoDistributedSpeculativeModel`` with the embedded model itself as the draft (it
 agrees with the swarm on nearly every token) and with a tiny random model of the same vocabulary as the draft (it
@@ -121,6 +127,9 @@ def client_main(config: dict) -> dict:
         local.generate(input_ids, max_new_tokens=config["new_tokens"], do_sample=False, streamer=streamer)
         result["local_transformers"] = {**_decode_stats(started, streamer.times), "tokens": streamer.tokens}
         del local
+    if config["mode"] == "relay":
+        result.update(_relay_against_hub(input_ids, config))
+        return result
     model = AutoDistributedModelForCausalLM.from_pretrained(
         config["model"], initial_peers=config["initial_peers"], torch_dtype=torch.float32
     )
@@ -138,6 +147,30 @@ def client_main(config: dict) -> dict:
     finally:
         model.close()
     return result
+
+
+def _relay_against_hub(input_ids, config: dict) -> dict:
+    """Greedy decode steps of the same chain with the client as the hub of every step, then with relay."""
+    import torch
+
+    from corolla import AutoDistributedModelForCausalLM, ClientConfig
+
+    runs = {}
+    for name, relay in (("hub", False), ("relay", True)):
+        model = AutoDistributedModelForCausalLM.from_pretrained(
+            config["model"], initial_peers=config["initial_peers"], torch_dtype=torch.float32,
+            dht_prefix=config.get("prefix"), client_config=ClientConfig(relay=relay))
+        try:
+            model.generate(input_ids, max_new_tokens=2, do_sample=False)  # warm-up: connections, route
+            streamer = _make_streamer(lambda n: None)
+            started = time.monotonic()
+            with model.inference_session(max_length=input_ids.shape[1] + config["new_tokens"]) as session:
+                model.generate(input_ids, max_new_tokens=config["new_tokens"], do_sample=False, streamer=streamer)
+                chain = len(session.chain)
+            runs[name] = {**_decode_stats(started, streamer.times), "tokens": streamer.tokens, "chain": chain}
+        finally:
+            model.close()
+    return {"runs": runs}
 
 
 def _speculative(plain, input_ids, config: dict) -> dict:
@@ -220,6 +253,9 @@ def _recovery(model, input_ids, config: dict) -> dict:
 # ---------------------------------------------------------------------------------------------- orchestration
 
 SPANS = {"s0": "0:10", "s1": "10:20", "s2": "20:30", "r0": "0:15", "r1": "15:30"}
+SPANS6 = {f"t{i}": f"{5 * i}:{5 * i + 5}" for i in range(6)}  # a six-server chain, under its own DHT prefix
+PREFIX6 = "relay6"
+RELAY_DELAYS_MS = (0.0, 12.5, 50.0)  # one way per host: 0, 25 and 100 ms RTT
 
 
 def main() -> int:
@@ -231,6 +267,7 @@ def main() -> int:
     parser.add_argument("--speculative-tokens", type=int, default=48)
     parser.add_argument("--no-speculative", action="store_true")
     parser.add_argument("--no-throughput", action="store_true", help="skip the plain throughput phases")
+    parser.add_argument("--no-relay", action="store_true", help="skip relay against client-hub")
     parser.add_argument("--keep-logs", default=None, help="keep logs and address files in this directory")
     args = parser.parse_args()
 
@@ -242,15 +279,18 @@ def main() -> int:
         print(f"cannot run: {reason}")
         return 1
     model_dir = str(embedded_model_dir())
-    names = ["dht", "s0", "s1", "s2", "r0", "r1", "client"]
+    names = ["dht", "s0", "s1", "s2", "r0", "r1", "client"] + list(SPANS6)
     print(f"network: {reason}")
     started = time.monotonic()
     with NetnsSwarm([HostSpec(n) for n in names], workdir=args.keep_logs) as net:
         print(f"backend {net.backend}; hosts: " + ", ".join(f"{n}={net.address(n)}" for n in names))
         net.start_dht("dht")
         primaries = [net.start_server(host, model_dir, SPANS[host], wait=False) for host in ("s0", "s1", "s2")]
-        net.wait_ready(primaries)
-        print(f"chain s0 0:10 -> s1 10:20 -> s2 20:30 ready in {time.monotonic() - started:.1f} s", flush=True)
+        six = [] if args.no_relay else [
+            net.start_server(host, model_dir, span, ["--dht-prefix", PREFIX6], wait=False) for host, span in SPANS6.items()]
+        net.wait_ready(primaries + six)
+        print(f"chain s0 0:10 -> s1 10:20 -> s2 20:30 ready in {time.monotonic() - started:.1f} s"
+              + ("" if args.no_relay else f"; chain t0 0:5 -> ... -> t5 25:30 ({PREFIX6})"), flush=True)
         results = []
         for i, (label, delay_ms, rate_mbit) in enumerate([] if args.no_throughput else PHASES):
             net.shape_all(delay_ms=delay_ms, rate_mbit=rate_mbit)
@@ -259,6 +299,8 @@ def main() -> int:
             results.append((label, _run_client(net, config, f"client-{i}")))
         if results:
             _print_throughput(results, args)
+        if not args.no_relay:
+            _measure_relay(net, model_dir, args)
         if not args.no_speculative:
             _measure_speculative(net, model_dir, args)
         if not args.no_recovery:
@@ -290,6 +332,30 @@ def _print_throughput(results: list, args) -> None:
         print(f"  {label:<52} {_fmt_rate(swarm['steps_per_s'])} steps/s   "
               f"first token {swarm['first_token_s']:.3f} s   median step {swarm['median_step_s'] * 1000:6.1f} ms   "
               f"x{ratio:.2f} of local   {same}")
+
+
+def _measure_relay(net, model_dir: str, args) -> None:
+    print(f"\nrelay against client-hub: greedy, {args.new_tokens} tokens, every host delayed (client and servers), "
+          "no rate limit; median decode step")
+    results = {}
+    for delay_ms in RELAY_DELAYS_MS:
+        net.shape_all(delay_ms=delay_ms, rate_mbit=None)
+        for servers, prefix in ((3, None), (6, PREFIX6)):
+            config = {"mode": "relay", "model": model_dir, "initial_peers": net.initial_peers,
+                      "new_tokens": args.new_tokens, "prefix": prefix}
+            results[servers, delay_ms] = _run_client(net, config, f"client-relay-{servers}-{int(delay_ms * 10)}")["runs"]
+    print(f"  {'servers':>7} {'RTT':>6} {'hub step':>9} {'relay step':>10} {'hub/relay':>9} "
+          f"{'compute + (n+1) one-way':>24} {'relay / that':>12}  tokens")
+    for servers in (3, 6):
+        compute_s = results[servers, 0.0]["relay"]["median_step_s"]  # no delay: compute and local overhead
+        for delay_ms in RELAY_DELAYS_MS:
+            runs = results[servers, delay_ms]
+            hub, relay = runs["hub"]["median_step_s"], runs["relay"]["median_step_s"]
+            bound = compute_s + (servers + 1) * delay_ms / 1000
+            same = "equal" if runs["hub"]["tokens"] == runs["relay"]["tokens"] else "DIFFER"
+            print(f"  {servers:>7} {2 * delay_ms:>4.0f}ms {hub * 1000:>7.1f}ms {relay * 1000:>8.1f}ms "
+                  f"{hub / relay:>8.2f}x {bound * 1000:>22.1f}ms {relay / bound:>12.2f}  {same} "
+                  f"(chains of {runs['hub']['chain']} and {runs['relay']['chain']})")
 
 
 def _measure_speculative(net, model_dir: str, args) -> None:
