@@ -15,6 +15,7 @@ import time
 os.environ.setdefault("GOMP_SPINCOUNT", "50000")
 
 from corolla.core.blocks import BlockRange
+from corolla.wire.compression import SUPPORTED_CODECS
 
 DEFAULT_PROMPT = "What is the capital of France? Answer in one sentence."
 
@@ -37,6 +38,10 @@ def _add_client_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dht-prefix", default=None, help="DHT name of the model (default: derived from the model)")
     parser.add_argument("--dtype", default="float32", help="client dtype: float32, bfloat16, float16 or auto")
     parser.add_argument("--num-threads", type=int, default=None, help="torch threads of this process")
+    parser.add_argument("--wire-codec", default="none", choices=SUPPORTED_CODECS,
+                        help="how hidden states travel: none (exact), float16, bfloat16 or int8-block64")
+    parser.add_argument("--no-relay", action="store_true",
+                        help="send every inference step to every server from here (no server-to-server relay)")
     _add_sampling_args(parser)
 
 
@@ -179,12 +184,14 @@ def _swarm(args) -> int:
 def _client_model(args):
     import torch
 
+    from corolla.client.config import ClientConfig
     from corolla.client.model import AutoDistributedModelForCausalLM
 
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
     return AutoDistributedModelForCausalLM.from_pretrained(
-        args.model, initial_peers=args.initial_peers, dht_prefix=args.dht_prefix, torch_dtype=args.dtype
+        args.model, initial_peers=args.initial_peers, dht_prefix=args.dht_prefix, torch_dtype=args.dtype,
+        client_config=ClientConfig(wire_codec=args.wire_codec, relay=not args.no_relay),
     )
 
 

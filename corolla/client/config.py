@@ -26,3 +26,5 @@ class ClientConfig:
     #                           chain then work on different pieces at the same time
     relay: bool = True  # inference steps go server to server (each server forwards to the next); False: the client
     #                     sends every step to every server itself
+    wire_codec: str = "none"  # how hidden states and gradients travel: none (exact), float16, bfloat16 or
+    #                           int8-block64 (corolla.wire.compression); used with the servers that announce it

@@ -16,7 +16,7 @@ from corolla.wire.services import Exchange, Service
 
 
 async def call(transport: Transport, record: ServerRecord, request: Message, timeout_s: float,
-               version: int = PROTOCOL_VERSION) -> Message:
+               version: int = PROTOCOL_VERSION, codec=None) -> Message:
     """Send one request on a new stream and return its reply (of the type the service table names); a server's
     error becomes ``RemoteError``."""
     service = service_of(request, Exchange.UNARY)
@@ -26,7 +26,7 @@ async def call(transport: Transport, record: ServerRecord, request: Message, tim
         try:
             # the server may reject a request (too large, say) before reading all of it: then read why it did
             with contextlib.suppress(ConnectionError):
-                await write_message(writer, request, version)
+                await write_message(writer, request, version, codec)
             return check_reply(await read_reply(reader, record.peer_id, None), service.reply, record.peer_id)
         finally:
             writer.close()
@@ -52,11 +52,11 @@ class SessionStream:
                                                          timeout_s, version)
         return cls(record, service, reader, writer)
 
-    async def send(self, message: Message, version: int = PROTOCOL_VERSION) -> None:
+    async def send(self, message: Message, version: int = PROTOCOL_VERSION, codec=None) -> None:
         if not isinstance(message, self.service.step):
             raise TypeError(f"a {self.service.name} session takes {self.service.step.WIRE_NAME!r} steps, "
                             f"not {message.WIRE_NAME!r}")
-        await write_message(self._writer, message, version)
+        await write_message(self._writer, message, version, codec)
 
     async def receive(self, timeout_s: float, step_index=None, attempt=None) -> Message:
         """The reply to the step numbered (``step_index``, ``attempt``): replies and errors of other steps (left
@@ -69,9 +69,9 @@ class SessionStream:
                 continue  # stale: an earlier step or try
             return check_reply(reply, self.service.step_reply, self.record.peer_id)
 
-    async def step(self, message: Message, timeout_s: float, version: int = PROTOCOL_VERSION) -> Message:
+    async def step(self, message: Message, timeout_s: float, version: int = PROTOCOL_VERSION, codec=None) -> Message:
         """Send one step of the session and return its reply."""
-        await self.send(message, version)
+        await self.send(message, version, codec)
         return await self.receive(timeout_s, getattr(message, "step_index", None), getattr(message, "attempt", None))
 
     def close(self) -> None:

@@ -106,7 +106,8 @@ class RemoteSequential(nn.Module):
         return [slice(i, min(i + rows, batch)) for i in range(0, batch, rows)]
 
     async def _call(self, record, request):
-        return await call(self.swarm.transport, record, request, self.swarm.config.request_timeout_s)
+        return await call(self.swarm.transport, record, request, self.swarm.config.request_timeout_s,
+                          codec=request.wire_codec)
 
     def _extras(self, span: BlockRange, rows: slice, extras: "_Extras", dtype: torch.dtype) -> dict:
         """The deep prompts and LoRA weights of ``span`` for batch ``rows``, as request fields."""
@@ -132,6 +133,7 @@ class RemoteSequential(nn.Module):
                 dtype = dtype_from_name(record.dtype)
                 inputs = hidden.to(dtype)
                 request = ForwardRequest(span, inputs, mask, positions, keep_activations=extras.keep_activations,
+                                         wire_codec=self.swarm.codec_for(record),
                                          **self._extras(span, rows, extras, dtype))
                 try:
                     reply = await self._call(record, request)
@@ -151,7 +153,8 @@ class RemoteSequential(nn.Module):
         attempts = [] if attempts is None else attempts
         try:
             request = BackwardRequest(span, inputs, grad.to(inputs.dtype), mask, positions,
-                                      activation_id=activation_id, **self._extras(span, rows, extras, inputs.dtype))
+                                      activation_id=activation_id, wire_codec=self.swarm.codec_for(record),
+                                      **self._extras(span, rows, extras, inputs.dtype))
             reply = await self._call(record, request)
             grads.add(span, rows, reply)
             return reply.grad_inputs

@@ -84,6 +84,7 @@ class _Hop:
     stream: SessionStream
     session_id: str  # this hop's id at its server: unique, since one server may run two spans of a session
     token: str = ""  # the relay token of this hop's session: the previous hop presents it to push steps here
+    codec: str = "none"  # the wire codec of this hop's session (its replies, and the steps it relays)
     history: _History = field(default_factory=_History)
     relay_ok: bool = True  # False once this server failed to reach the next one: the client carries that link
 
@@ -269,7 +270,8 @@ class InferenceSession:
         if not self.swarm.config.relay or (self._prompts is not None and past < self._prompts.shape[2]):
             return 1  # deep prompts differ per server: those first steps go hop by hop
         end = index + 1
-        while end < len(self._hops) and self._hops[end - 1].relay_ok:
+        while end < len(self._hops) and self._hops[end - 1].relay_ok and \
+                self._hops[end - 1].codec in self._hops[end].record.codecs:
             end += 1
         return end - index
 
@@ -295,7 +297,7 @@ class InferenceSession:
         for position, hop in enumerate(hops):
             try:
                 if position == 0:
-                    await hop.stream.send(step)
+                    await hop.stream.send(step, codec=first.codec)
                 reply = await hop.stream.receive(timeout_s, self._step_index, attempt)
                 self._check_reply(hop, reply, hidden.shape, past)
             except Exception as exc:
@@ -323,7 +325,7 @@ class InferenceSession:
         step = SessionStep(hop.session_id, hidden.to(hop.dtype), attention_mask=mask, position_ids=positions,
                            prompts=self._hop_prompts(hop, 0), start_from_position=0)
         try:
-            reply = await hop.stream.step(step, timeout_s)
+            reply = await hop.stream.step(step, timeout_s, codec=hop.codec)
             self._check_reply(hop, reply, hidden.shape, 0)
         except BaseException:
             hop.stream.close()
@@ -345,6 +347,7 @@ class InferenceSession:
                     lora = None if self.lora is None else self.lora.for_blocks(span)
                     hop_id = f"{self.session_id}.{next(self._hop_ids)}"
                     token = secrets.token_hex(16)
+                    codec = self.swarm.codec_for(record)
                     request = OpenSession(
                         hop_id, span, self.max_length, self.batch_size,
                         lora={k: t.to(dtype_from_name(record.dtype)) for k, t in lora.to_flat().items()} or None
@@ -352,10 +355,11 @@ class InferenceSession:
                         lora_scaling=1.0 if lora is None else lora.scaling,
                         active_adapter=self.active_adapter,
                         relay_token=token,
+                        wire_codec=codec,
                     )
                     stream = await SessionStream.open(self.swarm.transport, record, request,
                                                       self.swarm.config.step_timeout_s)
-                    hop = _Hop(record, span, stream, hop_id, token)
+                    hop = _Hop(record, span, stream, hop_id, token, codec)
                     hops.append(hop)
                     if replay is not None:
                         hidden, mask, positions = replay

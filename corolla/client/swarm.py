@@ -22,6 +22,7 @@ from corolla.net.loop import LoopThread
 from corolla.net.peer import Peer, PeerConfig
 from corolla.net.transport import Transport, TransportFactory
 from corolla.net.records import fetch_records
+from corolla.wire.compression import parse_codec
 from corolla.wire.messages import PROTOCOL_VERSION, InfoRequest
 
 logger = logging.getLogger(__name__)
@@ -42,6 +43,7 @@ class RemoteSwarm:
     real one, ``hivemind_client(config)``, or an in-memory one); plans chains of servers for block spans."""
 
     def __init__(self, config: ClientConfig, model_prefix: str, num_blocks: int, transport_factory: TransportFactory):
+        parse_codec(config.wire_codec)  # a wrong name fails here, not at the first request
         self.config = config
         self.model_prefix = model_prefix
         self.num_blocks = num_blocks
@@ -107,6 +109,10 @@ class RemoteSwarm:
             sample if previous is None else (1 - LATENCY_SMOOTHING) * previous + LATENCY_SMOOTHING * sample
         )
         return sample
+
+    def codec_for(self, record: ServerRecord) -> str:
+        """The wire codec to use with ``record``'s server: the configured one if it announces it, else none."""
+        return self.config.wire_codec if self.config.wire_codec in record.codecs else "none"
 
     def report_failure(self, peer_id: str) -> float:
         duration = self.bans.ban(peer_id)

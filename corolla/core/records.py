@@ -25,3 +25,4 @@ class ServerRecord:
     cache_tokens_free: int
     maddrs: tuple[str, ...] = field(default=())  # where to dial it
     adapters: tuple[str, ...] = field(default=())  # LoRA adapters it loaded (--adapters), by the name clients use
+    codecs: tuple[str, ...] = field(default=("none",))  # wire codecs it reads and writes (corolla.wire.compression)

@@ -54,7 +54,7 @@ class Dispatcher:
                 if service.exchange is Exchange.UNARY:
                     reply = await self.methods[service.request](request, peer)
                     _check_type(service.reply, reply)
-                    await write_message(writer, reply)
+                    await write_message(writer, reply, codec=getattr(request, "wire_codec", None))
                 else:
                     channel = SessionChannel(self, service, reader, writer)
                     self._channels.add(channel)
@@ -103,6 +103,7 @@ class SessionChannel:
         self._reader = reader
         self._writer = writer
         self._opened = False
+        self.codec = None  # the wire codec of step replies (the session's)
 
     async def reply(self, message: Message) -> None:
         """The opening reply first, then (in a session) one step reply per step."""
@@ -111,7 +112,7 @@ class SessionChannel:
             raise TypeError(f"a {self.service.exchange.value} stream has no replies to its steps")
         _check_type(expected, message)
         self._opened = True
-        await write_message(self._writer, message)
+        await write_message(self._writer, message, codec=self.codec)
 
     async def error(self, exc: BaseException, step_index: Optional[int] = None, attempt: Optional[int] = None) -> None:
         await reply_error(self._writer, exc, step_index, attempt)

@@ -21,6 +21,7 @@ from corolla.server.scheduler import Priority, Scheduler
 from corolla.server.sessions import SessionTable
 from corolla.server.validation import check_blocks, check_hidden, check_mask, check_positions, check_prompts, \
     check_same_shape
+from corolla.wire.compression import parse_codec
 from corolla.wire.relay import parse_route
 from corolla.wire.messages import (
     BackwardReply,
@@ -77,6 +78,7 @@ class RequestHandlers:
 
     def _check_batch_request(self, request: ForwardRequest | BackwardRequest) -> Optional[LoraSet]:
         """Validate the request; returns the LoRA weights it asks for (validated once, here)."""
+        parse_codec(request.wire_codec)
         check_blocks(request.blocks, self.stack.blocks)
         hidden = request.hidden_states
         check_hidden("hidden_states", hidden, self.stack.hidden_size, self.stack.dtype, self.config.max_batch_tokens)
@@ -109,13 +111,15 @@ class RequestHandlers:
         """Run the session's steps, from its own stream or pushed by the previous server of its chain, in order;
         reply to each on the session's stream and forward the outputs when the step names next hops."""
         stack, compute, sessions = self.stack, self.compute, self.sessions  # a move replaces them; keep ours
+        codec = parse_codec(request.wire_codec)
         check_blocks(request.blocks, stack.blocks)
         lora = self._lora(request)
         if lora is not None and request.lora is not None:
             lora = LoraSet(lora.scaling, {k: (a.to(stack.device), b.to(stack.device))
                                           for k, (a, b) in lora.pairs.items()})
         session = sessions.open(request, stack, lora, self.max_positions)
-        relays = Relays(self.transport, self.config.relay_timeout_s)
+        channel.codec = codec
+        relays = Relays(self.transport, self.config.relay_timeout_s, codec)
         reader = asyncio.create_task(self._read_steps(channel, session.inbox))
         try:
             await channel.reply(SessionOpened(session.session_id, session.reserved_tokens))

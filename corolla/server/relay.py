@@ -36,10 +36,10 @@ class PushStream:
                                                    RelayOpen(hop.session_id, hop.token), timeout_s)
         return cls(hop, reader, writer)
 
-    async def push(self, step: SessionStep) -> None:
+    async def push(self, step: SessionStep, codec=None) -> None:
         if self._drain.done():
             raise ConnectionError(f"the relay stream to {self.hop.peer_id} is closed")
-        await write_message(self._writer, step)
+        await write_message(self._writer, step, codec=codec)
 
     async def _read_errors(self, reader) -> None:
         """The receiver answers a push stream only to refuse something: log it (its client hears of it too)."""
@@ -60,9 +60,10 @@ class PushStream:
 class Relays:
     """The push streams of one session, by next hop; closed with the session."""
 
-    def __init__(self, transport: Transport, timeout_s: float):
+    def __init__(self, transport: Transport, timeout_s: float, codec=None):
         self.transport = transport
         self.timeout_s = timeout_s
+        self.codec = codec  # the session's wire codec, for what it relays
         self._streams: dict[tuple[str, str], PushStream] = {}
 
     async def forward(self, step: SessionStep, outputs, route: list[NextHop]) -> Optional[str]:
@@ -78,7 +79,7 @@ class Relays:
             stream = self._streams.get(key)
             if stream is None:
                 stream = self._streams[key] = await PushStream.open(self.transport, hop, self.timeout_s)
-            await asyncio.wait_for(stream.push(relayed), self.timeout_s)
+            await asyncio.wait_for(stream.push(relayed, self.codec), self.timeout_s)
             return None
         except Exception as exc:  # unreachable, refused, broken: the client hears why and takes over
             stream = self._streams.pop(key, None)

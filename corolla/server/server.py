@@ -33,6 +33,7 @@ from corolla.server.handlers import RequestHandlers
 from corolla.server.scheduler import Priority, Scheduler
 from corolla.server.throughput import measure_throughput
 from corolla.wire.codec import dtype_name
+from corolla.wire.compression import SUPPORTED_CODECS
 from corolla.wire.messages import PROTOCOL_VERSION, RPC_PROTOCOL, InfoReply
 
 logger = logging.getLogger(__name__)
@@ -181,6 +182,7 @@ class Server:
             cache_tokens_free=self.budget.free_tokens if self.budget else 0,
             maddrs=tuple(self.maddrs),
             adapters=tuple(self.config.adapters),
+            codecs=SUPPORTED_CODECS,
         )
 
     def info(self) -> InfoReply:

@@ -28,6 +28,7 @@ class MemoryNetwork:
         self.default_delay_s = default_delay_s
         self._delays: dict[tuple[str, str], float] = {}
         self._blocked: set[tuple[str, str]] = set()
+        self.bytes_sent: collections.Counter = collections.Counter()  # (sender, receiver) -> bytes written
         self._peers: dict[str, "MemoryTransport"] = {}
         self._records: dict[str, dict[str, tuple[Any, float]]] = {}  # key -> subkey -> (value, expiration)
         self._lock = threading.Lock()
@@ -204,6 +205,8 @@ class _Pipe:
             return
         if data is None:
             self._ended = True
+        else:
+            self.sender.network.bytes_sent[self.sender.peer_id, self.receiver.peer_id] += len(data)
         due = time.monotonic() + self.sender.network.delay_s(self.sender.peer_id, self.receiver.peer_id)
         self.receiver.loop.call_soon_threadsafe(self._enqueue, due, data)
 

@@ -1,19 +1,21 @@
 """Tensor and message encoding.
 
 A frame is ``MAGIC | u32 header_bytes | u64 body_bytes | header (UTF-8 JSON) | body``. The header holds the
-message type, the protocol version, its plain fields and a descriptor per tensor (name, dtype, shape);
-the body holds the tensors' raw bytes back to back, in the order of the descriptors.
+message type, the protocol version, its plain fields and a descriptor per tensor (name, dtype, shape, and the
+wire codec if one was used, see ``compression.py``); the body holds the tensors' bytes back to back, in the order
+of the descriptors.
 """
 from __future__ import annotations
 
 import json
 import struct
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
 from corolla.core.errors import BadRequestError
+from corolla.wire.compression import WireCodec, compress, decompress, encoded_size, parse_codec
 
 MAGIC = b"CRL1"
 PREFIX = struct.Struct("<4sIQ")  # magic, header length, body length
@@ -53,16 +55,24 @@ class Frame:
     tensors: dict[str, torch.Tensor]
 
 
-def encode_frame(header: dict[str, Any], tensors: dict[str, torch.Tensor]) -> bytes:
+def encode_frame(header: dict[str, Any], tensors: dict[str, torch.Tensor],
+                 codecs: Optional[dict[str, WireCodec]] = None) -> bytes:
+    """A frame of ``header`` and ``tensors``; ``codecs`` names a wire codec for some floating-point tensors."""
     descriptors, chunks = [], []
     for name, tensor in tensors.items():
         tensor = tensor.detach()
         if tensor.device.type != "cpu":
             tensor = tensor.cpu()
         tensor = tensor.contiguous()
-        descriptors.append({"name": name, "dtype": dtype_name(tensor.dtype), "shape": list(tensor.shape)})
-        if tensor.numel():
+        descriptor = {"name": name, "dtype": dtype_name(tensor.dtype), "shape": list(tensor.shape)}
+        codec = (codecs or {}).get(name, WireCodec.NONE)
+        if codec is not WireCodec.NONE and tensor.is_floating_point() and tensor.numel():
+            body, fields = compress(tensor, codec)
+            descriptor.update(codec=codec.value, **fields)
+            chunks.append(body)
+        elif tensor.numel():
             chunks.append(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+        descriptors.append(descriptor)
     header_bytes = json.dumps({**header, "tensors": descriptors}, separators=(",", ":")).encode()
     body = b"".join(chunks)
     return PREFIX.pack(MAGIC, len(header_bytes), len(body)) + header_bytes + body
@@ -93,10 +103,18 @@ def decode_frame(header_bytes: bytes, body: bytes) -> Frame:
         numel = 1
         for d in shape:
             numel *= d
-        nbytes = numel * torch.empty((), dtype=dtype).element_size()
+        codec = parse_codec(desc.get("codec"))
+        if codec is not WireCodec.NONE and not dtype.is_floating_point:
+            raise BadRequestError(f"tensor {desc['name']!r}: codec {codec.value} is for floating-point tensors only")
+        outliers = desc.get("outliers", 0)
+        if not isinstance(outliers, int) or not 0 <= outliers <= numel:
+            raise BadRequestError(f"tensor {desc['name']!r}: outliers must be a count of at most its {numel} values")
+        nbytes = encoded_size(codec, numel, dtype, outliers)
         if offset + nbytes > len(buffer):
             raise BadRequestError(f"tensor {desc['name']!r} ({shape}, {desc['dtype']}) runs past the frame body")
-        if numel:
+        if numel and codec is not WireCodec.NONE:
+            tensors[desc["name"]] = decompress(buffer, offset, numel, dtype, codec, desc["name"], outliers).reshape(shape)
+        elif numel:
             flat = torch.frombuffer(buffer, dtype=torch.uint8, count=nbytes, offset=offset)
             tensors[desc["name"]] = flat.view(dtype).reshape(shape)
         else:

@@ -5,18 +5,23 @@ import asyncio
 
 from corolla.core.errors import MessageTooLargeError
 from corolla.wire.codec import PREFIX, decode_frame, decode_prefix, encode_frame
+from corolla.wire.compression import WireCodec, parse_codec
 from corolla.wire.messages import PROTOCOL_VERSION, Message, message_from_frame
 
 DEFAULT_MAX_MESSAGE_BYTES = 256 * 2**20
 
 
-def encode_message(message: Message, version: int = PROTOCOL_VERSION) -> bytes:
+def encode_message(message: Message, version: int = PROTOCOL_VERSION, codec=None) -> bytes:
+    """The frame of ``message``; ``codec`` (a wire codec name) compresses its activation fields."""
     header, tensors = message.to_parts(version)
-    return encode_frame(header, tensors)
+    codec = parse_codec(codec)
+    codecs = {name: codec for name in message.COMPRESSIBLE} if codec is not WireCodec.NONE else None
+    return encode_frame(header, tensors, codecs)
 
 
-async def write_message(writer: asyncio.StreamWriter, message: Message, version: int = PROTOCOL_VERSION) -> None:
-    writer.write(encode_message(message, version))
+async def write_message(writer: asyncio.StreamWriter, message: Message, version: int = PROTOCOL_VERSION,
+                        codec=None) -> None:
+    writer.write(encode_message(message, version, codec))
     await writer.drain()
 
 

@@ -21,7 +21,7 @@ from corolla.core.blocks import BlockRange
 from corolla.core.errors import BadRequestError, ProtocolVersionError
 from corolla.wire.codec import Frame
 
-PROTOCOL_VERSION = 4  # 2: start_from_position; 3: wire names, the service table; 4: server-to-server relay
+PROTOCOL_VERSION = 5  # 2: start_from_position; 3: wire names, service table; 4: relay; 5: wire codecs
 TensorDict = dict[str, torch.Tensor]  # a field of named tensors; travels as tensors "<field>/<name>"
 RPC_PROTOCOL = "/corolla/rpc"  # the libp2p protocol name servers register; the version travels in each frame
 
@@ -31,6 +31,7 @@ class Message:
 
     registry: ClassVar[dict[str, type["Message"]]] = {}  # wire name -> class
     WIRE_NAME: ClassVar[str]
+    COMPRESSIBLE: ClassVar[tuple[str, ...]] = ()  # activation fields a wire codec may compress
 
     def __init_subclass__(cls, wire_name: str, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -148,6 +149,7 @@ class InfoReply(Message, wire_name="info.reply"):
 
 @dataclass(frozen=True)
 class ForwardRequest(Message, wire_name="forward"):
+    COMPRESSIBLE = ("hidden_states",)
     blocks: BlockRange
     hidden_states: torch.Tensor  # [batch, seq, hidden]
     attention_mask: Optional[torch.Tensor] = None  # [batch, seq], 1 = token, 0 = padding
@@ -157,16 +159,19 @@ class ForwardRequest(Message, wire_name="forward"):
     lora_scaling: float = 1.0  # LoRA output multiplier (alpha / rank)
     active_adapter: Optional[str] = None  # a LoRA adapter loaded by the server (--adapters), by name
     keep_activations: bool = False  # a backward pass will follow: keep this pass's activations for it
+    wire_codec: Optional[str] = None  # how to encode the reply's hidden states (compression.py); None = none
 
 
 @dataclass(frozen=True)
 class ForwardReply(Message, wire_name="forward.reply"):
+    COMPRESSIBLE = ("hidden_states",)
     hidden_states: torch.Tensor  # [batch, seq, hidden]
     activation_id: Optional[str] = None  # with keep_activations: name them in the BackwardRequest
 
 
 @dataclass(frozen=True)
 class BackwardRequest(Message, wire_name="backward"):
+    COMPRESSIBLE = ("hidden_states", "grad_outputs")
     blocks: BlockRange
     hidden_states: torch.Tensor  # [batch, seq, hidden]: the inputs of the forward pass
     grad_outputs: torch.Tensor  # [batch, seq, hidden]: d loss / d outputs
@@ -177,10 +182,12 @@ class BackwardRequest(Message, wire_name="backward"):
     lora_scaling: float = 1.0
     active_adapter: Optional[str] = None
     activation_id: Optional[str] = None  # from the ForwardReply: use those activations instead of recomputing
+    wire_codec: Optional[str] = None  # how to encode the reply's gradients
 
 
 @dataclass(frozen=True)
 class BackwardReply(Message, wire_name="backward.reply"):
+    COMPRESSIBLE = ("grad_inputs",)
     grad_inputs: torch.Tensor  # [batch, seq, hidden]: d loss / d inputs
     grad_prompts: Optional[torch.Tensor] = None  # d loss / d prompts, when prompts were sent
     grad_lora: Optional[TensorDict] = None  # d loss / d each LoRA tensor sent, same names
@@ -197,6 +204,7 @@ class OpenSession(Message, wire_name="session.open"):
     active_adapter: Optional[str] = None  # or a LoRA adapter loaded by the server, by name
     relay_token: Optional[str] = None  # a secret: whoever presents it (the previous server of the chain) may push
     #                                    steps into this session with RelayOpen
+    wire_codec: Optional[str] = None  # how this session's step replies and relayed steps encode hidden states
 
 
 @dataclass(frozen=True)
@@ -207,6 +215,7 @@ class SessionOpened(Message, wire_name="session.opened"):
 
 @dataclass(frozen=True)
 class SessionStep(Message, wire_name="session.step"):
+    COMPRESSIBLE = ("hidden_states",)
     session_id: str
     hidden_states: torch.Tensor  # [batch, new, hidden]; new may be 0
     attention_mask: Optional[torch.Tensor] = None  # [batch, new] mask of the new tokens; None = all ones
@@ -224,6 +233,7 @@ class SessionStep(Message, wire_name="session.step"):
 
 @dataclass(frozen=True)
 class SessionStepReply(Message, wire_name="session.step.reply"):
+    COMPRESSIBLE = ("hidden_states",)
     hidden_states: torch.Tensor  # [batch, new, hidden]
     position: int  # tokens in the session's cache after this step
     step_index: Optional[int] = None  # echoed from the step

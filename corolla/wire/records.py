@@ -10,6 +10,7 @@ from typing import Any, Optional
 
 from corolla.core.blocks import BlockRange
 from corolla.core.records import ServerRecord, ServerState
+from corolla.wire.compression import SUPPORTED_CODECS
 
 MAX_ADAPTERS = 256  # adapter names one record may list
 MAX_ADAPTER_NAME = 512  # characters of one adapter name (a path or a hub id)
@@ -27,6 +28,7 @@ def encode_record(record: ServerRecord) -> dict[str, Any]:
     value["state"] = record.state.value
     value["maddrs"] = list(record.maddrs)
     value["adapters"] = list(record.adapters)
+    value["codecs"] = list(record.codecs)
     return value
 
 
@@ -44,9 +46,17 @@ def decode_record(value: Any) -> Optional[ServerRecord]:
             cache_tokens_free=int(value["cache_tokens_free"]),
             maddrs=tuple(str(a) for a in value.get("maddrs", ())),
             adapters=_names(value.get("adapters", ())),
+            codecs=_codecs(value.get("codecs", ["none"])),
         )
     except (KeyError, TypeError, ValueError, AttributeError):
         return None
+
+
+def _codecs(value: Any) -> tuple[str, ...]:
+    """The codecs a record lists that this side knows (unknown ones, from newer peers, are ignored)."""
+    if not isinstance(value, (list, tuple)) or len(value) > 32:
+        raise ValueError("codecs must be a short list")
+    return tuple(name for name in value if name in SUPPORTED_CODECS)
 
 
 def _names(value: Any) -> tuple[str, ...]:

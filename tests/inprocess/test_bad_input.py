@@ -200,3 +200,29 @@ def test_bad_rewinds_are_refused(first_server):
 def test_client_side_errors_are_clear(llama_remote):
     with pytest.raises(ValueError, match="hidden_states must be"):
         llama_remote.model.layers(torch.randn(3, HIDDEN))
+
+
+def test_bad_wire_codecs(first_server):
+    swarm, record, span = first_server
+    _expect_error(swarm, record, span, ForwardRequest(span, torch.randn(1, 3, HIDDEN), wire_codec="zip"),
+                  "unknown wire codec 'zip'")
+
+    async def corrupted():  # an 8-bit block whose scale is NaN
+        from corolla.wire.codec import PREFIX, decode_prefix
+        from corolla.wire.framing import encode_message
+
+        data = bytearray(encode_message(ForwardRequest(span, torch.randn(1, 3, HIDDEN)), codec="int8-block64"))
+        header_len, _ = decode_prefix(bytes(data[:PREFIX.size]))
+        body = PREFIX.size + header_len
+        data[body:body + 4] = torch.tensor([float("nan")]).numpy().tobytes()
+        reader, writer = await swarm.transport.open_stream(record.peer_id, RPC_PROTOCOL)
+        try:
+            writer.write(bytes(data))
+            await writer.drain()
+            return await read_message(reader)
+        finally:
+            writer.close()
+
+    reply = swarm.run(corrupted())
+    assert isinstance(reply, ErrorReply) and "corrupted 8-bit block" in reply.message
+    _assert_still_serves(swarm, record, span)

@@ -120,3 +120,55 @@ def test_service_table_is_complete_and_consistent():
         assert service_for(service.request.__new__(service.request)) is service
     with pytest.raises(BadRequestError, match="does not start an exchange"):
         service_for(SessionStep("s", torch.zeros(1, 0, 4)))
+
+
+@pytest.mark.parametrize("codec, bytes_per_value, tolerance", [
+    ("none", 4, 0.0), ("float16", 2, 1e-3), ("bfloat16", 2, 1e-2), ("int8-block64", 1 + 4 / 64, 1 / 127 + 1e-6)])
+def test_wire_codecs_round_trip_within_their_precision(codec, bytes_per_value, tolerance):
+    from corolla.wire.codec import PREFIX, decode_frame, decode_prefix
+
+    hidden = torch.randn(2, 100, 64) * torch.logspace(-2, 3, 64)  # magnitudes from 0.01 to 1000
+    mask = torch.ones(2, 100, dtype=torch.long)
+    data = encode_message(SessionStep("s", hidden, attention_mask=mask), codec=codec)
+    header_len, body_len = decode_prefix(data[:PREFIX.size])
+    outliers = json.loads(data[PREFIX.size:PREFIX.size + header_len])["tensors"][0].get("outliers", 0)
+    assert body_len == pytest.approx(hidden.numel() * bytes_per_value + mask.numel() * 8 + 8 * outliers, abs=8)
+    assert outliers < hidden.numel() / 20
+    message = message_from_frame(decode_frame(data[PREFIX.size:PREFIX.size + header_len], data[PREFIX.size + header_len:]))
+    assert message.hidden_states.dtype == torch.float32 and message.attention_mask.equal(mask)  # ids stay exact
+    if codec == "int8-block64":  # outliers exact; the rest within half a step of its block's scale
+        blocks = hidden.reshape(-1, 64)
+        error = (message.hidden_states.reshape(-1, 64) - blocks).abs()
+        outlier = blocks.abs() > 4 * blocks.pow(2).mean(1, keepdim=True).sqrt()
+        assert float(error[outlier].max()) == 0
+        scale = torch.where(outlier, torch.zeros_like(blocks), blocks).abs().amax(1, keepdim=True)
+        assert float((error - scale / 254).max()) <= 1e-4
+    else:
+        excess = (message.hidden_states - hidden).abs() - (tolerance * hidden.abs() + 1e-4)  # 16-bit: relative
+        assert float(excess.max()) <= 0
+
+
+def test_bad_codecs_are_refused_with_their_cause():
+    from corolla.wire.codec import PREFIX, decode_frame, decode_prefix
+
+    with pytest.raises(BadRequestError, match="unknown wire codec 'zip'"):
+        encode_message(SessionStep("s", torch.randn(1, 1, 4)), codec="zip")
+    data = bytearray(encode_message(SessionStep("s", torch.randn(1, 2, 64)), codec="int8-block64"))
+    header_len, _ = decode_prefix(bytes(data[:PREFIX.size]))
+    body = PREFIX.size + header_len
+    for forged_scale in (float("nan"), -1.0):  # the first block's scale, forged
+        data[body:body + 4] = torch.tensor([forged_scale], dtype=torch.float32).numpy().tobytes()
+        with pytest.raises(BadRequestError, match="corrupted 8-bit block"):
+            decode_frame(bytes(data[PREFIX.size:body]), bytes(data[body:]))
+    spiky = torch.zeros(1, 1, 64)
+    spiky[0, 0, 5] = 1000.0  # one outlier
+    data = bytearray(encode_message(SessionStep("s", spiky), codec="int8-block64"))
+    header_len, _ = decode_prefix(bytes(data[:PREFIX.size]))
+    body = PREFIX.size + header_len
+    data[-8:-4] = (10**6).to_bytes(4, "little")  # its index, past the tensor
+    with pytest.raises(BadRequestError, match="an outlier's index"):
+        decode_frame(bytes(data[PREFIX.size:body]), bytes(data[body:]))
+    header = json.loads(bytes(data[PREFIX.size:body]))
+    header["tensors"][0]["codec"] = "rot13"
+    with pytest.raises(BadRequestError, match="unknown wire codec 'rot13'"):
+        decode_frame(json.dumps(header).encode(), bytes(data[body:]))
