@@ -73,7 +73,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--dtype", default="float32", help="float32 (default), bfloat16, float16 or auto")
     serve.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N")
     serve.add_argument("--num-threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    serve.add_argument("--cache-tokens", type=int, default=32768, help="session cache budget in tokens")
+    serve.add_argument("--cache-tokens", type=int, default=32768,
+                       help="session cache budget: tokens held (per batch row, in pages), 32768")
+    serve.add_argument("--cache-wait", type=float, default=10.0,
+                       help="seconds a session waits for cache when the budget is full before failing (10)")
+    serve.add_argument("--session-idle-timeout", type=float, default=600.0,
+                       help="seconds after which a session that sends nothing is closed (600)")
     serve.add_argument("--max-message-mb", type=float, default=256, help="largest request accepted, MiB")
     serve.add_argument("--throughput", type=float, default=None, help="tokens/s to announce instead of measuring")
     serve.add_argument("--adapters", nargs="+", default=[], metavar="PATH_OR_ID",
@@ -150,7 +155,8 @@ def _serve(args) -> int:
         model=args.model, dht_prefix=args.dht_prefix, blocks=args.blocks, num_blocks=args.num_blocks,
         initial_peers=tuple(args.initial_peers), new_swarm=args.new_swarm, host=args.host, port=args.port,
         address_file=args.address_file, dtype=args.dtype, device=args.device, num_threads=args.num_threads,
-        cache_tokens=args.cache_tokens, max_message_bytes=int(args.max_message_mb * 2**20), throughput=args.throughput,
+        cache_tokens=args.cache_tokens, cache_wait_s=args.cache_wait, session_idle_timeout_s=args.session_idle_timeout,
+        max_message_bytes=int(args.max_message_mb * 2**20), throughput=args.throughput,
         rebalance_period_s=args.rebalance_period, balance_quality=args.balance_quality, adapters=tuple(args.adapters),
     )
     return run_server(config)

@@ -384,6 +384,7 @@ class InferenceSession:
         current step, which then runs on them like on any other server)."""
         logger.warning("server %s failed for blocks %s (%s: %s); replacing it",
                        failed.record.peer_id, failed.span, type(error).__name__, error)
-        self.swarm.report_failure(failed.record.peer_id)
+        if not (isinstance(error, RemoteError) and error.kind == "SessionEvictedError"):  # eviction is no fault
+            self.swarm.report_failure(failed.record.peer_id)
         self.failovers += 1
         return await self._open_chain(failed.span, failed.history)

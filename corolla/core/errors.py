@@ -29,6 +29,10 @@ class CacheExhaustedError(CorollaError):
     """The server cannot reserve the attention cache a session asks for."""
 
 
+class SessionEvictedError(CorollaError):
+    """The server closed a session that stayed idle past its limit; the client opens it again elsewhere or there."""
+
+
 class BlocksNotServedError(CorollaError):
     """Some blocks of the model are served by nobody reachable."""
 

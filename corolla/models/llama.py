@@ -7,7 +7,8 @@ import torch
 import transformers
 from torch import nn
 from transformers.masking_utils import create_causal_mask
-from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding, apply_rotary_pos_emb
 
 from corolla.models.family import ModelFamily
 
@@ -68,6 +69,40 @@ class RotaryRunner(nn.Module):
             use_cache=cache is not None,
             position_embeddings=prepared.position_embeddings,
         )
+
+    def run_layer_batched(
+        self,
+        layer: nn.Module,
+        hiddens: list[torch.Tensor],  # per session: [batch, new, hidden]
+        prepared: list[RotaryInputs],
+        cache_layers: list,  # per session: this layer's cache (keys/values appended in place)
+    ) -> list[torch.Tensor]:
+        """One decoder layer for several sessions: every projection and the MLP run once on all sessions' tokens;
+        rotary positions, the cache and attention (transformers' own attention function) per session.
+        The same computation as ``run_layer`` on each session alone, for layers built like Llama's."""
+        attention = layer.self_attn
+        sizes = [h.shape[0] * h.shape[1] for h in hiddens]
+        flat = torch.cat([h.reshape(-1, h.shape[-1]) for h in hiddens])  # [tokens, hidden]
+        normed = layer.input_layernorm(flat)
+        queries, keys, values = attention.q_proj(normed), attention.k_proj(normed), attention.v_proj(normed)
+        interface = ALL_ATTENTION_FUNCTIONS.get_interface(attention.config._attn_implementation, None)
+        outputs, start = [], 0
+        for hidden, inputs, cache_layer, size in zip(hiddens, prepared, cache_layers, sizes):
+            batch, new = hidden.shape[:2]
+            shape = (batch, new, -1, attention.head_dim)
+            part = slice(start, start + size)
+            q = queries[part].view(shape).transpose(1, 2)  # [batch, heads, new, head_dim]
+            k = keys[part].view(shape).transpose(1, 2)  # [batch, kv_heads, new, head_dim]
+            v = values[part].view(shape).transpose(1, 2)
+            cos, sin = inputs.position_embeddings
+            q, k = apply_rotary_pos_emb(q, k, cos, sin)
+            k, v = cache_layer.update(k, v)
+            out, _ = interface(attention, q, k, v, inputs.causal_mask, dropout=0.0, scaling=attention.scaling)
+            outputs.append(out.reshape(size, -1))
+            start += size
+        hidden = flat + attention.o_proj(torch.cat(outputs))
+        hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+        return [part.view(h.shape) for part, h in zip(torch.split(hidden, sizes), hiddens)]
 
 
 LLAMA = ModelFamily(

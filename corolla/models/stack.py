@@ -9,11 +9,13 @@ import torch
 import transformers
 from torch import nn
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 from corolla.core.blocks import BlockRange
 from corolla.core.errors import BadRequestError, CorollaError
 from corolla.models.checkpoint import read_tensors
 from corolla.models.family import ModelFamily, family_for
+from corolla.models.kv import DEFAULT_PAGE_TOKENS, PagedLayer
 
 
 class BlockStack(nn.Module):
@@ -148,13 +150,44 @@ class BlockStack(nn.Module):
             )
         return position_ids.to(device=self.device, dtype=torch.long)
 
-    def new_cache(self, span: BlockRange | None = None) -> transformers.Cache:
-        """An empty cache for blocks ``span`` (default: the whole stack), per-layer kinds as the full model uses."""
+    def new_cache(self, span: BlockRange | None = None, page_tokens: int = DEFAULT_PAGE_TOKENS) -> transformers.Cache:
+        """An empty cache for blocks ``span`` (default: the whole stack): per-layer kinds as the full model uses, with
+        full-attention layers paged (``corolla.models.kv.PagedLayer``), growing ``page_tokens`` tokens at a time."""
         local = self._local_slice(span)
         cache = DynamicCache(config=self.config)
         first = self.blocks.start + local.start
-        cache.layers = cache.layers[first : first + (local.stop - local.start)]
+        layers = cache.layers[first : first + (local.stop - local.start)]
+        cache.layers = [PagedLayer(page_tokens) if type(layer) is DynamicLayer else layer for layer in layers]
         return cache
+
+    def cache_memory_bytes(self, cache: transformers.Cache) -> int:
+        """Bytes the cache's buffers take (paged layers hold whole pages)."""
+        return sum(getattr(layer, "memory_bytes", 0) for layer in cache.layers)
+
+    def forward_batch(self, parts: list[tuple], span: BlockRange | None = None) -> list[torch.Tensor]:
+        """Several sessions' steps through blocks ``span`` at once: ``parts`` are ``(hidden_states [b, n, hidden],
+        attention_mask [b, past + n], position_ids [b, n] or None, cache)``, each with its own cache, length and
+        positions. Where the family's runner can (``run_layer_batched``), the projections and MLPs of all parts
+        run as one matrix product per weight and only attention runs per part; otherwise parts run one by one.
+        Returns each part's outputs, as ``forward`` would."""
+        local = self._local_slice(span)
+        layers = self.layers[local]
+        batched = getattr(self.runner, "run_layer_batched", None)
+        if batched is None:
+            return [self.forward(h, m, p, c, span=span) for h, m, p, c in parts]
+        hiddens, prepared, caches = [], [], []
+        for hidden, mask, positions, cache in parts:
+            hidden = hidden.to(device=self.device, dtype=self.dtype)
+            batch, new = hidden.shape[:2]
+            past = self._check_cache(cache, batch, len(layers))
+            mask = self._check_attention_mask(mask, batch, past + new)
+            positions = self._check_position_ids(positions, batch, past, new)
+            hiddens.append(hidden)
+            prepared.append(self.runner.prepare(hidden, mask, positions, cache))
+            caches.append(cache)
+        for index, layer in enumerate(layers):
+            hiddens = batched(layer, hiddens, prepared, [cache.layers[index] for cache in caches])
+        return hiddens
 
     def cache_length(self, cache: transformers.Cache) -> int:
         """Number of tokens already in ``cache``."""

@@ -94,8 +94,46 @@ class BlockCompute:
                              grad_lora=grad_lora)
 
     def session_step(self, session: SessionState, step: SessionStep) -> torch.Tensor:
-        """One validated step of ``session`` (``SessionState.check_step`` passed): rewind if asked, reorder rows
-        if asked, run the new tokens; returns their outputs [batch, new, hidden]."""
+        """One validated step of ``session`` (``SessionState.check_step`` passed)."""
+        result = self.session_steps([(session, step)])[0]
+        if isinstance(result, BaseException):
+            raise result
+        return result
+
+    def session_steps(self, items: list[tuple[SessionState, SessionStep]]) -> list:
+        """Validated steps of several sessions, run together: each is rewound and reordered as it asks, then the
+        steps that can share a pass (same blocks and LoRA weights, no deep prompts) go through the blocks as one
+        batch (``BlockStack.forward_batch``). Returns each step's outputs [batch, new, hidden], or the exception
+        that step met."""
+        results: list = [None] * len(items)
+        groups: dict[tuple, list] = {}
+        for index, (session, step) in enumerate(items):
+            try:
+                work = self._begin_step(session, step)
+            except Exception as exc:  # noqa: BLE001 - that step's own failure
+                results[index] = exc
+                continue
+            if isinstance(work, torch.Tensor):  # nothing to run
+                results[index] = work
+                continue
+            alone = step.prompts is not None
+            key = (session.blocks, id(session.lora), index if alone else None)
+            groups.setdefault(key, []).append((index, session, step, work))
+        for members in groups.values():
+            try:
+                outputs = self._run_group(members)
+            except Exception as exc:  # noqa: BLE001 - the group's failure, reported to each of its steps
+                outputs = [exc] * len(members)
+            for (index, session, _, work), output in zip(members, outputs):
+                if not isinstance(output, BaseException):
+                    session.mask = work[1]
+                    session.position += work[0].shape[1]
+                results[index] = output
+        return results
+
+    def _begin_step(self, session: SessionState, step: SessionStep):
+        """Rewind and reorder the session as the step asks; its inputs to run (hidden, full mask, positions), or
+        the outputs already (a step of no new tokens)."""
         stack = self.stack
         hidden_states, hypo_ids = step.hidden_states, step.hypo_ids
         if step.step_index is not None and step.step_index == session.last_step_index:
@@ -107,31 +145,31 @@ class BlockCompute:
             session.mask = session.mask[:, :start]
             session.position = start
         batch, new = hidden_states.shape[:2]
-        if new == 0 and hypo_ids is None:
-            return hidden_states
         device = stack.device
-        with torch.inference_mode(), lora_applied(stack, session.lora):
-            if hypo_ids is not None:
+        if hypo_ids is not None:
+            with torch.inference_mode():
                 hypo_ids = hypo_ids.to(device=device, dtype=torch.int64)
                 stack.reorder_cache(session.cache, hypo_ids)
                 session.mask = session.mask[hypo_ids]
-            if new == 0:
-                return hidden_states
-            new_mask = (
-                torch.ones(batch, new, dtype=torch.long, device=device)
-                if step.attention_mask is None
-                else step.attention_mask.to(device=device, dtype=torch.long)
-            )
-            full_mask = torch.cat([session.mask, new_mask], dim=1)  # [batch, position + new]
-            positions = step.position_ids
-            outputs = stack(
-                hidden_states.to(device),
-                full_mask,
-                None if positions is None else positions.to(device=device, dtype=torch.long),
-                session.cache,
-                span=session.blocks,
-                prompts=None if step.prompts is None else step.prompts.to(device),
-            )
-        session.mask = full_mask
-        session.position += new
-        return outputs
+        if new == 0:
+            return hidden_states
+        new_mask = (
+            torch.ones(batch, new, dtype=torch.long, device=device)
+            if step.attention_mask is None
+            else step.attention_mask.to(device=device, dtype=torch.long)
+        )
+        full_mask = torch.cat([session.mask, new_mask], dim=1)  # [batch, position + new]
+        positions = step.position_ids
+        positions = None if positions is None else positions.to(device=device, dtype=torch.long)
+        return hidden_states.to(device), full_mask, positions
+
+    def _run_group(self, members: list) -> list[torch.Tensor]:
+        stack = self.stack
+        session, step = members[0][1], members[0][2]
+        with torch.inference_mode(), lora_applied(stack, session.lora):
+            if len(members) == 1:
+                hidden, mask, positions = members[0][3]
+                prompts = None if step.prompts is None else step.prompts.to(stack.device)
+                return [stack(hidden, mask, positions, session.cache, span=session.blocks, prompts=prompts)]
+            parts = [(work[0], work[1], work[2], member_session.cache) for _, member_session, _, work in members]
+            return stack.forward_batch(parts, span=session.blocks)

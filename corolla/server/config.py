@@ -21,7 +21,9 @@ class ServerConfig:
     dtype: str = "float32"  # compute dtype: float32, bfloat16, float16 or auto (the checkpoint's)
     device: str = "cpu"  # torch device of the blocks: cpu, cuda, cuda:1, ...
     num_threads: Optional[int] = None  # torch intra-op threads; None keeps torch's default
-    cache_tokens: int = 32768  # session cache budget, in tokens of one batch row
+    cache_tokens: int = 32768  # session cache budget: tokens held (of one batch row, in whole pages)
+    cache_page_tokens: int = 64  # sessions' caches grow and shrink in pages of this many tokens
+    cache_wait_s: float = 10.0  # a session that needs cache while the budget is full waits this long, then fails
     max_message_bytes: int = 256 * 2**20  # largest request frame accepted
     max_batch_tokens: int = 8192  # largest batch * seq of one forward/backward request
     session_idle_timeout_s: float = 600.0  # a session that sends nothing for this long is closed

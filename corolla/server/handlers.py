@@ -10,7 +10,7 @@ import hmac
 import logging
 from typing import Callable, Optional
 
-from corolla.core.errors import BadRequestError, CorollaError
+from corolla.core.errors import BadRequestError, CorollaError, SessionEvictedError
 from corolla.models.lora import LoraSet, check_lora
 from corolla.server.activations import ActivationStore
 from corolla.server.cache import CacheBudget
@@ -117,17 +117,17 @@ class RequestHandlers:
         if lora is not None and request.lora is not None:
             lora = LoraSet(lora.scaling, {k: (a.to(stack.device), b.to(stack.device))
                                           for k, (a, b) in lora.pairs.items()})
-        session = sessions.open(request, stack, lora, self.max_positions)
+        session = await sessions.open(request, stack, lora, self.max_positions)
         channel.codec = codec
         relays = Relays(self.transport, self.config.relay_timeout_s, codec)
         reader = asyncio.create_task(self._read_steps(channel, session.inbox))
         try:
-            await channel.reply(SessionOpened(session.session_id, session.reserved_tokens))
+            await channel.reply(SessionOpened(session.session_id, sessions.budget.held_by(session)))
             while True:
                 try:
                     step = await asyncio.wait_for(session.inbox.get(), self.config.session_idle_timeout_s)
                 except asyncio.TimeoutError:
-                    await channel.error(BadRequestError(
+                    await channel.error(SessionEvictedError(
                         f"session {session.session_id} idle for {self.config.session_idle_timeout_s:.0f} s: closed"))
                     return
                 if step is None:  # the client closed its stream
@@ -135,9 +135,11 @@ class RequestHandlers:
                 step, relayed = step
                 self.counts["relayed_in" if relayed else "client_steps"] += 1
                 try:
-                    session.check_step(step, stack, self.max_positions)
+                    session.check_step(step, stack, self.max_positions, self.config.max_batch_tokens)
                     route = parse_route(step.next_hops)
-                    outputs = await self.scheduler.run(Priority.INFERENCE, compute.session_step, session, step)
+                    await sessions.grow(session, step)
+                    outputs = await self.scheduler.run_batched(Priority.INFERENCE, ("steps", id(compute)),
+                                                               (session, step), compute.session_steps)
                     relay_error = await relays.forward(step, outputs, route) if route else None
                     self.counts["relayed_out"] += bool(route) and relay_error is None
                     await channel.reply(SessionStepReply(hidden_states=outputs, position=session.position,

@@ -3,15 +3,20 @@
 All torch work of a server runs on one thread (torch work spread over Python threads lost its intra-op
 parallelism here). Jobs wait in a priority queue: inference steps before forward/backward passes of training
 jobs, first come first served within a priority, so a training run sharing a server does not stall chat.
-A job starts as soon as the thread is free: nothing ever waits for company.
+
+Batching: jobs submitted with ``run_batched`` under the same key (inference steps of sessions that can share a
+forward pass) are taken together: when the thread frees up, every such job waiting at that moment runs in one call
+of the batch function. A job starts as soon as the thread is free: nothing ever waits for company.
 """
 from __future__ import annotations
 
 import asyncio
 import enum
+import heapq
 import itertools
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable, Optional
+from dataclasses import dataclass, field
+from typing import Any, Callable, Hashable, Optional
 
 import torch
 
@@ -22,52 +27,105 @@ class Priority(enum.IntEnum):
     BACKGROUND = 2  # loading blocks, measuring throughput
 
 
-class Scheduler:
-    """Runs jobs on one compute thread, by priority. ``await run(priority, fn, *args)`` returns ``fn(*args)``."""
+@dataclass(order=True)
+class _Job:
+    priority: int
+    order: int
+    fn: Callable = field(compare=False)  # fn(*args), or for a batched job batch_fn([item, ...]) -> [result, ...]
+    args: tuple = field(compare=False)
+    future: asyncio.Future = field(compare=False)
+    key: Optional[Hashable] = field(compare=False, default=None)  # batched jobs with equal keys run together
 
-    def __init__(self, num_threads: Optional[int] = None):
+
+class Scheduler:
+    """Runs jobs on one compute thread, by priority; batches jobs that share a key."""
+
+    def __init__(self, num_threads: Optional[int] = None, max_batch: int = 64):
         self.executor = ThreadPoolExecutor(
             max_workers=1,
             thread_name_prefix="corolla-compute",
             initializer=torch.set_num_threads if num_threads else None,
             initargs=(num_threads,) if num_threads else (),
         )
-        self._queue: Optional[asyncio.PriorityQueue] = None
+        self.max_batch = max_batch
+        self._heap: list[_Job] = []
+        self._ready: Optional[asyncio.Event] = None
         self._worker: Optional[asyncio.Task] = None
         self._order = itertools.count()
         self.jobs_run = 0
+        self.largest_batch = 0  # the most jobs one batched call took
+        self.batched_calls = 0
 
     async def run(self, priority: Priority, fn: Callable[..., Any], *args) -> Any:
-        if self._worker is None:
-            self._queue = asyncio.PriorityQueue()
-            self._worker = asyncio.create_task(self._work())
-        future = asyncio.get_running_loop().create_future()
-        await self._queue.put((int(priority), next(self._order), fn, args, future))
-        return await future
+        """``fn(*args)`` on the compute thread, after every job of a higher priority queued before it runs."""
+        return await self._submit(_Job(int(priority), next(self._order), fn, args, self._future()))
+
+    async def run_batched(self, priority: Priority, key: Hashable, item: Any, batch_fn: Callable[[list], list]) -> Any:
+        """``batch_fn([item, ...])[i]`` for this job's ``item``, together with every job of the same ``key`` waiting
+        when the thread takes it. A result that is an exception is raised to its own requester only."""
+        return await self._submit(_Job(int(priority), next(self._order), batch_fn, (item,), self._future(), key))
 
     @property
     def waiting(self) -> int:
-        return 0 if self._queue is None else self._queue.qsize()
+        return len(self._heap)
+
+    def _future(self) -> asyncio.Future:
+        return asyncio.get_running_loop().create_future()
+
+    async def _submit(self, job: _Job) -> Any:
+        if self._worker is None:
+            self._ready = asyncio.Event()
+            self._worker = asyncio.create_task(self._work())
+        heapq.heappush(self._heap, job)
+        self._ready.set()
+        return await job.future
+
+    def _take(self) -> list[_Job]:
+        """The next job, and if it is batched every waiting job of its key (in order, up to ``max_batch``)."""
+        first = heapq.heappop(self._heap)
+        if first.key is None:
+            return [first]
+        batch = [first]
+        rest = []
+        for job in sorted(self._heap):
+            if job.key == first.key and job.priority == first.priority and len(batch) < self.max_batch:
+                batch.append(job)
+            else:
+                rest.append(job)
+        self._heap = rest
+        heapq.heapify(self._heap)
+        return batch
 
     async def _work(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            _, _, fn, args, future = await self._queue.get()
-            if future.cancelled():  # its requester gave up while it waited
+            while not self._heap:
+                self._ready.clear()
+                await self._ready.wait()
+            jobs = [job for job in self._take() if not job.future.cancelled()]  # requesters that gave up
+            if not jobs:
                 continue
             try:
-                result = await loop.run_in_executor(self.executor, fn, *args)
+                if jobs[0].key is None:
+                    results = [await loop.run_in_executor(self.executor, jobs[0].fn, *jobs[0].args)]
+                else:
+                    results = await loop.run_in_executor(self.executor, jobs[0].fn, [job.args[0] for job in jobs])
+                    self.batched_calls += 1
+                    self.largest_batch = max(self.largest_batch, len(jobs))
             except asyncio.CancelledError:
-                if not future.done():
-                    future.cancel()
+                for job in jobs:
+                    job.future.cancel()
                 raise
-            except Exception as exc:  # handed to the requester
-                if not future.done():
-                    future.set_exception(exc)
-            else:
-                if not future.done():
-                    future.set_result(result)
-            self.jobs_run += 1
+            except Exception as exc:  # handed to every requester of the call
+                results = [exc] * len(jobs)
+            for job, result in zip(jobs, results):
+                if job.future.done():
+                    continue
+                if isinstance(result, BaseException):
+                    job.future.set_exception(result)
+                else:
+                    job.future.set_result(result)
+            self.jobs_run += len(jobs)
 
     async def close(self) -> None:
         if self._worker is not None:

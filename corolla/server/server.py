@@ -122,7 +122,9 @@ class Server:
             path = await asyncio.to_thread(resolve_model, name)
             adapters[name], _ = await run(Priority.BACKGROUND, read_peft_adapter, path, stack.family, blocks, self.dtype)
             logger.info("adapter %s: %d adapted layers in blocks %s", name, len(adapters[name].pairs), blocks)
-        return stack, CacheBudget(config.cache_tokens, stack.cache_bytes_per_token()), adapters
+        budget = CacheBudget(config.cache_tokens, stack.cache_bytes_per_token(), config.cache_page_tokens,
+                             config.cache_wait_s)
+        return stack, budget, adapters
 
     async def _rebalance_loop(self) -> None:
         total = self.model_config.num_hidden_layers

@@ -1,8 +1,9 @@
 """Inference sessions: the state a server keeps for each between steps, and the table of open sessions.
 
-``SessionTable.open`` validates an ``OpenSession`` and reserves its cache against the budget; ``close`` frees
-it. ``SessionState.check_step`` validates a step against its session before any compute, so a rejected step
-leaves the session usable.
+``SessionTable.open`` validates an ``OpenSession`` and makes it hold its first page of cache (waiting, up to the
+budget's stated time, for room); ``grow`` makes a session hold the pages a step needs before the step runs;
+``close`` frees them. ``SessionState.check_step`` validates a step against its session before any compute, so a
+rejected step leaves the session usable.
 """
 from __future__ import annotations
 
@@ -13,14 +14,14 @@ from typing import Any, Optional
 import torch
 
 from corolla.core.blocks import BlockRange
-from corolla.core.errors import BadRequestError
+from corolla.core.errors import BadRequestError, CacheExhaustedError
 from corolla.models.lora import LoraSet
 from corolla.server.cache import CacheBudget
 from corolla.server.validation import check_blocks, check_hidden, check_mask, check_positions, check_prompts
 from corolla.wire.messages import OpenSession, SessionStep
 
 
-@dataclass
+@dataclass(eq=False)  # identity: a session is a holder of cache pages
 class SessionState:
     session_id: str
     blocks: BlockRange  # the span of this server's blocks the session runs
@@ -34,11 +35,8 @@ class SessionState:
     last_step_index: Optional[int] = None  # the client's number of the last step applied
     inbox: Optional[asyncio.Queue] = None  # steps to run, from the client's stream or pushed by the previous hop
 
-    @property
-    def reserved_tokens(self) -> int:
-        return self.max_length * self.batch_size
-
-    def check_step(self, step: SessionStep, stack, max_positions: Optional[int]) -> None:
+    def check_step(self, step: SessionStep, stack, max_positions: Optional[int],
+                   max_step_tokens: Optional[int] = None) -> None:
         """Every check of a step against this session and the stack, before anything changes."""
         if step.session_id != self.session_id:
             raise BadRequestError(
@@ -60,6 +58,10 @@ class SessionState:
                 f"a step of {new} tokens would bring session {self.session_id} to {start + new} tokens, "
                 f"past its max_length of {self.max_length}"
             )
+        if max_step_tokens is not None and batch * new > max_step_tokens:
+            raise BadRequestError(
+                f"a step of {batch} x {new} tokens is over this server's limit of {max_step_tokens} per step; split it"
+            )
         check_mask("attention_mask", step.attention_mask, batch, new)
         check_positions(step.position_ids, batch, new, max_positions)
         check_prompts(step.prompts, self.blocks, batch, stack.hidden_size, stack.dtype)
@@ -72,13 +74,14 @@ class SessionState:
 
 
 class SessionTable:
-    """The sessions open on this server and the cache they reserve."""
+    """The sessions open on this server and the cache pages they hold."""
 
     def __init__(self, budget: CacheBudget):
         self.budget = budget
         self.sessions: dict[str, SessionState] = {}
 
-    def open(self, request: OpenSession, stack, lora: Optional[LoraSet], max_positions: Optional[int]) -> SessionState:
+    async def open(self, request: OpenSession, stack, lora: Optional[LoraSet],
+                   max_positions: Optional[int]) -> SessionState:
         check_blocks(request.blocks, stack.blocks)
         if request.max_length < 1 or request.batch_size < 1:
             raise BadRequestError(
@@ -90,25 +93,41 @@ class SessionTable:
             raise BadRequestError("relay_token must be 16..200 characters")
         if max_positions is not None and request.max_length > max_positions:
             raise BadRequestError(f"max_length {request.max_length} exceeds the model's {max_positions} positions")
+        whole = self.budget.tokens_for(request.max_length, request.batch_size)
+        if whole > self.budget.total_tokens:
+            raise CacheExhaustedError(
+                f"a session of max_length {request.max_length} x batch {request.batch_size} ({whole} cache tokens) "
+                f"exceeds this server's whole cache of {self.budget.total_tokens} tokens; ask for less"
+            )
         session = SessionState(
             session_id=request.session_id,
             lora=lora,
             blocks=request.blocks,
             max_length=request.max_length,
             batch_size=request.batch_size,
-            cache=stack.new_cache(request.blocks),
+            cache=stack.new_cache(request.blocks, self.budget.page_tokens),
             mask=torch.zeros(request.batch_size, 0, dtype=torch.long, device=stack.device),
             relay_token=request.relay_token,
             inbox=asyncio.Queue(maxsize=4),
         )
-        self.budget.reserve(session.reserved_tokens)
         self.sessions[session.session_id] = session
+        try:
+            await self.budget.hold(session, self.budget.tokens_for(1, session.batch_size))  # its first page
+        except BaseException:
+            self.close(session)
+            raise
         return session
+
+    async def grow(self, session: SessionState, step: SessionStep) -> None:
+        """Make ``session`` hold the pages it will after ``step`` (fewer after a rewind), waiting for room."""
+        start = session.position if step.start_from_position is None else step.start_from_position
+        tokens = max(1, start + step.hidden_states.shape[1])
+        await self.budget.hold(session, self.budget.tokens_for(tokens, session.batch_size))
 
     def close(self, session: SessionState) -> None:
         if self.sessions.get(session.session_id) is session:
             del self.sessions[session.session_id]
-            self.budget.release(session.reserved_tokens)
+        self.budget.release(session)
 
     def get(self, session_id: str) -> Optional[SessionState]:
         return self.sessions.get(session_id)

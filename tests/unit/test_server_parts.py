@@ -1,6 +1,8 @@
 """Server pieces that need no network: cache accounting and request validation."""
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 import torch
 
@@ -10,16 +12,29 @@ from corolla.server.cache import CacheBudget
 from corolla.server.validation import check_blocks, check_hidden, check_mask, check_positions
 
 
-def test_cache_budget_reserve_and_release():
-    budget = CacheBudget(total_tokens=100, bytes_per_token=1024)
-    budget.reserve(60)
-    assert budget.free_tokens == 40
-    with pytest.raises(CacheExhaustedError, match="40 of 100 free"):
-        budget.reserve(50)
-    with pytest.raises(CacheExhaustedError, match="whole cache of 100 tokens"):
-        budget.reserve(101)
-    budget.release(60)
-    assert budget.free_tokens == 100
+def test_cache_budget_holds_pages_waits_for_room_and_names_the_holders():
+    async def scenario():
+        budget = CacheBudget(total_tokens=256, bytes_per_token=1024, page_tokens=64, wait_s=0.2)
+        first, second, third = object(), object(), object()
+        assert budget.tokens_for(65, batch=2) == 256  # two pages for each of two rows
+        await budget.hold(first, budget.tokens_for(100, 1))  # 128: whole pages
+        await budget.hold(second, 64)
+        assert budget.free_tokens == 64 and budget.held_by(first) == 128
+        with pytest.raises(CacheExhaustedError, match=r"cache full: 192 of 256 tokens held by 2 other session"):
+            await budget.hold(third, 128)  # waited 0.2 s, nobody freed enough
+        with pytest.raises(CacheExhaustedError, match="whole cache of 256 tokens"):
+            await budget.hold(third, 320)
+        waiter = asyncio.ensure_future(budget.hold(third, 128))  # waits...
+        await asyncio.sleep(0.05)
+        assert not waiter.done()
+        await budget.hold(first, 64)  # ...until the first one shrinks (a rewind)
+        await asyncio.wait_for(waiter, 1)
+        assert budget.held_by(third) == 128 and budget.free_tokens == 0
+        budget.release(second)
+        budget.release(third)
+        assert budget.free_tokens == 192
+
+    asyncio.run(scenario())
 
 
 def test_validation_messages():

@@ -1,0 +1,181 @@
+"""Sessions batched together on a server, and a session cache that grows page by page within a budget."""
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import pytest
+import torch
+from transformers import LlamaForCausalLM
+
+from corolla.client.config import ClientConfig
+from corolla.client.rpc import SessionStream
+from corolla.core.blocks import BlockRange
+from corolla.core.errors import RemoteError
+from corolla.server.scheduler import Priority
+from corolla.testing.inprocess import InProcessSwarm
+from corolla.wire.messages import OpenSession, SessionStep
+
+PROMPTS = ["The capital of France is", "Once upon a time, in a land far away,", "def fibonacci(n):",
+           "The three laws of robotics are", "My favourite recipe for pancakes", "In 1969, the first humans",
+           "A haiku about autumn:", "The quick brown fox"]
+
+
+def _hold_compute(server, seconds: float, loop) -> None:
+    """Keep the server's compute thread busy (a training-priority job) so that steps arriving meanwhile queue up."""
+    asyncio.run_coroutine_threadsafe(server.scheduler.run(Priority.TRAINING, time.sleep, seconds), loop.loop)
+
+
+def test_concurrent_sessions_are_batched_and_each_equals_local(embedded_dir, llama_local, tokenizer):
+    spans = [BlockRange(0, 10), BlockRange(10, 20), BlockRange(20, 30)]
+    with InProcessSwarm(str(embedded_dir), spans, dht_prefix="batch") as swarm:
+        clients = [swarm.client(torch_dtype=torch.float32) for _ in PROMPTS]
+        try:
+            results, errors = {}, []
+
+            def run(index: int) -> None:
+                try:
+                    ids = tokenizer(PROMPTS[index], return_tensors="pt")["input_ids"]
+                    results[index] = clients[index].generate(ids, max_new_tokens=4 + index, do_sample=False)
+                except Exception as exc:  # reported below
+                    errors.append(exc)
+
+            for server in swarm.servers:
+                _hold_compute(server, 1.0, swarm.loop)
+            threads = [threading.Thread(target=run, args=(i,)) for i in range(len(PROMPTS))]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join(300)
+            assert not errors, errors
+            for index, prompt in enumerate(PROMPTS):
+                ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+                expected = llama_local.generate(ids, max_new_tokens=4 + index, do_sample=False)
+                assert results[index].tolist() == expected.tolist(), prompt
+            for server in swarm.servers:  # the held-up first steps ran as one batch on every server
+                assert server.scheduler.largest_batch >= 4, server.scheduler.largest_batch
+        finally:
+            for client in clients:
+                client.close()
+
+
+def test_batched_logits_equal_running_alone(tiny_llama6_dir):
+    local = LlamaForCausalLM.from_pretrained(tiny_llama6_dir).eval()
+    with InProcessSwarm(str(tiny_llama6_dir), [BlockRange(0, 6)], dht_prefix="alone") as swarm:
+        clients = [swarm.client() for _ in range(4)]
+        try:
+            inputs = [torch.randint(3, 120, (1, 5 + 3 * i)) for i in range(4)]
+            with torch.no_grad():
+                alone = [client(ids).logits for client, ids in zip(clients, inputs)]
+                got = [None] * 4
+
+                def run(index):
+                    with torch.no_grad(), clients[index].inference_session(max_length=32):
+                        first = clients[index](inputs[index][:, :-2]).logits
+                        rest = clients[index](inputs[index][:, -2:]).logits  # a second, batched decode-like step
+                        got[index] = torch.cat([first, rest], dim=1)
+
+                _hold_compute(swarm.servers[0], 0.5, swarm.loop)
+                threads = [threading.Thread(target=run, args=(i,)) for i in range(4)]
+                for thread in threads:
+                    thread.start()
+                for thread in threads:
+                    thread.join(120)
+            assert swarm.servers[0].scheduler.largest_batch >= 2
+            for ids, single, batched in zip(inputs, alone, got):
+                assert (batched - single).abs().max().item() < 1e-4
+                assert (batched - local(ids).logits).abs().max().item() < 1e-4
+        finally:
+            for client in clients:
+                client.close()
+
+
+def test_caches_hold_what_sessions_use_not_what_they_declare(tiny_llama_dir):
+    """16 sessions declaring max_length 256 (all this model allows) but using 70 tokens hold 16 x 2 pages of 64, not
+    16 x 256 tokens (benchmarks/bench_concurrency.py measures it with 2048 and 200 on the embedded model)."""
+    with InProcessSwarm(str(tiny_llama_dir), [BlockRange(0, 4)], dht_prefix="pages", cache_tokens=32768) as swarm:
+        server = swarm.servers[0]
+        model = swarm.client()
+        try:
+            sessions = [model.model.layers.inference_session(max_length=256) for _ in range(16)]
+            for session in sessions:
+                session.step(torch.randn(1, 70, 64))
+            budget = server.budget
+            assert budget.held_tokens == 16 * 128  # 70 tokens = 2 pages of 64
+            caches = [s.cache for s in server.handler.sessions.sessions.values()]
+            assert len(caches) == 16
+            assert sum(server.stack.cache_memory_bytes(c) for c in caches) == 16 * 128 * budget.bytes_per_token
+            for session in sessions:
+                session.close()
+            time.sleep(0.2)
+            assert budget.held_tokens == 0
+        finally:
+            model.close()
+
+
+def test_a_full_cache_makes_new_sessions_wait_then_fail_clearly(tiny_llama_dir):
+    with InProcessSwarm(str(tiny_llama_dir), [BlockRange(0, 4)], dht_prefix="full", cache_tokens=256,
+                        cache_wait_s=0.5) as swarm:
+        model = swarm.client(client_config=ClientConfig(wait_for_blocks_s=1.0))
+        client = model.swarm
+        record = client.run(client.refresh())[0]
+        try:
+            async def scenario():
+                holder = await SessionStream.open(client.transport, record, OpenSession("a", BlockRange(0, 4), 256, 1), 10)
+                await holder.step(SessionStep("a", torch.randn(1, 200, 64)), 10)  # 4 pages: the whole budget
+                started = time.monotonic()
+                with pytest.raises(RemoteError, match=r"cache full: 256 of 256 tokens held by 1 other session"):
+                    await SessionStream.open(client.transport, record, OpenSession("b", BlockRange(0, 4), 64, 1), 10)
+                assert time.monotonic() - started >= 0.5  # it waited before giving up
+                # the holder keeps what it has and stays usable
+                assert (await holder.step(SessionStep("a", torch.randn(1, 50, 64)), 10)).position == 250
+                waiting = asyncio.ensure_future(
+                    SessionStream.open(client.transport, record, OpenSession("c", BlockRange(0, 4), 64, 1), 10))
+                await asyncio.sleep(0.1)
+                await holder.step(SessionStep("a", torch.randn(1, 0, 64), start_from_position=100), 10)  # rewind
+                third = await asyncio.wait_for(waiting, 5)  # a page came free within its wait
+                third.close()
+                holder.close()
+
+            client.run(scenario(), 30)
+        finally:
+            model.close()
+
+
+def test_idle_sessions_are_evicted_and_the_client_carries_on(tiny_llama_dir):
+    local = LlamaForCausalLM.from_pretrained(tiny_llama_dir).eval()
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with InProcessSwarm(str(tiny_llama_dir), [BlockRange(0, 4)], dht_prefix="idle",
+                        session_idle_timeout_s=0.5) as swarm:
+        model = swarm.client()
+        try:
+            with model.inference_session(max_length=32) as session:
+                head = model.generate(ids, max_new_tokens=3, do_sample=False)
+                time.sleep(1.0)  # evicted meanwhile
+                assert len(swarm.servers[0].handler.sessions) == 0
+                tail = model.generate(None, max_new_tokens=5, do_sample=False)
+                assert session.failovers == 1  # reopened with its history
+                assert not model.swarm.bans.is_banned(swarm.servers[0].peer.peer_id)  # eviction is no fault
+            expected = local.generate(ids, max_new_tokens=8, do_sample=False)
+            assert torch.cat([head, tail], 1).tolist() == expected.tolist()
+        finally:
+            model.close()
+
+
+def test_oversized_steps_are_refused(tiny_llama_dir):
+    with InProcessSwarm(str(tiny_llama_dir), [BlockRange(0, 4)], dht_prefix="big", max_batch_tokens=100) as swarm:
+        model = swarm.client()
+        client = model.swarm
+        record = client.run(client.refresh())[0]
+        try:
+            async def scenario():
+                stream = await SessionStream.open(client.transport, record, OpenSession("s", BlockRange(0, 4), 256, 2), 10)
+                with pytest.raises(RemoteError, match=r"a step of 2 x 60 tokens is over this server's limit of 100"):
+                    await stream.step(SessionStep("s", torch.randn(2, 60, 64)), 10)
+                assert (await stream.step(SessionStep("s", torch.randn(2, 50, 64)), 10)).position == 50
+                stream.close()
+
+            client.run(scenario(), 30)
+        finally:
+            model.close()
