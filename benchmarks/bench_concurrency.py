@@ -1,0 +1,193 @@
+"""Many users at once: aggregate decode speed of concurrent sessions, and what their caches cost the servers.
+
+Run: .venv/bin/python benchmarks/bench_concurrency.py [--sessions 1 4 8 16] [--new-tokens 64]
+
+A local swarm of three servers (the embedded model, blocks 0:10, 10:20, 20:30, float32, one torch thread each) on
+loopback. For each count N, N client processes (each its own process, like N users) load the model, warm up, wait
+at a barrier, then each generates ``--new-tokens`` greedy tokens after its own short prompt. Aggregate tokens/s =
+all tokens / (last finish - first start); the ratio is against N = 1 in the same run. Every client's tokens are
+checked against local transformers.
+
+Memory: 16 clients each open a session declaring max_length 2048 and fill 200 tokens; while they hold them, the
+servers' memory (PSS of each server process and its libp2p daemon) and the cache tokens the servers hold are
+read, against the same servers before the sessions.
+"""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("GOMP_SPINCOUNT", "50000")
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+
+PROMPTS = ["The capital of France is", "Once upon a time, in a land far away,", "The three laws of robotics are",
+           "My favourite recipe for pancakes", "In 1969, the first humans", "A haiku about autumn:",
+           "The quick brown fox", "Water boils at", "The largest planet in the solar system",
+           "To make a paper airplane,", "The history of the printing press", "Photosynthesis is",
+           "The best way to learn a language", "Mount Everest is", "A good night's sleep", "The stock market"]
+
+
+def client_main(config: dict) -> None:
+    import torch
+    from transformers import AutoTokenizer
+
+    from corolla import AutoDistributedModelForCausalLM
+
+    torch.set_num_threads(1)
+    tokenizer = AutoTokenizer.from_pretrained(config["model"])
+    model = AutoDistributedModelForCausalLM.from_pretrained(config["model"], initial_peers=config["initial_peers"],
+                                                            torch_dtype=torch.float32)
+    ids = tokenizer(config["prompt"], return_tensors="pt")["input_ids"]
+    model.generate(ids, max_new_tokens=2, do_sample=False)  # warm-up: connections, route
+    if config["mode"] == "hold":  # open a long session, fill it, hold it until told to stop
+        with model.inference_session(max_length=config["max_length"]) as session:
+            filler = torch.randint(100, 40000, (1, config["fill_tokens"]))
+            with torch.no_grad():
+                model(filler)
+            print(json.dumps({"ready": True, "position": session.position}), flush=True)
+            sys.stdin.readline()
+        model.close()
+        return
+    print(json.dumps({"ready": True}), flush=True)
+    sys.stdin.readline()  # the barrier
+    started = time.time()
+    out = model.generate(ids, max_new_tokens=config["new_tokens"], min_new_tokens=config["new_tokens"],
+                         do_sample=False)
+    finished = time.time()
+    print(json.dumps({"start": started, "end": finished, "tokens": out[0, ids.shape[1]:].tolist()}), flush=True)
+    model.close()
+
+
+def _spawn_clients(configs: list[dict]) -> list[subprocess.Popen]:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    return [subprocess.Popen([sys.executable, os.path.abspath(__file__), "client", json.dumps(c)],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                             env=env) for c in configs]
+
+
+def _read_json(process: subprocess.Popen, timeout_s: float = 600) -> dict:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        line = process.stdout.readline()
+        if not line:
+            raise RuntimeError(f"client {process.pid} exited with {process.wait()}")
+        if line.startswith("{"):
+            return json.loads(line)
+    raise TimeoutError("client gave no answer")
+
+
+def _pss_mb(pid: int) -> float:
+    import psutil
+
+    process = psutil.Process(pid)
+    total = 0
+    for proc in [process, *process.children(recursive=True)]:
+        try:
+            total += proc.memory_full_info().pss
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
+    return total / 2**20
+
+
+def _held_tokens(swarm_peers, model) -> list[int]:
+    """Cache tokens each server holds now, from its info reply."""
+    import torch
+
+    from corolla import AutoDistributedModelForCausalLM
+    from corolla.client.rpc import call
+    from corolla.wire.messages import InfoRequest
+
+    client = AutoDistributedModelForCausalLM.from_pretrained(model, initial_peers=swarm_peers, torch_dtype=torch.float32)
+    try:
+        swarm = client.swarm
+        records = sorted(swarm.run(swarm.refresh()), key=lambda r: r.blocks.start)
+        infos = [swarm.run(call(swarm.transport, r, InfoRequest(), 30)) for r in records]
+        return [info.cache_tokens_total - info.cache_tokens_free for info in infos]
+    finally:
+        client.close()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--sessions", type=int, nargs="+", default=[1, 4, 8, 16])
+    parser.add_argument("--new-tokens", type=int, default=64)
+    args = parser.parse_args()
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from corolla.models.embedded import embedded_model_dir
+    from corolla.testing.local_swarm import LocalSwarm
+
+    model = str(embedded_model_dir())
+    torch.set_num_threads(1)
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    local = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
+    expected = {}
+    for prompt in PROMPTS[: max(args.sessions)]:
+        ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+        out = local.generate(ids, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False)
+        expected[prompt] = out[0, ids.shape[1]:].tolist()
+    del local
+    with LocalSwarm(model=model, num_servers=3, num_threads=1) as swarm:
+        print(f"3-server swarm of the embedded model on loopback; {args.new_tokens} greedy tokens per session, one "
+              "client process per session, 1 torch thread per process", flush=True)
+        rows = []
+        for count in args.sessions:
+            configs = [{"mode": "generate", "model": model, "initial_peers": swarm.initial_peers,
+                        "prompt": PROMPTS[i], "new_tokens": args.new_tokens} for i in range(count)]
+            clients = _spawn_clients(configs)
+            try:
+                for client in clients:
+                    _read_json(client)  # ready
+                for client in clients:
+                    client.stdin.write("go\n")
+                    client.stdin.flush()
+                results = [_read_json(client) for client in clients]
+            finally:
+                for client in clients:
+                    client.wait(60)
+            span = max(r["end"] for r in results) - min(r["start"] for r in results)
+            tokens = sum(len(r["tokens"]) for r in results)
+            same = sum(r["tokens"] == expected[c["prompt"]] for r, c in zip(results, configs))
+            per_session = statistics.median(len(r["tokens"]) / (r["end"] - r["start"]) for r in results)
+            rows.append((count, tokens / span, per_session, same))
+            print(f"  {count:2d} session(s): {tokens / span:6.1f} tokens/s in all, {per_session:5.1f} per session "
+                  f"(median), x{tokens / span / rows[0][1]:.2f} of one session; tokens equal local in {same}/{count}",
+                  flush=True)
+
+        print("\nmemory: 16 sessions declaring max_length 2048, each filled with 200 tokens")
+        before = [_pss_mb(server.process.pid) for server in swarm.servers]
+        configs = [{"mode": "hold", "model": model, "initial_peers": swarm.initial_peers, "prompt": PROMPTS[i],
+                    "max_length": 2048, "fill_tokens": 200} for i in range(16)]
+        clients = _spawn_clients(configs)
+        try:
+            for client in clients:
+                _read_json(client)
+            time.sleep(1.0)
+            during = [_pss_mb(server.process.pid) for server in swarm.servers]
+            held = _held_tokens(swarm.initial_peers, model)
+        finally:
+            for client in clients:
+                client.stdin.write("stop\n")
+                client.stdin.flush()
+            for client in clients:
+                client.wait(60)
+        per_token = 2 * 3 * 64 * 4 * 10  # keys + values, 3 KV heads x 64, float32, 10 blocks: bytes per token
+        for index, (b, d, h) in enumerate(zip(before, during, held)):
+            print(f"  server {index}: PSS {b:.0f} MB idle -> {d:.0f} MB with the sessions (+{d - b:.0f} MB); holds "
+                  f"{h} cache tokens ({h * per_token / 2**20:.0f} MB of keys and values); reserving max_length x "
+                  f"batch up front would hold {16 * 2048} ({16 * 2048 * per_token / 2**20:.0f} MB)")
+    return 0
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "client":
+        client_main(json.loads(sys.argv[2]))
+        sys.exit(0)
+    sys.exit(main())
