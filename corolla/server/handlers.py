@@ -138,8 +138,10 @@ class RequestHandlers:
                     session.check_step(step, stack, self.max_positions, self.config.max_batch_tokens)
                     route = parse_route(step.next_hops)
                     await sessions.grow(session, step)
+                    sessions.arrived(session)
                     outputs = await self.scheduler.run_batched(Priority.INFERENCE, ("steps", id(compute)),
-                                                               (session, step), compute.session_steps)
+                                                               (session, step), compute.session_steps,
+                                                               sessions.company)
                     relay_error = await relays.forward(step, outputs, route) if route else None
                     self.counts["relayed_out"] += bool(route) and relay_error is None
                     await channel.reply(SessionStepReply(hidden_states=outputs, position=session.position,

@@ -59,7 +59,7 @@ class Server:
         self.handler: Optional[RequestHandlers] = None
         self.dispatcher: Optional[Dispatcher] = None
         self.budget: Optional[CacheBudget] = None
-        self.scheduler = Scheduler(config.num_threads)
+        self.scheduler = Scheduler(config.num_threads, max_gather_s=config.batch_gather_s)
         self.announcer = Announcer(peer, model_prefix, self.record, config.announce_period_s, config.record_ttl_s)
 
     @classmethod
@@ -200,6 +200,10 @@ class Server:
             max_message_bytes=self.config.max_message_bytes,
             protocol_version=PROTOCOL_VERSION,
             activations_kept=self.handler.activations_kept(),
+            sessions_open=len(self.handler.sessions),
+            steps_run=self.scheduler.batched_jobs,
+            step_batches=self.scheduler.batched_calls,
+            step_compute_s=self.scheduler.batched_cpu_s,
         )
 
     async def shutdown(self) -> None:

@@ -8,6 +8,7 @@ rejected step leaves the session usable.
 from __future__ import annotations
 
 import asyncio
+import time
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -32,6 +33,8 @@ class SessionState:
     lora: Optional[LoraSet] = None  # LoRA weights applied in every step (the client's, or a loaded adapter's)
     position: int = 0  # tokens cached so far
     relay_token: Optional[str] = None  # who presents it may push steps into this session (the previous hop)
+    last_step_time: float = 0.0  # when its last step arrived (time.monotonic())
+    step_interval_s: Optional[float] = None  # moving average of the time between its steps' arrivals
     last_step_index: Optional[int] = None  # the client's number of the last step applied
     inbox: Optional[asyncio.Queue] = None  # steps to run, from the client's stream or pushed by the previous hop
 
@@ -128,6 +131,29 @@ class SessionTable:
         if self.sessions.get(session.session_id) is session:
             del self.sessions[session.session_id]
         self.budget.release(session)
+
+    def arrived(self, session: SessionState) -> None:
+        """A step of ``session`` arrived now: update its rhythm."""
+        now = time.monotonic()
+        if session.last_step_time:
+            interval = now - session.last_step_time
+            previous = session.step_interval_s
+            session.step_interval_s = interval if previous is None else 0.7 * previous + 0.3 * interval
+        session.last_step_time = now
+
+    def company(self, items: list, window_s: float) -> int:
+        """How many sessions other than those of ``items`` ((session, step) pairs about to run) are due to send a
+        step within ``window_s``, by their own rhythm: the scheduler waits that long for them at most."""
+        running = {session.session_id for session, _ in items}
+        now = time.monotonic()
+        count = 0
+        for session in self.sessions.values():
+            if session.session_id in running or session.step_interval_s is None:
+                continue
+            due = session.last_step_time + session.step_interval_s
+            if now - 0.5 * session.step_interval_s < due <= now + window_s:  # due soon, or a little late
+                count += 1
+        return count
 
     def get(self, session_id: str) -> Optional[SessionState]:
         return self.sessions.get(session_id)

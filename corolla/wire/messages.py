@@ -145,6 +145,10 @@ class InfoReply(Message, wire_name="info.reply"):
     activations_kept: int  # forward passes whose activations wait for their backward pass
     max_message_bytes: int  # largest frame the server accepts
     protocol_version: int
+    sessions_open: int = 0
+    steps_run: int = 0  # inference steps run since start
+    step_batches: int = 0  # calls those steps ran in (steps_run / step_batches: the mean batch)
+    step_compute_s: float = 0.0  # compute-thread CPU seconds those calls took
 
 
 @dataclass(frozen=True)

@@ -54,3 +54,42 @@ def test_jobs_run_one_at_a_time_on_one_thread_and_errors_reach_their_caller():
 
     threads, overlapped, error = asyncio.run(scenario())
     assert len(threads) == 1 and threading.get_ident() not in threads and not overlapped and error == "bad job"
+
+
+def test_batches_take_every_queued_step_and_wait_only_for_company_that_is_due():
+    async def scenario():
+        scheduler = Scheduler(max_gather_s=0.5)
+        calls = []
+
+        def batch(items):
+            calls.append(list(items))
+            time.sleep(0.02)
+            return [item * 10 for item in items]
+
+        alone = lambda items, window: 0  # noqa: E731 - nobody else is due
+        started = time.monotonic()
+        assert await scheduler.run_batched(Priority.INFERENCE, "k", 1, batch, alone) == 10
+        assert time.monotonic() - started < 0.1  # a lone step never waits
+        # while the thread is busy, three steps queue: they run as one call
+        gate = threading.Event()
+        busy = asyncio.create_task(scheduler.run(Priority.TRAINING, gate.wait, 5))
+        await asyncio.sleep(0.02)
+        queued = [asyncio.create_task(scheduler.run_batched(Priority.INFERENCE, "k", i, batch, alone)) for i in (2, 3, 4)]
+        await asyncio.sleep(0.02)
+        gate.set()
+        assert await asyncio.gather(*queued) == [20, 30, 40] and calls[-1] == [2, 3, 4]
+        await busy
+        # a step whose company is due waits for it (bounded by 4x the last call and max_gather_s)
+        due = {"count": 1}
+        expecting = lambda items, window: due["count"] if len(items) < 2 else 0  # noqa: E731
+        first = asyncio.create_task(scheduler.run_batched(Priority.INFERENCE, "k", 5, batch, expecting))
+        await asyncio.sleep(0.03)
+        second = asyncio.create_task(scheduler.run_batched(Priority.INFERENCE, "k", 6, batch, expecting))
+        assert await asyncio.gather(first, second) == [50, 60] and calls[-1] == [5, 6]
+        # company that never comes costs at most the bound: 4 x the last call (~0.02 s), well under max_gather_s
+        started = time.monotonic()
+        assert await scheduler.run_batched(Priority.INFERENCE, "k", 7, batch, lambda items, window: 1) == 70
+        assert time.monotonic() - started < 0.3
+        await scheduler.close()
+
+    asyncio.run(scenario())
