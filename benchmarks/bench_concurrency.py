@@ -94,8 +94,8 @@ def _pss_mb(pid: int) -> float:
     return total / 2**20
 
 
-def _held_tokens(swarm_peers, model) -> list[int]:
-    """Cache tokens each server holds now, from its info reply."""
+def _infos(swarm_peers, model) -> list:
+    """Each server's info reply (cache held, steps run and the calls they ran in), by blocks."""
     import torch
 
     from corolla import AutoDistributedModelForCausalLM
@@ -106,8 +106,7 @@ def _held_tokens(swarm_peers, model) -> list[int]:
     try:
         swarm = client.swarm
         records = sorted(swarm.run(swarm.refresh()), key=lambda r: r.blocks.start)
-        infos = [swarm.run(call(swarm.transport, r, InfoRequest(), 30)) for r in records]
-        return [info.cache_tokens_total - info.cache_tokens_free for info in infos]
+        return [swarm.run(call(swarm.transport, r, InfoRequest(), 30)) for r in records]
     finally:
         client.close()
 
@@ -145,6 +144,7 @@ def main() -> int:
             try:
                 for client in clients:
                     _read_json(client)  # ready
+                before = _infos(swarm.initial_peers, model)
                 for client in clients:
                     client.stdin.write("go\n")
                     client.stdin.flush()
@@ -152,14 +152,17 @@ def main() -> int:
             finally:
                 for client in clients:
                     client.wait(60)
+            after = _infos(swarm.initial_peers, model)
+            batch = statistics.mean((a.steps_run - b.steps_run) / max(1, a.step_batches - b.step_batches)
+                                    for a, b in zip(after, before))
             span = max(r["end"] for r in results) - min(r["start"] for r in results)
             tokens = sum(len(r["tokens"]) for r in results)
             same = sum(r["tokens"] == expected[c["prompt"]] for r, c in zip(results, configs))
             per_session = statistics.median(len(r["tokens"]) / (r["end"] - r["start"]) for r in results)
             rows.append((count, tokens / span, per_session, same))
             print(f"  {count:2d} session(s): {tokens / span:6.1f} tokens/s in all, {per_session:5.1f} per session "
-                  f"(median), x{tokens / span / rows[0][1]:.2f} of one session; tokens equal local in {same}/{count}",
-                  flush=True)
+                  f"(median), x{tokens / span / rows[0][1]:.2f} of one session; mean batch {batch:.1f} steps; tokens "
+                  f"equal local in {same}/{count}", flush=True)
 
         print("\nmemory: 16 sessions declaring max_length 2048, each filled with 200 tokens")
         before = [_pss_mb(server.process.pid) for server in swarm.servers]
@@ -171,7 +174,7 @@ def main() -> int:
                 _read_json(client)
             time.sleep(1.0)
             during = [_pss_mb(server.process.pid) for server in swarm.servers]
-            held = _held_tokens(swarm.initial_peers, model)
+            held = [i.cache_tokens_total - i.cache_tokens_free for i in _infos(swarm.initial_peers, model)]
         finally:
             for client in clients:
                 client.stdin.write("stop\n")
