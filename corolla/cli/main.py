@@ -75,6 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--num-threads", type=int, default=None, help="torch threads (default: torch's choice)")
     serve.add_argument("--cache-tokens", type=int, default=32768,
                        help="session cache budget: tokens held (per batch row, in pages), 32768")
+    serve.add_argument("--identity", default=None, metavar="FILE",
+                       help="the server's key (its peer id, which signs its records); created there if missing "
+                            "(default: a new key each run)")
     serve.add_argument("--cache-wait", type=float, default=10.0,
                        help="seconds a session waits for cache when the budget is full before failing (10)")
     serve.add_argument("--session-idle-timeout", type=float, default=600.0,
@@ -154,7 +157,7 @@ def _serve(args) -> int:
     config = ServerConfig(
         model=args.model, dht_prefix=args.dht_prefix, blocks=args.blocks, num_blocks=args.num_blocks,
         initial_peers=tuple(args.initial_peers), new_swarm=args.new_swarm, host=args.host, port=args.port,
-        address_file=args.address_file, dtype=args.dtype, device=args.device, num_threads=args.num_threads,
+        address_file=args.address_file, identity_path=args.identity, dtype=args.dtype, device=args.device, num_threads=args.num_threads,
         cache_tokens=args.cache_tokens, cache_wait_s=args.cache_wait, session_idle_timeout_s=args.session_idle_timeout,
         max_message_bytes=int(args.max_message_mb * 2**20), throughput=args.throughput,
         rebalance_period_s=args.rebalance_period, balance_quality=args.balance_quality, adapters=tuple(args.adapters),

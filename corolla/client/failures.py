@@ -7,10 +7,11 @@ from corolla.core.errors import RemoteError
 
 
 def is_server_failure(exc: BaseException) -> bool:
-    """True for a server that died, dropped the stream, timed out or broke; False for the caller's own mistake
-    (a bad request is answered the same by every server, so trying another one cannot help)."""
+    """True for anything that came from a server: it died, dropped the stream, timed out, sent something we cannot
+    read, or refused the request (the client checks its requests before sending them, so a server that refuses
+    one is wrong, or lying: another server gets it). False for errors raised here, the caller's own mistakes."""
     if isinstance(exc, RemoteError):
-        return not exc.is_bad_request
+        return True
     return isinstance(exc, (asyncio.TimeoutError, ConnectionError, OSError, asyncio.IncompleteReadError, EOFError))
 
 

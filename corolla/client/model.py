@@ -223,7 +223,8 @@ class DistributedModelMixin:
         )
         prefix = client_config.dht_prefix or model_dht_prefix(name_or_path if name_or_path is not None else path)
         swarm = RemoteSwarm(client_config, prefix, config.num_hidden_layers,
-                            transport_factory or hivemind_client(client_config))
+                            transport_factory or hivemind_client(client_config), hidden_size=config.hidden_size,
+                            max_positions=getattr(config, "max_position_embeddings", None))
         try:
             model = cls(config, swarm)
             tensors = read_tensors(path, lambda name: family.is_block_tensor(name) is None)

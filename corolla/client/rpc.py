@@ -8,7 +8,7 @@ import contextlib
 import time
 
 from corolla.core.records import ServerRecord
-from corolla.net.exchange import check_reply, open_exchange, read_reply, service_of
+from corolla.net.exchange import check_reply, open_exchange, read_reply, reply_limit, service_of
 from corolla.net.transport import Transport
 from corolla.wire.framing import write_message
 from corolla.wire.messages import PROTOCOL_VERSION, RPC_PROTOCOL, ErrorReply, Message, SessionStepReply
@@ -27,7 +27,8 @@ async def call(transport: Transport, record: ServerRecord, request: Message, tim
             # the server may reject a request (too large, say) before reading all of it: then read why it did
             with contextlib.suppress(ConnectionError):
                 await write_message(writer, request, version, codec)
-            return check_reply(await read_reply(reader, record.peer_id, None), service.reply, record.peer_id)
+            reply = await read_reply(reader, record.peer_id, None, reply_limit(request))
+            return check_reply(reply, service.reply, record.peer_id)
         finally:
             writer.close()
 
@@ -58,12 +59,13 @@ class SessionStream:
                             f"not {message.WIRE_NAME!r}")
         await write_message(self._writer, message, version, codec)
 
-    async def receive(self, timeout_s: float, step_index=None, attempt=None) -> Message:
-        """The reply to the step numbered (``step_index``, ``attempt``): replies and errors of other steps (left
-        over from an earlier try of a relayed step) are skipped."""
+    async def receive(self, timeout_s: float, step_index=None, attempt=None, max_bytes: int = 2**20) -> Message:
+        """The reply to the step numbered (``step_index``, ``attempt``), at most ``max_bytes``: replies and errors of
+        other steps (left over from an earlier try of a relayed step) are skipped."""
         deadline = time.monotonic() + timeout_s
         while True:
-            reply = await read_reply(self._reader, self.record.peer_id, max(0.0, deadline - time.monotonic()))
+            reply = await read_reply(self._reader, self.record.peer_id, max(0.0, deadline - time.monotonic()),
+                                     max_bytes)
             if isinstance(reply, (SessionStepReply, ErrorReply)) and step_index is not None \
                     and reply.step_index is not None and (reply.step_index, reply.attempt) != (step_index, attempt):
                 continue  # stale: an earlier step or try
@@ -72,7 +74,8 @@ class SessionStream:
     async def step(self, message: Message, timeout_s: float, version: int = PROTOCOL_VERSION, codec=None) -> Message:
         """Send one step of the session and return its reply."""
         await self.send(message, version, codec)
-        return await self.receive(timeout_s, getattr(message, "step_index", None), getattr(message, "attempt", None))
+        return await self.receive(timeout_s, getattr(message, "step_index", None), getattr(message, "attempt", None),
+                                  reply_limit(message))
 
     def close(self) -> None:
         self._writer.close()

@@ -77,6 +77,7 @@ class RemoteSequential(nn.Module):
             raise ValueError(f"hidden_states must be [batch, seq, hidden], got {list(hidden_states.shape)}")
         if self.active_session is not None:  # inside ``with seq.inference_session(...)``: continue that session
             return self.active_session.step(hidden_states, attention_mask, position_ids, prompts=prompts)
+        self.swarm.check_inputs(hidden_states, attention_mask, position_ids)
         if prompts is not None and (prompts.dim() != 4 or prompts.shape[0] != len(self)):
             raise ValueError(f"prompts must be [{len(self)} blocks, batch or 1, prefix, hidden], got {list(prompts.shape)}")
         if lora is not None:

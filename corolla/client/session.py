@@ -15,6 +15,7 @@ from __future__ import annotations
 import itertools
 import logging
 import secrets
+import time
 import uuid
 from dataclasses import dataclass, field
 from typing import Optional
@@ -23,6 +24,7 @@ import torch
 
 from corolla.client.failures import describe_attempts, is_server_failure
 from corolla.client.rpc import SessionStream
+from corolla.net.exchange import reply_limit
 from corolla.core.blocks import BlockRange
 from corolla.core.errors import CorollaError, RemoteError
 from corolla.core.records import ServerRecord
@@ -128,6 +130,7 @@ class InferenceSession:
         self._hops: Optional[list[_Hop]] = None
         self._closed = False
         self._entered_over: list = []  # the sessions that were active on ``seq`` before each __enter__
+        self._broken: Optional[str] = None  # why, once a failed step left the servers out of step
 
     @property
     def position(self) -> int:
@@ -191,6 +194,12 @@ class InferenceSession:
             )
         if self.batch_size is not None and batch != self.batch_size:
             raise ValueError(f"this session has batch size {self.batch_size}, the step has {batch}")
+        if self._broken is not None:
+            raise CorollaError(f"this session broke in an earlier step ({self._broken}); open a new one")
+        self.swarm.check_inputs(hidden_states, attention_mask, position_ids)
+        if hypo_ids is not None and (list(hypo_ids.shape) != [batch] or hypo_ids.is_floating_point()
+                                     or (batch and (int(hypo_ids.min()) < 0 or int(hypo_ids.max()) >= batch))):
+            raise ValueError(f"hypo_ids must be {batch} integer row indices in 0..{batch - 1}")
         mask = torch.ones(batch, new, dtype=torch.long) if attention_mask is None else attention_mask.detach().cpu().long()
         if position_ids is None:
             position_ids = torch.arange(self.position, self.position + new).unsqueeze(0).expand(batch, new)
@@ -198,9 +207,25 @@ class InferenceSession:
         hypo = None if hypo_ids is None else hypo_ids.detach().cpu().long()
         if prompts is not None:
             self._prompts = prompts.detach().cpu()
-        outputs = self.swarm.run(self._step(hidden_states.detach().cpu(), mask, positions, hypo))
+        try:
+            outputs = self.swarm.run(self._step(hidden_states.detach().cpu(), mask, positions, hypo))
+        except BaseException as exc:
+            self._abandon_step(exc, hypo is not None)
+            raise
         self._position += new
         return outputs.to(device=hidden_states.device, dtype=hidden_states.dtype)
+
+    def _abandon_step(self, error: BaseException, reordered: bool) -> None:
+        """A step failed for good part-way along the chain: the servers it reached hold its tokens, the others do
+        not. Without a beam reordering the step is rolled back (histories trimmed; the next step's
+        ``start_from_position`` makes those servers drop the tokens); a reordering cannot be undone on the servers
+        it reached, so the session is marked broken instead of being left half-advanced."""
+        for hop in self._hops or []:
+            if hop.history.length > self._position:
+                if reordered:
+                    self._broken = f"{type(error).__name__}: {error}"
+                    return
+                hop.history = hop.history.truncated(self._position)
 
     def close(self) -> None:
         if self._closed:
@@ -293,16 +318,24 @@ class InferenceSession:
                            hypo_ids=hypo_ids, prompts=self._hop_prompts(first, past), start_from_position=past,
                            step_index=self._step_index, attempt=attempt, next_hops=encode_route(route))
         timeout_s = self.swarm.config.step_timeout_s + hidden.shape[1] * self.swarm.config.token_timeout_s
+        limit = reply_limit(step)  # every answer holds hidden states of the step's shape
         outputs = []
+        previous = time.perf_counter()
         for position, hop in enumerate(hops):
             try:
                 if position == 0:
                     await hop.stream.send(step, codec=first.codec)
-                reply = await hop.stream.receive(timeout_s, self._step_index, attempt)
+                reply = await hop.stream.receive(timeout_s, self._step_index, attempt, limit)
                 self._check_reply(hop, reply, hidden.shape, past)
             except Exception as exc:
                 hop.stream.close()  # after a timeout or a broken stream its state is unknown: never reuse it
                 return outputs, exc, False
+            arrived = time.perf_counter()
+            if hidden.shape[0] * hidden.shape[1] <= 4:  # a decode step: its time measures the server's speed
+                # the first answer took a round trip; each later one, about one link after the one before
+                links = self.swarm.latency_s.get(hop.record.peer_id, 0.0) * (1.0 if position == 0 else 0.5)
+                self.swarm.speeds.observe(hop.record.peer_id, len(hop.span), max(0.0, arrived - previous - links))
+            previous = arrived
             outputs.append(reply.hidden_states)
             if reply.relay_error is not None and position < len(hops) - 1:
                 logger.info("server %s could not relay: %s", hop.record.peer_id, reply.relay_error)

@@ -14,9 +14,9 @@ from typing import Awaitable, Callable, Optional, TypeVar
 from corolla.client.config import ClientConfig
 from corolla.client.rpc import call
 from corolla.core.blocks import BlockRange
-from corolla.core.errors import AdapterNotServedError, BlocksNotServedError
+from corolla.core.errors import AdapterNotServedError, BadRequestError, BlocksNotServedError
 from corolla.core.records import ServerRecord
-from corolla.core.routing import BanList, Chain, plan_batch_route, plan_inference_route
+from corolla.core.routing import BanList, Chain, SpeedMeter, plan_batch_route, plan_inference_route
 from corolla.core.spans import describe_blocks, unserved_blocks, usable
 from corolla.net.loop import LoopThread
 from corolla.net.peer import Peer, PeerConfig
@@ -24,6 +24,7 @@ from corolla.net.transport import Transport, TransportFactory
 from corolla.net.records import fetch_records
 from corolla.wire.compression import parse_codec
 from corolla.wire.messages import PROTOCOL_VERSION, InfoRequest
+from corolla.wire.validation import check_hidden, check_mask, check_positions
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -42,12 +43,16 @@ class RemoteSwarm:
     """Owns a background event loop and a transport made on it by ``transport_factory`` (the caller builds the
     real one, ``hivemind_client(config)``, or an in-memory one); plans chains of servers for block spans."""
 
-    def __init__(self, config: ClientConfig, model_prefix: str, num_blocks: int, transport_factory: TransportFactory):
+    def __init__(self, config: ClientConfig, model_prefix: str, num_blocks: int, transport_factory: TransportFactory,
+                 hidden_size: Optional[int] = None, max_positions: Optional[int] = None):
         parse_codec(config.wire_codec)  # a wrong name fails here, not at the first request
         self.config = config
         self.model_prefix = model_prefix
         self.num_blocks = num_blocks
+        self.hidden_size = hidden_size  # what requests are checked against before they are sent
+        self.max_positions = max_positions
         self.bans = BanList(base_s=config.ban_base_s, max_s=config.ban_max_s)
+        self.speeds = SpeedMeter()  # measured speed of servers, which replaces what they announce
         self.latency_s: dict[str, float] = {}
         self._records: list[ServerRecord] = []
         self._records_time = -float("inf")
@@ -79,7 +84,7 @@ class RemoteSwarm:
 
     async def refresh(self) -> list[ServerRecord]:
         """Read every server's record for this model's blocks, and measure round trips to new servers."""
-        found = await fetch_records(self.transport, self.model_prefix, range(self.num_blocks))
+        found = await fetch_records(self.transport, self.model_prefix, range(self.num_blocks), self.num_blocks)
         self._records = usable(found, PROTOCOL_VERSION)
         self._records_time = time.monotonic()
         unmeasured = [r for r in self._records if r.peer_id not in self.latency_s and not self.bans.is_banned(r.peer_id)]
@@ -109,6 +114,16 @@ class RemoteSwarm:
             sample if previous is None else (1 - LATENCY_SMOOTHING) * previous + LATENCY_SMOOTHING * sample
         )
         return sample
+
+    def check_inputs(self, hidden, mask=None, positions=None, what: str = "hidden_states") -> None:
+        """The caller's inputs, checked before anything is sent: a mistake here is the caller's (``ValueError``),
+        while whatever a server refuses is that server's failure."""
+        if not hidden.is_floating_point():
+            raise BadRequestError(f"{what} must be floating point, got {hidden.dtype}")
+        check_hidden(what, hidden, self.hidden_size or hidden.shape[-1], hidden.dtype)
+        batch, length = hidden.shape[:2]
+        check_mask("attention_mask", mask, batch, length)
+        check_positions(positions, batch, length, self.max_positions)
 
     def codec_for(self, record: ServerRecord) -> str:
         """The wire codec to use with ``record``'s server: the configured one if it announces it, else none."""
@@ -170,13 +185,15 @@ class RemoteSwarm:
         """The chain with the least expected time per step (latency + compute), for inference sessions."""
         return await self._plan(
             blocks,
-            lambda records: plan_inference_route(records, blocks, self.latency_s, self.config.default_latency_s),
+            lambda records: plan_inference_route(records, blocks, self.latency_s, self.config.default_latency_s,
+                                                 self.speeds.block_s()),
             adapter,
         )
 
     async def plan_batch(self, blocks: BlockRange, adapter: Optional[str] = None) -> Chain:
         """A chain that spreads forward/backward load over servers by throughput."""
-        return await self._plan(blocks, lambda records: plan_batch_route(records, blocks, self._rng), adapter)
+        return await self._plan(blocks, lambda records: plan_batch_route(records, blocks, self._rng,
+                                                                         self.speeds.block_s()), adapter)
 
     def close(self) -> None:
         if self._closed:

@@ -38,12 +38,15 @@ def plan_inference_route(
     wanted: BlockRange,
     latency_s: Mapping[str, float],
     default_latency_s: float = 0.01,
+    measured_block_s: Optional[Mapping[str, float]] = None,
 ) -> Chain:
     """The chain with the least expected time per inference step.
 
     A hop to server s running k of its blocks costs ``latency(s) + k * block_time(s)``; the chain may change
     server at any block boundary. Exact shortest path over block boundaries (dynamic programming).
+    ``measured_block_s`` holds what the client measured of some servers: it replaces their claims.
     """
+    measured_block_s = measured_block_s or {}
     inf = float("inf")
     best = {b: inf for b in range(wanted.start, wanted.end + 1)}
     came_from: dict[int, tuple[int, ServerRecord]] = {}
@@ -55,7 +58,7 @@ def plan_inference_route(
             if start not in record.blocks:
                 continue
             hop = latency_s.get(record.peer_id, default_latency_s)
-            per_block = block_time_s(record)
+            per_block = measured_block_s.get(record.peer_id) or block_time_s(record)
             for end in range(start + 1, min(record.blocks.end, wanted.end) + 1):
                 cost = best[start] + hop + (end - start) * per_block
                 if cost < best[end] - 1e-12:
@@ -74,21 +77,53 @@ def plan_inference_route(
     return chain
 
 
-def plan_batch_route(records: Sequence[ServerRecord], wanted: BlockRange, rng: random.Random) -> Chain:
+def plan_batch_route(records: Sequence[ServerRecord], wanted: BlockRange, rng: random.Random,
+                     measured_block_s: Optional[Mapping[str, float]] = None) -> Chain:
     """A chain for forward/backward batches that spreads load: at each point a server holding the block is drawn
-    with probability proportional to its throughput, and runs as many of the wanted blocks as it holds."""
+    with probability proportional to its throughput (what the client measured of it, where it has, rather than its
+    claim), and runs as many of the wanted blocks as it holds."""
+    measured_block_s = measured_block_s or {}
     chain: Chain = []
     position = wanted.start
     while position < wanted.end:
         candidates = [r for r in records if position in r.blocks]
         if not candidates:
             raise _no_chain(records, wanted, position)
-        weights = [max(r.throughput, 1e-3) for r in candidates]
+        weights = [max(_throughput(r, measured_block_s), 1e-3) for r in candidates]
         record = rng.choices(candidates, weights=weights)[0]
         span = BlockRange(position, min(record.blocks.end, wanted.end))
         chain.append((record, span))
         position = span.end
     return chain
+
+
+def _throughput(record: ServerRecord, measured_block_s: Mapping[str, float]) -> float:
+    """Tokens/s through all of ``record``'s blocks: measured if known, else announced."""
+    measured = measured_block_s.get(record.peer_id)
+    return 1.0 / (measured * len(record.blocks)) if measured else record.throughput
+
+
+@dataclass
+class SpeedMeter:
+    """What the client measured of servers' speed: seconds per block for one decode step, a moving average of
+    each server's steps. Trusted once a server has ``min_samples`` of them; then it replaces the server's claim."""
+
+    min_samples: int = 3
+    smoothing: float = 0.3
+    _block_s: dict[str, float] = field(default_factory=dict)
+    _samples: dict[str, int] = field(default_factory=dict)
+
+    def observe(self, peer_id: str, blocks: int, seconds: float) -> None:
+        if blocks < 1 or not 0 <= seconds < 3600:
+            return
+        sample = seconds / blocks
+        previous = self._block_s.get(peer_id)
+        self._block_s[peer_id] = sample if previous is None else (1 - self.smoothing) * previous + self.smoothing * sample
+        self._samples[peer_id] = self._samples.get(peer_id, 0) + 1
+
+    def block_s(self) -> dict[str, float]:
+        """Seconds per block of every server measured enough."""
+        return {peer: value for peer, value in self._block_s.items() if self._samples[peer] >= self.min_samples}
 
 
 @dataclass

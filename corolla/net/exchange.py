@@ -11,7 +11,14 @@ from corolla.wire.framing import read_message, write_message
 from corolla.wire.messages import PROTOCOL_VERSION, RPC_PROTOCOL, ErrorReply, Message
 from corolla.wire.services import Exchange, Service, service_for
 
-REPLY_MAX_BYTES = 2**40  # replies are as large as the requests we chose to send
+SMALL_REPLY_BYTES = 2**20  # the most a reply without tensors of the caller's size may take (headers, errors)
+
+
+def reply_limit(request: Message) -> int:
+    """The most bytes a reply to ``request`` may take: replies carry tensors of the request's sizes (outputs of
+    its hidden states, gradients of what it sent), plus headers."""
+    _, tensors = request.to_parts()
+    return SMALL_REPLY_BYTES + sum(t.numel() * max(t.element_size(), 4) for t in tensors.values())
 
 
 def check_reply(reply: Optional[Message], expected: type[Message], peer_id: str) -> Message:
@@ -33,14 +40,16 @@ def service_of(request: Message, *exchanges: Exchange) -> Service:
     return service
 
 
-async def read_reply(reader: asyncio.StreamReader, peer_id: str, timeout_s: Optional[float]) -> Optional[Message]:
-    """The next message from a server; a broken stream becomes ``RemoteError("ConnectionClosed")``."""
+async def read_reply(reader: asyncio.StreamReader, peer_id: str, timeout_s: Optional[float],
+                     max_bytes: int = SMALL_REPLY_BYTES) -> Optional[Message]:
+    """The next message from a peer, at most ``max_bytes``. A broken stream, a reply too large, a frame that does
+    not parse: all are that peer's failure, as ``RemoteError``."""
     try:
-        return await asyncio.wait_for(read_message(reader, REPLY_MAX_BYTES), timeout_s)
+        return await asyncio.wait_for(read_message(reader, max_bytes), timeout_s)
     except (ConnectionError, asyncio.IncompleteReadError) as exc:
         raise RemoteError("ConnectionClosed", f"the stream broke: {exc}", peer_id) from None
-    except CorollaError:
-        raise
+    except CorollaError as exc:  # its fault, not ours: it sent something we cannot read
+        raise RemoteError("MalformedReply", f"{type(exc).__name__}: {exc}", peer_id) from None
 
 
 async def open_exchange(transport: Transport, peer_id: str, maddrs: Sequence[str], request: Message,

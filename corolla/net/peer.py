@@ -4,16 +4,21 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import tempfile
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
+from hivemind.dht.crypto import RSASignatureValidator
 from hivemind.dht.node import DHTNode
 from hivemind.p2p import P2P, PeerID
+from hivemind.utils.crypto import RSAPrivateKey
 from hivemind.utils.multiaddr import Multiaddr
 from hivemind.utils.timed_storage import get_dht_time
 
 from corolla.net.addresses import listen_maddrs
 from corolla.net.transport import StreamHandler, Transport
+from corolla.wire.identity import Identity
 
 logger = logging.getLogger(__name__)
 
@@ -25,32 +30,44 @@ class PeerConfig:
     port: int = 0  # TCP port; 0 picks a free one
     client_mode: bool = False  # True: does not store DHT records for others and is not dialled
     startup_timeout_s: float = 30.0
+    identity: Optional[Identity] = None  # the libp2p identity (a server's key, which signs its records); None: new
 
 
 class Peer(Transport):
     """A running libp2p daemon with a DHT node. Create with ``await Peer.create(config)``."""
 
-    def __init__(self, p2p: P2P, dht: DHTNode, config: PeerConfig):
+    def __init__(self, p2p: P2P, dht: DHTNode, config: PeerConfig, owner_marker: str):
         self._p2p = p2p
         self._dht = dht
         self.config = config
         self.peer_id: str = p2p.peer_id.to_base58()
+        self._owner_marker = owner_marker  # appended to our own subkeys: DHT nodes then accept only our writes
 
     @classmethod
     async def create(cls, config: PeerConfig) -> "Peer":
         host_maddrs = listen_maddrs(config.host, config.port)
-        p2p = await P2P.create(
-            initial_peers=list(config.initial_peers),
-            host_maddrs=host_maddrs,
-            announce_maddrs=host_maddrs if config.port else None,
-            nat_port_map=False,  # never probe the local network for UPnP/NAT-PMP
-            auto_nat=False,
-            use_relay=False,
-            use_auto_relay=False,
-            use_ipfs=False,  # no public bootstrap peers
-            dht_mode="client" if config.client_mode else "server",
-            startup_timeout=config.startup_timeout_s,
-        )
+        identity = config.identity or Identity.generate()
+        key = RSAPrivateKey.__new__(RSAPrivateKey)  # hivemind's wrapper around the same key
+        key.__setstate__({"_private_key": identity.private_der()})
+        validator = RSASignatureValidator(key)  # as a DHT node: refuse writes to a protected subkey by others
+        with tempfile.TemporaryDirectory(prefix="corolla-identity-") as folder:
+            identity_path = os.path.join(folder, "identity.key")
+            with open(identity_path, "wb") as file:
+                file.write(identity.to_libp2p())
+            p2p = await P2P.create(
+                identity_path=identity_path,
+                check_if_identity_free=False,
+                initial_peers=list(config.initial_peers),
+                host_maddrs=host_maddrs,
+                announce_maddrs=host_maddrs if config.port else None,
+                nat_port_map=False,  # never probe the local network for UPnP/NAT-PMP
+                auto_nat=False,
+                use_relay=False,
+                use_auto_relay=False,
+                use_ipfs=False,  # no public bootstrap peers
+                dht_mode="client" if config.client_mode else "server",
+                startup_timeout=config.startup_timeout_s,
+            )
         try:
             dht = await DHTNode.create(
                 p2p=p2p,
@@ -60,11 +77,12 @@ class Peer(Transport):
                 cache_locally=False,  # a lookup must see fresh records, not an old local copy
                 cache_on_store=False,
                 ensure_bootstrap_success=bool(config.initial_peers),
+                record_validator=validator,
             )
         except BaseException:
             await p2p.shutdown()
             raise
-        return cls(p2p, dht, config)
+        return cls(p2p, dht, config, validator.local_public_key.decode())
 
     async def visible_maddrs(self) -> list[str]:
         """Full multiaddrs (with /p2p/<peer id>) that others pass as initial peers."""
@@ -78,7 +96,8 @@ class Peer(Transport):
 
     async def announce_many(self, items: Sequence[tuple[str, str, Any]], expiration_time: float) -> bool:
         keys = [key for key, _, _ in items]
-        subkeys = [subkey for _, subkey, _ in items]
+        # our own subkeys carry our key's owner marker: DHT nodes then refuse anyone else's writes to them
+        subkeys = [subkey + self._owner_marker if subkey == self.peer_id else subkey for _, subkey, _ in items]
         values = [value for _, _, value in items]
         results = await self._dht.store_many(keys, values, [expiration_time] * len(keys), subkeys=subkeys)
         return all(results.values())
@@ -93,8 +112,8 @@ class Peer(Transport):
             values: dict[str, Any] = {}
             if entry is not None and isinstance(entry.value, dict):
                 for subkey, item in entry.value.items():
-                    if item.expiration_time >= now:
-                        values[subkey] = item.value
+                    if item.expiration_time >= now and isinstance(subkey, str):
+                        values[subkey.split("[owner:", 1)[0]] = item.value  # the peer id the subkey names
             result[key] = values
         return result
 

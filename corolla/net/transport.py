@@ -12,7 +12,8 @@ import asyncio
 from typing import Any, Awaitable, Callable, Optional, Sequence
 
 StreamHandler = Callable[[asyncio.StreamReader, asyncio.StreamWriter, str], Awaitable[None]]
-TransportFactory = Callable[[], Awaitable["Transport"]]  # builds a transport on the running event loop
+TransportFactory = Callable[..., Awaitable["Transport"]]  # factory(identity=None): a transport on the running
+#                                                          event loop, whose peer id is the identity's if given
 
 
 class Transport(abc.ABC):

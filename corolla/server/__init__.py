@@ -12,7 +12,6 @@ The request path, in order: ``dispatch`` (by the service table) -> ``handlers`` 
 - ``scheduler.py``  ``Scheduler``: runs jobs on the compute thread, inference before training.
 - ``compute.py``    ``BlockCompute``: forward, backward (kept activations or recompute), session steps.
 - ``sessions.py``   ``SessionState`` (per-session cache, mask, position; step validation) and ``SessionTable``.
-- ``validation.py`` checks of requests against what this server holds, before any compute.
 - ``activations.py`` ``ActivationStore``: training activations kept between forward and backward.
 - ``cache.py``      ``CacheBudget``: reserves session cache tokens against the configured limit.
 - ``announcer.py``  refreshes this server's DHT records before they expire.

@@ -6,6 +6,7 @@ import logging
 from typing import Callable
 
 from corolla.core.records import ServerRecord
+from corolla.wire.identity import Identity
 from corolla.wire.records import block_key, encode_record
 from corolla.net.transport import Transport
 
@@ -13,8 +14,10 @@ logger = logging.getLogger(__name__)
 
 
 class Announcer:
-    def __init__(self, peer: Transport, model_prefix: str, record: Callable[[], ServerRecord], period_s: float, ttl_s: float):
+    def __init__(self, peer: Transport, model_prefix: str, record: Callable[[], ServerRecord], period_s: float,
+                 ttl_s: float, identity: Identity):
         self.peer = peer
+        self.identity = identity  # signs the records: readers accept only records signed by the peer they name
         self.model_prefix = model_prefix
         self.record = record
         self.period_s = period_s
@@ -23,10 +26,11 @@ class Announcer:
 
     async def announce_now(self, ttl_s: float | None = None) -> bool:
         record = self.record()
-        value = encode_record(record)
+        expires = self.peer.now() + (ttl_s or self.ttl_s)
+        value = encode_record(record, self.identity, self.model_prefix, expires)  # one signature for every block
         items = [(block_key(self.model_prefix, b), record.peer_id, value) for b in record.blocks]
         try:
-            return await self.peer.announce_many(items, self.peer.now() + (ttl_s or self.ttl_s))
+            return await self.peer.announce_many(items, expires)
         except Exception as exc:
             logger.warning("announcing %s failed: %s", record.blocks, exc)
             return False

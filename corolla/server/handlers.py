@@ -19,7 +19,7 @@ from corolla.server.config import ServerConfig
 from corolla.server.relay import Relays
 from corolla.server.scheduler import Priority, Scheduler
 from corolla.server.sessions import SessionTable
-from corolla.server.validation import check_blocks, check_hidden, check_mask, check_positions, check_prompts, \
+from corolla.wire.validation import check_blocks, check_hidden, check_mask, check_positions, check_prompts, \
     check_same_shape
 from corolla.wire.compression import parse_codec
 from corolla.wire.relay import parse_route

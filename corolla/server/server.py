@@ -34,6 +34,7 @@ from corolla.server.scheduler import Priority, Scheduler
 from corolla.server.throughput import measure_throughput
 from corolla.wire.codec import dtype_name
 from corolla.wire.compression import SUPPORTED_CODECS
+from corolla.wire.identity import Identity
 from corolla.wire.messages import PROTOCOL_VERSION, RPC_PROTOCOL, InfoReply
 
 logger = logging.getLogger(__name__)
@@ -42,7 +43,8 @@ logger = logging.getLogger(__name__)
 class Server:
     """A running server. ``await Server.create(config)``, then ``await server.shutdown()``."""
 
-    def __init__(self, config: ServerConfig, peer: Transport, model_prefix: str, blocks: BlockRange):
+    def __init__(self, config: ServerConfig, peer: Transport, model_prefix: str, blocks: BlockRange,
+                 identity: Identity):
         self.config = config
         self.path = None  # the checkpoint directory
         self.model_config = None
@@ -60,7 +62,9 @@ class Server:
         self.dispatcher: Optional[Dispatcher] = None
         self.budget: Optional[CacheBudget] = None
         self.scheduler = Scheduler(config.num_threads, max_gather_s=config.batch_gather_s)
-        self.announcer = Announcer(peer, model_prefix, self.record, config.announce_period_s, config.record_ttl_s)
+        self.identity = identity
+        self.announcer = Announcer(peer, model_prefix, self.record, config.announce_period_s, config.record_ttl_s,
+                                   identity)
 
     @classmethod
     async def create(cls, config: ServerConfig, transport_factory: TransportFactory) -> "Server":
@@ -70,15 +74,19 @@ class Server:
         model_config = await asyncio.to_thread(load_config, path)
         prefix = config.dht_prefix or model_dht_prefix(path if config.model is None else config.model)
         total = model_config.num_hidden_layers
-        peer = await transport_factory()
+        identity = await asyncio.to_thread(Identity.load_or_create, config.identity_path)
+        peer = await transport_factory(identity)
+        if peer.peer_id != identity.peer_id:
+            await peer.shutdown()
+            raise RuntimeError(f"the transport's peer id {peer.peer_id} is not its identity's {identity.peer_id}")
         try:
             blocks = config.blocks
             if blocks is None:
-                records = await fetch_records(peer, prefix, range(total))
+                records = await fetch_records(peer, prefix, range(total), total)
                 blocks = choose_span(total, records, config.num_blocks or total)
             if blocks.end > total:
                 raise ValueError(f"blocks {blocks} run past the model's {total} blocks")
-            server = cls(config, peer, prefix, blocks)
+            server = cls(config, peer, prefix, blocks, identity)
             server.dtype = resolve_dtype(config.dtype, model_config)
             server.maddrs = await peer.visible_maddrs()
             await server.announcer.announce_now()  # JOINING: others see this span is being taken
@@ -131,7 +139,7 @@ class Server:
         while True:
             await asyncio.sleep(self.config.rebalance_period_s * random.uniform(0.5, 1.5))  # jitter: no herds
             try:
-                records = await fetch_records(self.peer, self.model_prefix, range(total))
+                records = await fetch_records(self.peer, self.model_prefix, range(total), total)
                 if not any(r.peer_id == self.peer.peer_id for r in records):
                     records.append(self.record())
                 target = choose_move(total, records, self.peer.peer_id, self.config.balance_quality)
@@ -224,7 +232,8 @@ def hivemind_server(config: ServerConfig) -> TransportFactory:
     """The real transport of a server: a libp2p peer with a DHT node, joined to ``config.initial_peers``."""
     if not config.initial_peers and not config.new_swarm:
         raise ValueError("a server needs --initial-peers of a running swarm, or --new-swarm to start its own")
-    return lambda: Peer.create(PeerConfig(initial_peers=config.initial_peers, host=config.host, port=config.port))
+    return lambda identity=None: Peer.create(PeerConfig(initial_peers=config.initial_peers, host=config.host,
+                                                        port=config.port, identity=identity))
 
 
 def run_server(config: ServerConfig) -> int:

@@ -18,7 +18,7 @@ from corolla.core.blocks import BlockRange
 from corolla.core.errors import BadRequestError, CacheExhaustedError
 from corolla.models.lora import LoraSet
 from corolla.server.cache import CacheBudget
-from corolla.server.validation import check_blocks, check_hidden, check_mask, check_positions, check_prompts
+from corolla.wire.validation import check_blocks, check_hidden, check_mask, check_positions, check_prompts
 from corolla.wire.messages import OpenSession, SessionStep
 
 

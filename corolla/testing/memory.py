@@ -34,16 +34,17 @@ class MemoryNetwork:
         self._lock = threading.Lock()
         self._ids = itertools.count()
 
-    async def create_transport(self, name: str = "peer") -> "MemoryTransport":
-        """A new peer on the running event loop."""
-        transport = MemoryTransport(self, f"mem-{name}-{next(self._ids)}", asyncio.get_running_loop())
+    async def create_transport(self, name: str = "peer", identity=None) -> "MemoryTransport":
+        """A new peer on the running event loop (named by ``identity``'s peer id, if given)."""
+        peer_id = identity.peer_id if identity is not None else f"mem-{name}-{next(self._ids)}"
+        transport = MemoryTransport(self, peer_id, asyncio.get_running_loop())
         with self._lock:
             self._peers[transport.peer_id] = transport
         return transport
 
     def factory(self, name: str = "peer"):
         """A transport factory (for ``RemoteSwarm``, ``Server``): each call makes a new peer on its loop."""
-        return lambda: self.create_transport(name)
+        return lambda identity=None: self.create_transport(name, identity)
 
     def set_delay(self, sender: str, receiver: str, delay_s: float) -> None:
         self._delays[(sender, receiver)] = delay_s

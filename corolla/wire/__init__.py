@@ -5,6 +5,9 @@
 - ``records.py``  the DHT record format (key per block, one subkey per server) and its validating decoder.
 - ``codec.py``    tensors to bytes and back (dtype and shape checked), and message frames.
 - ``framing.py``  reading and writing frames on an asyncio stream, with a size limit.
+- ``compression.py`` wire codecs for activations (none, float16, bfloat16, int8-block64).
+- ``relay.py``    the route a relayed step carries (the next servers, their sessions and relay tokens).
+- ``validation.py`` checks of a request's contents, run by servers on every request and by clients before sending.
 
 The client and the server both import this package and never import each other.
 """

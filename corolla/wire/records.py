@@ -1,19 +1,32 @@
 """The DHT record format: one record per block a server holds, under key ``{model}.{block}``, subkey = the
-server's peer id, value = a msgpack-friendly dict of its ``ServerRecord``.
+server's peer id, value = a msgpack-friendly dict of its ``ServerRecord``, signed.
 
-Records come from untrusted peers: ``decode_record`` returns None for anything malformed instead of raising.
+The value also holds the model's name, when it stops being valid, the server's public key and a signature over
+all of it by that key (``corolla.wire.identity``). A reader accepts a record only if the signature holds, the key
+is the one the record's peer id is derived from, and it has not expired: nobody can forge or replay another
+server's record. Records come from untrusted peers: ``decode_record`` returns None for anything malformed,
+unsigned, mis-signed or implausible, instead of raising.
 """
 from __future__ import annotations
 
+import base64
+import json
 from dataclasses import asdict
 from typing import Any, Optional
 
 from corolla.core.blocks import BlockRange
 from corolla.core.records import ServerRecord, ServerState
 from corolla.wire.compression import SUPPORTED_CODECS
+from corolla.wire.identity import MAX_PUBLIC_KEY_BYTES, Identity, peer_id_of, verify
 
 MAX_ADAPTERS = 256  # adapter names one record may list
 MAX_ADAPTER_NAME = 512  # characters of one adapter name (a path or a hub id)
+MAX_PEER_ID = 128  # characters of a peer id
+MAX_MADDRS = 16  # addresses one record may list
+MAX_MADDR = 300  # characters of one address
+MAX_THROUGHPUT = 1e7  # tokens/s through a server's blocks: no hardware comes near; a bigger claim is a lie
+MAX_CACHE_TOKENS = 2**40
+DTYPES = ("float32", "float16", "bfloat16")  # what a server may compute in
 
 
 def block_key(model_prefix: str, block: int) -> str:
@@ -21,35 +34,92 @@ def block_key(model_prefix: str, block: int) -> str:
     return f"{model_prefix}.{block}"
 
 
-def encode_record(record: ServerRecord) -> dict[str, Any]:
-    """The value stored in the DHT."""
+def encode_record(record: ServerRecord, identity: Optional[Identity] = None, model: str = "",
+                  expires: float = 0.0) -> dict[str, Any]:
+    """The value stored in the DHT; signed by ``identity`` (which must be the record's peer) for model ``model``,
+    valid until ``expires`` (on the DHT clock)."""
     value = asdict(record)
     value["blocks"] = [record.blocks.start, record.blocks.end]
     value["state"] = record.state.value
     value["maddrs"] = list(record.maddrs)
     value["adapters"] = list(record.adapters)
     value["codecs"] = list(record.codecs)
+    if identity is not None:
+        if identity.peer_id != record.peer_id:
+            raise ValueError(f"identity {identity.peer_id} cannot sign a record of {record.peer_id}")
+        value.update(model=model, expires=float(expires), public_key=base64.b64encode(identity.public_der).decode())
+        value["signature"] = identity.sign(_signed_bytes(value))
     return value
 
 
-def decode_record(value: Any) -> Optional[ServerRecord]:
-    """Parse a DHT value; None for anything malformed."""
+def _signed_bytes(value: dict[str, Any]) -> bytes:
+    """What a record's signature covers: every field but the signature, canonically."""
+    return json.dumps({k: v for k, v in value.items() if k != "signature"}, sort_keys=True,
+                      separators=(",", ":")).encode()
+
+
+def _check_signature(value: dict[str, Any], model: str, now: float) -> None:
+    """Raise ValueError unless ``value`` is signed by the key its peer id comes from, for ``model``, unexpired."""
+    public_key, signature = value.get("public_key"), value.get("signature")
+    if not isinstance(public_key, str) or not isinstance(signature, str) or len(public_key) > 2 * MAX_PUBLIC_KEY_BYTES \
+            or len(signature) > 2048:
+        raise ValueError("unsigned")
+    der = base64.b64decode(public_key, validate=True)
+    if peer_id_of(der) != value.get("peer_id"):
+        raise ValueError("signed by a key that is not the record's peer")
+    if value.get("model") != model or not isinstance(value.get("expires"), float) or value["expires"] < now:
+        raise ValueError("for another model, or expired")
+    if not verify(der, _signed_bytes(value), signature):
+        raise ValueError("bad signature")
+
+
+def decode_record(value: Any, num_blocks: Optional[int] = None, model: Optional[str] = None,
+                  now: float = 0.0) -> Optional[ServerRecord]:
+    """Parse a DHT value, checking every field (blocks inside the model's ``num_blocks``, a finite throughput under
+    a sane ceiling, a known dtype, bounded lists) and, when ``model`` is given, its signature (see the module
+    docstring; ``now`` on the DHT clock); None for anything malformed, unsigned or implausible."""
     try:
+        if model is not None:
+            _check_signature(value, model, now)
         start, end = value["blocks"]
+        blocks = BlockRange(_int(start), _int(end))
+        if num_blocks is not None and blocks.end > num_blocks:
+            raise ValueError("blocks past the model's end")
+        throughput = float(value["throughput"])
+        if not 0 <= throughput <= MAX_THROUGHPUT:  # NaN fails this too
+            raise ValueError("implausible throughput")
+        if value["dtype"] not in DTYPES:
+            raise ValueError("unknown dtype")
+        cache_tokens_free = _int(value["cache_tokens_free"])
+        if not 0 <= cache_tokens_free <= MAX_CACHE_TOKENS:
+            raise ValueError("implausible cache size")
+        peer_id = value["peer_id"]
+        if not isinstance(peer_id, str) or not 0 < len(peer_id) <= MAX_PEER_ID:
+            raise ValueError("bad peer id")
+        maddrs = value.get("maddrs", ())
+        if not isinstance(maddrs, (list, tuple)) or len(maddrs) > MAX_MADDRS or not all(
+                isinstance(a, str) and len(a) <= MAX_MADDR for a in maddrs):
+            raise ValueError("bad addresses")
         return ServerRecord(
-            peer_id=str(value["peer_id"]),
-            blocks=BlockRange(int(start), int(end)),
+            peer_id=peer_id,
+            blocks=blocks,
             state=ServerState(value["state"]),
-            throughput=float(value["throughput"]),
-            dtype=str(value["dtype"]),
-            protocol_version=int(value["protocol_version"]),
-            cache_tokens_free=int(value["cache_tokens_free"]),
-            maddrs=tuple(str(a) for a in value.get("maddrs", ())),
+            throughput=throughput,
+            dtype=value["dtype"],
+            protocol_version=_int(value["protocol_version"]),
+            cache_tokens_free=cache_tokens_free,
+            maddrs=tuple(maddrs),
             adapters=_names(value.get("adapters", ())),
             codecs=_codecs(value.get("codecs", ["none"])),
         )
     except (KeyError, TypeError, ValueError, AttributeError):
         return None
+
+
+def _int(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError("not an integer")
+    return value
 
 
 def _codecs(value: Any) -> tuple[str, ...]:

@@ -124,6 +124,7 @@ def test_beam_search_and_rewinds_survive_a_kill(swarm, local6):
         assert got.tolist() == expected.tolist()
 
         # a rewound session: the replacement is rebuilt to the rewound position only
+        swarm.start_server(killed[0].blocks, throughput=1000.0)  # every block has two holders again
         greedy = local6.generate(IDS, max_new_tokens=12, do_sample=False)
         with model.inference_session(max_length=32) as session:
             model.generate(IDS, max_new_tokens=12, do_sample=False)

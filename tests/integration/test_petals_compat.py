@@ -185,13 +185,15 @@ def test_speculative_greedy_equals_plain_greedy(draft_kind, embedded_dir, llama_
     try:
         ids = _ids(tokenizer, "The three primary colors are")
         expected = llama_local.generate(ids, max_new_tokens=30, do_sample=False)
-        got = model.generate(ids, max_new_tokens=30, do_sample=False)
+        # five drafts a round (the adaptive choice depends on this machine's timings; its logic has unit tests)
+        got = model.generate(ids, max_new_tokens=30, do_sample=False, num_draft_tokens=5)
         assert got.tolist() == expected.tolist()
         stats = model.last_speculation
-        if draft_kind == "same":  # the draft always agrees: far fewer rounds than tokens
-            assert stats["accepted"] >= 20 and stats["rounds"] <= 10, stats
-        else:
-            assert stats["rounds"] >= 15, stats
+        if draft_kind == "same":  # the draft always agrees: every draft is accepted, a sixth of the rounds
+            assert stats["accepted"] == stats["drafted"] >= 24 and stats["rounds"] <= 6, stats
+        else:  # it rarely does: about one round per token
+            assert stats["accepted"] <= 3 and stats["rounds"] >= 27, stats
+        assert model.generate(ids, max_new_tokens=30, do_sample=False).tolist() == expected.tolist()  # adaptive
         # with a repetition penalty and inside a session, continued twice (Petals' return convention)
         expected = llama_local.generate(ids, max_new_tokens=16, do_sample=False, repetition_penalty=1.3)
         with model.inference_session(max_length=64):

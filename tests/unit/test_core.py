@@ -34,6 +34,20 @@ def test_record_roundtrip_and_malformed():
     assert decode_record({**encode_record(record), "adapters": "not-a-list"}) is None
 
 
+@pytest.mark.parametrize("field, value", [
+    ("throughput", float("inf")), ("throughput", float("nan")), ("throughput", 1e12), ("throughput", -1.0),
+    ("blocks", [0, 10**15]), ("blocks", [5, 5]), ("blocks", [True, 3]), ("dtype", "float8"), ("dtype", 7),
+    ("cache_tokens_free", -5), ("cache_tokens_free", 2**50), ("peer_id", ""), ("peer_id", "p" * 500),
+    ("maddrs", ["x" * 1000]), ("maddrs", ["a"] * 100), ("protocol_version", "5"),
+])
+def test_implausible_records_are_dropped(field, value):
+    """Records come from strangers: a field out of its sane range drops the record (and only that record)."""
+    value_dict = {**encode_record(rec("peer", 0, 10)), field: value}
+    assert decode_record(value_dict, num_blocks=30) is None
+    assert decode_record(encode_record(rec("peer", 0, 10)), num_blocks=30) is not None
+    assert decode_record(encode_record(rec("peer", 20, 31)), num_blocks=30) is None  # past the model's end
+
+
 def test_unserved_and_describe():
     assert unserved_blocks([rec("a", 0, 3), rec("b", 5, 6)], BlockRange(0, 8)) == [3, 4, 6, 7]
     assert describe_blocks([0, 1, 2, 7, 9, 10]) == "0:3, 7:8, 9:11"

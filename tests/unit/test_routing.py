@@ -9,7 +9,7 @@ import pytest
 from corolla.core.blocks import BlockRange
 from corolla.core.errors import BlocksNotServedError
 from corolla.core.records import ServerRecord, ServerState
-from corolla.core.routing import BanList, block_time_s, plan_batch_route, plan_inference_route
+from corolla.core.routing import BanList, SpeedMeter, block_time_s, plan_batch_route, plan_inference_route
 
 
 def rec(peer, start, end, throughput=100.0):
@@ -77,3 +77,24 @@ def test_ban_list_backs_off_and_forgives():
     assert [r.peer_id for r in bans.filter([rec("x", 0, 1), rec("y", 0, 1)])] == ["y"]
     bans.succeeded("x")
     assert not bans.is_banned("x") and bans.ban("x") == 1.0
+
+
+def test_measured_speed_replaces_a_boastful_claim():
+    """A server announcing a million tokens/s but delivering 10 is ranked by what it delivers, once measured."""
+    records = [rec("boaster", 0, 10, throughput=1e6), rec("honest", 0, 10, throughput=100.0)]
+    assert spans(plan_inference_route(records, BlockRange(0, 10), {})) == [("boaster", "0:10")]
+    meter = SpeedMeter(min_samples=3)
+    for _ in range(2):
+        meter.observe("boaster", 10, 1.0)  # 10 tokens/s through its blocks
+    assert meter.block_s() == {}  # not trusted yet: two samples
+    meter.observe("boaster", 10, 1.0)
+    assert meter.block_s() == {"boaster": pytest.approx(0.1)}
+    assert spans(plan_inference_route(records, BlockRange(0, 10), {}, measured_block_s=meter.block_s())) == \
+        [("honest", "0:10")]
+    rng = random.Random(0)
+    picks = Counter(plan_batch_route(records, BlockRange(0, 10), rng, meter.block_s())[0][0].peer_id
+                    for _ in range(200))
+    assert picks["honest"] > 150  # batches go by measured throughput too (100 against 10)
+    meter.observe("x", 5, float("nan"))
+    meter.observe("x", 0, 1.0)
+    assert "x" not in meter.block_s()

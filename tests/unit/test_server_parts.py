@@ -9,7 +9,7 @@ import torch
 from corolla.core.blocks import BlockRange
 from corolla.core.errors import BadRequestError, CacheExhaustedError
 from corolla.server.cache import CacheBudget
-from corolla.server.validation import check_blocks, check_hidden, check_mask, check_positions
+from corolla.wire.validation import check_blocks, check_hidden, check_mask, check_positions
 
 
 def test_cache_budget_holds_pages_waits_for_room_and_names_the_holders():

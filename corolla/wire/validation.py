@@ -1,5 +1,7 @@
-"""Checks of every request against what this server holds. Each failure is a ``BadRequestError`` naming
-the cause, raised before any compute, so a bad request never disturbs other clients."""
+"""Checks of a request's contents (blocks, shapes, dtypes, values). Each failure is a ``BadRequestError`` naming
+the cause. Servers run them on every request before any compute, so a bad request never disturbs other clients;
+clients run them before sending, so a mistake of the caller is raised to the caller and anything a server
+refuses is that server's failure."""
 from __future__ import annotations
 
 from typing import Optional

@@ -1,0 +1,101 @@
+"""Hostile peers, in one process: forged records, servers that lie about errors, send garbage or floods. Each case
+ends with the honest servers still serving and honest clients getting local transformers' tokens.
+
+The lying servers here are test-only variants: a real server whose session handler is replaced after start-up.
+"""
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+from transformers import LlamaForCausalLM
+
+from corolla.client.config import ClientConfig
+from corolla.core.blocks import BlockRange
+from corolla.core.records import ServerRecord, ServerState
+from corolla.server.server import Server
+from corolla.testing.inprocess import InProcessSwarm
+from corolla.wire.codec import PREFIX, MAGIC
+from corolla.wire.framing import write_message
+from corolla.wire.messages import ErrorReply, OpenSession, SessionOpened
+from corolla.wire.records import block_key, encode_record
+
+IDS = torch.tensor([[5, 6, 7, 8, 9]])
+FAST = ClientConfig(step_timeout_s=2.0, wait_for_blocks_s=5.0, refresh_period_s=0.5)
+
+
+@pytest.fixture(scope="module")
+def local(tiny_llama_dir):
+    return LlamaForCausalLM.from_pretrained(tiny_llama_dir).eval()
+
+
+def _expected(local, tokens=8):
+    return local.generate(IDS, max_new_tokens=tokens, do_sample=False)
+
+
+def _turn_hostile(server: Server, behaviour: str) -> None:
+    """Replace how ``server`` answers sessions: it opens them like an honest server, then misbehaves."""
+
+    async def hostile_open_session(request: OpenSession, channel, peer: str) -> None:
+        await channel.reply(SessionOpened(request.session_id, 64))
+        async for _ in channel.steps():
+            writer = channel._writer
+            if behaviour == "bad_request":  # blames the client for a fine request
+                await write_message(writer, ErrorReply("BadRequestError", "your request is wrong (it is not)"))
+            elif behaviour == "garbage":
+                writer.write(b"\x00garbage, not a frame" * 10)
+                await writer.drain()
+            elif behaviour == "flood":  # announces a reply of 2**40 bytes
+                writer.write(PREFIX.pack(MAGIC, 10, 2**40) + b"{}" * 5)
+                await writer.drain()
+
+    from corolla.wire.messages import OpenSession as Open
+
+    server.dispatcher.methods[Open] = hostile_open_session
+
+
+@pytest.mark.parametrize("behaviour", ["bad_request", "garbage", "flood"])
+def test_a_server_that_misbehaves_is_the_servers_failure(behaviour, tiny_llama_dir, local):
+    """Its claims are not the client's fault: the client bans it, fails over to the honest replica, and returns
+    the tokens an honest swarm gives."""
+    with InProcessSwarm(str(tiny_llama_dir), dht_prefix=f"hostile-{behaviour}") as swarm:
+        liar = swarm.start_server(BlockRange(0, 4), throughput=1000.0)  # the fastest: chosen first
+        honest = swarm.start_server(BlockRange(0, 4), throughput=10.0)
+        _turn_hostile(liar, behaviour)
+        model = swarm.client(client_config=FAST)
+        try:
+            with model.inference_session(max_length=32) as session:
+                got = model.generate(IDS, max_new_tokens=8, do_sample=False)
+                assert session.failovers == 1 and session.chain == [(honest.peer.peer_id, BlockRange(0, 4))]
+            assert got.tolist() == _expected(local).tolist()
+            assert model.swarm.bans.is_banned(liar.peer.peer_id)
+        finally:
+            model.close()
+
+
+def test_forged_and_implausible_records_do_not_disturb_the_swarm(tiny_llama_dir, local):
+    """Records claiming infinite throughput, blocks far past the model's end, or filed under another peer's id are
+    dropped by readers; clients and a server choosing its blocks carry on."""
+    with InProcessSwarm(str(tiny_llama_dir), [BlockRange(0, 4)], dht_prefix="forged") as swarm:
+        honest = swarm.servers[0]
+        attacker = swarm.loop.run(swarm.network.create_transport("attacker"))
+        forged = [
+            ServerRecord("mem-attacker", BlockRange(0, 4), ServerState.ONLINE, float("inf"), "float32", 5, 100),
+            ServerRecord("mem-attacker", BlockRange(0, 10**15), ServerState.ONLINE, 1e3, "float32", 5, 100),
+            ServerRecord(honest.peer.peer_id, BlockRange(0, 4), ServerState.ONLINE, 1e6, "float16", 5, 100),
+        ]
+        items = [(block_key("forged", 0), "mem-attacker", encode_record(forged[0])),
+                 (block_key("forged", 1), "mem-attacker", encode_record(forged[1])),
+                 (block_key("forged", 2), "mem-attacker-2", encode_record(forged[2]))]  # another peer's id
+        assert swarm.loop.run(attacker.announce_many(items, attacker.now() + 600))
+        model = swarm.client(client_config=FAST)
+        try:
+            records = model.swarm.run(model.swarm.refresh())
+            assert [r.peer_id for r in records] == [honest.peer.peer_id]
+            assert model.generate(IDS, max_new_tokens=8, do_sample=False).tolist() == _expected(local).tolist()
+            started = time.monotonic()
+            chooser = swarm.start_server(num_blocks=2)  # reads the same records to choose its span
+            assert time.monotonic() - started < 30 and len(chooser.blocks) == 2
+        finally:
+            model.close()

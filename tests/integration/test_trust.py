@@ -1,0 +1,61 @@
+"""Signed records on the real DHT: a stranger can neither overwrite a server's record nor plant one naming it."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from corolla.core.blocks import BlockRange
+from corolla.core.records import ServerState
+from corolla.net.loop import LoopThread
+from corolla.net.peer import Peer, PeerConfig
+from corolla.net.records import fetch_records
+from corolla.testing.local_swarm import LocalSwarm
+from corolla.wire.identity import Identity
+from corolla.wire.records import block_key, decode_record, encode_record
+
+
+@pytest.fixture(scope="module")
+def one_server(tiny_llama_dir):
+    with LocalSwarm(model=str(tiny_llama_dir), spans=[BlockRange(0, 4)], dht_prefix="trust") as swarm:
+        yield swarm
+
+
+def test_a_stranger_cannot_overwrite_or_impersonate_a_server(one_server, tiny_llama_dir):
+    loop = LoopThread("attacker")
+    try:
+        attacker_identity = Identity.generate()
+        attacker = loop.run(Peer.create(PeerConfig(initial_peers=tuple(one_server.initial_peers),
+                                                   identity=attacker_identity)), 60)
+        try:
+            honest = loop.run(fetch_records(attacker, "trust", range(4), 4), 30)
+            assert len(honest) == 1 and honest[0].state is ServerState.ONLINE
+            victim = honest[0]
+            key = block_key("trust", 0)
+            raw = loop.run(attacker._dht.get(key, latest=True), 30)  # the raw subkeys, owner markers included
+            victim_subkey = next(s for s in raw.value if s.startswith(victim.peer_id))
+            assert "[owner:" in victim_subkey
+            # 1. overwrite the victim's record with one that says it serves float16 (every request would fail)
+            forged = dict(raw.value[victim_subkey].value, dtype="float16")
+            stored = loop.run(attacker._dht.store(key, forged, attacker.now() + 600, subkey=victim_subkey), 30)
+            assert not stored  # the DHT nodes refuse: the subkey is the victim's and the write is not signed by it
+            # 2. plant a record naming the victim under the attacker's own subkey, signed with the attacker's key
+            record = decode_record(raw.value[victim_subkey].value, 4, "trust", attacker.now())
+            planted = encode_record(record.__class__(**{**record.__dict__, "peer_id": attacker_identity.peer_id,
+                                                        "dtype": "float16"}),
+                                    attacker_identity, "trust", attacker.now() + 600)
+            planted["peer_id"] = victim.peer_id
+            loop.run(attacker.announce_many([(key, attacker.peer_id, planted)], attacker.now() + 600), 30)
+            seen = loop.run(fetch_records(attacker, "trust", range(4), 4), 30)
+            assert [(r.peer_id, r.dtype) for r in seen] == [(victim.peer_id, "float32")]
+        finally:
+            loop.run(attacker.shutdown(), 30)
+    finally:
+        loop.stop()
+    from corolla import AutoDistributedModelForCausalLM
+
+    model = AutoDistributedModelForCausalLM.from_pretrained(str(tiny_llama_dir), initial_peers=one_server.initial_peers,
+                                                            dht_prefix="trust")
+    try:
+        assert model.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=4, do_sample=False).shape == (1, 7)
+    finally:
+        model.close()

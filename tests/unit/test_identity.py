@@ -1,0 +1,60 @@
+"""Server identities and signed records: nobody can forge, alter, replay or re-file another server's record."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from corolla.core.blocks import BlockRange
+from corolla.core.records import ServerRecord, ServerState
+from corolla.wire.identity import Identity, peer_id_of, verify
+from corolla.wire.records import decode_record, encode_record
+
+
+@pytest.fixture(scope="module")
+def server():
+    return Identity.generate()
+
+
+@pytest.fixture(scope="module")
+def attacker():
+    return Identity.generate()
+
+
+def _record(identity, **changes):
+    record = ServerRecord(identity.peer_id, BlockRange(0, 10), ServerState.ONLINE, 50.0, "float32", 5, 4096,
+                          ("/ip4/127.0.0.1/tcp/1",))
+    return dataclasses.replace(record, **changes)
+
+
+def test_identity_is_a_libp2p_identity(server, tmp_path):
+    from hivemind.p2p import PeerID
+
+    assert PeerID.from_identity(server.to_libp2p()).to_base58() == server.peer_id == peer_id_of(server.public_der)
+    path = tmp_path / "id.key"
+    created = Identity.load_or_create(str(path))
+    assert Identity.load_or_create(str(path)).peer_id == created.peer_id  # kept across runs
+    signature = server.sign(b"data")
+    assert verify(server.public_der, b"data", signature)
+    assert not verify(server.public_der, b"other", signature)
+    assert not verify(b"not a key", b"data", signature) and not verify(server.public_der, b"data", "!!")
+
+
+def test_signed_records_are_accepted_and_every_forgery_is_dropped(server, attacker):
+    now = 1000.0
+    value = encode_record(_record(server), server, "model", now + 30)
+    assert decode_record(value, 30, "model", now) == _record(server)
+    assert decode_record(value, 30, "model", now + 31) is None  # expired: a replay of an old record
+    assert decode_record(value, 30, "other-model", now) is None  # filed under another model
+    assert decode_record({**value, "throughput": 1e6}, 30, "model", now) is None  # altered after signing
+    assert decode_record({**value, "expires": now + 3600}, 30, "model", now) is None  # its lifetime stretched
+    unsigned = {k: v for k, v in value.items() if k not in ("signature", "public_key")}
+    assert decode_record(unsigned, 30, "model", now) is None
+    # the attacker signs a record naming the server: its key does not derive the server's peer id
+    forged = encode_record(_record(attacker), attacker, "model", now + 30)
+    forged = {**forged, "peer_id": server.peer_id}
+    assert decode_record(forged, 30, "model", now) is None
+    with pytest.raises(ValueError, match="cannot sign"):
+        encode_record(_record(server), attacker, "model", now + 30)
+    # the attacker's own honest-looking record is fine: it names itself
+    assert decode_record(encode_record(_record(attacker), attacker, "model", now + 30), 30, "model", now) is not None
