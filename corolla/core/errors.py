@@ -25,6 +25,10 @@ class MessageTooLargeError(BadRequestError):
     """A message is larger than the receiver's configured limit."""
 
 
+class FrameTimeoutError(BadRequestError):
+    """A frame was begun but did not arrive whole in time (a sender stalled half-way)."""
+
+
 class CacheExhaustedError(CorollaError):
     """The server cannot reserve the attention cache a session asks for."""
 
@@ -65,4 +69,5 @@ class RemoteBadRequestError(RemoteError, ValueError):
     """A server refused the request itself (shape, sizes, unknown adapter...): the caller's mistake."""
 
 
-_BAD_REQUEST_KINDS = {cls.__name__ for cls in (BadRequestError, ProtocolVersionError, MessageTooLargeError)}
+_BAD_REQUEST_KINDS = {cls.__name__ for cls in (BadRequestError, ProtocolVersionError, MessageTooLargeError,
+                                               FrameTimeoutError)}

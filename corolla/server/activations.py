@@ -56,6 +56,15 @@ class ActivationStore:
             self._bytes -= graph.size_bytes
         return graph
 
+    def expire(self) -> int:
+        """Drop graphs past their time limit now (also done on every put and take); returns how many are left."""
+        self._expire()
+        return len(self._graphs)
+
+    @property
+    def bytes_held(self) -> int:
+        return self._bytes
+
     def _expire(self) -> None:
         now = time.monotonic()
         for key in [k for k, g in self._graphs.items() if now - g.created > self.ttl_s]:

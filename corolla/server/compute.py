@@ -60,16 +60,11 @@ class BlockCompute:
                     for k, (a, b) in lora.pairs.items()
                 })
                 wrt.extend(lora.tensors())
-            with lora_applied(self.stack, lora):
+            saved = _SavedBytes()
+            with lora_applied(self.stack, lora), torch.autograd.graph.saved_tensors_hooks(saved.pack, saved.unpack):
                 outputs = self.stack(inputs, mask, positions, None, span=request.blocks, prompts=prompts)
         return Graph(outputs, wrt, request.blocks, prompts is not None, list(lora.pairs) if trained else [],
-                     size_bytes=self._activation_bytes(hidden, request.blocks))
-
-    def _activation_bytes(self, hidden: torch.Tensor, blocks) -> int:
-        """A generous estimate of what autograd keeps for ``hidden`` through ``blocks``."""
-        config = self.stack.config
-        width = 12 * config.hidden_size + 4 * getattr(config, "intermediate_size", 4 * config.hidden_size)
-        return hidden.shape[0] * hidden.shape[1] * len(blocks) * width * hidden.element_size()
+                     size_bytes=saved.total + outputs.numel() * outputs.element_size())
 
     def backward(self, request: BackwardRequest, lora: Optional[LoraSet]) -> BackwardReply:
         graph = self.activations.take(request.activation_id) if request.activation_id else None
@@ -173,3 +168,23 @@ class BlockCompute:
                 return [stack(hidden, mask, positions, session.cache, span=session.blocks, prompts=prompts)]
             parts = [(work[0], work[1], work[2], member_session.cache) for _, member_session, _, work in members]
             return stack.forward_batch(parts, span=session.blocks)
+
+
+class _SavedBytes:
+    """Counts the bytes autograd saves for a backward pass (each storage once): what keeping a graph costs."""
+
+    def __init__(self):
+        self.total = 0
+        self._seen: set = set()
+
+    def pack(self, tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        key = (storage.data_ptr(), storage.nbytes())
+        if key not in self._seen and storage.data_ptr():
+            self._seen.add(key)
+            self.total += storage.nbytes()
+        return tensor
+
+    @staticmethod
+    def unpack(tensor: torch.Tensor) -> torch.Tensor:
+        return tensor

@@ -29,6 +29,11 @@ class ServerConfig:
     max_message_bytes: int = 256 * 2**20  # largest request frame accepted
     max_batch_tokens: int = 8192  # largest batch * seq of one forward/backward request
     session_idle_timeout_s: float = 600.0  # a session that sends nothing for this long is closed
+    first_frame_timeout_s: float = 30.0  # a stream whose request does not begin within this is closed
+    frame_timeout_s: float = 60.0  # a frame begun must arrive whole within this (a stalled sender holds nothing)
+    max_streams_per_peer: int = 256  # streams one peer may have open here at once
+    max_sessions_per_peer: int = 64  # sessions one peer may hold here
+    max_cache_share: float = 0.5  # the part of --cache-tokens one peer's sessions may hold
     relay_timeout_s: float = 10.0  # opening a relay stream to the next server of a chain, or pushing a step into it
     announce_period_s: float = 10.0  # how often DHT records are refreshed
     record_ttl_s: float = 30.0  # how long a record lives without refresh

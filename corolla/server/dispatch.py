@@ -11,7 +11,8 @@ import asyncio
 import logging
 from typing import AsyncIterator, Optional
 
-from corolla.core.errors import BadRequestError, CorollaError
+from corolla.core.errors import BadRequestError, CorollaError, FrameTimeoutError
+from corolla.server.sessions import ServerBusyError
 from corolla.wire.framing import read_message, write_message
 from corolla.wire.messages import ErrorReply, Message
 from corolla.wire.services import SERVICES, Exchange, Service, service_for
@@ -24,7 +25,8 @@ class ServerShuttingDownError(CorollaError):
 
 
 class Dispatcher:
-    def __init__(self, handler, max_message_bytes: int, session_idle_timeout_s: float):
+    def __init__(self, handler, max_message_bytes: int, session_idle_timeout_s: float,
+                 first_frame_timeout_s: float = 30.0, frame_timeout_s: float = 60.0, max_streams_per_peer: int = 256):
         missing = [s.name for s in SERVICES if not callable(getattr(handler, s.name, None))]
         if missing:
             raise TypeError(f"{type(handler).__name__} does not answer {missing} of the service table")
@@ -32,15 +34,29 @@ class Dispatcher:
         self.methods = {s.request: getattr(handler, s.name) for s in SERVICES}
         self.max_message_bytes = max_message_bytes
         self.session_idle_timeout_s = session_idle_timeout_s
+        self.first_frame_timeout_s = first_frame_timeout_s  # a stream that says nothing this long is closed
+        self.frame_timeout_s = frame_timeout_s  # a frame begun must arrive whole within this
+        self.max_streams_per_peer = max_streams_per_peer
         self.accepting = True
         self.in_flight = 0  # streams being served, sessions included
+        self.streams_by_peer: dict[str, int] = {}
         self._channels: set["SessionChannel"] = set()
 
     async def handle_stream(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, peer: str) -> None:
         self.in_flight += 1
+        self.streams_by_peer[peer] = self.streams_by_peer.get(peer, 0) + 1
         try:
+            if self.streams_by_peer[peer] > self.max_streams_per_peer:
+                await reply_error(writer, ServerBusyError(
+                    f"you have {self.max_streams_per_peer} streams open here already, the most one peer may"))
+                return
             try:
-                request = await read_message(reader, self.max_message_bytes)
+                request = await read_message(reader, self.max_message_bytes, self.frame_timeout_s,
+                                             start_timeout_s=self.first_frame_timeout_s)
+            except asyncio.TimeoutError:
+                await reply_error(writer, FrameTimeoutError(
+                    f"no request arrived within {self.first_frame_timeout_s:g} s of opening the stream"))
+                return
             except CorollaError as exc:
                 await reply_error(writer, exc)
                 return
@@ -71,6 +87,9 @@ class Dispatcher:
             await reply_error(writer, exc)
         finally:
             self.in_flight -= 1
+            self.streams_by_peer[peer] -= 1
+            if not self.streams_by_peer[peer]:
+                del self.streams_by_peer[peer]
 
     def _service(self, request: Message) -> Service:
         try:
@@ -124,9 +143,13 @@ class SessionChannel:
         timeout_s = self._dispatcher.session_idle_timeout_s if idle_timeout_s == -1.0 else idle_timeout_s
         while True:
             try:
-                step = await asyncio.wait_for(read_message(self._reader, self._dispatcher.max_message_bytes), timeout_s)
+                step = await read_message(self._reader, self._dispatcher.max_message_bytes,
+                                          self._dispatcher.frame_timeout_s, start_timeout_s=timeout_s)
             except asyncio.TimeoutError:
                 await self.error(BadRequestError(f"session idle for {timeout_s:.0f} s: closed"))
+                return
+            except FrameTimeoutError as exc:  # the stream is out of step: end it
+                await self.error(exc)
                 return
             except CorollaError as exc:
                 await self.error(exc)

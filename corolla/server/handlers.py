@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import time
 from typing import Callable, Optional
 
 from corolla.core.errors import BadRequestError, CorollaError, SessionEvictedError
@@ -57,7 +58,7 @@ class RequestHandlers:
         self.adapters = adapters  # name -> LoRA weights for the held blocks
         self.compute = None if stack is None else BlockCompute(
             stack, ActivationStore(self.config.activation_cache_bytes, self.config.activation_ttl_s))
-        self.sessions = SessionTable(budget)
+        self.sessions = SessionTable(budget, self.config.max_sessions_per_peer)
         self.max_positions = None if stack is None else getattr(stack.config, "max_position_embeddings", None)
 
     # ---------------------------------------------------------------- single exchanges
@@ -117,15 +118,17 @@ class RequestHandlers:
         if lora is not None and request.lora is not None:
             lora = LoraSet(lora.scaling, {k: (a.to(stack.device), b.to(stack.device))
                                           for k, (a, b) in lora.pairs.items()})
-        session = await sessions.open(request, stack, lora, self.max_positions)
+        session = await sessions.open(request, stack, lora, self.max_positions, owner=peer)
         channel.codec = codec
         relays = Relays(self.transport, self.config.relay_timeout_s, codec)
         reader = asyncio.create_task(self._read_steps(channel, session.inbox))
         try:
             await channel.reply(SessionOpened(session.session_id, sessions.budget.held_by(session)))
+            last_valid = time.monotonic()  # only a valid step keeps a session alive
             while True:
+                left = self.config.session_idle_timeout_s - (time.monotonic() - last_valid)
                 try:
-                    step = await asyncio.wait_for(session.inbox.get(), self.config.session_idle_timeout_s)
+                    step = await asyncio.wait_for(session.inbox.get(), max(0.0, left))
                 except asyncio.TimeoutError:
                     await channel.error(SessionEvictedError(
                         f"session {session.session_id} idle for {self.config.session_idle_timeout_s:.0f} s: closed"))
@@ -147,6 +150,7 @@ class RequestHandlers:
                     await channel.reply(SessionStepReply(hidden_states=outputs, position=session.position,
                                                          step_index=step.step_index, attempt=step.attempt,
                                                          relay_error=relay_error))
+                    last_valid = time.monotonic()
                 except CorollaError as exc:
                     await channel.error(exc, step.step_index, step.attempt)
         finally:

@@ -50,6 +50,7 @@ class Server:
         self.model_config = None
         self.moves = 0  # times this server moved to other blocks
         self._rebalancer: Optional[asyncio.Task] = None
+        self._janitor: Optional[asyncio.Task] = None
         self.peer = peer
         self.model_prefix = model_prefix
         self.blocks = blocks
@@ -101,13 +102,15 @@ class Server:
         self.path, self.model_config = path, model_config
         self.stack, self.budget, adapters = await self._load(self.blocks)
         self.handler = RequestHandlers(self.stack, config, self.budget, self.scheduler, self.info, self.peer, adapters)
-        self.dispatcher = Dispatcher(self.handler, config.max_message_bytes, config.session_idle_timeout_s)
+        self.dispatcher = Dispatcher(self.handler, config.max_message_bytes, config.session_idle_timeout_s,
+                                     config.first_frame_timeout_s, config.frame_timeout_s, config.max_streams_per_peer)
         await self.peer.serve(RPC_PROTOCOL, self.dispatcher.handle_stream)
         self.state = ServerState.ONLINE
         await self.announcer.announce_now()
         self.announcer.start()
         if config.blocks is None:  # a server that chose its span may move; one told which blocks to serve stays
             self._rebalancer = asyncio.create_task(self._rebalance_loop())
+        self._janitor = asyncio.create_task(self._expire_loop())
         if config.address_file:
             write_address_file(config.address_file, self.maddrs)
         logger.info(
@@ -131,8 +134,16 @@ class Server:
             adapters[name], _ = await run(Priority.BACKGROUND, read_peft_adapter, path, stack.family, blocks, self.dtype)
             logger.info("adapter %s: %d adapted layers in blocks %s", name, len(adapters[name].pairs), blocks)
         budget = CacheBudget(config.cache_tokens, stack.cache_bytes_per_token(), config.cache_page_tokens,
-                             config.cache_wait_s)
+                             config.cache_wait_s, config.max_cache_share)
         return stack, budget, adapters
+
+    async def _expire_loop(self) -> None:
+        """Kept training activations whose backward pass never came are dropped when they expire, not later."""
+        while True:
+            await asyncio.sleep(min(10.0, max(0.25, self.config.activation_ttl_s / 4)))
+            compute = self.handler.compute if self.handler is not None else None
+            if compute is not None:
+                compute.activations.expire()
 
     async def _rebalance_loop(self) -> None:
         total = self.model_config.num_hidden_layers
@@ -216,8 +227,9 @@ class Server:
 
     async def shutdown(self) -> None:
         """Announce offline, refuse new work, give in-flight work ``shutdown_grace_s``, then stop."""
-        if self._rebalancer is not None:
-            self._rebalancer.cancel()
+        for task in (self._rebalancer, self._janitor):
+            if task is not None:
+                task.cancel()
         self.state = ServerState.OFFLINE
         if self.dispatcher is not None:
             self.dispatcher.accepting = False

@@ -15,11 +15,15 @@ from typing import Any, Optional
 import torch
 
 from corolla.core.blocks import BlockRange
-from corolla.core.errors import BadRequestError, CacheExhaustedError
+from corolla.core.errors import BadRequestError, CacheExhaustedError, CorollaError
 from corolla.models.lora import LoraSet
 from corolla.server.cache import CacheBudget
 from corolla.wire.validation import check_blocks, check_hidden, check_mask, check_positions, check_prompts
 from corolla.wire.messages import OpenSession, SessionStep
+
+
+class ServerBusyError(CorollaError):
+    """A peer asked for more than its share of this server (streams, sessions, cache)."""
 
 
 @dataclass(eq=False)  # identity: a session is a holder of cache pages
@@ -35,6 +39,8 @@ class SessionState:
     relay_token: Optional[str] = None  # who presents it may push steps into this session (the previous hop)
     last_step_time: float = 0.0  # when its last step arrived (time.monotonic())
     step_interval_s: Optional[float] = None  # moving average of the time between its steps' arrivals
+    owner: str = ""  # the peer that opened it
+    extra_tokens: int = 0  # what else it holds (its LoRA weights), counted in cache tokens
     last_step_index: Optional[int] = None  # the client's number of the last step applied
     inbox: Optional[asyncio.Queue] = None  # steps to run, from the client's stream or pushed by the previous hop
 
@@ -76,15 +82,20 @@ class SessionState:
                 raise BadRequestError(f"hypo_ids must index rows 0..{batch - 1}")
 
 
+def _lora_bytes(lora: Optional[LoraSet]) -> int:
+    return 0 if lora is None else sum(t.numel() * t.element_size() for t in lora.tensors())
+
+
 class SessionTable:
     """The sessions open on this server and the cache pages they hold."""
 
-    def __init__(self, budget: CacheBudget):
+    def __init__(self, budget: CacheBudget, max_per_peer: int = 64):
         self.budget = budget
+        self.max_per_peer = max_per_peer
         self.sessions: dict[str, SessionState] = {}
 
     async def open(self, request: OpenSession, stack, lora: Optional[LoraSet],
-                   max_positions: Optional[int]) -> SessionState:
+                   max_positions: Optional[int], owner: str = "") -> SessionState:
         check_blocks(request.blocks, stack.blocks)
         if request.max_length < 1 or request.batch_size < 1:
             raise BadRequestError(
@@ -96,6 +107,8 @@ class SessionTable:
             raise BadRequestError("relay_token must be 16..200 characters")
         if max_positions is not None and request.max_length > max_positions:
             raise BadRequestError(f"max_length {request.max_length} exceeds the model's {max_positions} positions")
+        if sum(1 for s in self.sessions.values() if s.owner == owner) >= self.max_per_peer:
+            raise ServerBusyError(f"you have {self.max_per_peer} sessions open here already, the most one peer may")
         whole = self.budget.tokens_for(request.max_length, request.batch_size)
         if whole > self.budget.total_tokens:
             raise CacheExhaustedError(
@@ -112,10 +125,13 @@ class SessionTable:
             mask=torch.zeros(request.batch_size, 0, dtype=torch.long, device=stack.device),
             relay_token=request.relay_token,
             inbox=asyncio.Queue(maxsize=4),
+            owner=owner,
+            extra_tokens=-(-_lora_bytes(lora) // max(1, self.budget.bytes_per_token)),  # its LoRA weights count too
         )
         self.sessions[session.session_id] = session
         try:
-            await self.budget.hold(session, self.budget.tokens_for(1, session.batch_size))  # its first page
+            first_page = self.budget.tokens_for(1, session.batch_size) + session.extra_tokens
+            await self.budget.hold(session, first_page, owner=owner)
         except BaseException:
             self.close(session)
             raise
@@ -125,7 +141,7 @@ class SessionTable:
         """Make ``session`` hold the pages it will after ``step`` (fewer after a rewind), waiting for room."""
         start = session.position if step.start_from_position is None else step.start_from_position
         tokens = max(1, start + step.hidden_states.shape[1])
-        await self.budget.hold(session, self.budget.tokens_for(tokens, session.batch_size))
+        await self.budget.hold(session, self.budget.tokens_for(tokens, session.batch_size) + session.extra_tokens)
 
     def close(self, session: SessionState) -> None:
         if self.sessions.get(session.session_id) is session:

@@ -86,7 +86,8 @@ class InProcessSwarm:
 
 async def _stop_dead(server: Server) -> None:
     """What is left of a killed server: its background tasks and compute thread."""
-    if server._rebalancer is not None:
-        server._rebalancer.cancel()
+    for task in (server._rebalancer, server._janitor):
+        if task is not None:
+            task.cancel()
     await server.announcer.stop()
     await server.scheduler.close()

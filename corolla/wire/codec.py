@@ -85,41 +85,82 @@ def decode_prefix(prefix: bytes) -> tuple[int, int]:
     return header_len, body_len
 
 
-def decode_frame(header_bytes: bytes, body: bytes) -> Frame:
+def parse_header(header_bytes: bytes) -> dict[str, Any]:
     try:
         header = json.loads(header_bytes)
     except ValueError as exc:
         raise BadRequestError(f"frame header is not valid JSON: {exc}") from None
     if not isinstance(header, dict):
         raise BadRequestError("frame header must be a JSON object")
+    descriptors = header.get("tensors", [])
+    if not isinstance(descriptors, list) or not all(isinstance(d, dict) for d in descriptors):
+        raise BadRequestError("frame header: tensors must be a list of descriptors")
+    return header
+
+
+def _describe(desc: dict) -> tuple[str, torch.dtype, list[int], int, WireCodec, int]:
+    """(name, dtype, shape, numel, codec, outliers) of a tensor descriptor, checked."""
+    name = desc.get("name")
+    if not isinstance(name, str) or len(name) > 256:
+        raise BadRequestError("a tensor descriptor needs a name (a string of at most 256 characters)")
+    dtype = dtype_from_name(desc.get("dtype"))
+    shape = desc.get("shape")
+    if not isinstance(shape, list) or len(shape) > 8 or not all(isinstance(d, int) and not isinstance(d, bool)
+                                                               for d in shape):
+        raise BadRequestError(f"tensor {name!r}: shape must be a list of at most 8 integers")
+    if any(d < 0 for d in shape):
+        raise BadRequestError(f"tensor {name!r} has a negative dimension: {shape}")
+    numel = 1
+    for d in shape:
+        numel *= d
+    codec = parse_codec(desc.get("codec"))
+    if codec is not WireCodec.NONE and not dtype.is_floating_point:
+        raise BadRequestError(f"tensor {name!r}: codec {codec.value} is for floating-point tensors only")
+    outliers = desc.get("outliers", 0)
+    if not isinstance(outliers, int) or isinstance(outliers, bool) or not 0 <= outliers <= numel:
+        raise BadRequestError(f"tensor {name!r}: outliers must be a count of at most its {numel} values")
+    return name, dtype, shape, numel, codec, outliers
+
+
+def body_sizes(header: dict[str, Any]) -> list[int]:
+    """Bytes each tensor of a parsed header takes in the body, in order."""
+    sizes = []
+    for desc in header.get("tensors", []):
+        _, dtype, _, numel, codec, outliers = _describe(desc)
+        sizes.append(encoded_size(codec, numel, dtype, outliers))
+    return sizes
+
+
+def decode_tensors(header: dict[str, Any], chunks: list) -> Frame:
+    """The frame a parsed header and its tensors' bytes (one buffer each) make."""
+    header = dict(header)
+    descriptors = header.pop("tensors", [])
+    if len(chunks) != len(descriptors):
+        raise BadRequestError("the frame's body does not match its descriptors")
     tensors: dict[str, torch.Tensor] = {}
-    offset = 0
-    buffer = bytearray(body)
-    for desc in header.pop("tensors", []):
-        dtype = dtype_from_name(desc["dtype"])
-        shape = [int(d) for d in desc["shape"]]
-        if any(d < 0 for d in shape):
-            raise BadRequestError(f"tensor {desc['name']!r} has a negative dimension: {shape}")
-        numel = 1
-        for d in shape:
-            numel *= d
-        codec = parse_codec(desc.get("codec"))
-        if codec is not WireCodec.NONE and not dtype.is_floating_point:
-            raise BadRequestError(f"tensor {desc['name']!r}: codec {codec.value} is for floating-point tensors only")
-        outliers = desc.get("outliers", 0)
-        if not isinstance(outliers, int) or not 0 <= outliers <= numel:
-            raise BadRequestError(f"tensor {desc['name']!r}: outliers must be a count of at most its {numel} values")
-        nbytes = encoded_size(codec, numel, dtype, outliers)
-        if offset + nbytes > len(buffer):
-            raise BadRequestError(f"tensor {desc['name']!r} ({shape}, {desc['dtype']}) runs past the frame body")
+    for desc, chunk in zip(descriptors, chunks):
+        name, dtype, shape, numel, codec, outliers = _describe(desc)
+        if len(chunk) != encoded_size(codec, numel, dtype, outliers):
+            raise BadRequestError(f"tensor {name!r} ({shape}, {dtype}) does not match its bytes")
         if numel and codec is not WireCodec.NONE:
-            tensors[desc["name"]] = decompress(buffer, offset, numel, dtype, codec, desc["name"], outliers).reshape(shape)
+            tensors[name] = decompress(chunk, 0, numel, dtype, codec, name, outliers).reshape(shape)
         elif numel:
-            flat = torch.frombuffer(buffer, dtype=torch.uint8, count=nbytes, offset=offset)
-            tensors[desc["name"]] = flat.view(dtype).reshape(shape)
+            tensors[name] = torch.frombuffer(chunk, dtype=torch.uint8, count=len(chunk)).view(dtype).reshape(shape)
         else:
-            tensors[desc["name"]] = torch.empty(shape, dtype=dtype)
-        offset += nbytes
-    if offset != len(buffer):
-        raise BadRequestError(f"frame body has {len(buffer) - offset} bytes no tensor descriptor accounts for")
+            tensors[name] = torch.empty(shape, dtype=dtype)
     return Frame(header, tensors)
+
+
+def decode_frame(header_bytes: bytes, body: bytes) -> Frame:
+    """A whole frame's header and body, decoded (tensors copied out of ``body`` into buffers of their own)."""
+    header = parse_header(header_bytes)
+    sizes = body_sizes(header)
+    if sum(sizes) > len(body):
+        raise BadRequestError("a tensor runs past the frame body")
+    if sum(sizes) != len(body):
+        raise BadRequestError(f"frame body has {len(body) - sum(sizes)} bytes no tensor descriptor accounts for")
+    chunks, offset = [], 0
+    for size in sizes:
+        chunks.append(bytearray(body[offset:offset + size]))
+        offset += size
+    return decode_tensors(header, chunks)

@@ -3,12 +3,15 @@ from __future__ import annotations
 
 import asyncio
 
-from corolla.core.errors import MessageTooLargeError
-from corolla.wire.codec import PREFIX, decode_frame, decode_prefix, encode_frame
+from typing import Optional
+
+from corolla.core.errors import BadRequestError, FrameTimeoutError, MessageTooLargeError
+from corolla.wire.codec import PREFIX, body_sizes, decode_prefix, decode_tensors, encode_frame, parse_header
 from corolla.wire.compression import WireCodec, parse_codec
 from corolla.wire.messages import PROTOCOL_VERSION, Message, message_from_frame
 
 DEFAULT_MAX_MESSAGE_BYTES = 256 * 2**20
+MAX_HEADER_BYTES = 2**20  # a JSON header this large is never needed (tensor descriptors, routes, names)
 
 
 def encode_message(message: Message, version: int = PROTOCOL_VERSION, codec=None) -> bytes:
@@ -25,29 +28,49 @@ async def write_message(writer: asyncio.StreamWriter, message: Message, version:
     await writer.drain()
 
 
-async def read_message(reader: asyncio.StreamReader, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> Message | None:
+async def read_message(reader: asyncio.StreamReader, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+                       frame_timeout_s: Optional[float] = None, max_header_bytes: int = MAX_HEADER_BYTES,
+                       start_timeout_s: Optional[float] = None) -> Message | None:
     """Read one message; None at a clean end of stream.
 
-    A frame larger than ``max_bytes`` is read and dropped chunk by chunk (never held in memory), then raises
-    ``MessageTooLargeError``; the stream stays usable.
+    Once a frame has begun, all of it must arrive within ``frame_timeout_s`` (a sender that stops half-way holds
+    nothing for long). A header over ``max_header_bytes`` or a frame over ``max_bytes`` is read and dropped chunk by
+    chunk (never held in memory), then raises ``MessageTooLargeError``; the stream stays usable. Each tensor is read
+    into a buffer of its own, so a tensor kept later does not pin the rest of the frame. If no frame begins within
+    ``start_timeout_s``, ``asyncio.TimeoutError``.
     """
     try:
-        prefix = await reader.readexactly(PREFIX.size)
+        prefix = await asyncio.wait_for(reader.readexactly(PREFIX.size), start_timeout_s)
     except asyncio.IncompleteReadError as exc:
         if not exc.partial:
             return None
         raise
     header_len, body_len = decode_prefix(prefix)
-    if header_len + body_len > max_bytes:
+    if header_len > max_header_bytes or header_len + body_len > max_bytes:
         # Read the frame to its end without keeping it, so the sender learns why and the stream stays in step.
-        await _discard(reader, header_len + body_len)
-        raise MessageTooLargeError(
-            f"message of {header_len + body_len} bytes exceeds this peer's limit of {max_bytes} bytes "
-            f"(split the batch into smaller pieces)"
-        )
-    header = await reader.readexactly(header_len)
-    body = await reader.readexactly(body_len) if body_len else b""
-    return message_from_frame(decode_frame(header, body))
+        await _with_timeout(_discard(reader, header_len + body_len), frame_timeout_s)
+        what = f"header of {header_len} bytes" if header_len > max_header_bytes else \
+            f"message of {header_len + body_len} bytes"
+        limit = max_header_bytes if header_len > max_header_bytes else max_bytes
+        raise MessageTooLargeError(f"{what} exceeds this peer's limit of {limit} bytes (split the batch into smaller pieces)")
+    return await _with_timeout(_read_frame(reader, header_len, body_len), frame_timeout_s)
+
+
+async def _read_frame(reader: asyncio.StreamReader, header_len: int, body_len: int) -> Message:
+    header = parse_header(await reader.readexactly(header_len))
+    sizes = body_sizes(header)
+    if sum(sizes) != body_len:
+        await _discard(reader, body_len)
+        raise BadRequestError(f"the frame's tensors take {sum(sizes)} bytes, its body {body_len}")
+    chunks = [bytearray(await reader.readexactly(size)) if size else bytearray() for size in sizes]
+    return message_from_frame(decode_tensors(header, chunks))
+
+
+async def _with_timeout(awaitable, timeout_s: Optional[float]):
+    try:
+        return await asyncio.wait_for(awaitable, timeout_s)
+    except asyncio.TimeoutError:
+        raise FrameTimeoutError(f"a frame did not arrive whole within {timeout_s:g} s") from None
 
 
 async def _discard(reader: asyncio.StreamReader, size_bytes: int, chunk_bytes: int = 2**20) -> None:

@@ -172,3 +172,12 @@ def test_bad_codecs_are_refused_with_their_cause():
     header["tensors"][0]["codec"] = "rot13"
     with pytest.raises(BadRequestError, match="unknown wire codec 'rot13'"):
         decode_frame(json.dumps(header).encode(), bytes(data[body:]))
+
+
+def test_decoded_tensors_do_not_pin_the_rest_of_the_frame():
+    """Each tensor gets a buffer of its own: keeping a small one does not keep a large one alive."""
+    big, small = torch.zeros(1, 1000, 64), torch.ones(1, 3, 64)
+    data = encode_message(ForwardRequest(BlockRange(0, 1), big, prompts=small.unsqueeze(0)))
+    first, _ = _roundtrip(data)
+    assert first.prompts.untyped_storage().nbytes() == small.numel() * 4
+    assert first.hidden_states.untyped_storage().nbytes() == big.numel() * 4

@@ -1,0 +1,171 @@
+"""Bounded servers: streams that stall or never speak, oversized headers, one peer's share of the cache, sessions per
+peer, LoRA weights and kept activations counted, idle sessions closed whatever garbage keeps them busy."""
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+import torch
+
+from corolla.client.rpc import SessionStream, call
+from corolla.core.blocks import BlockRange
+from corolla.core.errors import RemoteError
+from corolla.testing.inprocess import InProcessSwarm
+from corolla.wire.codec import MAGIC, PREFIX
+from corolla.wire.framing import encode_message, read_message
+from corolla.wire.messages import RPC_PROTOCOL, ErrorReply, ForwardRequest, InfoRequest, OpenSession, SessionStep
+
+SPAN = BlockRange(0, 4)
+HIDDEN = 64
+
+
+@pytest.fixture
+def swarm(tiny_llama_dir):
+    with InProcessSwarm(str(tiny_llama_dir), [SPAN], dht_prefix="limits", first_frame_timeout_s=0.5,
+                        frame_timeout_s=0.5, max_streams_per_peer=20, max_sessions_per_peer=3, cache_tokens=256,
+                        max_cache_share=0.5, cache_wait_s=0.3, session_idle_timeout_s=1.0,
+                        activation_ttl_s=1.0) as swarm:
+        yield swarm
+
+
+def _clients(swarm, count):
+    """``count`` clients (peers of their own) and the one server's record."""
+    models = [swarm.client() for _ in range(count)]
+    record = models[0].swarm.run(models[0].swarm.refresh())[0]
+    return models, record
+
+
+def _still_serves(client, record):
+    reply = client.run(call(client.transport, record, ForwardRequest(SPAN, torch.randn(1, 2, HIDDEN)), 10))
+    assert reply.hidden_states.shape == (1, 2, HIDDEN)
+
+
+def test_silent_stalled_and_oversized_streams_are_cut_off(swarm):
+    (model,), record = _clients(swarm, 1)
+    client = model.swarm
+    server = swarm.servers[0]
+    try:
+        async def scenario():
+            transport = client.transport
+            silent = [await transport.open_stream(record.peer_id, RPC_PROTOCOL) for _ in range(25)]
+            # past the per-peer limit, a stream is told so at once
+            reader, writer = silent[-1]
+            busy = await asyncio.wait_for(read_message(reader), 5)
+            assert isinstance(busy, ErrorReply) and "streams open here already" in busy.message
+            # the others said nothing: each is closed after the first-frame timeout
+            reader, writer = silent[0]
+            closed = await asyncio.wait_for(read_message(reader), 5)
+            assert isinstance(closed, ErrorReply) and "no request arrived within" in closed.message
+            await asyncio.sleep(0.3)
+            assert server.dispatcher.streams_by_peer.get(transport.peer_id, 0) == 0
+            # a frame begun and never finished: cut off after the frame timeout, nothing held
+            reader, writer = await transport.open_stream(record.peer_id, RPC_PROTOCOL)
+            frame = encode_message(ForwardRequest(SPAN, torch.randn(1, 2, HIDDEN)))
+            writer.write(frame[: len(frame) // 2])
+            stalled = await asyncio.wait_for(read_message(reader), 5)
+            assert isinstance(stalled, ErrorReply) and "did not arrive whole" in stalled.message
+            # a 64 MiB header is refused without being parsed (read and dropped in chunks)
+            reader, writer = await transport.open_stream(record.peer_id, RPC_PROTOCOL)
+            writer.write(PREFIX.pack(MAGIC, 64 * 2**20, 0))
+            for _ in range(64):
+                writer.write(b" " * 2**20)
+            started = time.monotonic()
+            refused = await asyncio.wait_for(read_message(reader), 10)
+            assert isinstance(refused, ErrorReply) and "header of 67108864 bytes exceeds" in refused.message
+            assert time.monotonic() - started < 5
+
+        client.run(scenario(), 60)
+        _still_serves(client, record)
+    finally:
+        model.close()
+
+
+def test_one_peer_keeps_to_its_share_while_others_wait(swarm):
+    (first, second), record = _clients(swarm, 2)
+    a, b = first.swarm, second.swarm
+    try:
+        async def on(client, coro):  # run on that client's own event loop (its transport lives there)
+            return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, client.loop.loop))
+
+        async def open_session(client, name, max_length=512):
+            return await on(client, SessionStream.open(client.transport, record, OpenSession(name, SPAN, max_length, 1),
+                                                       10))
+
+        async def scenario():
+            # sessions per peer: the fourth is refused
+            few = [await open_session(a, f"a{i}", 64) for i in (1, 2, 3)]
+            with pytest.raises(RemoteError, match="3 sessions open here already"):
+                await open_session(a, "a4", 64)
+            for stream in few:
+                stream.close()
+            await asyncio.sleep(0.2)
+            alone = await open_session(a, "big", 256)
+            await alone.step(SessionStep("big", torch.randn(1, 150, HIDDEN)), 10)  # 3 pages: over half, fine alone
+            other = await open_session(b, "b1", 64)  # another peer arrives: it gets the last page
+            with pytest.raises(RemoteError, match=r"one peer may hold at most 50%"):
+                await alone.step(SessionStep("big", torch.randn(1, 60, HIDDEN)), 10)  # a 4th page: refused now
+            assert (await on(b, other.step(SessionStep("b1", torch.randn(1, 40, HIDDEN)), 10))).position == 40
+            assert (await alone.step(SessionStep("big", torch.randn(1, 20, HIDDEN)), 10)).position == 170  # kept
+            alone.close()
+            b.loop.loop.call_soon_threadsafe(other.close)
+
+        a.run(scenario(), 60)
+        _still_serves(a, record)
+    finally:
+        first.close()
+        second.close()
+
+
+def test_lora_weights_and_kept_activations_are_counted_and_expire(swarm):
+    (model,), record = _clients(swarm, 1)
+    client = model.swarm
+    server = swarm.servers[0]
+    try:
+        async def scenario():
+            lora = {"0.self_attn.q_proj.lora_A": torch.randn(64, HIDDEN), "0.self_attn.q_proj.lora_B": torch.randn(HIDDEN, 64)}
+            stream = await SessionStream.open(client.transport, record,
+                                              OpenSession("l", SPAN, 64, 1, lora=lora, lora_scaling=1.0), 10)
+            held = server.budget.held_tokens
+            lora_bytes = sum(t.numel() * 4 for t in lora.values())
+            assert held == 64 + -(-lora_bytes // server.budget.bytes_per_token)  # its page and its weights
+            stream.close()
+            reply = await call(client.transport, record, ForwardRequest(SPAN, torch.randn(2, 8, HIDDEN),
+                                                                        keep_activations=True), 10)
+            assert reply.activation_id is not None
+            info = await call(client.transport, record, InfoRequest(), 10)
+            assert info.activations_kept == 1
+            assert server.handler.compute.activations.bytes_held > 2 * 8 * HIDDEN * 4 * 4  # measured, per block
+            await asyncio.sleep(1.6)  # past the 1 s limit: dropped by the server on its own
+            assert server.handler.compute.activations.bytes_held == 0
+
+        client.run(scenario(), 30)
+    finally:
+        model.close()
+
+
+def test_garbage_does_not_keep_an_idle_session_alive(swarm):
+    (model,), record = _clients(swarm, 1)
+    client = model.swarm
+    try:
+        async def scenario():
+            stream = await SessionStream.open(client.transport, record, OpenSession("idle", SPAN, 64, 1), 10)
+            started = time.monotonic()
+            while time.monotonic() - started < 5:
+                try:  # a wrong step every 0.2 s: answered with an error, but it is no sign of life
+                    await stream.step(SessionStep("idle", torch.randn(1, 1, HIDDEN + 1)), 5)
+                except RemoteError as exc:
+                    if "hidden size" in str(exc):
+                        await asyncio.sleep(0.2)
+                        continue
+                    assert "SessionEvictedError" in str(exc) and "idle" in str(exc)
+                    break
+            assert 0.9 < time.monotonic() - started < 3  # closed at its 1 s idle limit all the same
+
+        async def loop():
+            await scenario()
+
+        client.run(loop(), 30)
+        _still_serves(client, record)
+    finally:
+        model.close()
