@@ -26,5 +26,8 @@ class ClientConfig:
     #                           chain then work on different pieces at the same time
     relay: bool = True  # inference steps go server to server (each server forwards to the next); False: the client
     #                     sends every step to every server itself
+    verify_fraction: float = 0.05  # the share of inference steps whose outputs another server recomputes (one
+    #                                server of the chain, at random): see corolla.client.verify; 0 checks nothing
+    verify_seed: Optional[int] = None  # seeds which steps are checked (tests)
     wire_codec: str = "none"  # how hidden states and gradients travel: none (exact), float16, bfloat16 or
     #                           int8-block64 (corolla.wire.compression); used with the servers that announce it

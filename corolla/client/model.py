@@ -29,6 +29,7 @@ from corolla.client.sequential import RemoteSequential
 from corolla.client.session import InferenceSession
 from corolla.client.swarm import RemoteSwarm, hivemind_client
 from corolla.client.tuning import PromptTuning, RemoteLora, TuningConfig, TuningMode
+from corolla.client.verify import OutputsRejected
 from corolla.models.checkpoint import load_config, model_dht_prefix, read_tensors, resolve_model
 from corolla.models.dtypes import resolve_dtype
 from corolla.models.family import family_for
@@ -127,9 +128,12 @@ class RemoteBaseModel(nn.Module):
             else:
                 deep_prompts = None
             hypo_ids = None if manual else cache.take_hypo_ids()
+            fed = max(0, session.position - session.prefix_length)
             hidden = session.step(hidden, new_mask, position_ids, hypo_ids=hypo_ids, prompts=deep_prompts)
             if manual:
                 _record_tokens(session, held, input_ids, new_mask)
+            else:
+                _record_fed(session, fed, input_ids, new_mask, hypo_ids is not None)
         else:
             if deep_prompts is not None:
                 deep_prompts = deep_prompts.to(hidden.dtype)
@@ -173,6 +177,19 @@ def _record_tokens(session: InferenceSession, held: int, input_ids, mask) -> Non
         return
     session.output_ids = torch.cat([session.output_ids[:, :held], input_ids.to(session.output_ids.device)], dim=1)
     session.output_mask = torch.cat([session.output_mask[:, :held], mask.to(session.output_mask.dtype)], dim=1)
+
+
+def _record_fed(session: InferenceSession, held: int, input_ids, mask, reordered: bool) -> None:
+    """Keep ``session.fed_ids``, the ids ``generate()`` sent (to start again after a rollback), in step."""
+    if session.fed_ids is None:
+        return
+    if input_ids is None or reordered or input_ids.shape[0] != session.fed_ids.shape[0]:
+        # embeddings, or beams (rows expanded, reordered): the rows' tokens are no longer known here
+        session.fed_ids = session.fed_mask = None
+        return
+    mask = torch.ones_like(input_ids) if mask is None else mask.to(input_ids.device)
+    session.fed_ids = torch.cat([session.fed_ids[:, :held], input_ids.to(session.fed_ids.device)], dim=1)
+    session.fed_mask = torch.cat([session.fed_mask[:, :held], mask.to(session.fed_mask.dtype)], dim=1)
 
 
 class DistributedModelMixin:
@@ -360,7 +377,7 @@ class DistributedModelMixin:
             # of the last one, so it is run again
             session.position = session.prefix_length + inputs.shape[1] - 1
         try:
-            outputs = super().generate(inputs, *args, cache=RemoteCache(session), **kwargs)
+            outputs, inputs = self._generate_checked(session, inputs, args, kwargs)
         finally:
             if owns_session:
                 session.close()
@@ -373,6 +390,43 @@ class DistributedModelMixin:
             return outputs[:, previous:]
         outputs.sequences = sequences[:, previous:]
         return outputs
+
+    def _generate_checked(self, session: InferenceSession, inputs: torch.Tensor, args, kwargs):
+        """transformers' ``generate()`` on the session; if a check catches a server's lie (``OutputsRejected``: the
+        session went back to its last checked position, on honest servers), generate again from there. Returns the
+        outputs and the inputs of the attempt that produced them."""
+        held = session.position - session.prefix_length
+        mask = kwargs.get("attention_mask")
+        session.fed_ids = inputs[:, :held]
+        session.fed_mask = (torch.ones_like(inputs) if mask is None else mask)[:, :held]
+        original, original_mask = inputs, mask
+        generation_config = kwargs.get("generation_config") or self.generation_config
+        max_new = kwargs.get("max_new_tokens", generation_config.max_new_tokens)
+        total = inputs.shape[1] + max_new if max_new is not None else None
+        min_new = kwargs.get("min_new_tokens")
+        min_total = None if min_new is None else inputs.shape[1] + min_new
+        for attempt in range(self.swarm.config.max_retries + 1):
+            try:
+                outputs = super().generate(inputs, *args, cache=RemoteCache(session), **kwargs)
+                session.settle()
+                return outputs, inputs
+            except OutputsRejected as rejected:
+                if session.fed_ids is None or attempt == self.swarm.config.max_retries:
+                    raise
+                logger.warning("generating again from position %d: %s", rejected.position, rejected)
+                kept = session.fed_ids if session.fed_ids.shape[1] >= original.shape[1] else original
+                inputs = kept
+                if original_mask is not None:
+                    kwargs["attention_mask"] = torch.cat(
+                        [original_mask, original_mask.new_ones(kept.shape[0], kept.shape[1] - original.shape[1])],
+                        dim=1)[:, : kept.shape[1]]
+                if total is not None:
+                    kwargs["max_new_tokens"] = total - kept.shape[1]
+                if min_total is not None:
+                    kwargs["min_new_tokens"] = max(0, min_total - kept.shape[1])
+                if session.position - session.prefix_length >= inputs.shape[1]:
+                    session.position = session.prefix_length + inputs.shape[1] - 1
+        raise AssertionError("unreachable")
 
     @staticmethod
     def _session_inputs(session: Optional[InferenceSession], inputs, kwargs) -> tuple[torch.Tensor, int]:

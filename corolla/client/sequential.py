@@ -11,8 +11,9 @@ from torch import nn
 from corolla.client.failures import describe_attempts, is_server_failure
 from corolla.client.rpc import call
 from corolla.client.swarm import RemoteSwarm
+from corolla.client.verify import check
 from corolla.core.blocks import BlockRange
-from corolla.core.errors import CorollaError
+from corolla.core.errors import CorollaError, RemoteError
 from corolla.core.records import ServerRecord
 from corolla.models.lora import LoraSet
 from corolla.wire.codec import dtype_from_name
@@ -138,6 +139,8 @@ class RemoteSequential(nn.Module):
                                          **self._extras(span, rows, extras, dtype))
                 try:
                     reply = await self._call(record, request)
+                    if self.swarm.verify_now():
+                        await self._check(record, span, inputs, mask, positions, rows, extras, reply.hidden_states)
                 except Exception as exc:
                     self._handle_failure(record, span, exc, attempts)
                     break  # plan the remaining blocks again, without that server
@@ -146,6 +149,21 @@ class RemoteSequential(nn.Module):
                 hidden = reply.hidden_states
                 position = span.end
         return hidden, hops
+
+    async def _check(self, record, span, inputs, mask, positions, rows, extras: "_Extras", claimed) -> None:
+        """Have other servers recompute ``record``'s outputs; a server caught lying is banned and its span run again
+        (raises, like a failed server)."""
+        checked = {"active_adapter": extras.adapter, "lora": extras.lora}
+        if extras.prompts is not None:
+            prompts = extras.prompts[span.start - self.blocks.start: span.end - self.blocks.start]
+            checked["prompts"] = prompts if prompts.shape[1] == 1 else prompts[:, rows]
+        verdict = await check(self.swarm, span, record.peer_id, claimed, inputs, mask, positions, checked,
+                              record.dtype, inputs.shape[1])
+        if verdict.liar is not None:
+            self.swarm.ban_liar(verdict.liar)
+        if verdict.liar is not None or verdict.disputed:
+            raise RemoteError("WrongOutputs", f"outputs of blocks {span} contradicted: {verdict.detail}",
+                              record.peer_id)
 
     async def _backward_span(self, record, span: BlockRange, inputs, activation_id, grad, mask, positions, rows,
                              extras, grads, attempts=None):

@@ -12,8 +12,10 @@ continues the step from there. The caller sees the same outputs as in an unbroke
 """
 from __future__ import annotations
 
+import asyncio
 import itertools
 import logging
+import random
 import secrets
 import time
 import uuid
@@ -24,6 +26,7 @@ import torch
 
 from corolla.client.failures import describe_attempts, is_server_failure
 from corolla.client.rpc import SessionStream
+from corolla.client.verify import OutputsRejected, check
 from corolla.net.exchange import reply_limit
 from corolla.core.blocks import BlockRange
 from corolla.core.errors import CorollaError, RemoteError
@@ -89,6 +92,7 @@ class _Hop:
     codec: str = "none"  # the wire codec of this hop's session (its replies, and the steps it relays)
     history: _History = field(default_factory=_History)
     relay_ok: bool = True  # False once this server failed to reach the next one: the client carries that link
+    joined_at: int = 0  # the session's position when this server took over these blocks: its outputs count from there
 
     @property
     def dtype(self) -> torch.dtype:
@@ -131,6 +135,15 @@ class InferenceSession:
         self._closed = False
         self._entered_over: list = []  # the sessions that were active on ``seq`` before each __enter__
         self._broken: Optional[str] = None  # why, once a failed step left the servers out of step
+        self.fed_ids: Optional[torch.Tensor] = None  # token ids sent through the model's forward, when known
+        self.fed_mask: Optional[torch.Tensor] = None
+        # checking servers' outputs (corolla.client.verify)
+        self._verify_rng = random.Random(self.swarm.config.verify_seed)
+        self._checks: list = []  # (task, position after the checked step, peer id) still running
+        self._checks_started = 0
+        self._check_offset = self._verify_rng.randrange(1 << 16)
+        self._avoid: set[str] = set()  # servers this session no longer trusts
+        self.checks = {"run": 0, "agreed": 0, "caught": 0, "disputed": 0}
 
     @property
     def position(self) -> int:
@@ -153,13 +166,20 @@ class InferenceSession:
             )
         if value == self._position:
             return
+        self._rewind(value)
+
+    def _rewind(self, value: int) -> None:
         self._position = value
         for hop in self._hops or []:
+            hop.joined_at = min(hop.joined_at, value)
             hop.history = hop.history.truncated(value)
-        if self.output_ids is not None:  # tokens of the user's sequence the servers still hold
-            kept = max(0, value - self.prefix_length)
+        kept = max(0, value - self.prefix_length)  # tokens of the user's sequence the servers still hold
+        if self.output_ids is not None:
             self.output_ids = self.output_ids[:, :kept]
             self.output_mask = self.output_mask[:, :kept]
+        if self.fed_ids is not None:
+            self.fed_ids = self.fed_ids[:, :kept]
+            self.fed_mask = self.fed_mask[:, :kept]
 
     @property
     def chain(self) -> list[tuple[str, BlockRange]]:
@@ -266,8 +286,10 @@ class InferenceSession:
         if self._hops is None:
             self.batch_size = hidden.shape[0]
             self._hops = await self._open_chain(self.seq.blocks, _History())
+        await self._collect_checks(wait=False)  # a caught lie sends the session back before it goes further
         self._step_index += 1
         past, attempt, index = self.position, 0, 0
+        answered = []  # (hop, its outputs) of this step
         while index < len(self._hops):
             attempt += 1
             length = self._segment_length(index, past)
@@ -277,6 +299,7 @@ class InferenceSession:
                 hop = self._hops[index]
                 self.swarm.report_success(hop.record.peer_id)  # a server that answers again starts its bans over
                 hop.history = hop.history.reordered(hypo_ids).appended(hidden.to(hop.dtype), mask, positions)
+                answered.append((hop, output))
                 hidden = output
                 index += 1
             if relay_failed:  # the last server that answered could not reach the next: we carry this link now
@@ -288,7 +311,78 @@ class InferenceSession:
                 self._hops[index : index + 1] = await self._replace(self._hops[index], error)
                 if index > 0:
                     self._hops[index - 1].relay_ok = True  # a new link: worth trying
+        if hypo_ids is None and answered and self._verify_rng.random() < self.swarm.config.verify_fraction:
+            self._checks_started += 1  # the servers of the chain take turns, from a random one
+            hop, output = answered[(self._checks_started + self._check_offset) % len(answered)]
+            self._start_check(hop, output, past + hidden.shape[1], hidden.shape[1])
         return hidden
+
+    # ---------------------------------------------------------------- checking servers' outputs
+
+    def _start_check(self, hop: _Hop, claimed: torch.Tensor, position: int, new: int) -> None:
+        """Have another server recompute ``hop``'s outputs of this step from its whole history (in the background)."""
+        if hop.history.length * (self.batch_size or 1) > self.swarm.config.max_request_tokens:
+            return  # too long to replay in one request: skipped
+        hidden, mask, positions = hop.history.joined()
+        extras = {"active_adapter": self.active_adapter,
+                  "lora": None if self.lora is None else self.lora.for_blocks(hop.span)}
+        if self._prompts is not None and hop.history.length > 0:
+            start = hop.span.start - self.seq.blocks.start
+            extras["prompts"] = self._prompts[start: start + len(hop.span)]
+        task = asyncio.ensure_future(check(self.swarm, hop.span, hop.record.peer_id, claimed, hidden, mask, positions,
+                                           extras, hop.record.dtype, new, frozenset(self._avoid)))
+        self._checks.append((task, position, hop.record.peer_id))
+        self.checks["run"] += 1
+
+    def settle(self) -> None:
+        """Wait for the checks still running; raises ``OutputsRejected`` (the session gone back) if one caught a lie."""
+        if self._checks and not self._closed:
+            self.swarm.run(self._collect_checks(wait=True))
+
+    async def _collect_checks(self, wait: bool) -> None:
+        """Take the verdicts of finished checks (all of them with ``wait``), in order; on a lie, go back."""
+        while self._checks:
+            task, position, suspect = self._checks[0]
+            if not task.done() and not wait:
+                return
+            self._checks.pop(0)
+            try:
+                verdict = await task
+            except Exception as exc:  # the check itself failed: nothing learned
+                logger.debug("a check of %s failed: %s", suspect, exc)
+                continue
+            if verdict.checked and not verdict.liar and not verdict.disputed:
+                self.checks["agreed"] += 1
+                continue
+            if not verdict.checked:
+                continue
+            await self._reject(verdict, suspect)
+
+    async def _reject(self, verdict, suspect: str) -> None:
+        """Outputs were caught wrong: distrust (or ban) the culprit, go back to where it joined the session (none of
+        its outputs can be trusted, checked or not), on other servers, and tell the caller (``OutputsRejected``)."""
+        for task, _, _ in self._checks:
+            task.cancel()
+        self._checks.clear()
+        culprit = verdict.liar or suspect
+        if verdict.liar:
+            self.checks["caught"] += 1
+            self.swarm.ban_liar(verdict.liar)
+        else:
+            self.checks["disputed"] += 1
+            logger.warning("servers disagree on outputs of %s (%s): not using it in this session", suspect,
+                           verdict.detail)
+        self._avoid.add(culprit)
+        joined = [hop.joined_at for hop in self._hops or [] if hop.record.peer_id == culprit]
+        target = min(joined, default=self._position)
+        if 0 < target < self.prefix_length:
+            target = 0
+        self._rewind(target)
+        for index, hop in enumerate(list(self._hops or [])):
+            if hop.record.peer_id == culprit:
+                hop.stream.close()
+                self._hops[index: index + 1] = await self._open_chain(hop.span, hop.history)
+        raise OutputsRejected(target, verdict.liar)
 
     def _segment_length(self, index: int, past: int) -> int:
         """How many servers from ``index`` on one relayed send reaches (1: the client sends to each itself)."""
@@ -370,7 +464,7 @@ class InferenceSession:
         through it; retries other servers on failure."""
         attempts: list[tuple[str, str]] = []
         for _ in range(self.swarm.config.max_retries + 1):
-            chain = await self.swarm.plan_inference(blocks, self.active_adapter)
+            chain = await self.swarm.plan_inference(blocks, self.active_adapter, frozenset(self._avoid))
             hops: list[_Hop] = []
             replay = history.joined() if history.length else None
             current = None
@@ -392,7 +486,7 @@ class InferenceSession:
                     )
                     stream = await SessionStream.open(self.swarm.transport, record, request,
                                                       self.swarm.config.step_timeout_s)
-                    hop = _Hop(record, span, stream, hop_id, token, codec)
+                    hop = _Hop(record, span, stream, hop_id, token, codec, joined_at=history.length)
                     hops.append(hop)
                     if replay is not None:
                         hidden, mask, positions = replay

@@ -25,6 +25,8 @@ from typing import Optional
 import torch
 from transformers import DynamicCache
 
+from corolla.client.verify import OutputsRejected
+
 def accept_drafts(
     target_probs: Optional[torch.Tensor],  # [k + 1, vocab] (sampling) or None (greedy)
     target_choice: torch.Tensor,  # [k + 1] argmax of the processed target logits (greedy)
@@ -154,6 +156,7 @@ class SpeculativeRun:
 
     def run(self, ids: torch.Tensor) -> torch.Tensor:  # [1, prompt] -> [1, prompt + new]
         """Generate until a stopping criterion holds; ``ids``' last token is the first one the session lacks."""
+        self.prompt_length = getattr(self, "prompt_length", ids.shape[1])  # the first run's: the user's prompt
         done = bool(self.stopping(ids, None).any())
         while not done:
             room = self.session.max_length - self.session.position - 1  # the verify step sends k + 1 tokens
@@ -163,7 +166,11 @@ class SpeculativeRun:
             started = time.perf_counter()
             drafts, draft_probs = self._draft(ids, k)  # [k], [k, vocab] or None
             drafted = time.perf_counter()
-            target_probs, target_choice = self._verify(ids, drafts)
+            try:
+                target_probs, target_choice = self._verify(ids, drafts)
+            except OutputsRejected as rejected:  # a server lied: go on from the last checked position
+                ids = self._after_rejection(ids, rejected)
+                continue
             verified = time.perf_counter()
             m, token = accept_drafts(target_probs, target_choice, draft_probs, drafts)
             self.draft_length.update(k, m, drafted - started, verified - drafted)
@@ -183,6 +190,19 @@ class SpeculativeRun:
         held = self.session.position - self.session.prefix_length
         if held > ids.shape[1] - 1:  # stopped inside the accepted drafts: the servers keep only what is returned
             self.session.position -= held - (ids.shape[1] - 1)
+        return ids
+
+    def _after_rejection(self, ids: torch.Tensor, rejected: OutputsRejected) -> torch.Tensor:
+        """The sequence to go on from after the session went back to ``rejected.position``: the tokens whose logits
+        were checked (the prompt stays whole), with the session caught up to all but the last of them."""
+        from corolla.client.cache import RemoteCache
+
+        held = rejected.position - self.session.prefix_length
+        ids = ids[:, : max(held + 1, self.prompt_length)]
+        if held < ids.shape[1] - 1:
+            with torch.no_grad():
+                self.model(input_ids=ids[:, held:-1], cache=RemoteCache(self.session), use_cache=True)
+        self.draft_held = min(self.draft_held, held)
         return ids
 
     def _processed(self, context: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:

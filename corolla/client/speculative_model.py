@@ -18,6 +18,7 @@ from corolla.client.model import (
 )
 from corolla.client.session import InferenceSession
 from corolla.client.speculative import DraftLength, SpeculativeRun, check_vocabularies
+from corolla.client.verify import OutputsRejected
 
 # generate() options that need several sequences, beams or per-step outputs: not speculative decoding's business
 _UNSUPPORTED = {
@@ -97,6 +98,12 @@ class SpeculativeGenerationMixin:
             run = SpeculativeRun(self, self.small_model, session, processors, stopping, config, streamer,
                                  draft_length, num_draft_tokens)
             output = run.run(ids)
+            while True:  # the checks still running; a lie they catch sends the run back to its last checked position
+                try:
+                    session.settle()
+                    break
+                except OutputsRejected as rejected:
+                    output = run.run(run._after_rejection(output, rejected))
             self.last_speculation = {"rounds": run.rounds, "drafted": run.drafted, "accepted": run.accepted,
                                      "new_tokens": output.shape[1] - ids.shape[1]}
             if streamer is not None:

@@ -57,6 +57,7 @@ class RemoteSwarm:
         self._records: list[ServerRecord] = []
         self._records_time = -float("inf")
         self._rng = random.Random()
+        self._verify_rng = random.Random(config.verify_seed)
         self.loop = LoopThread("corolla-client")
         try:
             self.transport: Transport = self.loop.run(transport_factory(), config.connect_timeout_s)
@@ -141,13 +142,13 @@ class RemoteSwarm:
     # ---------------------------------------------------------------- planning
 
     async def _plan(self, blocks: BlockRange, planner: Callable[[list[ServerRecord]], Chain],
-                    adapter: Optional[str] = None) -> Chain:
-        """Plan with ``planner`` over the servers (holding ``adapter``, if given), waiting up to
-        ``wait_for_blocks_s`` for the blocks to be served."""
-        deadline = time.monotonic() + self.config.wait_for_blocks_s
+                    adapter: Optional[str] = None, exclude: frozenset = frozenset(), wait: bool = True) -> Chain:
+        """Plan with ``planner`` over the servers (holding ``adapter``, if given; not in ``exclude``), waiting up to
+        ``wait_for_blocks_s`` for the blocks to be served (not at all with ``wait=False``)."""
+        deadline = time.monotonic() + (self.config.wait_for_blocks_s if wait else 0.0)
         max_age_s = None
         while True:
-            records = await self.records(max_age_s)
+            records = [r for r in await self.records(max_age_s) if r.peer_id not in exclude]
             holders = records if adapter is None else [r for r in records if adapter in r.adapters]
             try:
                 return planner(holders)
@@ -181,19 +182,37 @@ class RemoteSwarm:
             f"adapters offered there: {', '.join(map(repr, offered)) or 'none'}"
         )
 
-    async def plan_inference(self, blocks: BlockRange, adapter: Optional[str] = None) -> Chain:
+    async def plan_inference(self, blocks: BlockRange, adapter: Optional[str] = None,
+                             exclude: frozenset = frozenset(), wait: bool = True) -> Chain:
         """The chain with the least expected time per step (latency + compute), for inference sessions."""
         return await self._plan(
             blocks,
             lambda records: plan_inference_route(records, blocks, self.latency_s, self.config.default_latency_s,
                                                  self.speeds.block_s()),
             adapter,
+            exclude,
+            wait,
         )
 
-    async def plan_batch(self, blocks: BlockRange, adapter: Optional[str] = None) -> Chain:
-        """A chain that spreads forward/backward load over servers by throughput."""
+    async def plan_batch(self, blocks: BlockRange, adapter: Optional[str] = None, exclude: frozenset = frozenset(),
+                         wait: bool = True) -> Chain:
+        """A chain that spreads forward/backward load over servers by throughput (none of ``exclude``)."""
         return await self._plan(blocks, lambda records: plan_batch_route(records, blocks, self._rng,
-                                                                         self.speeds.block_s()), adapter)
+                                                                         self.speeds.block_s()), adapter, exclude, wait)
+
+    def verify_now(self) -> bool:
+        """Whether to check the request just answered (at the ``verify_fraction`` rate)."""
+        return self._verify_rng.random() < self.config.verify_fraction
+
+    def ban_liar(self, peer_id: str) -> None:
+        """A server caught returning wrong outputs: banned for the longest time, and named in the log."""
+        for _ in range(16):  # bans double with each failure: go straight to the longest
+            duration = self.bans.ban(peer_id)
+            if duration >= self.config.ban_max_s:
+                break
+        self.latency_s.pop(peer_id, None)
+        logger.warning("server %s returned outputs that other servers contradict: banned for %.0f s", peer_id,
+                       self.config.ban_max_s)
 
     def close(self) -> None:
         if self._closed:

@@ -1,0 +1,108 @@
+"""Checking servers' outputs by redundant computation.
+
+At a rate (``ClientConfig.verify_fraction``) the client has another server compute what a server just computed, from
+the same inputs (for an inference step: every input that server's session has received, replayed as a stateless
+forward pass, as failover replays them) and compares the outputs within the dtype's tolerance. If they disagree, a
+third server decides; the one the other two contradict is a liar. With no third server to ask the dispute stays
+open: the client then trusts neither for this session.
+
+This catches a server that lies on the steps it is checked on, with the probability of the rate per step; it does
+not catch a server that lies rarely and was lucky, nor two colluding servers that agree on the same wrong outputs
+(``verify_fraction`` = 1 and distinct owners make both unlikely, at a cost).
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Optional
+
+import torch
+
+from corolla.client.rpc import call
+from corolla.core.blocks import BlockRange
+from corolla.core.errors import BlocksNotServedError, CorollaError
+from corolla.wire.codec import dtype_from_name
+from corolla.wire.messages import ForwardRequest
+
+logger = logging.getLogger(__name__)
+
+TOLERANCE = {"float32": 1e-3, "float16": 3e-2, "bfloat16": 6e-2}  # relative to the outputs' largest magnitude
+
+
+class OutputsRejected(CorollaError):
+    """A server of this session was caught returning wrong outputs: the session went back to ``position`` (the
+    last position whose outputs were checked), on honest servers; what came after must be computed again."""
+
+    def __init__(self, position: int, liar: Optional[str]):
+        self.position = position
+        self.liar = liar
+        super().__init__(f"server {liar or '(disputed)'} returned wrong outputs; the session went back to "
+                         f"position {position}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Verdict:
+    checked: bool  # another server computed the same and compared
+    liar: Optional[str] = None  # the server caught lying, if any
+    disputed: bool = False  # two servers disagree and nobody could decide
+    detail: str = ""
+
+
+def agree(claimed: torch.Tensor, other: torch.Tensor, dtype: str) -> bool:
+    """Whether two servers' outputs for the same inputs are the same up to the dtype's rounding."""
+    if claimed.shape != other.shape:
+        return False
+    claimed, other = claimed.float(), other.float()
+    if not (torch.isfinite(claimed).all() and torch.isfinite(other).all()):
+        return False
+    scale = max(float(other.abs().max()), 1e-6)
+    return float((claimed - other).abs().max()) <= TOLERANCE.get(dtype, 6e-2) * scale
+
+
+async def recompute(swarm, span: BlockRange, hidden: torch.Tensor, mask, positions, extras: dict,
+                    exclude: frozenset) -> tuple[torch.Tensor, frozenset]:
+    """``span`` run on ``hidden`` by servers not in ``exclude`` (stateless forward passes); the outputs and who ran
+    them. ``BlocksNotServedError`` at once if no such servers hold the blocks."""
+    # the fewest servers (the least-time chain): a disagreement then leaves the most servers for a third opinion
+    chain = await swarm.plan_inference(span, extras.get("active_adapter"), exclude=exclude, wait=False)
+    used = []
+    for record, part in chain:
+        dtype = dtype_from_name(record.dtype)
+        fields = {k: v for k, v in extras.items() if k not in ("lora", "prompts")}
+        if extras.get("lora") is not None:
+            lora = extras["lora"].for_blocks(part)
+            fields.update(lora={k: t.to(dtype) for k, t in lora.to_flat().items()} or None, lora_scaling=lora.scaling)
+        if extras.get("prompts") is not None:
+            prompts = extras["prompts"][part.start - span.start: part.end - span.start]
+            fields["prompts"] = prompts.to(dtype)
+        request = ForwardRequest(part, hidden.to(dtype), mask, positions, **fields)
+        reply = await call(swarm.transport, record, request, swarm.config.request_timeout_s)
+        hidden = reply.hidden_states
+        used.append(record.peer_id)
+    return hidden, frozenset(used)
+
+
+async def check(swarm, span: BlockRange, suspect: str, claimed: torch.Tensor, hidden, mask, positions, extras: dict,
+                dtype: str, last: int, distrusted: frozenset = frozenset()) -> Verdict:
+    """Whether ``suspect``'s ``claimed`` outputs of its blocks ``span`` (the last ``last`` positions of what it ran
+    on ``hidden``) are what other servers (none of ``distrusted``) compute; a third decides a disagreement."""
+    excluded = frozenset({suspect}) | distrusted
+    try:
+        second, seconds = await recompute(swarm, span, hidden, mask, positions, extras, excluded)
+    except BlocksNotServedError:
+        return Verdict(False, detail=f"no other server holds blocks {span}")
+    except Exception as exc:  # the checker failed: nothing learned about the suspect
+        return Verdict(False, detail=f"the check failed: {type(exc).__name__}: {exc}")
+    second = second[:, hidden.shape[1] - last:]
+    if agree(claimed, second, dtype):
+        return Verdict(True, detail="agree")
+    try:
+        third, _ = await recompute(swarm, span, hidden, mask, positions, extras, excluded | seconds)
+    except Exception:
+        return Verdict(True, disputed=True, detail=f"{suspect} and {sorted(seconds)} disagree; no third server")
+    third = third[:, hidden.shape[1] - last:]
+    if agree(second, third, dtype):
+        return Verdict(True, liar=suspect, detail=f"two other servers agree against {suspect}")
+    if agree(claimed, third, dtype) and len(seconds) == 1:
+        return Verdict(True, liar=next(iter(seconds)), detail=f"{suspect} and a third server agree")
+    return Verdict(True, disputed=True, detail="three servers, three answers")
