@@ -144,6 +144,7 @@ class InferenceSession:
         self._check_offset = self._verify_rng.randrange(1 << 16)
         self._avoid: set[str] = set()  # servers this session no longer trusts
         self.checks = {"run": 0, "agreed": 0, "caught": 0, "disputed": 0}
+        self.rejections: list[tuple[int, Optional[str]]] = []  # (step number when caught, liar) of each rollback
 
     @property
     def position(self) -> int:
@@ -373,6 +374,7 @@ class InferenceSession:
             logger.warning("servers disagree on outputs of %s (%s): not using it in this session", suspect,
                            verdict.detail)
         self._avoid.add(culprit)
+        self.rejections.append((self._step_index, verdict.liar))
         joined = [hop.joined_at for hop in self._hops or [] if hop.record.peer_id == culprit]
         target = min(joined, default=self._position)
         if 0 < target < self.prefix_length:
