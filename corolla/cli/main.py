@@ -40,6 +40,9 @@ def _add_client_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-threads", type=int, default=None, help="torch threads of this process")
     parser.add_argument("--wire-codec", default="none", choices=SUPPORTED_CODECS,
                         help="how hidden states travel: none (exact), float16, bfloat16 or int8-block64")
+    parser.add_argument("--swarm-key", default=None, metavar="FILE", help="a private swarm's secret")
+    parser.add_argument("--allow-server", nargs="+", default=None, metavar="PEER_ID",
+                        help="use only these servers (peer ids)")
     parser.add_argument("--no-relay", action="store_true",
                         help="send every inference step to every server from here (no server-to-server relay)")
     _add_sampling_args(parser)
@@ -75,6 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--num-threads", type=int, default=None, help="torch threads (default: torch's choice)")
     serve.add_argument("--cache-tokens", type=int, default=32768,
                        help="session cache budget: tokens held (per batch row, in pages), 32768")
+    serve.add_argument("--swarm-key", default=None, metavar="FILE",
+                       help="a private swarm's secret: streams and records without it are refused")
     serve.add_argument("--identity", default=None, metavar="FILE",
                        help="the server's key (its peer id, which signs its records); created there if missing "
                             "(default: a new key each run)")
@@ -157,7 +162,7 @@ def _serve(args) -> int:
     config = ServerConfig(
         model=args.model, dht_prefix=args.dht_prefix, blocks=args.blocks, num_blocks=args.num_blocks,
         initial_peers=tuple(args.initial_peers), new_swarm=args.new_swarm, host=args.host, port=args.port,
-        address_file=args.address_file, identity_path=args.identity, dtype=args.dtype, device=args.device, num_threads=args.num_threads,
+        address_file=args.address_file, identity_path=args.identity, swarm_key_path=args.swarm_key, dtype=args.dtype, device=args.device, num_threads=args.num_threads,
         cache_tokens=args.cache_tokens, cache_wait_s=args.cache_wait, session_idle_timeout_s=args.session_idle_timeout,
         max_message_bytes=int(args.max_message_mb * 2**20), throughput=args.throughput,
         rebalance_period_s=args.rebalance_period, balance_quality=args.balance_quality, adapters=tuple(args.adapters),
@@ -195,12 +200,15 @@ def _client_model(args):
 
     from corolla.client.config import ClientConfig
     from corolla.client.model import AutoDistributedModelForCausalLM
+    from corolla.wire.swarm_key import load_swarm_key
 
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
     return AutoDistributedModelForCausalLM.from_pretrained(
         args.model, initial_peers=args.initial_peers, dht_prefix=args.dht_prefix, torch_dtype=args.dtype,
-        client_config=ClientConfig(wire_codec=args.wire_codec, relay=not args.no_relay),
+        client_config=ClientConfig(wire_codec=args.wire_codec, relay=not args.no_relay,
+                                   swarm_key=load_swarm_key(args.swarm_key),
+                                   allowed_servers=None if args.allow_server is None else tuple(args.allow_server)),
     )
 
 

@@ -29,5 +29,7 @@ class ClientConfig:
     verify_fraction: float = 0.05  # the share of inference steps whose outputs another server recomputes (one
     #                                server of the chain, at random): see corolla.client.verify; 0 checks nothing
     verify_seed: Optional[int] = None  # seeds which steps are checked (tests)
+    swarm_key: Optional[bytes] = None  # a private swarm's secret (corolla.wire.swarm_key); None: an open swarm
+    allowed_servers: Optional[tuple[str, ...]] = None  # use only these servers (peer ids); None: any
     wire_codec: str = "none"  # how hidden states and gradients travel: none (exact), float16, bfloat16 or
     #                           int8-block64 (corolla.wire.compression); used with the servers that announce it

@@ -6,9 +6,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from typing import Optional
 
 from corolla.core.records import ServerRecord
-from corolla.net.exchange import check_reply, open_exchange, read_reply, reply_limit, service_of
+from corolla.net.exchange import check_reply, open_exchange, proof_header, read_reply, reply_limit, service_of
 from corolla.net.transport import Transport
 from corolla.wire.framing import write_message
 from corolla.wire.messages import PROTOCOL_VERSION, RPC_PROTOCOL, ErrorReply, Message, SessionStepReply
@@ -16,7 +17,7 @@ from corolla.wire.services import Exchange, Service
 
 
 async def call(transport: Transport, record: ServerRecord, request: Message, timeout_s: float,
-               version: int = PROTOCOL_VERSION, codec=None) -> Message:
+               version: int = PROTOCOL_VERSION, codec=None, swarm_key: Optional[bytes] = None) -> Message:
     """Send one request on a new stream and return its reply (of the type the service table names); a server's
     error becomes ``RemoteError``."""
     service = service_of(request, Exchange.UNARY)
@@ -26,7 +27,8 @@ async def call(transport: Transport, record: ServerRecord, request: Message, tim
         try:
             # the server may reject a request (too large, say) before reading all of it: then read why it did
             with contextlib.suppress(ConnectionError):
-                await write_message(writer, request, version, codec)
+                await write_message(writer, request, version, codec,
+                                    extra=proof_header(transport, record.peer_id, swarm_key))
             reply = await read_reply(reader, record.peer_id, None, reply_limit(request))
             return check_reply(reply, service.reply, record.peer_id)
         finally:
@@ -47,10 +49,10 @@ class SessionStream:
 
     @classmethod
     async def open(cls, transport: Transport, record: ServerRecord, request: Message, timeout_s: float,
-                   version: int = PROTOCOL_VERSION) -> "SessionStream":
+                   version: int = PROTOCOL_VERSION, swarm_key: Optional[bytes] = None) -> "SessionStream":
         """Open the session ``request`` starts (e.g. ``OpenSession``) and wait for its opening reply."""
         service, reader, writer, _ = await open_exchange(transport, record.peer_id, record.maddrs, request,
-                                                         timeout_s, version)
+                                                         timeout_s, version, swarm_key)
         return cls(record, service, reader, writer)
 
     async def send(self, message: Message, version: int = PROTOCOL_VERSION, codec=None) -> None:

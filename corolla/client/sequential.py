@@ -109,7 +109,7 @@ class RemoteSequential(nn.Module):
 
     async def _call(self, record, request):
         return await call(self.swarm.transport, record, request, self.swarm.config.request_timeout_s,
-                          codec=request.wire_codec)
+                          codec=request.wire_codec, swarm_key=self.swarm.config.swarm_key)
 
     def _extras(self, span: BlockRange, rows: slice, extras: "_Extras", dtype: torch.dtype) -> dict:
         """The deep prompts and LoRA weights of ``span`` for batch ``rows``, as request fields."""

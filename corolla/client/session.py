@@ -487,7 +487,8 @@ class InferenceSession:
                         wire_codec=codec,
                     )
                     stream = await SessionStream.open(self.swarm.transport, record, request,
-                                                      self.swarm.config.step_timeout_s)
+                                                      self.swarm.config.step_timeout_s,
+                                                      swarm_key=self.swarm.config.swarm_key)
                     hop = _Hop(record, span, stream, hop_id, token, codec, joined_at=history.length)
                     hops.append(hop)
                     if replay is not None:

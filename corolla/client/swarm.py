@@ -85,7 +85,10 @@ class RemoteSwarm:
 
     async def refresh(self) -> list[ServerRecord]:
         """Read every server's record for this model's blocks, and measure round trips to new servers."""
-        found = await fetch_records(self.transport, self.model_prefix, range(self.num_blocks), self.num_blocks)
+        found = await fetch_records(self.transport, self.model_prefix, range(self.num_blocks), self.num_blocks,
+                                    self.config.swarm_key)
+        if self.config.allowed_servers is not None:
+            found = [r for r in found if r.peer_id in self.config.allowed_servers]
         self._records = usable(found, PROTOCOL_VERSION)
         self._records_time = time.monotonic()
         unmeasured = [r for r in self._records if r.peer_id not in self.latency_s and not self.bans.is_banned(r.peer_id)]
@@ -104,7 +107,7 @@ class RemoteSwarm:
         """Round trip of an ``info`` request to ``record``'s server, folded into its latency estimate."""
         start = time.perf_counter()
         try:
-            await call(self.transport, record, InfoRequest(), self.config.ping_timeout_s)
+            await call(self.transport, record, InfoRequest(), self.config.ping_timeout_s, swarm_key=self.config.swarm_key)
         except Exception as exc:
             logger.debug("ping of %s failed: %s", record.peer_id, exc)
             self.report_failure(record.peer_id)

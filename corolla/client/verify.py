@@ -76,7 +76,8 @@ async def recompute(swarm, span: BlockRange, hidden: torch.Tensor, mask, positio
             prompts = extras["prompts"][part.start - span.start: part.end - span.start]
             fields["prompts"] = prompts.to(dtype)
         request = ForwardRequest(part, hidden.to(dtype), mask, positions, **fields)
-        reply = await call(swarm.transport, record, request, swarm.config.request_timeout_s)
+        reply = await call(swarm.transport, record, request, swarm.config.request_timeout_s,
+                           swarm_key=swarm.config.swarm_key)
         hidden = reply.hidden_states
         used.append(record.peer_id)
     return hidden, frozenset(used)

@@ -10,6 +10,7 @@ from corolla.net.transport import Transport
 from corolla.wire.framing import read_message, write_message
 from corolla.wire.messages import PROTOCOL_VERSION, RPC_PROTOCOL, ErrorReply, Message
 from corolla.wire.services import Exchange, Service, service_for
+from corolla.wire.swarm_key import FIELD, stream_proof
 
 SMALL_REPLY_BYTES = 2**20  # the most a reply without tensors of the caller's size may take (headers, errors)
 
@@ -52,13 +53,18 @@ async def read_reply(reader: asyncio.StreamReader, peer_id: str, timeout_s: Opti
         raise RemoteError("MalformedReply", f"{type(exc).__name__}: {exc}", peer_id) from None
 
 
+def proof_header(transport: Transport, peer_id: str, swarm_key: Optional[bytes]) -> Optional[dict]:
+    """The frame header fields that prove this peer knows a private swarm's key (None in an open swarm)."""
+    return None if swarm_key is None else {FIELD: stream_proof(swarm_key, transport.peer_id, peer_id)}
+
+
 async def open_exchange(transport: Transport, peer_id: str, maddrs: Sequence[str], request: Message,
-                        timeout_s: float, version: int = PROTOCOL_VERSION):
+                        timeout_s: float, version: int = PROTOCOL_VERSION, swarm_key: Optional[bytes] = None):
     """Open a session or push exchange: returns ``(service, reader, writer, opening reply)``."""
     service = service_of(request, Exchange.SESSION, Exchange.PUSH)
     reader, writer = await asyncio.wait_for(transport.open_stream(peer_id, RPC_PROTOCOL, maddrs), timeout_s)
     try:
-        await write_message(writer, request, version)
+        await write_message(writer, request, version, extra=proof_header(transport, peer_id, swarm_key))
         opened = check_reply(await read_reply(reader, peer_id, timeout_s), service.reply, peer_id)
     except BaseException:
         writer.close()

@@ -9,7 +9,7 @@ from corolla.net.transport import Transport
 
 
 async def fetch_records(peer: Transport, model_prefix: str, blocks: Iterable[int],
-                        num_blocks: Optional[int] = None) -> list[ServerRecord]:
+                        num_blocks: Optional[int] = None, swarm_key: Optional[bytes] = None) -> list[ServerRecord]:
     """The latest live record of each server announcing any of ``blocks``. A record that is malformed, unsigned or
     mis-signed, expired, implausible (see ``decode_record``; ``num_blocks``: the model's), not stored under its own
     peer's subkey, or that does not cover the block it is filed under, is skipped without disturbing the others."""
@@ -19,7 +19,7 @@ async def fetch_records(peer: Transport, model_prefix: str, blocks: Iterable[int
     records: dict[str, ServerRecord] = {}
     for block in wanted:
         for subkey, value in found.get(block_key(model_prefix, block), {}).items():
-            record = decode_record(value, num_blocks, model_prefix, now)
+            record = decode_record(value, num_blocks, model_prefix, now, swarm_key)
             if record is None or record.peer_id != subkey or block not in record.blocks:
                 continue
             records[record.peer_id] = record

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Callable
+from typing import Callable, Optional
 
 from corolla.core.records import ServerRecord
 from corolla.wire.identity import Identity
@@ -15,9 +15,10 @@ logger = logging.getLogger(__name__)
 
 class Announcer:
     def __init__(self, peer: Transport, model_prefix: str, record: Callable[[], ServerRecord], period_s: float,
-                 ttl_s: float, identity: Identity):
+                 ttl_s: float, identity: Identity, swarm_key: Optional[bytes] = None):
         self.peer = peer
         self.identity = identity  # signs the records: readers accept only records signed by the peer they name
+        self.swarm_key = swarm_key  # a private swarm's: proves the records belong to it
         self.model_prefix = model_prefix
         self.record = record
         self.period_s = period_s
@@ -27,7 +28,7 @@ class Announcer:
     async def announce_now(self, ttl_s: float | None = None) -> bool:
         record = self.record()
         expires = self.peer.now() + (ttl_s or self.ttl_s)
-        value = encode_record(record, self.identity, self.model_prefix, expires)  # one signature for every block
+        value = encode_record(record, self.identity, self.model_prefix, expires, self.swarm_key)  # one for all blocks
         items = [(block_key(self.model_prefix, b), record.peer_id, value) for b in record.blocks]
         try:
             return await self.peer.announce_many(items, expires)

@@ -19,6 +19,7 @@ class ServerConfig:
     port: int = 0  # TCP port; 0 picks a free one
     address_file: Optional[str] = None  # where to write our multiaddrs once reachable
     identity_path: Optional[str] = None  # the server's key (its peer id); created there if missing; None: new per run
+    swarm_key_path: Optional[str] = None  # a private swarm's secret (corolla.wire.swarm_key); None: an open swarm
     dtype: str = "float32"  # compute dtype: float32, bfloat16, float16 or auto (the checkpoint's)
     device: str = "cpu"  # torch device of the blocks: cpu, cuda, cuda:1, ...
     num_threads: Optional[int] = None  # torch intra-op threads; None keeps torch's default

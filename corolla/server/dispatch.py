@@ -13,6 +13,7 @@ from typing import AsyncIterator, Optional
 
 from corolla.core.errors import BadRequestError, CorollaError, FrameTimeoutError
 from corolla.server.sessions import ServerBusyError
+from corolla.wire.swarm_key import stream_proof_valid
 from corolla.wire.framing import read_message, write_message
 from corolla.wire.messages import ErrorReply, Message
 from corolla.wire.services import SERVICES, Exchange, Service, service_for
@@ -26,7 +27,8 @@ class ServerShuttingDownError(CorollaError):
 
 class Dispatcher:
     def __init__(self, handler, max_message_bytes: int, session_idle_timeout_s: float,
-                 first_frame_timeout_s: float = 30.0, frame_timeout_s: float = 60.0, max_streams_per_peer: int = 256):
+                 first_frame_timeout_s: float = 30.0, frame_timeout_s: float = 60.0, max_streams_per_peer: int = 256,
+                 swarm_key: Optional[bytes] = None, local_peer_id: str = ""):
         missing = [s.name for s in SERVICES if not callable(getattr(handler, s.name, None))]
         if missing:
             raise TypeError(f"{type(handler).__name__} does not answer {missing} of the service table")
@@ -37,6 +39,8 @@ class Dispatcher:
         self.first_frame_timeout_s = first_frame_timeout_s  # a stream that says nothing this long is closed
         self.frame_timeout_s = frame_timeout_s  # a frame begun must arrive whole within this
         self.max_streams_per_peer = max_streams_per_peer
+        self.swarm_key = swarm_key  # a private swarm: every stream must prove it knows this
+        self.local_peer_id = local_peer_id
         self.accepting = True
         self.in_flight = 0  # streams being served, sessions included
         self.streams_by_peer: dict[str, int] = {}
@@ -50,9 +54,10 @@ class Dispatcher:
                 await reply_error(writer, ServerBusyError(
                     f"you have {self.max_streams_per_peer} streams open here already, the most one peer may"))
                 return
+            header: dict = {}
             try:
                 request = await read_message(reader, self.max_message_bytes, self.frame_timeout_s,
-                                             start_timeout_s=self.first_frame_timeout_s)
+                                             start_timeout_s=self.first_frame_timeout_s, header_out=header)
             except asyncio.TimeoutError:
                 await reply_error(writer, FrameTimeoutError(
                     f"no request arrived within {self.first_frame_timeout_s:g} s of opening the stream"))
@@ -61,6 +66,9 @@ class Dispatcher:
                 await reply_error(writer, exc)
                 return
             if request is None:
+                return
+            if self.swarm_key is not None and not stream_proof_valid(self.swarm_key, header, peer, self.local_peer_id):
+                await reply_error(writer, PrivateSwarmError("this swarm is private: your stream has no valid swarm proof"))
                 return
             if not self.accepting:
                 await reply_error(writer, ServerShuttingDownError("this server is shutting down; use another"))
@@ -110,6 +118,10 @@ class Dispatcher:
         for channel in channels:
             channel.close()
         return len(channels)
+
+
+class PrivateSwarmError(CorollaError):
+    """A peer without the swarm's key tried to use a private swarm."""
 
 
 class SessionChannel:

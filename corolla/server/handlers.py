@@ -23,6 +23,7 @@ from corolla.server.sessions import SessionTable
 from corolla.wire.validation import check_blocks, check_hidden, check_mask, check_positions, check_prompts, \
     check_same_shape
 from corolla.wire.compression import parse_codec
+from corolla.wire.swarm_key import load_swarm_key
 from corolla.wire.relay import parse_route
 from corolla.wire.messages import (
     BackwardReply,
@@ -47,6 +48,7 @@ class RequestHandlers:
                  info: Callable[[], InfoReply], transport, adapters: Optional[dict[str, LoraSet]] = None):
         self.config = config
         self.transport = transport  # to relay outputs to the next server of a chain
+        self.swarm_key = load_swarm_key(config.swarm_key_path)
         self.counts = {"client_steps": 0, "relayed_in": 0, "relayed_out": 0}  # session steps, by where they came from
         self.scheduler = scheduler
         self._info = info
@@ -120,7 +122,7 @@ class RequestHandlers:
                                           for k, (a, b) in lora.pairs.items()})
         session = await sessions.open(request, stack, lora, self.max_positions, owner=peer)
         channel.codec = codec
-        relays = Relays(self.transport, self.config.relay_timeout_s, codec)
+        relays = Relays(self.transport, self.config.relay_timeout_s, codec, self.swarm_key)
         reader = asyncio.create_task(self._read_steps(channel, session.inbox))
         try:
             await channel.reply(SessionOpened(session.session_id, sessions.budget.held_by(session)))

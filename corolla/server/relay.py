@@ -31,9 +31,11 @@ class PushStream:
         self._drain = asyncio.create_task(self._read_errors(reader))
 
     @classmethod
-    async def open(cls, transport: Transport, hop: NextHop, timeout_s: float) -> "PushStream":
+    async def open(cls, transport: Transport, hop: NextHop, timeout_s: float,
+                   swarm_key: Optional[bytes] = None) -> "PushStream":
         _, reader, writer, _ = await open_exchange(transport, hop.peer_id, hop.maddrs,
-                                                   RelayOpen(hop.session_id, hop.token), timeout_s)
+                                                   RelayOpen(hop.session_id, hop.token), timeout_s,
+                                                   swarm_key=swarm_key)
         return cls(hop, reader, writer)
 
     async def push(self, step: SessionStep, codec=None) -> None:
@@ -60,8 +62,9 @@ class PushStream:
 class Relays:
     """The push streams of one session, by next hop; closed with the session."""
 
-    def __init__(self, transport: Transport, timeout_s: float, codec=None):
+    def __init__(self, transport: Transport, timeout_s: float, codec=None, swarm_key: Optional[bytes] = None):
         self.transport = transport
+        self.swarm_key = swarm_key
         self.timeout_s = timeout_s
         self.codec = codec  # the session's wire codec, for what it relays
         self._streams: dict[tuple[str, str], PushStream] = {}
@@ -78,7 +81,7 @@ class Relays:
         try:
             stream = self._streams.get(key)
             if stream is None:
-                stream = self._streams[key] = await PushStream.open(self.transport, hop, self.timeout_s)
+                stream = self._streams[key] = await PushStream.open(self.transport, hop, self.timeout_s, self.swarm_key)
             await asyncio.wait_for(stream.push(relayed, self.codec), self.timeout_s)
             return None
         except Exception as exc:  # unreachable, refused, broken: the client hears why and takes over

@@ -35,6 +35,7 @@ from corolla.server.throughput import measure_throughput
 from corolla.wire.codec import dtype_name
 from corolla.wire.compression import SUPPORTED_CODECS
 from corolla.wire.identity import Identity
+from corolla.wire.swarm_key import load_swarm_key
 from corolla.wire.messages import PROTOCOL_VERSION, RPC_PROTOCOL, InfoReply
 
 logger = logging.getLogger(__name__)
@@ -65,7 +66,7 @@ class Server:
         self.scheduler = Scheduler(config.num_threads, max_gather_s=config.batch_gather_s)
         self.identity = identity
         self.announcer = Announcer(peer, model_prefix, self.record, config.announce_period_s, config.record_ttl_s,
-                                   identity)
+                                   identity, load_swarm_key(config.swarm_key_path))
 
     @classmethod
     async def create(cls, config: ServerConfig, transport_factory: TransportFactory) -> "Server":
@@ -83,7 +84,7 @@ class Server:
         try:
             blocks = config.blocks
             if blocks is None:
-                records = await fetch_records(peer, prefix, range(total), total)
+                records = await fetch_records(peer, prefix, range(total), total, load_swarm_key(config.swarm_key_path))
                 blocks = choose_span(total, records, config.num_blocks or total)
             if blocks.end > total:
                 raise ValueError(f"blocks {blocks} run past the model's {total} blocks")
@@ -103,7 +104,8 @@ class Server:
         self.stack, self.budget, adapters = await self._load(self.blocks)
         self.handler = RequestHandlers(self.stack, config, self.budget, self.scheduler, self.info, self.peer, adapters)
         self.dispatcher = Dispatcher(self.handler, config.max_message_bytes, config.session_idle_timeout_s,
-                                     config.first_frame_timeout_s, config.frame_timeout_s, config.max_streams_per_peer)
+                                     config.first_frame_timeout_s, config.frame_timeout_s, config.max_streams_per_peer,
+                                     self.handler.swarm_key, self.peer.peer_id)
         await self.peer.serve(RPC_PROTOCOL, self.dispatcher.handle_stream)
         self.state = ServerState.ONLINE
         await self.announcer.announce_now()
@@ -150,7 +152,8 @@ class Server:
         while True:
             await asyncio.sleep(self.config.rebalance_period_s * random.uniform(0.5, 1.5))  # jitter: no herds
             try:
-                records = await fetch_records(self.peer, self.model_prefix, range(total), total)
+                records = await fetch_records(self.peer, self.model_prefix, range(total), total,
+                                              self.announcer.swarm_key)
                 if not any(r.peer_id == self.peer.peer_id for r in records):
                     records.append(self.record())
                 target = choose_move(total, records, self.peer.peer_id, self.config.balance_quality)

@@ -14,30 +14,32 @@ DEFAULT_MAX_MESSAGE_BYTES = 256 * 2**20
 MAX_HEADER_BYTES = 2**20  # a JSON header this large is never needed (tensor descriptors, routes, names)
 
 
-def encode_message(message: Message, version: int = PROTOCOL_VERSION, codec=None) -> bytes:
-    """The frame of ``message``; ``codec`` (a wire codec name) compresses its activation fields."""
+def encode_message(message: Message, version: int = PROTOCOL_VERSION, codec=None, extra: Optional[dict] = None) -> bytes:
+    """The frame of ``message``; ``codec`` (a wire codec name) compresses its activation fields; ``extra`` adds
+    frame-level header fields that are not the message's (a swarm proof)."""
     header, tensors = message.to_parts(version)
+    header.update(extra or {})
     codec = parse_codec(codec)
     codecs = {name: codec for name in message.COMPRESSIBLE} if codec is not WireCodec.NONE else None
     return encode_frame(header, tensors, codecs)
 
 
 async def write_message(writer: asyncio.StreamWriter, message: Message, version: int = PROTOCOL_VERSION,
-                        codec=None) -> None:
-    writer.write(encode_message(message, version, codec))
+                        codec=None, extra: Optional[dict] = None) -> None:
+    writer.write(encode_message(message, version, codec, extra))
     await writer.drain()
 
 
 async def read_message(reader: asyncio.StreamReader, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
                        frame_timeout_s: Optional[float] = None, max_header_bytes: int = MAX_HEADER_BYTES,
-                       start_timeout_s: Optional[float] = None) -> Message | None:
+                       start_timeout_s: Optional[float] = None, header_out: Optional[dict] = None) -> Message | None:
     """Read one message; None at a clean end of stream.
 
     Once a frame has begun, all of it must arrive within ``frame_timeout_s`` (a sender that stops half-way holds
     nothing for long). A header over ``max_header_bytes`` or a frame over ``max_bytes`` is read and dropped chunk by
     chunk (never held in memory), then raises ``MessageTooLargeError``; the stream stays usable. Each tensor is read
     into a buffer of its own, so a tensor kept later does not pin the rest of the frame. If no frame begins within
-    ``start_timeout_s``, ``asyncio.TimeoutError``.
+    ``start_timeout_s``, ``asyncio.TimeoutError``. ``header_out`` (a dict) receives the frame's header.
     """
     try:
         prefix = await asyncio.wait_for(reader.readexactly(PREFIX.size), start_timeout_s)
@@ -53,11 +55,14 @@ async def read_message(reader: asyncio.StreamReader, max_bytes: int = DEFAULT_MA
             f"message of {header_len + body_len} bytes"
         limit = max_header_bytes if header_len > max_header_bytes else max_bytes
         raise MessageTooLargeError(f"{what} exceeds this peer's limit of {limit} bytes (split the batch into smaller pieces)")
-    return await _with_timeout(_read_frame(reader, header_len, body_len), frame_timeout_s)
+    return await _with_timeout(_read_frame(reader, header_len, body_len, header_out), frame_timeout_s)
 
 
-async def _read_frame(reader: asyncio.StreamReader, header_len: int, body_len: int) -> Message:
+async def _read_frame(reader: asyncio.StreamReader, header_len: int, body_len: int,
+                      header_out: Optional[dict]) -> Message:
     header = parse_header(await reader.readexactly(header_len))
+    if header_out is not None:
+        header_out.update(header)
     sizes = body_sizes(header)
     if sum(sizes) != body_len:
         await _discard(reader, body_len)

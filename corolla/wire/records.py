@@ -10,6 +10,7 @@ unsigned, mis-signed or implausible, instead of raising.
 from __future__ import annotations
 
 import base64
+import hmac
 import json
 from dataclasses import asdict
 from typing import Any, Optional
@@ -18,6 +19,8 @@ from corolla.core.blocks import BlockRange
 from corolla.core.records import ServerRecord, ServerState
 from corolla.wire.compression import SUPPORTED_CODECS
 from corolla.wire.identity import MAX_PUBLIC_KEY_BYTES, Identity, peer_id_of, verify
+from corolla.wire.swarm_key import FIELD as swarm_key_field
+from corolla.wire.swarm_key import record_proof
 
 MAX_ADAPTERS = 256  # adapter names one record may list
 MAX_ADAPTER_NAME = 512  # characters of one adapter name (a path or a hub id)
@@ -35,7 +38,7 @@ def block_key(model_prefix: str, block: int) -> str:
 
 
 def encode_record(record: ServerRecord, identity: Optional[Identity] = None, model: str = "",
-                  expires: float = 0.0) -> dict[str, Any]:
+                  expires: float = 0.0, swarm_key: Optional[bytes] = None) -> dict[str, Any]:
     """The value stored in the DHT; signed by ``identity`` (which must be the record's peer) for model ``model``,
     valid until ``expires`` (on the DHT clock)."""
     value = asdict(record)
@@ -49,12 +52,14 @@ def encode_record(record: ServerRecord, identity: Optional[Identity] = None, mod
             raise ValueError(f"identity {identity.peer_id} cannot sign a record of {record.peer_id}")
         value.update(model=model, expires=float(expires), public_key=base64.b64encode(identity.public_der).decode())
         value["signature"] = identity.sign(_signed_bytes(value))
+        if swarm_key is not None:  # a private swarm's records prove they belong to it
+            value[swarm_key_field] = record_proof(swarm_key, _signed_bytes(value) + value["signature"].encode())
     return value
 
 
 def _signed_bytes(value: dict[str, Any]) -> bytes:
     """What a record's signature covers: every field but the signature, canonically."""
-    return json.dumps({k: v for k, v in value.items() if k != "signature"}, sort_keys=True,
+    return json.dumps({k: v for k, v in value.items() if k not in ("signature", swarm_key_field)}, sort_keys=True,
                       separators=(",", ":")).encode()
 
 
@@ -74,13 +79,17 @@ def _check_signature(value: dict[str, Any], model: str, now: float) -> None:
 
 
 def decode_record(value: Any, num_blocks: Optional[int] = None, model: Optional[str] = None,
-                  now: float = 0.0) -> Optional[ServerRecord]:
+                  now: float = 0.0, swarm_key: Optional[bytes] = None) -> Optional[ServerRecord]:
     """Parse a DHT value, checking every field (blocks inside the model's ``num_blocks``, a finite throughput under
     a sane ceiling, a known dtype, bounded lists) and, when ``model`` is given, its signature (see the module
     docstring; ``now`` on the DHT clock); None for anything malformed, unsigned or implausible."""
     try:
         if model is not None:
             _check_signature(value, model, now)
+        if swarm_key is not None:
+            expected = record_proof(swarm_key, _signed_bytes(value) + str(value.get("signature")).encode())
+            if not hmac.compare_digest(str(value.get(swarm_key_field)), expected):
+                raise ValueError("not a record of this private swarm")
         start, end = value["blocks"]
         blocks = BlockRange(_int(start), _int(end))
         if num_blocks is not None and blocks.end > num_blocks:
