@@ -26,7 +26,7 @@ class ClientConfig:
     #                           chain then work on different pieces at the same time
     relay: bool = True  # inference steps go server to server (each server forwards to the next); False: the client
     #                     sends every step to every server itself
-    verify_fraction: float = 0.05  # the share of inference steps whose outputs another server recomputes (one
+    verify_fraction: float = 0.2  # the share of inference steps whose outputs another server recomputes (one
     #                                server of the chain, at random): see corolla.client.verify; 0 checks nothing
     verify_seed: Optional[int] = None  # seeds which steps are checked (tests)
     swarm_key: Optional[bytes] = None  # a private swarm's secret (corolla.wire.swarm_key); None: an open swarm
