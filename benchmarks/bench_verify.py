@@ -4,7 +4,7 @@ Run: .venv/bin/python benchmarks/bench_verify.py [--new-tokens 64] [--trials 20]
 
 Cost: the embedded model on a loopback swarm of five server processes (0:10, 10:20, 20:30 and replicas 0:15,
 15:30, so every span has another server to check it), one session generating ``--new-tokens`` greedy tokens with
-``verify_fraction`` 0 (no checks), the default (0.05) and 0.2, alternating, median of three each, in one run.
+``verify_fraction`` 0 (no checks), 0.05 and the default (0.2), alternating, median of three each, in one run.
 
 Detection: in one process (real servers on the in-memory network), the 10:20 server of the embedded model adds
 noise to everything it computes; ``--trials`` sessions with different seeds each generate until the lie is caught
@@ -32,7 +32,7 @@ from corolla.testing.local_swarm import LocalSwarm
 
 PROMPT = "Write a short story about a robot who learns to paint."
 SPANS = [BlockRange(0, 10), BlockRange(10, 20), BlockRange(20, 30), BlockRange(0, 15), BlockRange(15, 30)]
-RATES = (0.0, ClientConfig().verify_fraction, 0.2)
+RATES = tuple(sorted({0.0, 0.05, ClientConfig().verify_fraction}))  # none, a low rate, the default
 
 
 def cost(model_dir: str, ids, new_tokens: int) -> None:
