@@ -65,6 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     dht = commands.add_parser("dht", help="start a DHT bootstrap node")
     _add_peer_args(dht, "write the multiaddrs others pass as --initial-peers here, one per line")
+    dht.add_argument("--swarm-key", default=None, metavar="FILE",
+                     help="a private swarm's secret: DHT peers without it are refused")
 
     serve = commands.add_parser("serve", help="serve a span of a model's blocks")
     _add_model(serve)
@@ -152,7 +154,9 @@ def main(argv=None) -> int:
 def _dht(args) -> int:
     from corolla.cli.dht_node import run_dht
 
-    return run_dht(args.host, args.port, args.address_file)
+    from corolla.wire.swarm_key import load_swarm_key
+
+    return run_dht(args.host, args.port, args.address_file, swarm_key=load_swarm_key(args.swarm_key))
 
 
 def _serve(args) -> int:

@@ -36,7 +36,8 @@ def hivemind_client(config: ClientConfig) -> TransportFactory:
     """The real transport of a client: a client-mode libp2p peer joined to ``config.initial_peers``."""
     if not config.initial_peers:
         raise ValueError("a client needs initial_peers: the multiaddrs of any peer of the swarm")
-    return lambda: Peer.create(PeerConfig(initial_peers=tuple(config.initial_peers), client_mode=True))
+    return lambda: Peer.create(PeerConfig(initial_peers=tuple(config.initial_peers), client_mode=True,
+                                          swarm_key=config.swarm_key))
 
 
 class RemoteSwarm:

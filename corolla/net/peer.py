@@ -17,6 +17,7 @@ from hivemind.utils.multiaddr import Multiaddr
 from hivemind.utils.timed_storage import get_dht_time
 
 from corolla.net.addresses import listen_maddrs
+from corolla.net.swarm_auth import SwarmKeyAuthorizer
 from corolla.net.transport import StreamHandler, Transport
 from corolla.wire.identity import Identity
 
@@ -31,6 +32,7 @@ class PeerConfig:
     client_mode: bool = False  # True: does not store DHT records for others and is not dialled
     startup_timeout_s: float = 30.0
     identity: Optional[Identity] = None  # the libp2p identity (a server's key, which signs its records); None: new
+    swarm_key: Optional[bytes] = None  # a private swarm's secret: DHT requests and replies must prove it
 
 
 class Peer(Transport):
@@ -78,9 +80,15 @@ class Peer(Transport):
                 cache_on_store=False,
                 ensure_bootstrap_success=bool(config.initial_peers),
                 record_validator=validator,
+                authorizer=SwarmKeyAuthorizer(config.swarm_key) if config.swarm_key is not None else None,
             )
-        except BaseException:
+        except BaseException as error:
             await p2p.shutdown()
+            if isinstance(error, RuntimeError) and "bootstrap failed" in str(error):
+                hint = ("this peer has a swarm key: is it the swarm's?" if config.swarm_key is not None
+                        else "if the swarm is private, pass its --swarm-key")
+                raise ConnectionError(f"none of the initial peers {list(config.initial_peers)} answered as DHT nodes "
+                                      f"({hint})") from None
             raise
         return cls(p2p, dht, config, validator.local_public_key.decode())
 

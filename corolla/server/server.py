@@ -247,8 +247,9 @@ def hivemind_server(config: ServerConfig) -> TransportFactory:
     """The real transport of a server: a libp2p peer with a DHT node, joined to ``config.initial_peers``."""
     if not config.initial_peers and not config.new_swarm:
         raise ValueError("a server needs --initial-peers of a running swarm, or --new-swarm to start its own")
+    swarm_key = load_swarm_key(config.swarm_key_path)
     return lambda identity=None: Peer.create(PeerConfig(initial_peers=config.initial_peers, host=config.host,
-                                                        port=config.port, identity=identity))
+                                                        port=config.port, identity=identity, swarm_key=swarm_key))
 
 
 def run_server(config: ServerConfig) -> int:

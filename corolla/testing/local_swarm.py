@@ -60,6 +60,7 @@ class LocalSwarm:
     dht_prefix: Optional[str] = None
     workdir: Optional[str] = None  # logs and address files; None = a temporary directory
     extra_server_args: Sequence[str] = ()
+    swarm_key_path: Optional[str] = None  # a private swarm: the DHT node and every server get --swarm-key
     start_timeout_s: float = 180.0
     children: list[ChildProcess] = field(default_factory=list)
     initial_peers: list[str] = field(default_factory=list)
@@ -101,13 +102,16 @@ class LocalSwarm:
                     raise TimeoutError(f"{child.name} not ready after {self.start_timeout_s:.0f} s:\n{child.log_tail()}")
                 time.sleep(0.1)
 
+    def _key_args(self) -> list[str]:
+        return ["--swarm-key", self.swarm_key_path] if self.swarm_key_path else []
+
     def start(self) -> None:
         if self.workdir is None:
             self._tmp = tempfile.TemporaryDirectory(prefix="corolla-swarm-")
             self.workdir = self._tmp.name
         Path(self.workdir).mkdir(parents=True, exist_ok=True)
         try:
-            dht = self._spawn("dht", ["dht"])
+            dht = self._spawn("dht", ["dht", *self._key_args()])
             self._wait_ready([dht])
             self.initial_peers = read_address_file(dht.address_file)
             spans = list(self.spans) if self.spans is not None else split_blocks(self._num_blocks(), self.num_servers)
@@ -127,7 +131,7 @@ class LocalSwarm:
             args += ["--blocks", str(span)]
         if self.dht_prefix:
             args += ["--dht-prefix", self.dht_prefix]
-        args += [*self.extra_server_args, *extra_args]
+        args += [*self._key_args(), *self.extra_server_args, *extra_args]
         child = self._spawn(f"server{index}", args)
         if wait:
             self._wait_ready([child])

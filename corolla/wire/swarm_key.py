@@ -3,8 +3,8 @@ records ignored.
 
 The first frame of every exchange carries ``swarm_proof`` = HMAC-SHA256(key, sender peer id | receiver peer id):
 both ids are authenticated by the transport (libp2p), so a proof cannot be replayed by a third peer. Every record
-carries ``swarm_proof`` = HMAC-SHA256(key, its signed bytes). (The libp2p daemon Corolla uses has no pre-shared-key
-option, so a stranger can still talk to the DHT nodes; what it writes there is ignored and what it asks is refused.)
+carries ``swarm_proof`` = HMAC-SHA256(key, its signed bytes). DHT requests and replies carry proofs too
+(``corolla.net.swarm_auth``), so a peer without the key cannot join the DHT.
 """
 from __future__ import annotations
 

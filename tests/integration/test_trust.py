@@ -59,3 +59,53 @@ def test_a_stranger_cannot_overwrite_or_impersonate_a_server(one_server, tiny_ll
         assert model.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=4, do_sample=False).shape == (1, 7)
     finally:
         model.close()
+
+
+def test_a_private_swarm_refuses_strangers_at_the_dht(tiny_llama_dir, tmp_path):
+    """With --swarm-key on the DHT node and the server, a peer without the key (or with another key) cannot join
+    the DHT, and the DHT nodes answer none of its pings, stores or lookups; a peer with the key joins and works."""
+    from corolla import AutoDistributedModelForCausalLM, ClientConfig
+    from hivemind.dht.routing import DHTID
+    from hivemind.p2p import PeerID
+    from hivemind.utils.multiaddr import Multiaddr
+
+    key_path = tmp_path / "swarm.key"
+    key_path.write_bytes(b"a private swarm key of 32 bytes!")
+    with LocalSwarm(model=str(tiny_llama_dir), spans=[BlockRange(0, 4)], dht_prefix="private",
+                    swarm_key_path=str(key_path)) as swarm:
+        loop = LoopThread("strangers")
+        try:
+            for stranger_key in (None, b"another swarm's key, 32 bytes.."):
+                with pytest.raises(ConnectionError, match="none of the initial peers"):
+                    loop.run(Peer.create(PeerConfig(initial_peers=tuple(swarm.initial_peers), client_mode=True,
+                                                    swarm_key=stranger_key)), 60)
+            # a stranger that connects anyway (a DHT node of its own) and talks to the swarm's DHT node directly
+            stranger = loop.run(Peer.create(PeerConfig()), 60)
+            try:
+                dht_peer = PeerID.from_base58(swarm.initial_peers[0].rsplit("/p2p/", 1)[1])
+                loop.run(stranger._p2p._client.connect(dht_peer, [Multiaddr(swarm.initial_peers[0].rsplit("/p2p/", 1)[0])]),
+                         30)  # the libp2p link is open: only the swarm proof is missing
+                protocol = stranger._dht.protocol
+                assert loop.run(protocol.call_ping(dht_peer), 30) is None
+                key = DHTID.generate(source=block_key("private", 0))
+                assert loop.run(protocol.call_find(dht_peer, [key]), 30) is None
+                stored = loop.run(protocol.call_store(dht_peer, [key], [b"forged"], [stranger.now() + 600]), 30)
+                assert not stored
+            finally:
+                loop.run(stranger.shutdown(), 30)
+            # a member with the key joins: the client generates through the private swarm
+            member = loop.run(Peer.create(PeerConfig(initial_peers=tuple(swarm.initial_peers), client_mode=True,
+                                                     swarm_key=key_path.read_bytes())), 60)
+            try:
+                assert len(loop.run(fetch_records(member, "private", range(4), 4, key_path.read_bytes()), 30)) == 1
+            finally:
+                loop.run(member.shutdown(), 30)
+        finally:
+            loop.stop()
+        config = ClientConfig(swarm_key=key_path.read_bytes())
+        model = AutoDistributedModelForCausalLM.from_pretrained(str(tiny_llama_dir), initial_peers=swarm.initial_peers,
+                                                                dht_prefix="private", client_config=config)
+        try:
+            assert model.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=4, do_sample=False).shape == (1, 7)
+        finally:
+            model.close()
