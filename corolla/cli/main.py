@@ -90,6 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--session-idle-timeout", type=float, default=600.0,
                        help="seconds after which a session that sends nothing is closed (600)")
     serve.add_argument("--max-message-mb", type=float, default=256, help="largest request accepted, MiB")
+    serve.add_argument("--frame-budget-mb", type=float, default=1024,
+                       help="request frames held at once, all streams together, MiB (one peer: half while others wait)")
     serve.add_argument("--throughput", type=float, default=None, help="tokens/s to announce instead of measuring")
     serve.add_argument("--adapters", nargs="+", default=[], metavar="PATH_OR_ID",
                        help="PEFT LoRA adapters to load; clients choose one per request by this name (active_adapter)")
@@ -168,7 +170,7 @@ def _serve(args) -> int:
         initial_peers=tuple(args.initial_peers), new_swarm=args.new_swarm, host=args.host, port=args.port,
         address_file=args.address_file, identity_path=args.identity, swarm_key_path=args.swarm_key, dtype=args.dtype, device=args.device, num_threads=args.num_threads,
         cache_tokens=args.cache_tokens, cache_wait_s=args.cache_wait, session_idle_timeout_s=args.session_idle_timeout,
-        max_message_bytes=int(args.max_message_mb * 2**20), throughput=args.throughput,
+        max_message_bytes=int(args.max_message_mb * 2**20), frame_budget_bytes=int(args.frame_budget_mb * 2**20), throughput=args.throughput,
         rebalance_period_s=args.rebalance_period, balance_quality=args.balance_quality, adapters=tuple(args.adapters),
     )
     return run_server(config)

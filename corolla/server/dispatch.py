@@ -12,6 +12,7 @@ import logging
 from typing import AsyncIterator, Optional
 
 from corolla.core.errors import BadRequestError, CorollaError, FrameTimeoutError
+from corolla.server.frames import FrameBudget, FrameReservation
 from corolla.server.sessions import ServerBusyError
 from corolla.wire.swarm_key import stream_proof_valid
 from corolla.wire.framing import read_message, write_message
@@ -28,7 +29,7 @@ class ServerShuttingDownError(CorollaError):
 class Dispatcher:
     def __init__(self, handler, max_message_bytes: int, session_idle_timeout_s: float,
                  first_frame_timeout_s: float = 30.0, frame_timeout_s: float = 60.0, max_streams_per_peer: int = 256,
-                 swarm_key: Optional[bytes] = None, local_peer_id: str = ""):
+                 swarm_key: Optional[bytes] = None, local_peer_id: str = "", frame_budget_bytes: int = 2**30):
         missing = [s.name for s in SERVICES if not callable(getattr(handler, s.name, None))]
         if missing:
             raise TypeError(f"{type(handler).__name__} does not answer {missing} of the service table")
@@ -41,6 +42,7 @@ class Dispatcher:
         self.max_streams_per_peer = max_streams_per_peer
         self.swarm_key = swarm_key  # a private swarm: every stream must prove it knows this
         self.local_peer_id = local_peer_id
+        self.frames = FrameBudget(frame_budget_bytes)  # request frames held at once, all streams together
         self.accepting = True
         self.in_flight = 0  # streams being served, sessions included
         self.streams_by_peer: dict[str, int] = {}
@@ -49,6 +51,7 @@ class Dispatcher:
     async def handle_stream(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, peer: str) -> None:
         self.in_flight += 1
         self.streams_by_peer[peer] = self.streams_by_peer.get(peer, 0) + 1
+        held: list[FrameReservation] = []  # the first frame's bytes, until its request is answered
         try:
             if self.streams_by_peer[peer] > self.max_streams_per_peer:
                 await reply_error(writer, ServerBusyError(
@@ -57,7 +60,8 @@ class Dispatcher:
             header: dict = {}
             try:
                 request = await read_message(reader, self.max_message_bytes, self.frame_timeout_s,
-                                             start_timeout_s=self.first_frame_timeout_s, header_out=header)
+                                             start_timeout_s=self.first_frame_timeout_s, header_out=header,
+                                             admit=lambda size: held.append(self.frames.acquire(peer, size)))
             except asyncio.TimeoutError:
                 await reply_error(writer, FrameTimeoutError(
                     f"no request arrived within {self.first_frame_timeout_s:g} s of opening the stream"))
@@ -80,7 +84,9 @@ class Dispatcher:
                     _check_type(service.reply, reply)
                     await write_message(writer, reply, codec=getattr(request, "wire_codec", None))
                 else:
-                    channel = SessionChannel(self, service, reader, writer)
+                    for reservation in held:  # what a session keeps of its opening request is budgeted elsewhere
+                        reservation.release()
+                    channel = SessionChannel(self, service, reader, writer, peer)
                     self._channels.add(channel)
                     try:
                         await self.methods[service.request](request, channel, peer)
@@ -94,6 +100,8 @@ class Dispatcher:
             logger.exception("request from %s failed", peer)
             await reply_error(writer, exc)
         finally:
+            for reservation in held:
+                reservation.release()
             self.in_flight -= 1
             self.streams_by_peer[peer] -= 1
             if not self.streams_by_peer[peer]:
@@ -128,8 +136,9 @@ class SessionChannel:
     """The stream of a session (or a push): the handler sends the opening reply, then iterates over the steps
     (and, in a session, replies to each)."""
 
-    def __init__(self, dispatcher: Dispatcher, service: Service, reader, writer):
+    def __init__(self, dispatcher: Dispatcher, service: Service, reader, writer, peer: str = ""):
         self._dispatcher = dispatcher
+        self._peer = peer
         self.service = service
         self._reader = reader
         self._writer = writer
@@ -153,10 +162,24 @@ class SessionChannel:
         answered with an error and skipped; past ``idle_timeout_s`` without a message (default: the server's
         session idle timeout; None: no limit) the stream is closed with an error."""
         timeout_s = self._dispatcher.session_idle_timeout_s if idle_timeout_s == -1.0 else idle_timeout_s
+        held: list[FrameReservation] = []  # the last step's frame, until the handler asks for the next step
+        try:
+            async for step in self._steps(timeout_s, held):
+                yield step
+                for reservation in held:
+                    reservation.release()
+                held.clear()
+        finally:
+            for reservation in held:
+                reservation.release()
+
+    async def _steps(self, timeout_s: Optional[float], held: list) -> AsyncIterator[Message]:
+        frames = self._dispatcher.frames
         while True:
             try:
                 step = await read_message(self._reader, self._dispatcher.max_message_bytes,
-                                          self._dispatcher.frame_timeout_s, start_timeout_s=timeout_s)
+                                          self._dispatcher.frame_timeout_s, start_timeout_s=timeout_s,
+                                          admit=lambda size: held.append(frames.acquire(self._peer, size)))
             except asyncio.TimeoutError:
                 await self.error(BadRequestError(f"session idle for {timeout_s:.0f} s: closed"))
                 return
@@ -164,6 +187,9 @@ class SessionChannel:
                 await self.error(exc)
                 return
             except CorollaError as exc:
+                for reservation in held:
+                    reservation.release()
+                held.clear()
                 await self.error(exc)
                 continue
             if step is None:

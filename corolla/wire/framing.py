@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import asyncio
 
-from typing import Optional
+from typing import Callable, Optional
 
-from corolla.core.errors import BadRequestError, FrameTimeoutError, MessageTooLargeError
+from corolla.core.errors import BadRequestError, CorollaError, FrameTimeoutError, MessageTooLargeError
 from corolla.wire.codec import PREFIX, body_sizes, decode_prefix, decode_tensors, encode_frame, parse_header
 from corolla.wire.compression import WireCodec, parse_codec
 from corolla.wire.messages import PROTOCOL_VERSION, Message, message_from_frame
@@ -32,14 +32,17 @@ async def write_message(writer: asyncio.StreamWriter, message: Message, version:
 
 async def read_message(reader: asyncio.StreamReader, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
                        frame_timeout_s: Optional[float] = None, max_header_bytes: int = MAX_HEADER_BYTES,
-                       start_timeout_s: Optional[float] = None, header_out: Optional[dict] = None) -> Message | None:
+                       start_timeout_s: Optional[float] = None, header_out: Optional[dict] = None,
+                       admit: Optional[Callable[[int], None]] = None) -> Message | None:
     """Read one message; None at a clean end of stream.
 
     Once a frame has begun, all of it must arrive within ``frame_timeout_s`` (a sender that stops half-way holds
     nothing for long). A header over ``max_header_bytes`` or a frame over ``max_bytes`` is read and dropped chunk by
     chunk (never held in memory), then raises ``MessageTooLargeError``; the stream stays usable. Each tensor is read
     into a buffer of its own, so a tensor kept later does not pin the rest of the frame. If no frame begins within
-    ``start_timeout_s``, ``asyncio.TimeoutError``. ``header_out`` (a dict) receives the frame's header.
+    ``start_timeout_s``, ``asyncio.TimeoutError``. ``header_out`` (a dict) receives the frame's header. ``admit`` is
+    called with the frame's size before its header and body are read: if it raises a ``CorollaError`` (no room for
+    the frame), the frame is read and dropped as an oversized one is, and the error is raised.
     """
     try:
         prefix = await asyncio.wait_for(reader.readexactly(PREFIX.size), start_timeout_s)
@@ -55,6 +58,15 @@ async def read_message(reader: asyncio.StreamReader, max_bytes: int = DEFAULT_MA
             f"message of {header_len + body_len} bytes"
         limit = max_header_bytes if header_len > max_header_bytes else max_bytes
         raise MessageTooLargeError(f"{what} exceeds this peer's limit of {limit} bytes (split the batch into smaller pieces)")
+    if admit is not None:
+        try:
+            admit(PREFIX.size + header_len + body_len)
+        except CorollaError as refused:
+            try:
+                await _with_timeout(_discard(reader, header_len + body_len), frame_timeout_s)
+            except FrameTimeoutError as exc:  # the stream is out of step now: say both
+                raise FrameTimeoutError(f"{refused}; then {exc}") from None
+            raise
     return await _with_timeout(_read_frame(reader, header_len, body_len, header_out), frame_timeout_s)
 
 

@@ -169,3 +169,62 @@ def test_garbage_does_not_keep_an_idle_session_alive(swarm):
         _still_serves(client, record)
     finally:
         model.close()
+
+
+def test_request_frames_held_at_once_are_bounded_and_shared(tiny_llama_dir):
+    """Frames in flight count against one budget for all streams: one peer alone may use all of it, but not more
+    than its share while another peer's frames are held; past the budget a frame is dropped unread with a named
+    error; half-sent frames are released when cut off; the server keeps serving."""
+    def frame(tokens):
+        return encode_message(ForwardRequest(SPAN, torch.randn(1, tokens, HIDDEN)))
+
+    big, small, medium = frame(1200), frame(400), frame(800)  # ~300 KB, ~100 KB, ~200 KB
+    with InProcessSwarm(str(tiny_llama_dir), [SPAN], dht_prefix="frames", frame_timeout_s=2.0,
+                        frame_budget_bytes=2**20) as swarm:
+        (a, b, c), record = _clients(swarm, 3)
+        server = swarm.servers[0]
+        try:
+            async def _half_send(client, data):
+                reader, writer = await client.swarm.transport.open_stream(record.peer_id, RPC_PROTOCOL)
+                writer.write(data[: len(data) // 2])
+                await writer.drain()
+                return reader
+
+            async def _send(client, data):
+                reader, writer = await client.swarm.transport.open_stream(record.peer_id, RPC_PROTOCOL)
+                writer.write(data)
+                await writer.drain()
+                return await asyncio.wait_for(read_message(reader), 10)
+
+            def half_send(client, data):  # each client's streams live on its own event loop
+                return client, client.swarm.run(_half_send(client, data), 10)
+
+            def send(client, data):
+                return client.swarm.run(_send(client, data), 20)
+
+            def until(predicate):
+                for _ in range(300):
+                    if predicate():
+                        return
+                    time.sleep(0.01)
+                raise AssertionError(f"frames held: {server.dispatcher.frames.by_peer}")
+
+            frames = server.dispatcher.frames
+            stalled = [half_send(a, big), half_send(a, big)]
+            until(lambda: frames.used == 2 * len(big))
+            alone = send(a, big)  # alone here, a may use the whole budget
+            assert not isinstance(alone, ErrorReply) and alone.hidden_states.shape == (1, 1200, HIDDEN)
+            stalled.append(half_send(b, big))
+            until(lambda: frames.used == 3 * len(big))
+            over_share = send(a, small)  # b's frame is held: a may hold half the budget at most
+            assert isinstance(over_share, ErrorReply) and "more than your share" in over_share.message
+            full = send(c, medium)
+            assert isinstance(full, ErrorReply) and "server busy" in full.message and "limit of 1048576" in full.message
+            for client, reader in stalled:  # the half-sent frames are cut off and release their bytes
+                cut = client.swarm.run(asyncio.wait_for(read_message(reader), 10), 20)
+                assert isinstance(cut, ErrorReply) and "did not arrive whole" in cut.message
+            until(lambda: frames.used == 0 and not frames.by_peer)
+            _still_serves(c.swarm, record)
+        finally:
+            for model in (a, b, c):
+                model.close()
