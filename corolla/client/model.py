@@ -1,27 +1,22 @@
 """Models whose transformer blocks run in the swarm, with the Hugging Face interface users know.
 
-The client holds only the embeddings, the final norm and the LM head; ``model.model.layers`` (Llama) or
-``model.transformer.h`` (BLOOM) is a ``RemoteSequential``. ``generate()`` is Hugging Face's own, fed through
+The client holds only the embeddings, the final norm and the LM head (what the family's ``client_parts`` says);
+``model.model.layers`` (Llama and most families) or ``model.transformer.h`` (BLOOM) is a ``RemoteSequential``.
+Each family's classes are its Hugging Face classes over ``DistributedModelMixin``, made on first use
+(``distributed_causal_lm(model_type)``). ``generate()`` is Hugging Face's own, fed through
 a ``RemoteCache`` so that every step sends only the new tokens to servers that keep the attention caches.
 """
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 from typing import Optional
 
 import torch
 from torch import nn
-from transformers import (
-    BloomForCausalLM,
-    BloomForSequenceClassification,
-    LlamaForCausalLM,
-    LlamaForSequenceClassification,
-    PretrainedConfig,
-)
-from transformers.modeling_outputs import BaseModelOutputWithPast
-from transformers.models.bloom.modeling_bloom import BloomPreTrainedModel
-from transformers.models.llama.modeling_llama import LlamaPreTrainedModel, LlamaRMSNorm
+from transformers import PretrainedConfig, PreTrainedModel
+from transformers.modeling_outputs import MoeModelOutputWithPast
 
 from corolla.client.cache import RemoteCache
 from corolla.client.config import ClientConfig
@@ -32,7 +27,8 @@ from corolla.client.tuning import PromptTuning, RemoteLora, TuningConfig, Tuning
 from corolla.client.verify import OutputsRejected
 from corolla.models.checkpoint import load_config, model_dht_prefix, read_tensors, resolve_model
 from corolla.models.dtypes import resolve_dtype
-from corolla.models.family import family_for
+from corolla.core.errors import CorollaError
+from corolla.models.family import ClientParts, ModelFamily, family_for, family_for_type
 from corolla.net.transport import TransportFactory
 
 logger = logging.getLogger(__name__)
@@ -45,14 +41,14 @@ class RemoteBaseModel(nn.Module):
     ``word_embeddings``/``word_embeddings_layernorm``/``ln_f``/``h`` for BLOOM) so tensors load by name.
     """
 
-    def __init__(self, config, embed: str, final_norm: str, layers: str, modules: dict[str, nn.Module], swarm):
+    def __init__(self, config, parts: ClientParts, swarm):
         super().__init__()
         self.config = config
-        self._names = (embed, final_norm, layers)
-        self._embed_norm = "word_embeddings_layernorm" if "word_embeddings_layernorm" in modules else None
-        for name, module in modules.items():
+        self._names = (parts.embed, parts.final_norm, parts.layers)
+        self._embed_norm = parts.after_embed  # applied to the embeddings before block 0 (BLOOM, Gemma 2)
+        for name, module in parts.modules.items():
             setattr(self, name, module)
-        setattr(self, layers, RemoteSequential(swarm))
+        setattr(self, parts.layers, RemoteSequential(swarm))
         self.prompt_tuning: Optional[PromptTuning] = None  # set by tuning_mode="ptune" / "deep_ptune"
         self.remote_lora: Optional[RemoteLora] = None  # set by tuning_mode="lora"
         # word_embeddings_layernorm of families without one; kept out of the submodules (it holds nothing)
@@ -102,6 +98,8 @@ class RemoteBaseModel(nn.Module):
     ):
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        if kwargs.get("output_router_logits"):
+            raise ValueError("output_router_logits: the experts' router logits stay on the servers")
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)  # [batch, seq, hidden]
         hidden = inputs_embeds
@@ -141,10 +139,11 @@ class RemoteBaseModel(nn.Module):
                                         active_adapter=self.active_adapter)
         block_outputs = hidden
         hidden = getattr(self, self._names[1])(hidden)[:, prefix:]  # the soft prompt's positions are not outputs
-        return BaseModelOutputWithPast(
+        return MoeModelOutputWithPast(  # a base model's output; router_logits for mixture-of-experts heads
             last_hidden_state=hidden,
             cache=cache,
             hidden_states=(block_inputs, block_outputs) if output_hidden_states else None,
+            router_logits=None,
         )
 
     def _with_soft_prompt(self, hidden, attention_mask, position_ids, session):
@@ -476,86 +475,80 @@ class DistributedModelMixin:
         self.swarm.close()
 
 
-def _llama_base(config, swarm: RemoteSwarm) -> RemoteBaseModel:
-    modules = {
-        "embed_tokens": nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id),
-        "norm": LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps),
-    }
-    return RemoteBaseModel(config, "embed_tokens", "norm", "layers", modules, swarm)
+def _base_model(family: ModelFamily, config, swarm: RemoteSwarm) -> RemoteBaseModel:
+    return RemoteBaseModel(config, family.client_parts(config), swarm)
 
 
-def _bloom_base(config, swarm: RemoteSwarm) -> RemoteBaseModel:
-    modules = {
-        "word_embeddings": nn.Embedding(config.vocab_size, config.hidden_size),
-        "word_embeddings_layernorm": nn.LayerNorm(config.hidden_size, eps=config.layer_norm_epsilon),
-        "ln_f": nn.LayerNorm(config.hidden_size, eps=config.layer_norm_epsilon),
-    }
-    return RemoteBaseModel(config, "word_embeddings", "ln_f", "h", modules, swarm)
+def _init_causal_lm(self, config, swarm: RemoteSwarm) -> None:
+    """``__init__`` of every distributed causal LM: the family's client parts, the head; never the blocks."""
+    family = family_for(config)
+    PreTrainedModel.__init__(self, config)
+    setattr(self, family.base_attr, _base_model(family, config, swarm))
+    self.vocab_size = config.vocab_size
+    self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=family.lm_head_bias)
 
 
-class DistributedLlamaForCausalLM(DistributedModelMixin, LlamaForCausalLM):
-    _base_attr = "model"
-
-    def __init__(self, config, swarm: RemoteSwarm):
-        LlamaPreTrainedModel.__init__(self, config)
-        self.model = _llama_base(config, swarm)
-        self.vocab_size = config.vocab_size
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-
-
-class DistributedBloomForCausalLM(DistributedModelMixin, BloomForCausalLM):
-    _base_attr = "transformer"
-
-    def __init__(self, config, swarm: RemoteSwarm):
-        BloomPreTrainedModel.__init__(self, config)
-        self.transformer = _bloom_base(config, swarm)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+def _init_sequence_classification(self, config, swarm: RemoteSwarm) -> None:
+    """``__init__`` of every distributed classifier: a ``score`` head (trained from scratch) on the last real token."""
+    family = family_for(config)
+    PreTrainedModel.__init__(self, config)
+    self.num_labels = config.num_labels
+    setattr(self, family.base_attr, _base_model(family, config, swarm))
+    self.score = nn.Linear(config.hidden_size, config.num_labels, bias=False)
 
 
-class DistributedLlamaForSequenceClassification(DistributedModelMixin, LlamaForSequenceClassification):
-    """A classification head (``score``, trained from scratch) on the remote blocks' last non-padding token."""
-
-    _base_attr = "model"
-    _new_head_prefixes = ("score.",)
-
-    def __init__(self, config, swarm: RemoteSwarm):
-        LlamaPreTrainedModel.__init__(self, config)
-        self.num_labels = config.num_labels
-        self.model = _llama_base(config, swarm)
-        self.score = nn.Linear(config.hidden_size, config.num_labels, bias=False)
+def _class_name(family: ModelFamily, hf_class: type) -> str:
+    return "Distributed" + hf_class.__name__
 
 
-class DistributedBloomForSequenceClassification(DistributedModelMixin, BloomForSequenceClassification):
-    _base_attr = "transformer"
-    _new_head_prefixes = ("score.",)
+@functools.cache
+def distributed_causal_lm(model_type: str) -> type:
+    """The distributed causal LM class of ``model_type``: the family's Hugging Face ``*ForCausalLM`` (its forward,
+    generate() and head) over ``DistributedModelMixin`` (blocks in the swarm)."""
+    family = family_for_type(model_type)
+    hf_class = family.causal_lm_class
+    return type(_class_name(family, hf_class), (DistributedModelMixin, hf_class),
+                {"__init__": _init_causal_lm, "_base_attr": family.base_attr, "__module__": __name__})
 
-    def __init__(self, config, swarm: RemoteSwarm):
-        BloomPreTrainedModel.__init__(self, config)
-        self.num_labels = config.num_labels
-        self.transformer = _bloom_base(config, swarm)
-        self.score = nn.Linear(config.hidden_size, config.num_labels, bias=False)
+
+@functools.cache
+def distributed_sequence_classification(model_type: str) -> type:
+    family = family_for_type(model_type)
+    hf_class = family.sequence_classification_class
+    if hf_class is None:
+        raise ValueError(f"{model_type} has no sequence classification model in Corolla")
+    return type(_class_name(family, hf_class), (DistributedModelMixin, hf_class),
+                {"__init__": _init_sequence_classification, "_base_attr": family.base_attr,
+                 "_new_head_prefixes": ("score.",), "__module__": __name__})
+
+
+DistributedLlamaForCausalLM = distributed_causal_lm("llama")
+DistributedBloomForCausalLM = distributed_causal_lm("bloom")
+DistributedLlamaForSequenceClassification = distributed_sequence_classification("llama")
+DistributedBloomForSequenceClassification = distributed_sequence_classification("bloom")
 
 
 class _AutoDistributed:
     """Picks the distributed class for a checkpoint's ``model_type``, like transformers' Auto classes."""
 
-    _classes: dict[str, type] = {}
+    @staticmethod
+    def _class_for(model_type: str) -> type:
+        raise NotImplementedError
 
     @classmethod
     def from_pretrained(cls, name_or_path: Optional[str] = None, *, initial_peers=(), **kwargs):
         config: PretrainedConfig = load_config(resolve_model(name_or_path))
         try:
-            model_class = cls._classes[config.model_type]
-        except KeyError:
-            raise ValueError(
-                f"no {cls.__name__} for model_type {config.model_type!r}; supported: {sorted(cls._classes)}"
-            ) from None
+            family_for(config)
+        except CorollaError as exc:
+            raise ValueError(f"{cls.__name__}: {exc}") from None
+        model_class = cls._class_for(config.model_type)
         return model_class.from_pretrained(name_or_path, initial_peers=initial_peers, **kwargs)
 
 
 class AutoDistributedModelForCausalLM(_AutoDistributed):
-    _classes = {"llama": DistributedLlamaForCausalLM, "bloom": DistributedBloomForCausalLM}
+    _class_for = staticmethod(distributed_causal_lm)
 
 
 class AutoDistributedModelForSequenceClassification(_AutoDistributed):
-    _classes = {"llama": DistributedLlamaForSequenceClassification, "bloom": DistributedBloomForSequenceClassification}
+    _class_for = staticmethod(distributed_sequence_classification)

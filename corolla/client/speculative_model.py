@@ -6,16 +6,13 @@ Hugging Face causal LM (or a path to one) with the target's vocabulary. See ``co
 from __future__ import annotations
 
 import copy
+import functools
 from typing import Optional
 
 import torch
 from transformers import AutoModelForCausalLM, LogitsProcessorList, StoppingCriteriaList
 
-from corolla.client.model import (
-    DistributedBloomForCausalLM,
-    DistributedLlamaForCausalLM,
-    _AutoDistributed,
-)
+from corolla.client.model import _AutoDistributed, distributed_causal_lm
 from corolla.client.session import InferenceSession
 from corolla.client.speculative import DraftLength, SpeculativeRun, check_vocabularies
 from corolla.client.verify import OutputsRejected
@@ -135,13 +132,17 @@ class SpeculativeGenerationMixin:
             )
 
 
-class DistributedLlamaForSpeculativeGeneration(SpeculativeGenerationMixin, DistributedLlamaForCausalLM):
-    pass
+@functools.cache
+def distributed_speculative_model(model_type: str) -> type:
+    """The causal LM of ``model_type`` with speculative ``generate()``."""
+    base = distributed_causal_lm(model_type)
+    return type(base.__name__.replace("ForCausalLM", "ForSpeculativeGeneration"), (SpeculativeGenerationMixin, base),
+                {"__module__": __name__})
 
 
-class DistributedBloomForSpeculativeGeneration(SpeculativeGenerationMixin, DistributedBloomForCausalLM):
-    pass
+DistributedLlamaForSpeculativeGeneration = distributed_speculative_model("llama")
+DistributedBloomForSpeculativeGeneration = distributed_speculative_model("bloom")
 
 
 class AutoDistributedSpeculativeModel(_AutoDistributed):
-    _classes = {"llama": DistributedLlamaForSpeculativeGeneration, "bloom": DistributedBloomForSpeculativeGeneration}
+    _class_for = staticmethod(distributed_speculative_model)

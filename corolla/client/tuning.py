@@ -70,16 +70,13 @@ def block_linear_shapes(family, config) -> dict[str, tuple[int, int]]:
     return {path: (m.in_features, m.out_features) for path, m in linear_targets(layer).items()}
 
 
-DEFAULT_LORA_TARGETS = {"llama": ("self_attn.q_proj", "self_attn.v_proj"), "bloom": ("self_attention.query_key_value",)}
-
-
 class RemoteLora(nn.Module):
     """LoRA weights for the remote blocks; ``lora_set()`` gives them (as live parameters) to send with requests."""
 
     def __init__(self, family, config, num_blocks: int, rank: int, alpha: float, targets: Optional[Sequence[str]]):
         super().__init__()
         shapes = block_linear_shapes(family, config)
-        targets = tuple(targets or DEFAULT_LORA_TARGETS.get(family.model_type, ()))
+        targets = tuple(targets or family.lora_targets)
         unknown = [t for t in targets if t not in shapes]
         if unknown or not targets:
             raise ValueError(f"LoRA targets {list(unknown or targets)} are not linear layers of a "

@@ -11,10 +11,11 @@ from dataclasses import dataclass
 import torch
 import transformers
 from torch import nn
+from transformers import BloomForCausalLM, BloomForSequenceClassification
 from transformers.masking_utils import create_causal_mask
 from transformers.models.bloom.modeling_bloom import BloomBlock, build_alibi_tensor
 
-from corolla.models.family import ModelFamily
+from corolla.models.family import ClientParts, ModelFamily
 
 
 @dataclass(frozen=True)
@@ -65,10 +66,25 @@ class AlibiRunner(nn.Module):
         return hidden_states
 
 
-BLOOM = ModelFamily(
+def _client_parts(config) -> ClientParts:
+    modules = {
+        "word_embeddings": nn.Embedding(config.vocab_size, config.hidden_size),
+        "word_embeddings_layernorm": nn.LayerNorm(config.hidden_size, eps=config.layer_norm_epsilon),
+        "ln_f": nn.LayerNorm(config.hidden_size, eps=config.layer_norm_epsilon),
+    }
+    return ClientParts(modules, "word_embeddings", "ln_f", "h", after_embed="word_embeddings_layernorm")
+
+
+FAMILY = ModelFamily(
     model_type="bloom",
     layers_path="transformer.h",
     layer_class=BloomBlock,
     make_runner=AlibiRunner,
+    causal_lm_class=BloomForCausalLM,
+    sequence_classification_class=BloomForSequenceClassification,
+    client_parts=_client_parts,
+    base_attr="transformer",
+    lora_targets=("self_attention.query_key_value",),
     attn_implementation="eager",
 )
+BLOOM = FAMILY

@@ -1,17 +1,21 @@
-"""One ``ModelFamily`` per supported architecture: how its blocks are named, built and run.
+"""One ``ModelFamily`` per supported architecture: everything Corolla knows about it, in that family's module.
 
-A family knows where the decoder layers live in the Hugging Face ``*ForCausalLM`` model and in the checkpoint,
-which Hugging Face layer class to build, and which *runner* prepares the per-forward inputs that the full model
-would compute once for all layers (causal/padding mask, rotary embeddings or ALiBi) and calls one layer.
-Adding an architecture means writing (or reusing) a runner and adding one ``ModelFamily`` to ``_known_families``.
+A family says where the decoder layers live in the Hugging Face ``*ForCausalLM`` model and in the checkpoint, which
+Hugging Face layer class to build, which *runner* prepares the per-forward inputs that the full model computes once
+for all layers (causal, sliding-window and padding masks; rotary embeddings or ALiBi) and calls one layer, what each
+layer's attention type is, how a token's cache is laid out, what the client holds (embeddings, the norm after them
+if any, the final norm, the head: ``ClientParts``), which Hugging Face classes the client's models extend, and the
+default LoRA targets. Adding an architecture means one module under ``corolla/models/`` that defines its
+``ModelFamily`` and one line in ``_FAMILY_MODULES``; no other package changes.
 """
 from __future__ import annotations
 
 import functools
+import importlib
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Optional, Protocol
 
 import torch
 import transformers
@@ -40,9 +44,30 @@ class LayerRunner(Protocol):
     ) -> torch.Tensor: ...  # [batch, new, hidden]
 
 
+def attention_type(config: transformers.PretrainedConfig, index: int) -> str:
+    """``full_attention`` or ``sliding_attention``: the mask block ``index`` of a model attends with, as the HF
+    model decides it (``config.layer_types`` where the config has them, else a sliding window if one is set)."""
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types:
+        return layer_types[index]
+    uses_window = getattr(config, "use_sliding_window", True) and getattr(config, "sliding_window", None)
+    return "sliding_attention" if uses_window else "full_attention"
+
+
+@dataclass(frozen=True)
+class ClientParts:
+    """What a client holds of a model besides the head: modules by their checkpoint names inside the base model."""
+
+    modules: dict[str, nn.Module]
+    embed: str  # the token embeddings, e.g. "embed_tokens"
+    final_norm: str  # the norm after the last block, e.g. "norm"
+    layers: str  # where the remote blocks sit, e.g. "layers"
+    after_embed: Optional[str] = None  # a module applied to the embeddings before block 0 (BLOOM's layernorm)
+
+
 @dataclass(frozen=True)
 class ModelFamily:
-    """How Corolla runs a slice of the decoder layers of one architecture (one HF ``model_type``)."""
+    """How Corolla runs one architecture (one HF ``model_type``), on servers and on clients."""
 
     model_type: str
     # Attribute path of the decoder layers' ModuleList in the HF *ForCausalLM model, e.g. "model.layers".
@@ -51,8 +76,28 @@ class ModelFamily:
     layer_class: type[nn.Module]
     # Builds the runner of one stack from (config, device).
     make_runner: Callable[[transformers.PretrainedConfig, torch.device], nn.Module]
+    # The client: HF classes its models extend, the attribute of the base model in them, and its modules.
+    causal_lm_class: type
+    client_parts: Callable[[transformers.PretrainedConfig], ClientParts]
+    base_attr: str = "model"
+    sequence_classification_class: Optional[type] = None
+    lm_head_bias: bool = False
+    # Linear layers (paths inside a block) that LoRA adapts when the user names none.
+    lora_targets: tuple[str, ...] = ()
     # Attention implementation the layers run with (and the masks are built for).
     attn_implementation: str = "sdpa"
+    # True if the runner may run several sessions' steps through a layer at once (``run_layer_batched``): the
+    # layer must be built exactly as Llama's (norms, q/k/v/o projections, MLP), nothing more.
+    batched_layers: bool = False
+    # Names other than ``model_type`` that checkpoints of this family carry (none so far).
+    aliases: tuple[str, ...] = ()
+    # Maps one block's tensors as a checkpoint names them (inside the layer) to the layer's own names, where the
+    # two differ (Mixtral's checkpoints keep one tensor per expert, its layer one tensor for all experts).
+    convert_block_state: Optional[Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]] = None
+
+    def layer_type(self, config: transformers.PretrainedConfig, index: int) -> str:
+        """``full_attention`` or ``sliding_attention``: the mask block ``index`` attends with."""
+        return attention_type(config, index)
 
     def block_prefix(self, index: int) -> str:
         """Checkpoint name prefix of block ``index``, as saved from the *ForCausalLM model."""
@@ -86,12 +131,35 @@ class ModelFamily:
         return 2 * num_kv_heads * head_dim
 
 
+# model_type -> the module under corolla.models that defines its family as ``FAMILY`` (imported when first needed).
+_FAMILY_MODULES = {
+    "llama": "llama",
+    "bloom": "bloom",
+    "mistral": "mistral",
+    "mixtral": "mixtral",
+    "qwen2": "qwen2",
+    "qwen3": "qwen3",
+    "gemma2": "gemma2",
+    "gemma3_text": "gemma3",
+    "phi3": "phi3",
+}
+
+
 @functools.cache
 def _known_families() -> dict[str, ModelFamily]:
-    from corolla.models.bloom import BLOOM
-    from corolla.models.llama import LLAMA
+    families = {}
+    for model_type, module in _FAMILY_MODULES.items():
+        family = importlib.import_module(f"corolla.models.{module}").FAMILY
+        if family.model_type != model_type:
+            raise TypeError(f"corolla.models.{module} defines {family.model_type!r}, expected {model_type!r}")
+        families[model_type] = family
+        for alias in family.aliases:
+            families[alias] = family
+    return families
 
-    return {family.model_type: family for family in (LLAMA, BLOOM)}
+
+def all_families() -> list[ModelFamily]:
+    return [family for model_type, family in _known_families().items() if model_type == family.model_type]
 
 
 def supported_model_types() -> list[str]:
@@ -100,7 +168,10 @@ def supported_model_types() -> list[str]:
 
 def family_for(config: transformers.PretrainedConfig) -> ModelFamily:
     """The family of ``config.model_type``; raises ``CorollaError`` listing the supported ones otherwise."""
-    model_type = getattr(config, "model_type", None)
+    return family_for_type(getattr(config, "model_type", None))
+
+
+def family_for_type(model_type: Optional[str]) -> ModelFamily:
     family = _known_families().get(model_type)
     if family is None:
         raise CorollaError(

@@ -1,113 +1,32 @@
-"""Llama-style families: rotary position embeddings, grouped-query attention, causal + padding mask."""
+"""Llama (and SmolLM2, the embedded model): rotary positions, grouped-query attention, RMS norms."""
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-import torch
-import transformers
 from torch import nn
-from transformers.masking_utils import create_causal_mask
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding, apply_rotary_pos_emb
+from transformers import LlamaForCausalLM, LlamaForSequenceClassification
+from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRMSNorm, LlamaRotaryEmbedding
 
-from corolla.models.family import ModelFamily
-
-
-@dataclass(frozen=True)
-class RotaryInputs:
-    """What every layer of a rotary stack receives for one forward."""
-
-    causal_mask: torch.Tensor | None  # [batch, 1, new, past+new] (bool for sdpa), or None for plain causal
-    position_embeddings: tuple[torch.Tensor, torch.Tensor]  # cos, sin: [batch, new, head_dim] each
-    position_ids: torch.Tensor  # [batch, new]
+from corolla.models.family import ClientParts, ModelFamily
+from corolla.models.rotary import RotaryRunner
 
 
-class RotaryRunner(nn.Module):
-    """Runs layers that take ``(hidden_states, attention_mask, position_ids, cache, use_cache,
-    position_embeddings)`` and return a tensor, as Llama, Mistral, Qwen2 and Gemma do."""
-
-    def __init__(
-        self,
-        config: transformers.PretrainedConfig,
-        device: torch.device,
-        rotary_class: type[nn.Module] = LlamaRotaryEmbedding,
-    ):
-        super().__init__()
-        self.config = config
-        # inv_freq stays float32, as in the HF model; cos/sin come out in the hidden states' dtype.
-        self.rotary_emb = rotary_class(config=config).to(device)
-
-    def prepare(
-        self,
-        hidden_states: torch.Tensor,  # [batch, new, hidden]
-        attention_mask: torch.Tensor,  # [batch, past+new]
-        position_ids: torch.Tensor,  # [batch, new]
-        cache: transformers.Cache | None,
-    ) -> RotaryInputs:
-        causal_mask = create_causal_mask(
-            config=self.config,
-            inputs_embeds=hidden_states,
-            attention_mask=attention_mask,
-            cache=cache,
-            position_ids=position_ids,
-        )
-        position_embeddings = self.rotary_emb(hidden_states, position_ids=position_ids)
-        return RotaryInputs(causal_mask, position_embeddings, position_ids)
-
-    def run_layer(
-        self,
-        layer: nn.Module,
-        hidden_states: torch.Tensor,  # [batch, new, hidden]
-        prepared: RotaryInputs,
-        cache: transformers.Cache | None,
-    ) -> torch.Tensor:  # [batch, new, hidden]
-        return layer(
-            hidden_states,
-            attention_mask=prepared.causal_mask,
-            position_ids=prepared.position_ids,
-            cache=cache,
-            use_cache=cache is not None,
-            position_embeddings=prepared.position_embeddings,
-        )
-
-    def run_layer_batched(
-        self,
-        layer: nn.Module,
-        hiddens: list[torch.Tensor],  # per session: [batch, new, hidden]
-        prepared: list[RotaryInputs],
-        cache_layers: list,  # per session: this layer's cache (keys/values appended in place)
-    ) -> list[torch.Tensor]:
-        """One decoder layer for several sessions: every projection and the MLP run once on all sessions' tokens;
-        rotary positions, the cache and attention (transformers' own attention function) per session.
-        The same computation as ``run_layer`` on each session alone, for layers built like Llama's."""
-        attention = layer.self_attn
-        sizes = [h.shape[0] * h.shape[1] for h in hiddens]
-        flat = torch.cat([h.reshape(-1, h.shape[-1]) for h in hiddens])  # [tokens, hidden]
-        normed = layer.input_layernorm(flat)
-        queries, keys, values = attention.q_proj(normed), attention.k_proj(normed), attention.v_proj(normed)
-        interface = ALL_ATTENTION_FUNCTIONS.get_interface(attention.config._attn_implementation, None)
-        outputs, start = [], 0
-        for hidden, inputs, cache_layer, size in zip(hiddens, prepared, cache_layers, sizes):
-            batch, new = hidden.shape[:2]
-            shape = (batch, new, -1, attention.head_dim)
-            part = slice(start, start + size)
-            q = queries[part].view(shape).transpose(1, 2)  # [batch, heads, new, head_dim]
-            k = keys[part].view(shape).transpose(1, 2)  # [batch, kv_heads, new, head_dim]
-            v = values[part].view(shape).transpose(1, 2)
-            cos, sin = inputs.position_embeddings
-            q, k = apply_rotary_pos_emb(q, k, cos, sin)
-            k, v = cache_layer.update(k, v)
-            out, _ = interface(attention, q, k, v, inputs.causal_mask, dropout=0.0, scaling=attention.scaling)
-            outputs.append(out.reshape(size, -1))
-            start += size
-        hidden = flat + attention.o_proj(torch.cat(outputs))
-        hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
-        return [part.view(h.shape) for part, h in zip(torch.split(hidden, sizes), hiddens)]
+def rms_norm_parts(config, norm_class) -> ClientParts:
+    """The client's parts of a model laid out as Llama's: ``embed_tokens``, an RMS ``norm``, ``layers``."""
+    modules = {
+        "embed_tokens": nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id),
+        "norm": norm_class(config.hidden_size, eps=config.rms_norm_eps),
+    }
+    return ClientParts(modules, "embed_tokens", "norm", "layers")
 
 
-LLAMA = ModelFamily(
+FAMILY = ModelFamily(
     model_type="llama",
     layers_path="model.layers",
     layer_class=LlamaDecoderLayer,
-    make_runner=RotaryRunner,
+    make_runner=lambda config, device: RotaryRunner(config, device, LlamaRotaryEmbedding),
+    causal_lm_class=LlamaForCausalLM,
+    sequence_classification_class=LlamaForSequenceClassification,
+    client_parts=lambda config: rms_norm_parts(config, LlamaRMSNorm),
+    lora_targets=("self_attn.q_proj", "self_attn.v_proj"),
+    batched_layers=True,
 )
+LLAMA = FAMILY

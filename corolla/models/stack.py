@@ -9,7 +9,6 @@ import torch
 import transformers
 from torch import nn
 from transformers import DynamicCache
-from transformers.cache_utils import DynamicLayer
 
 from corolla.core.blocks import BlockRange
 from corolla.core.errors import BadRequestError, CorollaError
@@ -43,6 +42,8 @@ class BlockStack(nn.Module):
         self.device = torch.device(device)
         self.hidden_size: int = config.hidden_size
         self.layers = nn.ModuleList(layers)
+        for index, layer in zip(blocks, layers):  # the mask each layer attends with (see RotaryRunner)
+            layer.corolla_attention = family.layer_type(config, index)
         self.runner = family.make_runner(config, self.device)
 
     def forward(
@@ -151,13 +152,13 @@ class BlockStack(nn.Module):
         return position_ids.to(device=self.device, dtype=torch.long)
 
     def new_cache(self, span: BlockRange | None = None, page_tokens: int = DEFAULT_PAGE_TOKENS) -> transformers.Cache:
-        """An empty cache for blocks ``span`` (default: the whole stack): per-layer kinds as the full model uses, with
-        full-attention layers paged (``corolla.models.kv.PagedLayer``), growing ``page_tokens`` tokens at a time."""
+        """An empty cache for blocks ``span`` (default: the whole stack), one ``corolla.models.kv.PagedLayer`` per
+        layer, growing ``page_tokens`` tokens at a time. Sliding-window layers keep every token too (their mask
+        hides the old ones): a session can then be rewound anywhere and replayed exactly, which a cache that has
+        dropped its oldest tokens cannot."""
         local = self._local_slice(span)
-        cache = DynamicCache(config=self.config)
-        first = self.blocks.start + local.start
-        layers = cache.layers[first : first + (local.stop - local.start)]
-        cache.layers = [PagedLayer(page_tokens) if type(layer) is DynamicLayer else layer for layer in layers]
+        cache = DynamicCache()
+        cache.layers = [PagedLayer(page_tokens) for _ in range(local.stop - local.start)]
         return cache
 
     def cache_memory_bytes(self, cache: transformers.Cache) -> int:
@@ -172,7 +173,7 @@ class BlockStack(nn.Module):
         Returns each part's outputs, as ``forward`` would."""
         local = self._local_slice(span)
         layers = self.layers[local]
-        batched = getattr(self.runner, "run_layer_batched", None)
+        batched = self.runner.run_layer_batched if self.family.batched_layers else None
         if batched is None:
             return [self.forward(h, m, p, c, span=span) for h, m, p, c in parts]
         hiddens, prepared, caches = [], [], []
@@ -242,6 +243,7 @@ def load_block_stack(
         raise CorollaError(f"blocks {blocks} are out of range: the model has {num_layers} blocks (0:{num_layers})")
     stack_config = copy.deepcopy(config)
     stack_config._attn_implementation = family.attn_implementation
+    stack_config._experts_implementation = "eager"  # mixture-of-experts layers: the plain per-expert loop
 
     def wanted(name: str) -> bool:
         return family.is_block_tensor(name) in blocks
@@ -252,6 +254,8 @@ def load_block_stack(
         index, local_name = family.split_block_tensor(name)
         states[index][local_name] = tensor
 
+    if family.convert_block_state is not None:
+        states = {index: family.convert_block_state(state) for index, state in states.items()}
     layers = []
     for local_index, index in enumerate(blocks):
         with torch.device("meta"):

@@ -1,0 +1,46 @@
+"""Tiny random-weight models of every supported family, built from their transformers configs (for tests and
+benchmarks: no download). Each is small (hidden 64, 4 to 6 blocks) but keeps what makes its family different:
+sliding windows shorter than a test's session, alternating layer types, soft-capping, biases, q/k norms, experts."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import transformers
+
+COMMON = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
+              max_position_embeddings=256, initializer_range=0.1, tie_word_embeddings=False)
+
+TINY_CONFIGS = {
+    "llama": lambda layers: transformers.LlamaConfig(num_hidden_layers=layers, **COMMON),
+    "mistral": lambda layers: transformers.MistralConfig(num_hidden_layers=layers, sliding_window=8, **COMMON),
+    "mixtral": lambda layers: transformers.MixtralConfig(num_hidden_layers=layers, num_local_experts=4,
+                                                         num_experts_per_tok=2, **COMMON),
+    "qwen2": lambda layers: transformers.Qwen2Config(num_hidden_layers=layers, **COMMON),
+    "qwen3": lambda layers: transformers.Qwen3Config(num_hidden_layers=layers, head_dim=16, **COMMON),
+    "gemma2": lambda layers: transformers.Gemma2Config(num_hidden_layers=layers, head_dim=16, sliding_window=8,
+                                                       query_pre_attn_scalar=16, final_logit_softcapping=30.0,
+                                                       attn_logit_softcapping=50.0, **COMMON),
+    "gemma3_text": lambda layers: transformers.Gemma3TextConfig(num_hidden_layers=layers, head_dim=16, sliding_window=8,
+                                                                query_pre_attn_scalar=16, sliding_window_pattern=2,
+                                                                **COMMON),
+    "phi3": lambda layers: transformers.Phi3Config(num_hidden_layers=layers, pad_token_id=0, bos_token_id=1,
+                                                   eos_token_id=2, **COMMON),
+    "bloom": lambda layers: transformers.BloomConfig(hidden_size=64, n_layer=layers, n_head=4, vocab_size=128,
+                                                     initializer_range=0.1),
+}
+
+
+def tiny_config(model_type: str, num_layers: int = 6) -> transformers.PretrainedConfig:
+    return TINY_CONFIGS[model_type](num_layers)
+
+
+def save_tiny_model(model_type: str, path: str | Path, num_layers: int = 6, seed: int = 0,
+                    max_shard_size: str | None = None) -> transformers.PreTrainedModel:
+    """Build a tiny ``model_type`` causal LM with seeded random weights, save it at ``path``, return it (eval)."""
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(tiny_config(model_type, num_layers))
+    model.eval()
+    kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    model.save_pretrained(str(path), **kwargs)
+    return model

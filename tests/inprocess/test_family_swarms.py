@@ -1,0 +1,106 @@
+"""Every family through a 3-server swarm (real servers, real protocol, the in-memory network), tiny random weights:
+greedy and beam-search tokens equal local transformers, logits within 1e-4, a session in chunks longer than the
+sliding window, backward through the swarm equal to local autograd, and the Auto classes picking the family."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from corolla.client.model import AutoDistributedModelForCausalLM, AutoDistributedModelForSequenceClassification
+from corolla.core.blocks import BlockRange
+from corolla.testing.inprocess import InProcessSwarm
+from corolla.testing.tiny import TINY_CONFIGS, save_tiny_model
+
+SPANS = [BlockRange(0, 2), BlockRange(2, 4), BlockRange(4, 6)]
+FAMILIES = sorted(set(TINY_CONFIGS) - {"llama", "bloom"})  # those two have their own suites (tests/integration)
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def family_swarm(request, tmp_path_factory):
+    path = tmp_path_factory.mktemp(request.param)
+    local = save_tiny_model(request.param, path, seed=5)
+    with InProcessSwarm(str(path), SPANS, dht_prefix=request.param) as swarm:
+        remote = swarm.client()
+        try:
+            yield request.param, local, remote, swarm
+        finally:
+            remote.close()
+
+
+def _ids(seed: int, length: int, batch: int = 1) -> torch.Tensor:
+    return torch.randint(3, 128, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def test_auto_class_picks_the_family(family_swarm):
+    model_type, local, remote, _ = family_swarm
+    assert type(remote).__name__ == "Distributed" + type(local).__name__
+    assert isinstance(remote, type(local))  # the family's Hugging Face class: its forward, head and generate()
+    assert len(remote.model.layers) == 6 and remote.transformer is remote.model
+
+
+def test_greedy_and_beam_equal_local(family_swarm):
+    _, local, remote, _ = family_swarm
+    ids = _ids(0, 6)
+    for kwargs in (dict(do_sample=False), dict(do_sample=False, num_beams=3)):
+        kwargs.update(max_new_tokens=14, pad_token_id=0)  # 20 tokens: past the 8-token sliding windows
+        expected = local.generate(ids, **kwargs)
+        got = remote.generate(ids, **kwargs)
+        assert got.tolist() == expected.tolist(), kwargs
+
+
+def test_logits_equal_local(family_swarm):
+    _, local, remote, _ = family_swarm
+    ids = _ids(1, 19, batch=2)
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0
+    with torch.no_grad():
+        expected = local(ids, attention_mask=mask).logits
+        got = remote(ids, attention_mask=mask).logits
+    real = mask.bool()
+    assert (got - expected)[real].abs().max().item() < 1e-4
+
+
+def test_session_in_chunks_equals_one_pass(family_swarm):
+    _, local, remote, _ = family_swarm
+    ids = _ids(2, 20)
+    with torch.no_grad():
+        expected = local(ids).logits
+        outputs, position = [], 0
+        with remote.inference_session(max_length=20) as session:
+            for size in (6, 1, 0, 9, 4):
+                outputs.append(remote(ids[:, position:position + size]).logits)
+                position += size
+            assert session.position == 20
+    assert (torch.cat(outputs, dim=1) - expected).abs().max().item() < 1e-4
+
+
+def test_backward_through_the_swarm_equals_local(family_swarm):
+    _, local, remote, _ = family_swarm
+    ids = _ids(3, 10, batch=2)
+    embeddings = local.get_input_embeddings()
+    remote_embeds = remote.get_input_embeddings()(ids).detach().requires_grad_(True)
+    local_embeds = embeddings(ids).detach().requires_grad_(True)
+    weights = torch.randn(2, 10, local.config.vocab_size, generator=torch.Generator().manual_seed(4))
+    (remote(inputs_embeds=remote_embeds).logits * weights).sum().backward()
+    (local(inputs_embeds=local_embeds).logits * weights).sum().backward()
+    error = (remote_embeds.grad - local_embeds.grad).abs().max().item()
+    assert error <= 1e-4 * local_embeds.grad.abs().max().item(), error
+
+
+def test_sequence_classification_head(family_swarm):
+    model_type, _, _, swarm = family_swarm
+    classifier = swarm.client(AutoDistributedModelForSequenceClassification, num_labels=3, pad_token_id=0)
+    try:
+        logits = classifier(_ids(5, 7, batch=2)).logits
+        assert logits.shape == (2, 3) and torch.isfinite(logits).all()
+        assert type(classifier).__name__.startswith("Distributed") and "SequenceClassification" in type(classifier).__name__
+    finally:
+        classifier.close()
+
+
+def test_unsupported_model_type_is_named(tmp_path):
+    import transformers
+
+    transformers.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="unsupported model_type 'gpt2'.*mistral, mixtral"):
+        AutoDistributedModelForCausalLM.from_pretrained(str(tmp_path), initial_peers=["/ip4/127.0.0.1/tcp/1"])
