@@ -244,6 +244,8 @@ class DistributedModelMixin:
         try:
             model = cls(config, swarm)
             tensors = read_tensors(path, lambda name: family.is_block_tensor(name) is None)
+            for old, new in family.client_renames:
+                tensors = {new + name[len(old):] if name.startswith(old) else name: t for name, t in tensors.items()}
             model._load_client_tensors(tensors)
             tuning = TuningConfig(TuningMode(tuning_mode or "none"), pre_seq_len, lora_rank, lora_alpha,
                                   None if lora_target_modules is None else tuple(lora_target_modules))
@@ -302,13 +304,15 @@ class DistributedModelMixin:
         own = self.state_dict()
         missing = [name for name in own if name not in tensors and not name.startswith(self._new_head_prefixes)]
         tied = self._ties_embeddings()
-        if tied:
-            missing = [name for name in missing if not name.startswith("lm_head.")]
+        head = self.get_output_embeddings()
+        head_name = next((name for name, module in self.named_children() if module is head), None)
+        if tied and head_name is not None:
+            missing = [name for name in missing if not name.startswith(head_name + ".")]
         if missing:
             raise ValueError(f"the checkpoint lacks client tensors {missing}")
         self.load_state_dict({k: v for k, v in tensors.items() if k in own}, strict=False)
-        if tied and hasattr(self, "lm_head"):
-            self.lm_head.weight = self.get_input_embeddings().weight
+        if tied and head_name is not None:
+            head.weight = self.get_input_embeddings().weight
 
     def _ties_embeddings(self) -> bool:
         return bool(getattr(self.config.get_text_config(), "tie_word_embeddings", False))

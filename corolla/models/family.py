@@ -82,6 +82,9 @@ class ModelFamily:
     base_attr: str = "model"
     sequence_classification_class: Optional[type] = None
     lm_head_bias: bool = False
+    # Checkpoint name prefixes of the client's tensors that transformers 5 renames on load, e.g. GPT-NeoX's
+    # "embed_out." (its head in Pythia checkpoints) -> "lm_head.".
+    client_renames: tuple[tuple[str, str], ...] = ()
     # Linear layers (paths inside a block) that LoRA adapts when the user names none.
     lora_targets: tuple[str, ...] = ()
     # Attention implementation the layers run with (and the masks are built for).
@@ -142,6 +145,8 @@ _FAMILY_MODULES = {
     "gemma2": "gemma2",
     "gemma3_text": "gemma3",
     "phi3": "phi3",
+    "gpt_neox": "gpt_neox",
+    "falcon": "falcon",
 }
 
 

@@ -38,10 +38,12 @@ class RotaryRunner(nn.Module):
         device: torch.device,
         rotary_class: type[nn.Module] = LlamaRotaryEmbedding,
         rotary_per_type: bool = False,
+        cache_argument: str = "cache",
     ):
         super().__init__()
         self.config = config
         self.rotary_per_type = rotary_per_type
+        self.cache_argument = cache_argument  # the layer's name for the cache: "cache", or "layer_past" (GPT-NeoX)
         self.attention_types = sorted({attention_type(config, i) for i in range(config.num_hidden_layers)})
         # inv_freq stays float32, as in the HF model; cos/sin come out in the hidden states' dtype.
         self.rotary_emb = rotary_class(config=config).to(device)
@@ -77,9 +79,9 @@ class RotaryRunner(nn.Module):
             hidden_states,
             attention_mask=prepared.masks[kind],
             position_ids=prepared.position_ids,
-            cache=cache,
             use_cache=cache is not None,
             position_embeddings=prepared.position_embeddings[kind],
+            **{self.cache_argument: cache},
         )
 
     def run_layer_batched(

@@ -26,20 +26,34 @@ TINY_CONFIGS = {
                                                                 **COMMON),
     "phi3": lambda layers: transformers.Phi3Config(num_hidden_layers=layers, pad_token_id=0, bos_token_id=1,
                                                    eos_token_id=2, **COMMON),
+    "gpt_neox": lambda layers: transformers.GPTNeoXConfig(num_hidden_layers=layers, vocab_size=128, hidden_size=64,
+                                                         intermediate_size=128, num_attention_heads=4,
+                                                         rotary_pct=0.5, max_position_embeddings=256,
+                                                         initializer_range=0.1),
+    "falcon": lambda layers: transformers.FalconConfig(num_hidden_layers=layers, vocab_size=128, hidden_size=64,
+                                                       num_attention_heads=4, num_kv_heads=2,
+                                                       new_decoder_architecture=True, initializer_range=0.1),
+    "falcon-old": lambda layers: transformers.FalconConfig(num_hidden_layers=layers, vocab_size=128, hidden_size=64,
+                                                           num_attention_heads=4, multi_query=True,
+                                                           parallel_attn=True, initializer_range=0.1),
+    "falcon-alibi": lambda layers: transformers.FalconConfig(num_hidden_layers=layers, vocab_size=128, hidden_size=64,
+                                                             num_attention_heads=4, alibi=True, multi_query=False,
+                                                             parallel_attn=False, bias=True, initializer_range=0.1),
     "bloom": lambda layers: transformers.BloomConfig(hidden_size=64, n_layer=layers, n_head=4, vocab_size=128,
                                                      initializer_range=0.1),
 }
 
 
-def tiny_config(model_type: str, num_layers: int = 6) -> transformers.PretrainedConfig:
-    return TINY_CONFIGS[model_type](num_layers)
+def tiny_config(name: str, num_layers: int = 6) -> transformers.PretrainedConfig:
+    """The tiny config ``name``: a model_type, or a variant of one (``falcon-old``, ``falcon-alibi``)."""
+    return TINY_CONFIGS[name](num_layers)
 
 
-def save_tiny_model(model_type: str, path: str | Path, num_layers: int = 6, seed: int = 0,
+def save_tiny_model(name: str, path: str | Path, num_layers: int = 6, seed: int = 0,
                     max_shard_size: str | None = None) -> transformers.PreTrainedModel:
-    """Build a tiny ``model_type`` causal LM with seeded random weights, save it at ``path``, return it (eval)."""
+    """Build the tiny causal LM ``name`` with seeded random weights, save it at ``path``, return it (eval)."""
     torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(tiny_config(model_type, num_layers))
+    model = transformers.AutoModelForCausalLM.from_config(tiny_config(name, num_layers))
     model.eval()
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
     model.save_pretrained(str(path), **kwargs)
