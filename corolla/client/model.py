@@ -34,6 +34,20 @@ from corolla.net.transport import TransportFactory
 logger = logging.getLogger(__name__)
 
 
+def _get(root: nn.Module, path: str):
+    return functools.reduce(getattr, path.split("."), root)
+
+
+def _put(root: nn.Module, path: str, module: nn.Module) -> None:
+    """Set ``module`` at dotted ``path`` under ``root``, making empty containers on the way (OPT's ``decoder``)."""
+    *parents, name = path.split(".")
+    for part in parents:
+        if part not in root._modules:
+            setattr(root, part, nn.Module())
+        root = getattr(root, part)
+    setattr(root, name, module)
+
+
 class RemoteBaseModel(nn.Module):
     """Embeddings -> remote blocks -> final norm, with the forward signature of a HF base model.
 
@@ -45,10 +59,10 @@ class RemoteBaseModel(nn.Module):
         super().__init__()
         self.config = config
         self._names = (parts.embed, parts.final_norm, parts.layers)
-        self._embed_norm = parts.after_embed  # applied to the embeddings before block 0 (BLOOM, Gemma 2)
-        for name, module in parts.modules.items():
-            setattr(self, name, module)
-        setattr(self, parts.layers, RemoteSequential(swarm))
+        self._parts = parts
+        for path, module in parts.modules.items():
+            _put(self, path, module)
+        _put(self, parts.layers, RemoteSequential(swarm))
         self.prompt_tuning: Optional[PromptTuning] = None  # set by tuning_mode="ptune" / "deep_ptune"
         self.remote_lora: Optional[RemoteLora] = None  # set by tuning_mode="lora"
         # word_embeddings_layernorm of families without one; kept out of the submodules (it holds nothing)
@@ -62,8 +76,8 @@ class RemoteBaseModel(nn.Module):
             return super().__getattr__(name)
         except AttributeError:
             index = RemoteBaseModel._ALIASES.get(name)
-            if index is not None and name != self._names[index]:
-                return getattr(self, self._names[index])
+            if index is not None and name != self._names[index] and self._names[index] is not None:
+                return _get(self, self._names[index])
             if name == "word_embeddings_layernorm":
                 return self.__dict__["_identity"]
             raise
@@ -79,10 +93,10 @@ class RemoteBaseModel(nn.Module):
 
     @property
     def remote_layers(self) -> RemoteSequential:
-        return getattr(self, self._names[2])
+        return _get(self, self._names[2])
 
     def get_input_embeddings(self) -> nn.Embedding:
-        return getattr(self, self._names[0])
+        return _get(self, self._names[0])
 
     def forward(
         self,
@@ -113,8 +127,12 @@ class RemoteBaseModel(nn.Module):
         prefix = 0
         if self.prompt_tuning is not None:
             hidden, attention_mask, position_ids, prefix = self._with_soft_prompt(hidden, attention_mask, position_ids, session)
-        if self._embed_norm is not None:
-            hidden = getattr(self, self._embed_norm)(hidden)
+        if self._parts.prepare_inputs is not None:  # e.g. OPT's learned positions, which need the past's length
+            past = attention_mask.shape[1] - hidden.shape[1] if attention_mask is not None else (
+                session.position if session is not None else 0)
+            hidden = self._parts.prepare_inputs(self, hidden, attention_mask, position_ids, past)
+        if self._parts.after_embed is not None:
+            hidden = _get(self, self._parts.after_embed)(hidden)
         block_inputs = hidden
         deep_prompts = None if self.prompt_tuning is None else self.prompt_tuning.deep_prompts()
         lora = None if self.remote_lora is None else self.remote_lora.lora_set()
@@ -138,7 +156,9 @@ class RemoteBaseModel(nn.Module):
             hidden = self.remote_layers(hidden, attention_mask, position_ids, prompts=deep_prompts, lora=lora,
                                         active_adapter=self.active_adapter)
         block_outputs = hidden
-        hidden = getattr(self, self._names[1])(hidden)[:, prefix:]  # the soft prompt's positions are not outputs
+        for path in ((self._names[1],) if self._names[1] else ()) + self._parts.after_norm:
+            hidden = _get(self, path)(hidden)
+        hidden = hidden[:, prefix:]  # the soft prompt's positions are not outputs
         return MoeModelOutputWithPast(  # a base model's output; router_logits for mixture-of-experts heads
             last_hidden_state=hidden,
             cache=cache,
@@ -194,7 +214,12 @@ def _record_fed(session: InferenceSession, held: int, input_ids, mask, reordered
 class DistributedModelMixin:
     """What every distributed model adds to its Hugging Face class: loading, sessions, generate()."""
 
-    _base_attr: str  # "model" or "transformer"
+    _base_attr: str  # "model" or "transformer": the base model's attribute
+    _base_path: str  # where the RemoteBaseModel is: the base model, or inside it ("model.decoder" in OPT)
+
+    @property
+    def remote_base(self) -> "RemoteBaseModel":
+        return _get(self, self._base_path)
 
     @classmethod
     def from_pretrained(
@@ -271,7 +296,7 @@ class DistributedModelMixin:
             raise
 
     def _set_up_tuning(self, tuning: TuningConfig, family) -> None:
-        base = getattr(self, self._base_attr)
+        base = self.remote_base
         self.tuning = tuning
         if tuning.mode is TuningMode.NONE:
             return
@@ -289,13 +314,13 @@ class DistributedModelMixin:
 
     def save_lora(self, path) -> None:
         """Save the trained LoRA weights as a PEFT adapter (loads onto a local model with ``peft``)."""
-        lora = getattr(self, self._base_attr).remote_lora
+        lora = self.remote_base.remote_lora
         if lora is None:
             raise ValueError('this model has no LoRA weights: load it with tuning_mode="lora"')
         lora.save_pretrained(path, base_model=str(getattr(self, "name_or_path", "")))
 
     def load_lora(self, path) -> None:
-        lora = getattr(self, self._base_attr).remote_lora
+        lora = self.remote_base.remote_lora
         if lora is None:
             raise ValueError('this model has no LoRA weights: load it with tuning_mode="lora"')
         lora.load_pretrained(path)
@@ -323,7 +348,7 @@ class DistributedModelMixin:
 
     @property
     def remote_layers(self) -> RemoteSequential:
-        return getattr(self, self._base_attr).remote_layers
+        return self.remote_base.remote_layers
 
     def inference_session(self, max_length: int) -> InferenceSession:
         """``with model.inference_session(max_length=N) as session:`` keeps the servers' attention caches across
@@ -348,7 +373,7 @@ class DistributedModelMixin:
 
     def _new_session(self, max_length: int) -> InferenceSession:
         """A session with this model's LoRA weights (as they are now) or server adapter, and room for its prompt."""
-        base = getattr(self, self._base_attr)
+        base = self.remote_base
         prefix = base.prompt_tuning.pre_seq_len if base.prompt_tuning is not None else 0
         lora = None if base.remote_lora is None else base.remote_lora.lora_set()
         return self.remote_layers.inference_session(max_length + prefix, lora=lora, active_adapter=base.active_adapter)
@@ -487,9 +512,9 @@ def _init_causal_lm(self, config, swarm: RemoteSwarm) -> None:
     """``__init__`` of every distributed causal LM: the family's client parts, the head; never the blocks."""
     family = family_for(config)
     PreTrainedModel.__init__(self, config)
-    setattr(self, family.base_attr, _base_model(family, config, swarm))
+    _put_base(self, family, _base_model(family, config, swarm))
     self.vocab_size = config.vocab_size
-    self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=family.lm_head_bias)
+    self.lm_head = nn.Linear(family.output_features(config), config.vocab_size, bias=family.lm_head_bias)
 
 
 def _init_sequence_classification(self, config, swarm: RemoteSwarm) -> None:
@@ -497,8 +522,27 @@ def _init_sequence_classification(self, config, swarm: RemoteSwarm) -> None:
     family = family_for(config)
     PreTrainedModel.__init__(self, config)
     self.num_labels = config.num_labels
-    setattr(self, family.base_attr, _base_model(family, config, swarm))
-    self.score = nn.Linear(config.hidden_size, config.num_labels, bias=False)
+    _put_base(self, family, _base_model(family, config, swarm))
+    self.score = nn.Linear(family.output_features(config), config.num_labels, bias=False)
+
+
+class _Delegate(nn.Module):
+    """A base model that is only a container for the remote one (OPT's ``model`` around ``decoder``)."""
+
+    def __init__(self, child: str, module: nn.Module):
+        super().__init__()
+        self._child = child
+        setattr(self, child, module)
+
+    def forward(self, *args, **kwargs):
+        return getattr(self, self._child)(*args, **kwargs)
+
+
+def _put_base(model: nn.Module, family: ModelFamily, base: "RemoteBaseModel") -> None:
+    first, *inner = family.base_path.split(".")
+    for name in reversed(inner):
+        base = _Delegate(name, base)
+    setattr(model, first, base)
 
 
 def _class_name(family: ModelFamily, hf_class: type) -> str:
@@ -512,7 +556,8 @@ def distributed_causal_lm(model_type: str) -> type:
     family = family_for_type(model_type)
     hf_class = family.causal_lm_class
     return type(_class_name(family, hf_class), (DistributedModelMixin, hf_class),
-                {"__init__": _init_causal_lm, "_base_attr": family.base_attr, "__module__": __name__})
+                {"__init__": _init_causal_lm, "_base_attr": family.base_attr, "_base_path": family.base_path,
+                 "__module__": __name__})
 
 
 @functools.cache
@@ -522,7 +567,7 @@ def distributed_sequence_classification(model_type: str) -> type:
     if hf_class is None:
         raise ValueError(f"{model_type} has no sequence classification model in Corolla")
     return type(_class_name(family, hf_class), (DistributedModelMixin, hf_class),
-                {"__init__": _init_sequence_classification, "_base_attr": family.base_attr,
+                {"__init__": _init_sequence_classification, "_base_attr": family.base_attr, "_base_path": family.base_path,
                  "_new_head_prefixes": ("score.",), "__module__": __name__})
 
 

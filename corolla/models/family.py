@@ -58,11 +58,15 @@ def attention_type(config: transformers.PretrainedConfig, index: int) -> str:
 class ClientParts:
     """What a client holds of a model besides the head: modules by their checkpoint names inside the base model."""
 
-    modules: dict[str, nn.Module]
+    modules: dict[str, nn.Module]  # by dotted path inside the base model ("decoder.embed_tokens" in OPT)
     embed: str  # the token embeddings, e.g. "embed_tokens"
-    final_norm: str  # the norm after the last block, e.g. "norm"
+    final_norm: Optional[str]  # the norm after the last block, e.g. "norm" (None: the model has none)
     layers: str  # where the remote blocks sit, e.g. "layers"
     after_embed: Optional[str] = None  # a module applied to the embeddings before block 0 (BLOOM's layernorm)
+    after_norm: tuple[str, ...] = ()  # modules applied after the final norm (OPT's project_out)
+    # (base model, embeddings [batch, new, ·], attention_mask [batch, past+new] or None, position_ids or None,
+    # past length) -> block 0's input; for what the embedding stage needs besides tokens (OPT's positions)
+    prepare_inputs: Optional[Callable] = None
 
 
 @dataclass(frozen=True)
@@ -80,8 +84,13 @@ class ModelFamily:
     causal_lm_class: type
     client_parts: Callable[[transformers.PretrainedConfig], ClientParts]
     base_attr: str = "model"
+    # Where the client's base model (embeddings, remote blocks, final norm) sits, if deeper than ``base_attr``
+    # (OPT's causal LM calls ``model.decoder``).
+    remote_base_path: Optional[str] = None
     sequence_classification_class: Optional[type] = None
     lm_head_bias: bool = False
+    # Width of what reaches the head (and a classifier's score), if not ``hidden_size`` (OPT-350m's projection).
+    head_features: Optional[Callable[[transformers.PretrainedConfig], int]] = None
     # Checkpoint name prefixes of the client's tensors that transformers 5 renames on load, e.g. GPT-NeoX's
     # "embed_out." (its head in Pythia checkpoints) -> "lm_head.".
     client_renames: tuple[tuple[str, str], ...] = ()
@@ -97,6 +106,13 @@ class ModelFamily:
     # Maps one block's tensors as a checkpoint names them (inside the layer) to the layer's own names, where the
     # two differ (Mixtral's checkpoints keep one tensor per expert, its layer one tensor for all experts).
     convert_block_state: Optional[Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]] = None
+
+    @property
+    def base_path(self) -> str:
+        return self.remote_base_path or self.base_attr
+
+    def output_features(self, config: transformers.PretrainedConfig) -> int:
+        return self.head_features(config) if self.head_features is not None else config.hidden_size
 
     def layer_type(self, config: transformers.PretrainedConfig, index: int) -> str:
         """``full_attention`` or ``sliding_attention``: the mask block ``index`` attends with."""
@@ -147,6 +163,7 @@ _FAMILY_MODULES = {
     "phi3": "phi3",
     "gpt_neox": "gpt_neox",
     "falcon": "falcon",
+    "opt": "opt",
 }
 
 

@@ -39,6 +39,13 @@ TINY_CONFIGS = {
     "falcon-alibi": lambda layers: transformers.FalconConfig(num_hidden_layers=layers, vocab_size=128, hidden_size=64,
                                                              num_attention_heads=4, alibi=True, multi_query=False,
                                                              parallel_attn=False, bias=True, initializer_range=0.1),
+    "opt": lambda layers: transformers.OPTConfig(num_hidden_layers=layers, vocab_size=128, hidden_size=64, ffn_dim=128,
+                                                 num_attention_heads=4, max_position_embeddings=256, pad_token_id=1,
+                                                 init_std=0.1),
+    "opt-350m": lambda layers: transformers.OPTConfig(num_hidden_layers=layers, vocab_size=128, hidden_size=64,
+                                                      ffn_dim=128, num_attention_heads=4, word_embed_proj_dim=32,
+                                                      do_layer_norm_before=False, max_position_embeddings=256,
+                                                      pad_token_id=1, init_std=0.1),
     "bloom": lambda layers: transformers.BloomConfig(hidden_size=64, n_layer=layers, n_head=4, vocab_size=128,
                                                      initializer_range=0.1),
 }

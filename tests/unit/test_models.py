@@ -330,7 +330,7 @@ def test_family_naming():
 
 def test_unsupported_model_type_lists_supported_ones():
     config = transformers.GPT2Config()
-    with pytest.raises(CorollaError, match=r"unsupported model_type 'gpt2'.*bloom, gemma2, gemma3_text, llama, mistral, mixtral, phi3, qwen2, qwen3"):
+    with pytest.raises(CorollaError, match=r"unsupported model_type 'gpt2'.*bloom, falcon, gemma2, gemma3_text, gpt_neox, llama, mistral, mixtral, opt, phi3, qwen2, qwen3"):
         family_for(config)
 
 
