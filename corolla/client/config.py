@@ -33,3 +33,7 @@ class ClientConfig:
     allowed_servers: Optional[tuple[str, ...]] = None  # use only these servers (peer ids); None: any
     wire_codec: str = "none"  # how hidden states and gradients travel: none (exact), float16, bfloat16 or
     #                           int8-block64 (corolla.wire.compression); used with the servers that announce it
+    min_quant: str = "nf4"  # the fewest bits per weight a server may use: "none" (full-precision servers only),
+    #                         "int8" (no 4-bit servers), "int4"/"nf4" (any); see corolla.core.records.QUANT_BITS
+    mixed_quant: bool = True  # False: all blocks from servers of one quantization (the most precise that covers
+    #                           the model); True: servers of different quantizations are replicas of each other

@@ -158,7 +158,7 @@ class RemoteSequential(nn.Module):
             prompts = extras.prompts[span.start - self.blocks.start: span.end - self.blocks.start]
             checked["prompts"] = prompts if prompts.shape[1] == 1 else prompts[:, rows]
         verdict = await check(self.swarm, span, record.peer_id, claimed, inputs, mask, positions, checked,
-                              record.dtype, inputs.shape[1])
+                              record.dtype, inputs.shape[1], like=record)
         if verdict.liar is not None:
             self.swarm.ban_liar(verdict.liar)
         if verdict.liar is not None or verdict.disputed:

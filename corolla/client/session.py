@@ -331,7 +331,7 @@ class InferenceSession:
             start = hop.span.start - self.seq.blocks.start
             extras["prompts"] = self._prompts[start: start + len(hop.span)]
         task = asyncio.ensure_future(check(self.swarm, hop.span, hop.record.peer_id, claimed, hidden, mask, positions,
-                                           extras, hop.record.dtype, new, frozenset(self._avoid)))
+                                           extras, hop.record.dtype, new, frozenset(self._avoid), like=hop.record))
         self._checks.append((task, position, hop.record.peer_id))
         self.checks["run"] += 1
 

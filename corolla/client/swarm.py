@@ -15,9 +15,9 @@ from corolla.client.config import ClientConfig
 from corolla.client.rpc import call
 from corolla.core.blocks import BlockRange
 from corolla.core.errors import AdapterNotServedError, BadRequestError, BlocksNotServedError
-from corolla.core.records import ServerRecord
+from corolla.core.records import QUANT_BITS, ServerRecord
 from corolla.core.routing import BanList, Chain, SpeedMeter, plan_batch_route, plan_inference_route
-from corolla.core.spans import describe_blocks, unserved_blocks, usable
+from corolla.core.spans import describe_blocks, one_quantization, unserved_blocks, usable
 from corolla.net.loop import LoopThread
 from corolla.net.peer import Peer, PeerConfig
 from corolla.net.transport import Transport, TransportFactory
@@ -47,6 +47,8 @@ class RemoteSwarm:
     def __init__(self, config: ClientConfig, model_prefix: str, num_blocks: int, transport_factory: TransportFactory,
                  hidden_size: Optional[int] = None, max_positions: Optional[int] = None):
         parse_codec(config.wire_codec)  # a wrong name fails here, not at the first request
+        if config.min_quant not in QUANT_BITS:
+            raise ValueError(f"min_quant {config.min_quant!r} is not one of {', '.join(QUANT_BITS)}")
         self.config = config
         self.model_prefix = model_prefix
         self.num_blocks = num_blocks
@@ -90,7 +92,11 @@ class RemoteSwarm:
                                     self.config.swarm_key)
         if self.config.allowed_servers is not None:
             found = [r for r in found if r.peer_id in self.config.allowed_servers]
-        self._records = usable(found, PROTOCOL_VERSION)
+        found = [r for r in found if QUANT_BITS[r.quant] >= QUANT_BITS[self.config.min_quant]]
+        found = usable(found, PROTOCOL_VERSION)
+        if not self.config.mixed_quant:
+            found = one_quantization(found, BlockRange(0, self.num_blocks))
+        self._records = found
         self._records_time = time.monotonic()
         unmeasured = [r for r in self._records if r.peer_id not in self.latency_s and not self.bans.is_banned(r.peer_id)]
         if unmeasured:
@@ -146,13 +152,16 @@ class RemoteSwarm:
     # ---------------------------------------------------------------- planning
 
     async def _plan(self, blocks: BlockRange, planner: Callable[[list[ServerRecord]], Chain],
-                    adapter: Optional[str] = None, exclude: frozenset = frozenset(), wait: bool = True) -> Chain:
+                    adapter: Optional[str] = None, exclude: frozenset = frozenset(), wait: bool = True,
+                    like: Optional[ServerRecord] = None) -> Chain:
         """Plan with ``planner`` over the servers (holding ``adapter``, if given; not in ``exclude``), waiting up to
         ``wait_for_blocks_s`` for the blocks to be served (not at all with ``wait=False``)."""
         deadline = time.monotonic() + (self.config.wait_for_blocks_s if wait else 0.0)
         max_age_s = None
         while True:
             records = [r for r in await self.records(max_age_s) if r.peer_id not in exclude]
+            if like is not None:  # servers whose outputs must equal ``like``'s: same dtype and quantization
+                records = [r for r in records if r.dtype == like.dtype and r.quant == like.quant]
             holders = records if adapter is None else [r for r in records if adapter in r.adapters]
             try:
                 return planner(holders)
@@ -187,7 +196,8 @@ class RemoteSwarm:
         )
 
     async def plan_inference(self, blocks: BlockRange, adapter: Optional[str] = None,
-                             exclude: frozenset = frozenset(), wait: bool = True) -> Chain:
+                             exclude: frozenset = frozenset(), wait: bool = True,
+                             like: Optional[ServerRecord] = None) -> Chain:
         """The chain with the least expected time per step (latency + compute), for inference sessions."""
         return await self._plan(
             blocks,
@@ -196,6 +206,7 @@ class RemoteSwarm:
             adapter,
             exclude,
             wait,
+            like,
         )
 
     async def plan_batch(self, blocks: BlockRange, adapter: Optional[str] = None, exclude: frozenset = frozenset(),

@@ -60,11 +60,11 @@ def agree(claimed: torch.Tensor, other: torch.Tensor, dtype: str) -> bool:
 
 
 async def recompute(swarm, span: BlockRange, hidden: torch.Tensor, mask, positions, extras: dict,
-                    exclude: frozenset) -> tuple[torch.Tensor, frozenset]:
+                    exclude: frozenset, like=None) -> tuple[torch.Tensor, frozenset]:
     """``span`` run on ``hidden`` by servers not in ``exclude`` (stateless forward passes); the outputs and who ran
     them. ``BlocksNotServedError`` at once if no such servers hold the blocks."""
     # the fewest servers (the least-time chain): a disagreement then leaves the most servers for a third opinion
-    chain = await swarm.plan_inference(span, extras.get("active_adapter"), exclude=exclude, wait=False)
+    chain = await swarm.plan_inference(span, extras.get("active_adapter"), exclude=exclude, wait=False, like=like)
     used = []
     for record, part in chain:
         dtype = dtype_from_name(record.dtype)
@@ -84,12 +84,12 @@ async def recompute(swarm, span: BlockRange, hidden: torch.Tensor, mask, positio
 
 
 async def check(swarm, span: BlockRange, suspect: str, claimed: torch.Tensor, hidden, mask, positions, extras: dict,
-                dtype: str, last: int, distrusted: frozenset = frozenset()) -> Verdict:
+                dtype: str, last: int, distrusted: frozenset = frozenset(), like=None) -> Verdict:
     """Whether ``suspect``'s ``claimed`` outputs of its blocks ``span`` (the last ``last`` positions of what it ran
     on ``hidden``) are what other servers (none of ``distrusted``) compute; a third decides a disagreement."""
     excluded = frozenset({suspect}) | distrusted
     try:
-        second, seconds = await recompute(swarm, span, hidden, mask, positions, extras, excluded)
+        second, seconds = await recompute(swarm, span, hidden, mask, positions, extras, excluded, like)
     except BlocksNotServedError:
         return Verdict(False, detail=f"no other server holds blocks {span}")
     except Exception as exc:  # the checker failed: nothing learned about the suspect
@@ -98,7 +98,7 @@ async def check(swarm, span: BlockRange, suspect: str, claimed: torch.Tensor, hi
     if agree(claimed, second, dtype):
         return Verdict(True, detail="agree")
     try:
-        third, _ = await recompute(swarm, span, hidden, mask, positions, extras, excluded | seconds)
+        third, _ = await recompute(swarm, span, hidden, mask, positions, extras, excluded | seconds, like)
     except Exception:
         return Verdict(True, disputed=True, detail=f"{suspect} and {sorted(seconds)} disagree; no third server")
     third = third[:, hidden.shape[1] - last:]

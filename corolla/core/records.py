@@ -8,6 +8,10 @@ from dataclasses import dataclass, field
 from corolla.core.blocks import BlockRange
 
 
+# Quantizations of a server's weights, and their bits per weight ("none": the 16- or 32-bit weights of its dtype).
+QUANT_BITS = {"none": 16, "int8": 8, "int4": 4, "nf4": 4}
+
+
 class ServerState(enum.Enum):
     JOINING = "joining"  # announced its span, still loading weights
     ONLINE = "online"  # answers requests
@@ -26,3 +30,4 @@ class ServerRecord:
     maddrs: tuple[str, ...] = field(default=())  # where to dial it
     adapters: tuple[str, ...] = field(default=())  # LoRA adapters it loaded (--adapters), by the name clients use
     codecs: tuple[str, ...] = field(default=("none",))  # wire codecs it reads and writes (corolla.wire.compression)
+    quant: str = "none"  # how its weights are quantized (QUANT_BITS); outputs of different ones differ slightly

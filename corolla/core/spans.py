@@ -8,11 +8,23 @@ from dataclasses import replace
 from typing import Iterable, Optional, Sequence
 
 from corolla.core.blocks import BlockRange
-from corolla.core.records import ServerRecord, ServerState
+from corolla.core.records import QUANT_BITS, ServerRecord, ServerState
 
 
 def usable(records: Iterable[ServerRecord], protocol_version: int) -> list[ServerRecord]:
     return [r for r in records if r.state is ServerState.ONLINE and r.protocol_version == protocol_version]
+
+
+def one_quantization(records: Sequence[ServerRecord], wanted: BlockRange) -> list[ServerRecord]:
+    """The servers of one quantization: the most precise that serves every block of ``wanted`` (or, if none does,
+    the one that serves the most of them), so that a client's outputs never mix quantizations."""
+    modes = sorted({r.quant for r in records}, key=lambda q: (-QUANT_BITS[q], q))
+    if not modes:
+        return []
+    by_mode = {q: [r for r in records if r.quant == q] for q in modes}
+    covering = [q for q in modes if not unserved_blocks(by_mode[q], wanted)]
+    best = covering[0] if covering else min(modes, key=lambda q: len(unserved_blocks(by_mode[q], wanted)))
+    return by_mode[best]
 
 
 def unserved_blocks(records: Iterable[ServerRecord], wanted: BlockRange) -> list[int]:

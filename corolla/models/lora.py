@@ -65,9 +65,11 @@ def block_of(key: str) -> int:
         raise BadRequestError(f"LoRA key {key!r} must look like '<block>.<module path>'") from None
 
 
-def linear_targets(layer: nn.Module) -> dict[str, nn.Linear]:
-    """The linear layers of one decoder block that LoRA may target, by module path."""
-    return {name: module for name, module in layer.named_modules() if isinstance(module, nn.Linear)}
+def linear_targets(layer: nn.Module) -> dict[str, nn.Module]:
+    """The linear layers of one decoder block that LoRA may target, by module path (quantized ones included)."""
+    from corolla.models.quant import QuantizedLinear
+
+    return {name: module for name, module in layer.named_modules() if isinstance(module, (nn.Linear, QuantizedLinear))}
 
 
 def check_lora(stack, lora: LoraSet, span: BlockRange) -> None:

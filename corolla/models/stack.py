@@ -15,6 +15,7 @@ from corolla.core.errors import BadRequestError, CorollaError
 from corolla.models.checkpoint import read_tensors
 from corolla.models.family import ModelFamily, family_for
 from corolla.models.kv import DEFAULT_PAGE_TOKENS, PagedLayer
+from corolla.models.quant import quantize_layer
 
 
 class BlockStack(nn.Module):
@@ -45,6 +46,7 @@ class BlockStack(nn.Module):
         for index, layer in zip(blocks, layers):  # the mask each layer attends with (see RotaryRunner)
             layer.corolla_attention = family.layer_type(config, index)
         self.runner = family.make_runner(config, self.device)
+        self.quant = "none"  # how the layers' weights are quantized (load_block_stack sets it)
 
     def forward(
         self,
@@ -235,8 +237,11 @@ def load_block_stack(
     blocks: BlockRange,
     dtype: torch.dtype,
     device: torch.device | str,
+    quant: str = "none",
 ) -> BlockStack:
-    """Build blocks ``blocks`` of the model at ``path`` and load only their tensors (never the full model)."""
+    """Build blocks ``blocks`` of the model at ``path`` and load only their tensors (never the full model); with
+    ``quant`` (``corolla.models.quant``), each block is read and quantized before the next is read, so the float
+    weights of one block at a time are held."""
     family = family_for(config)
     num_layers = config.num_hidden_layers
     if blocks.end > num_layers:
@@ -245,33 +250,40 @@ def load_block_stack(
     stack_config._attn_implementation = family.attn_implementation
     stack_config._experts_implementation = "eager"  # mixture-of-experts layers: the plain per-expert loop
 
-    def wanted(name: str) -> bool:
-        return family.is_block_tensor(name) in blocks
+    def block_states(wanted_blocks) -> dict[int, dict[str, torch.Tensor]]:
+        tensors = read_tensors(path, lambda name: family.is_block_tensor(name) in wanted_blocks, dtype=dtype,
+                               device=device)
+        states: dict[int, dict[str, torch.Tensor]] = {index: {} for index in wanted_blocks}
+        for name in list(tensors):
+            index, local_name = family.split_block_tensor(name)
+            states[index][local_name] = tensors.pop(name)
+        if family.convert_block_state is not None:
+            states = {index: family.convert_block_state(state) for index, state in states.items()}
+        return states
 
-    tensors = read_tensors(path, wanted, dtype=dtype, device=device)
-    states: dict[int, dict[str, torch.Tensor]] = {index: {} for index in blocks}
-    for name, tensor in tensors.items():
-        index, local_name = family.split_block_tensor(name)
-        states[index][local_name] = tensor
-
-    if family.convert_block_state is not None:
-        states = {index: family.convert_block_state(state) for index, state in states.items()}
+    # quantized: one block's float tensors at a time; otherwise all at once (each shard opened once)
+    states = block_states(blocks) if quant == "none" else {}
     layers = []
     for local_index, index in enumerate(blocks):
+        state = states.pop(index) if quant == "none" else block_states(range(index, index + 1))[index]
         with torch.device("meta"):
             layer = family.build_layer(stack_config, index)
         try:
-            layer.load_state_dict(states[index], strict=True, assign=True)
+            layer.load_state_dict(state, strict=True, assign=True)
         except RuntimeError as exc:
             raise CorollaError(f"checkpoint {path} does not match block {index} of {family.model_type}: {exc}") from exc
+        del state
         still_meta = [name for name, t in itertools.chain(layer.named_parameters(), layer.named_buffers()) if t.is_meta]
         if still_meta:
             raise CorollaError(f"block {index} of {path} has tensors the checkpoint does not provide: {still_meta}")
+        quantize_layer(layer, quant, torch.device(device))
         _renumber_layer(layer, local_index)
         layer.eval()
         layer.requires_grad_(False)
         layers.append(layer)
-    return BlockStack(family, stack_config, blocks, layers, dtype, device)
+    stack = BlockStack(family, stack_config, blocks, layers, dtype, device)
+    stack.quant = quant
+    return stack
 
 
 def _add_prompt(hidden: torch.Tensor, prompt: torch.Tensor, past: int) -> torch.Tensor:

@@ -21,6 +21,7 @@ class ServerConfig:
     identity_path: Optional[str] = None  # the server's key (its peer id); created there if missing; None: new per run
     swarm_key_path: Optional[str] = None  # a private swarm's secret (corolla.wire.swarm_key); None: an open swarm
     dtype: str = "float32"  # compute dtype: float32, bfloat16, float16 or auto (the checkpoint's)
+    quant: str = "none"  # weights: none, int8, int4 (CPU), nf4 (CUDA) or auto (corolla.models.quant)
     device: str = "cpu"  # torch device of the blocks: cpu, cuda, cuda:1, ...
     num_threads: Optional[int] = None  # torch intra-op threads; None keeps torch's default
     cache_tokens: int = 32768  # session cache budget: tokens held (of one batch row, in whole pages)

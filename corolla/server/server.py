@@ -20,6 +20,7 @@ from corolla.core.spans import choose_move, choose_span
 from corolla.models.checkpoint import load_config, model_dht_prefix, resolve_model
 from corolla.models.dtypes import resolve_dtype
 from corolla.models.lora import read_peft_adapter
+from corolla.models.quant import resolve_quant
 from corolla.models.stack import load_block_stack
 from corolla.net.addresses import write_address_file
 from corolla.net.peer import Peer, PeerConfig
@@ -58,6 +59,7 @@ class Server:
         self.state = ServerState.JOINING
         self.throughput = 0.0
         self.dtype = resolve_dtype(config.dtype)
+        self.quant = resolve_quant(config.quant, torch.device(config.device))
         self.maddrs: list[str] = []
         self.stack = None
         self.handler: Optional[RequestHandlers] = None
@@ -123,12 +125,13 @@ class Server:
     async def _load(self, blocks: BlockRange):
         """Load ``blocks`` and measure them; returns the stack and its cache budget."""
         config = self.config
-        logger.info("loading blocks %s of %s (%s, %s)", blocks, self.model_prefix, self.dtype, config.device)
+        logger.info("loading blocks %s of %s (%s, %s, weights %s)", blocks, self.model_prefix, self.dtype,
+                    config.device, self.quant)
         # Every torch call of this process runs on the one compute thread: with several intra-op threads, torch
         # work split across Python threads loses its parallelism (measured: 2 threads ran at 1-thread speed).
         run = self.scheduler.run
         stack = await run(Priority.BACKGROUND, load_block_stack, self.path, self.model_config, blocks, self.dtype,
-                          torch.device(config.device))
+                          torch.device(config.device), self.quant)
         self.throughput = config.throughput or await run(Priority.BACKGROUND, measure_throughput, stack)
         adapters = {}
         for name in config.adapters:
@@ -207,6 +210,7 @@ class Server:
             maddrs=tuple(self.maddrs),
             adapters=tuple(self.config.adapters),
             codecs=SUPPORTED_CODECS,
+            quant=self.quant,
         )
 
     def info(self) -> InfoReply:

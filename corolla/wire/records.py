@@ -16,7 +16,7 @@ from dataclasses import asdict
 from typing import Any, Optional
 
 from corolla.core.blocks import BlockRange
-from corolla.core.records import ServerRecord, ServerState
+from corolla.core.records import QUANT_BITS, ServerRecord, ServerState
 from corolla.wire.compression import SUPPORTED_CODECS
 from corolla.wire.identity import MAX_PUBLIC_KEY_BYTES, Identity, peer_id_of, verify
 from corolla.wire.swarm_key import FIELD as swarm_key_field
@@ -99,6 +99,9 @@ def decode_record(value: Any, num_blocks: Optional[int] = None, model: Optional[
             raise ValueError("implausible throughput")
         if value["dtype"] not in DTYPES:
             raise ValueError("unknown dtype")
+        quant = value.get("quant", "none")
+        if quant not in QUANT_BITS:
+            raise ValueError("unknown quantization")
         cache_tokens_free = _int(value["cache_tokens_free"])
         if not 0 <= cache_tokens_free <= MAX_CACHE_TOKENS:
             raise ValueError("implausible cache size")
@@ -120,6 +123,7 @@ def decode_record(value: Any, num_blocks: Optional[int] = None, model: Optional[
             maddrs=tuple(maddrs),
             adapters=_names(value.get("adapters", ())),
             codecs=_codecs(value.get("codecs", ["none"])),
+            quant=quant,
         )
     except (KeyError, TypeError, ValueError, AttributeError):
         return None

@@ -1,0 +1,187 @@
+"""Quantized weights for a server's blocks: ``none``, ``int8``, ``int4`` (CPU) and ``nf4`` (CUDA).
+
+On CPU, Corolla uses PyTorch's own weight-only kernels, the ones torchao's CPU layouts call:
+
+- ``int8``: each linear layer's weight as int8 with one absmax scale per output channel;
+  ``torch._weight_int8pack_mm`` multiplies bfloat16 activations by it. Measured here against float32
+  (``benchmarks/bench_quant.py``): 1.3-4x faster per matrix product, a quarter of the bytes.
+- ``int4``: 4-bit values in groups of ``INT4_GROUP`` along the input with a scale and an offset per group (asymmetric),
+  packed for ``torch._weight_int4pack_mm_for_cpu``; an eighth of the bytes.
+
+Activations enter the kernels in bfloat16 and results come back in the stack's dtype. PyTorch's dynamic int8
+quantization (fbgemm) was faster still on this machine, but it quantizes activations per tensor: the embedded model's
+first-token activations (values of 10^4 beside values near 1) ruin the other tokens' resolution in a prefill.
+
+On CUDA, ``int8`` and ``nf4`` are bitsandbytes' LLM.int8() (outliers in 16-bit) and NF4, as Petals offers; they need
+the ``bitsandbytes`` package.
+
+A quantized layer keeps gradients flowing to its input (its weights stay frozen), so training through a quantized
+server works, with the quantized weights' outputs.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from corolla.core.errors import CorollaError
+from corolla.core.records import QUANT_BITS
+
+QUANT_MODES = tuple(QUANT_BITS)  # none, int8, int4, nf4
+INT4_GROUP = 32
+
+
+def check_quant(mode: str) -> str:
+    if mode not in QUANT_MODES:
+        raise ValueError(f"unknown quantization {mode!r}: choose among {', '.join(QUANT_MODES)} (or auto)")
+    return mode
+
+
+def resolve_quant(mode: str, device: torch.device) -> str:
+    """``auto``: int8 on CPU (faster than float32 there, a quarter of the memory), nf4 on CUDA when bitsandbytes is
+    installed, else none. Other modes are checked against the device."""
+    device = torch.device(device)
+    if mode == "auto":
+        if device.type == "cpu":
+            return "int8"
+        return "nf4" if _has_bitsandbytes() else "none"
+    check_quant(mode)
+    if device.type == "cpu" and mode == "nf4":
+        raise CorollaError("nf4 is bitsandbytes' 4-bit type and needs CUDA; on CPU use --quant int4")
+    if device.type == "cuda" and mode == "int4":
+        raise CorollaError("int4 is the CPU kernel's 4-bit layout; on CUDA use --quant nf4")
+    if device.type == "cuda" and mode in ("int8", "nf4") and not _has_bitsandbytes():
+        raise CorollaError(f"--quant {mode} on CUDA needs bitsandbytes: pip install bitsandbytes")
+    return mode
+
+
+def _has_bitsandbytes() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("bitsandbytes") is not None
+
+
+class _QuantizedMatmul(torch.autograd.Function):
+    """``x @ W.T`` with a quantized W: the kernel forward; backward gives the input's gradient (W is frozen)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, layer: "QuantizedLinear") -> torch.Tensor:
+        ctx.layer = layer
+        return layer.matmul(x).to(x.dtype)  # so the gradient arrives in the input's dtype
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        weight = ctx.layer.dequantized_weight().to(grad.dtype)  # [out, in]
+        return grad @ weight, None
+
+
+class QuantizedLinear(nn.Module):
+    """A frozen linear layer with quantized weights; LoRA and server adapters hook it as they hook ``nn.Linear``."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        flat = x.reshape(-1, self.in_features)
+        if torch.is_grad_enabled() and flat.requires_grad:
+            out = _QuantizedMatmul.apply(flat, self)
+        else:
+            out = self.matmul(flat)
+        out = out.to(x.dtype).reshape(*shape[:-1], self.out_features)
+        return out if self.bias is None else out + self.bias.to(out.dtype)
+
+    def matmul(self, flat: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def dequantized_weight(self) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class Int8Linear(QuantizedLinear):
+    """int8 weights, one float scale per output channel (symmetric absmax)."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__(linear)
+        weight = linear.weight.detach().float()  # [out, in]
+        scales = weight.abs().amax(dim=1).clamp(min=1e-12) / 127.0  # [out]
+        self.register_buffer("qweight", torch.round(weight / scales[:, None]).clamp(-127, 127).to(torch.int8))
+        self.register_buffer("scales", scales.to(torch.bfloat16))
+
+    def matmul(self, flat: torch.Tensor) -> torch.Tensor:
+        return torch._weight_int8pack_mm(flat.to(torch.bfloat16).contiguous(), self.qweight, self.scales)
+
+    def dequantized_weight(self) -> torch.Tensor:
+        return self.qweight.float() * self.scales.float()[:, None]
+
+
+class Int4Linear(QuantizedLinear):
+    """4-bit weights in groups of ``INT4_GROUP`` input features, each group with its scale and offset."""
+
+    def __init__(self, linear: nn.Linear, group: int = INT4_GROUP):
+        super().__init__(linear)
+        self.group = group
+        weight = linear.weight.detach().float()  # [out, in]
+        out, inp = weight.shape
+        grouped = weight.reshape(out, inp // group, group)
+        low, high = grouped.amin(dim=-1, keepdim=True), grouped.amax(dim=-1, keepdim=True)
+        scales = ((high - low) / 15).clamp(min=1e-12)  # [out, groups, 1]
+        values = torch.round((grouped - low) / scales).clamp(0, 15).to(torch.int32).reshape(out, inp)
+        # the kernel reads a weight as (value - 8) * scale + zero: the zero is the group's value at code 8
+        zeros = low + 8 * scales
+        packed_meta = torch.cat([scales, zeros], dim=-1).transpose(0, 1).contiguous()  # [groups, out, 2]
+        self.register_buffer("qweight", torch.ops.aten._convert_weight_to_int4pack_for_cpu(values, 1))
+        self.register_buffer("scales_and_zeros", packed_meta.to(torch.bfloat16))
+
+    def matmul(self, flat: torch.Tensor) -> torch.Tensor:
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(flat.to(torch.bfloat16).contiguous(), self.qweight,
+                                                          self.group, self.scales_and_zeros)
+
+    def dequantized_weight(self) -> torch.Tensor:
+        identity = torch.eye(self.in_features, dtype=torch.bfloat16)
+        return self.matmul(identity).float().t()  # [in, out] -> [out, in]: the weights the kernel computes with
+
+
+def quantizable(linear: nn.Linear, mode: str) -> bool:
+    # the int4 kernel packs whole groups of input features and output features in sixteens
+    return mode != "int4" or (linear.in_features % INT4_GROUP == 0 and linear.out_features % 16 == 0)
+
+
+def quantize_layer(layer: nn.Module, mode: str, device: torch.device) -> nn.Module:
+    """Replace the linear layers of ``layer`` (loaded, on ``device``) by quantized ones, in place."""
+    if mode == "none":
+        return layer
+    targets = [(name, module) for name, module in layer.named_modules() if isinstance(module, nn.Linear)]
+    for name, linear in targets:
+        if not quantizable(linear, mode):
+            continue  # stays in full precision
+        parent_name, _, child = name.rpartition(".")
+        parent = layer.get_submodule(parent_name) if parent_name else layer
+        setattr(parent, child, _quantized(linear, mode, torch.device(device)))
+    return layer
+
+
+def _quantized(linear: nn.Linear, mode: str, device: torch.device) -> nn.Module:
+    if device.type == "cpu":
+        return Int8Linear(linear) if mode == "int8" else Int4Linear(linear)
+    return _bitsandbytes_linear(linear, mode, device)
+
+
+def _bitsandbytes_linear(linear: nn.Linear, mode: str, device: torch.device) -> nn.Module:
+    """bitsandbytes' LLM.int8() (threshold 6: outlier features stay 16-bit) or NF4 (compute in the weights' dtype)."""
+    import bitsandbytes as bnb
+
+    weight = linear.weight.detach().to("cpu")
+    bias = linear.bias is not None
+    if mode == "int8":
+        module = bnb.nn.Linear8bitLt(linear.in_features, linear.out_features, bias=bias, has_fp16_weights=False,
+                                     threshold=6.0)
+        module.weight = bnb.nn.Int8Params(weight.to(torch.float16), requires_grad=False, has_fp16_weights=False)
+    else:
+        module = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=bias, compute_dtype=weight.dtype,
+                                   quant_type="nf4")
+        module.weight = bnb.nn.Params4bit(weight, requires_grad=False, quant_type="nf4")
+    if bias:
+        module.bias = nn.Parameter(linear.bias.detach().to("cpu"), requires_grad=False)
+    return module.to(device)  # bitsandbytes quantizes as the weights move to the GPU

@@ -1,0 +1,119 @@
+"""Quantized weights: int8 and int4 layers against their float originals, gradients through them, stacks loading
+quantized blocks, the choice of a mode per device, records announcing it, and clients choosing by it."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from corolla.core.blocks import BlockRange
+from corolla.core.errors import CorollaError
+from corolla.core.records import ServerRecord, ServerState
+from corolla.core.spans import one_quantization
+from corolla.models.checkpoint import load_config
+from corolla.models.lora import LoraSet, linear_targets, lora_applied
+from corolla.models.quant import Int4Linear, Int8Linear, quantize_layer, resolve_quant
+from corolla.models.stack import load_block_stack
+from corolla.testing.tiny import save_tiny_model
+from corolla.wire.records import decode_record, encode_record
+
+
+def _linear(inp=256, out=192, seed=0):
+    torch.manual_seed(seed)
+    linear = nn.Linear(inp, out)
+    nn.init.normal_(linear.weight, std=0.02)  # as trained weights are distributed, roughly
+    return linear
+
+
+@pytest.mark.parametrize("kind, bound", [(Int8Linear, 0.01), (Int4Linear, 0.12)])
+def test_quantized_linear_is_close_to_the_float_one(kind, bound):
+    linear = _linear()
+    quantized = kind(linear)
+    x = torch.randn(3, 5, 256)
+    with torch.no_grad():
+        expected, got = linear(x), quantized(x)
+    assert got.shape == expected.shape and got.dtype == torch.float32
+    assert ((got - expected).norm() / expected.norm()).item() < bound
+    # the weights it computes with are what dequantized_weight says
+    with torch.no_grad():
+        again = x @ quantized.dequantized_weight().t() + linear.bias
+    assert ((got - again).norm() / again.norm()).item() < 0.01
+
+
+@pytest.mark.parametrize("kind", [Int8Linear, Int4Linear])
+def test_gradients_flow_through_quantized_layers(kind):
+    quantized = kind(_linear())
+    x = torch.randn(4, 256, requires_grad=True)
+    weights = torch.randn(4, 192)
+    (quantized(x) * weights).sum().backward()
+    expected = weights @ quantized.dequantized_weight()
+    assert torch.allclose(x.grad, expected, rtol=1e-3, atol=1e-3)
+    assert not any(p.requires_grad for p in quantized.parameters())
+
+
+def test_stack_with_quantized_weights(tmp_path):
+    model = save_tiny_model("llama", tmp_path, num_layers=4)
+    for module in model.modules():
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, std=0.02)
+    model.save_pretrained(tmp_path)
+    config = load_config(tmp_path)
+    stacks = {q: load_block_stack(tmp_path, config, BlockRange(0, 4), torch.float32, "cpu", q)
+              for q in ("none", "int8", "int4")}
+    hidden = torch.randn(2, 9, 64)
+    with torch.no_grad():
+        outputs = {q: stack(hidden) for q, stack in stacks.items()}
+    for q, bound in (("int8", 0.01), ("int4", 0.1)):
+        error = ((outputs[q] - outputs["none"]).norm() / outputs["none"].norm()).item()
+        assert error < bound, (q, error)
+        assert stacks[q].quant == q
+        assert len(linear_targets(stacks[q].layer(0))) == 7  # LoRA still finds every linear layer
+    full = stacks["none"].weight_bytes()
+    assert stacks["int8"].weight_bytes() < 0.3 * full and stacks["int4"].weight_bytes() < 0.2 * full
+    # a session through a quantized stack equals one pass through it
+    cache = stacks["int8"].new_cache()
+    with torch.no_grad():
+        parts = [stacks["int8"](hidden[:, :4], cache=cache), stacks["int8"](hidden[:, 4:], cache=cache)]
+    assert torch.allclose(torch.cat(parts, 1), outputs["int8"], atol=1e-3)
+    # LoRA on a quantized layer adds its update
+    a, b = torch.randn(2, 64), torch.randn(64, 2)
+    lora = LoraSet(0.5, {"0.self_attn.q_proj": (a, b)})
+    with torch.no_grad(), lora_applied(stacks["int8"], lora):
+        adapted = stacks["int8"](hidden)
+    assert not torch.allclose(adapted, outputs["int8"])
+
+
+def test_quant_modes_per_device():
+    assert resolve_quant("auto", torch.device("cpu")) == "int8"
+    assert resolve_quant("int4", torch.device("cpu")) == "int4"
+    with pytest.raises(CorollaError, match="nf4 .* needs CUDA; on CPU use --quant int4"):
+        resolve_quant("nf4", torch.device("cpu"))
+    with pytest.raises(ValueError, match="unknown quantization 'int3'"):
+        resolve_quant("int3", torch.device("cpu"))
+    layer = nn.Sequential(nn.Linear(48, 16), nn.Linear(64, 8), nn.Linear(64, 16))
+    quantize_layer(layer, "int4", torch.device("cpu"))  # whole groups of 32 inputs and of 16 outputs, or float
+    assert [type(m) for m in layer] == [nn.Linear, nn.Linear, Int4Linear]
+
+
+def _record(peer, start, end, quant):
+    return ServerRecord(peer, BlockRange(start, end), ServerState.ONLINE, 100.0, "float32", 1, 1000, quant=quant)
+
+
+def test_records_announce_quantization():
+    from corolla.wire.identity import Identity
+
+    identity = Identity.generate()
+    record = _record(identity.peer_id, 0, 4, "int8")
+    value = encode_record(record, identity, "m", 10**10)
+    assert decode_record(value, 4, "m", 0.0).quant == "int8"
+    forged = dict(value, quant="int2")  # an unknown quantization (and a broken signature): dropped
+    assert decode_record(forged, 4, "m", 0.0) is None
+
+
+def test_one_quantization_picks_the_most_precise_that_covers():
+    records = [_record("a", 0, 4, "int8"), _record("b", 0, 2, "none"), _record("c", 2, 4, "int4"),
+               _record("d", 0, 4, "int4")]
+    assert [r.peer_id for r in one_quantization(records, BlockRange(0, 4))] == ["a"]
+    records.append(_record("e", 2, 4, "none"))
+    assert [r.peer_id for r in one_quantization(records, BlockRange(0, 4))] == ["b", "e"]
+    assert one_quantization([], BlockRange(0, 4)) == []
