@@ -107,13 +107,17 @@ class Int8Linear(QuantizedLinear):
         weight = linear.weight.detach().float()  # [out, in]
         scales = weight.abs().amax(dim=1).clamp(min=1e-12) / 127.0  # [out]
         self.register_buffer("qweight", torch.round(weight / scales[:, None]).clamp(-127, 127).to(torch.int8))
-        self.register_buffer("scales", scales.to(torch.bfloat16))
+        # the kernel takes scales in the activations' dtype (bfloat16); rounded there, each would shift its whole
+        # output channel by up to 0.4%: the kernel gets ones and the float32 scales apply to its output
+        self.register_buffer("scales", scales)
+        self.register_buffer("unit_scales", torch.ones_like(scales, dtype=torch.bfloat16), persistent=False)
 
     def matmul(self, flat: torch.Tensor) -> torch.Tensor:
-        return torch._weight_int8pack_mm(flat.to(torch.bfloat16).contiguous(), self.qweight, self.scales)
+        out = torch._weight_int8pack_mm(flat.to(torch.bfloat16).contiguous(), self.qweight, self.unit_scales)
+        return out.float() * self.scales
 
     def dequantized_weight(self) -> torch.Tensor:
-        return self.qweight.float() * self.scales.float()[:, None]
+        return self.qweight.float() * self.scales[:, None]
 
 
 class Int4Linear(QuantizedLinear):
