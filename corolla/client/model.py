@@ -25,7 +25,7 @@ from corolla.client.session import InferenceSession
 from corolla.client.swarm import RemoteSwarm, hivemind_client
 from corolla.client.tuning import PromptTuning, RemoteLora, TuningConfig, TuningMode
 from corolla.client.verify import OutputsRejected
-from corolla.models.checkpoint import load_config, model_dht_prefix, read_tensors, resolve_model
+from corolla.models.checkpoint import config_digest, load_config, model_dht_prefix, read_tensors, resolve_model
 from corolla.models.dtypes import resolve_dtype
 from corolla.core.errors import CorollaError
 from corolla.models.family import ClientParts, ModelFamily, family_for, family_for_type
@@ -265,7 +265,8 @@ class DistributedModelMixin:
         prefix = client_config.dht_prefix or model_dht_prefix(name_or_path if name_or_path is not None else path)
         swarm = RemoteSwarm(client_config, prefix, config.num_hidden_layers,
                             transport_factory or hivemind_client(client_config), hidden_size=config.hidden_size,
-                            max_positions=getattr(config, "max_position_embeddings", None))
+                            max_positions=getattr(config, "max_position_embeddings", None),
+                            config_digest=config_digest(config))
         try:
             model = cls(config, swarm)
             tensors = read_tensors(path, lambda name: family.is_block_tensor(name) is None)

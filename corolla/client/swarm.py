@@ -45,7 +45,7 @@ class RemoteSwarm:
     real one, ``hivemind_client(config)``, or an in-memory one); plans chains of servers for block spans."""
 
     def __init__(self, config: ClientConfig, model_prefix: str, num_blocks: int, transport_factory: TransportFactory,
-                 hidden_size: Optional[int] = None, max_positions: Optional[int] = None):
+                 hidden_size: Optional[int] = None, max_positions: Optional[int] = None, config_digest: str = ""):
         parse_codec(config.wire_codec)  # a wrong name fails here, not at the first request
         if config.min_quant not in QUANT_BITS:
             raise ValueError(f"min_quant {config.min_quant!r} is not one of {', '.join(QUANT_BITS)}")
@@ -54,6 +54,7 @@ class RemoteSwarm:
         self.num_blocks = num_blocks
         self.hidden_size = hidden_size  # what requests are checked against before they are sent
         self.max_positions = max_positions
+        self.config_digest = config_digest  # of the client's checkpoint: servers announcing another are not used
         self.bans = BanList(base_s=config.ban_base_s, max_s=config.ban_max_s)
         self.speeds = SpeedMeter()  # measured speed of servers, which replaces what they announce
         self.latency_s: dict[str, float] = {}
@@ -93,6 +94,8 @@ class RemoteSwarm:
         if self.config.allowed_servers is not None:
             found = [r for r in found if r.peer_id in self.config.allowed_servers]
         found = [r for r in found if QUANT_BITS[r.quant] >= QUANT_BITS[self.config.min_quant]]
+        if self.config_digest:  # another model under the same name (or a server lying about it) is not ours
+            found = [r for r in found if not r.config_digest or r.config_digest == self.config_digest]
         found = usable(found, PROTOCOL_VERSION)
         if not self.config.mixed_quant:
             found = one_quantization(found, BlockRange(0, self.num_blocks))

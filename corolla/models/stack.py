@@ -12,7 +12,7 @@ from transformers import DynamicCache
 
 from corolla.core.blocks import BlockRange
 from corolla.core.errors import BadRequestError, CorollaError
-from corolla.models.checkpoint import read_tensors
+from corolla.models.checkpoint import read_tensors, tensor_shapes
 from corolla.models.family import ModelFamily, family_for
 from corolla.models.kv import DEFAULT_PAGE_TOKENS, PagedLayer
 from corolla.models.quant import quantize_layer
@@ -276,14 +276,60 @@ def load_block_stack(
         still_meta = [name for name, t in itertools.chain(layer.named_parameters(), layer.named_buffers()) if t.is_meta]
         if still_meta:
             raise CorollaError(f"block {index} of {path} has tensors the checkpoint does not provide: {still_meta}")
-        quantize_layer(layer, quant, torch.device(device))
+        if quant != "none":
+            quantize_layer(layer, quant, torch.device(device))
+            for tensor in itertools.chain(layer.parameters(), layer.buffers()):
+                # what stays in float (norms, biases) may still point into the checkpoint's memory map, which
+                # would keep every page of it read so far: give it its own memory
+                tensor.data = tensor.data.clone()
         _renumber_layer(layer, local_index)
         layer.eval()
         layer.requires_grad_(False)
         layers.append(layer)
     stack = BlockStack(family, stack_config, blocks, layers, dtype, device)
     stack.quant = quant
+    if quant != "none":
+        release_freed_memory()  # the float weights are gone: give their pages back, so memory follows the weights
     return stack
+
+
+def release_freed_memory() -> None:
+    """Ask glibc to return freed heap pages to the system (a no-op where there is no glibc)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def check_checkpoint(path: str | Path, config: transformers.PretrainedConfig, blocks: BlockRange) -> None:
+    """Raise ``CorollaError`` naming what is wrong if the checkpoint lacks a tensor of ``blocks`` or holds one of
+    another shape than the family's layer has (read from the shards' headers; nothing is loaded)."""
+    family = family_for(config)
+    if blocks.end > config.num_hidden_layers:
+        raise CorollaError(f"blocks {blocks} are out of range: the model has {config.num_hidden_layers} blocks")
+    stack_config = copy.deepcopy(config)
+    stack_config._attn_implementation = family.attn_implementation
+    shapes = tensor_shapes(path, lambda name: family.is_block_tensor(name) in blocks)
+    by_block: dict[int, dict[str, torch.Tensor]] = {index: {} for index in blocks}
+    for name, shape in shapes.items():
+        index, local_name = family.split_block_tensor(name)
+        by_block[index][local_name] = torch.empty(shape, device="meta")
+    for index in blocks:
+        state = by_block[index]
+        if family.convert_block_state is not None:
+            state = family.convert_block_state(state)
+        with torch.device("meta"):
+            layer = family.build_layer(stack_config, index)
+        expected = {name: tuple(t.shape) for name, t in layer.state_dict().items()}
+        missing = sorted(set(expected) - set(state))
+        wrong = sorted(name for name in set(expected) & set(state) if tuple(state[name].shape) != expected[name])
+        if missing or wrong:
+            detail = (f"lacks {missing[:4]}" if missing else "") + (" and " if missing and wrong else "") + (
+                f"has other shapes for {wrong[:4]}" if wrong else "")
+            raise CorollaError(f"checkpoint {path} does not hold block {index} of this {family.model_type} model: "
+                               f"it {detail}")
 
 
 def _add_prompt(hidden: torch.Tensor, prompt: torch.Tensor, past: int) -> torch.Tensor:

@@ -17,11 +17,13 @@ import torch
 from corolla.core.blocks import BlockRange
 from corolla.core.records import ServerRecord, ServerState
 from corolla.core.spans import choose_move, choose_span
-from corolla.models.checkpoint import load_config, model_dht_prefix, resolve_model
+from corolla.models.checkpoint import config_digest, load_config, model_dht_prefix, resolve_model
 from corolla.models.dtypes import resolve_dtype
 from corolla.models.lora import read_peft_adapter
 from corolla.models.quant import resolve_quant
-from corolla.models.stack import load_block_stack
+from corolla.core.errors import CorollaError
+from corolla.models.family import family_for
+from corolla.models.stack import check_checkpoint, load_block_stack
 from corolla.net.addresses import write_address_file
 from corolla.net.peer import Peer, PeerConfig
 from corolla.net.transport import Transport, TransportFactory
@@ -60,6 +62,7 @@ class Server:
         self.throughput = 0.0
         self.dtype = resolve_dtype(config.dtype)
         self.quant = resolve_quant(config.quant, torch.device(config.device))
+        self.config_digest = ""  # of the checkpoint's architecture, announced (create sets it)
         self.maddrs: list[str] = []
         self.stack = None
         self.handler: Optional[RequestHandlers] = None
@@ -78,6 +81,9 @@ class Server:
         model_config = await asyncio.to_thread(load_config, path)
         prefix = config.dht_prefix or model_dht_prefix(path if config.model is None else config.model)
         total = model_config.num_hidden_layers
+        family_for(model_config)  # an unsupported family: said before anything starts
+        resolve_quant(config.quant, torch.device(config.device))  # ...as is a quantization this device cannot run
+        digest = config_digest(model_config)
         identity = await asyncio.to_thread(Identity.load_or_create, config.identity_path)
         peer = await transport_factory(identity)
         if peer.peer_id != identity.peer_id:
@@ -85,12 +91,20 @@ class Server:
             raise RuntimeError(f"the transport's peer id {peer.peer_id} is not its identity's {identity.peer_id}")
         try:
             blocks = config.blocks
+            records = await fetch_records(peer, prefix, range(total), total, load_swarm_key(config.swarm_key_path))
+            others = sorted({r.peer_id for r in records if r.config_digest and r.config_digest != digest})
+            if others:
+                raise CorollaError(
+                    f"this checkpoint is not the model the swarm serves under {prefix!r}: server(s) "
+                    f"{', '.join(others[:3])} announce another architecture (config digest); use the same checkpoint "
+                    "or another --dht-prefix")
             if blocks is None:
-                records = await fetch_records(peer, prefix, range(total), total, load_swarm_key(config.swarm_key_path))
                 blocks = choose_span(total, records, config.num_blocks or total)
             if blocks.end > total:
                 raise ValueError(f"blocks {blocks} run past the model's {total} blocks")
+            await asyncio.to_thread(check_checkpoint, path, model_config, blocks)  # before announcing anything
             server = cls(config, peer, prefix, blocks, identity)
+            server.config_digest = digest
             server.dtype = resolve_dtype(config.dtype, model_config)
             server.maddrs = await peer.visible_maddrs()
             await server.announcer.announce_now()  # JOINING: others see this span is being taken
@@ -211,6 +225,7 @@ class Server:
             adapters=tuple(self.config.adapters),
             codecs=SUPPORTED_CODECS,
             quant=self.quant,
+            config_digest=self.config_digest,
         )
 
     def info(self) -> InfoReply:

@@ -41,8 +41,8 @@ class InProcessSwarm:
 
     def start_server(self, span: Optional[BlockRange] = None, **settings) -> Server:
         """Start one more server of ``span`` (or one choosing its own, with ``num_blocks=...``)."""
-        config = ServerConfig(model=self.model, blocks=span, dht_prefix=self.dht_prefix, new_swarm=True,
-                              **{**self.server_settings, **settings})
+        config = ServerConfig(**{"model": self.model, "blocks": span, "dht_prefix": self.dht_prefix, "new_swarm": True,
+                                 **self.server_settings, **settings})
         name = f"server{len(self.servers)}"
         server = self.loop.run(Server.create(config, self.network.factory(name)), 300)
         self.servers.append(server)

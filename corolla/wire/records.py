@@ -102,6 +102,9 @@ def decode_record(value: Any, num_blocks: Optional[int] = None, model: Optional[
         quant = value.get("quant", "none")
         if quant not in QUANT_BITS:
             raise ValueError("unknown quantization")
+        digest = value.get("config_digest", "")
+        if not isinstance(digest, str) or len(digest) > 64:
+            raise ValueError("bad config digest")
         cache_tokens_free = _int(value["cache_tokens_free"])
         if not 0 <= cache_tokens_free <= MAX_CACHE_TOKENS:
             raise ValueError("implausible cache size")
@@ -124,6 +127,7 @@ def decode_record(value: Any, num_blocks: Optional[int] = None, model: Optional[
             adapters=_names(value.get("adapters", ())),
             codecs=_codecs(value.get("codecs", ["none"])),
             quant=quant,
+            config_digest=digest,
         )
     except (KeyError, TypeError, ValueError, AttributeError):
         return None
