@@ -63,6 +63,14 @@ def block_weight_bytes(path: Path, config) -> dict[int, int]:
     return sizes
 
 
+def quantized_block_bytes(path: Path, config, quant: str) -> int:
+    """Bytes of one block's weights as a server holds them with ``--quant`` (blocks of these models are alike)."""
+    from corolla.core.blocks import BlockRange
+    from corolla.models.stack import load_block_stack
+
+    return load_block_stack(path, config, BlockRange(0, 1), torch.float32, "cpu", quant).weight_bytes()
+
+
 def timed_generate(model, ids, new_tokens: int, repeats: int) -> tuple[float, torch.Tensor]:
     model.generate(ids, max_new_tokens=4, do_sample=False)  # warm-up
     times, out = [], None
@@ -80,6 +88,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--servers", type=int, nargs="+", default=[1, 3])
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--quant", nargs="+", default=["none"],
+                        help="server weight modes to measure, each a swarm of its own (none, int8, int4)")
     parser.add_argument("--json", default=None, help="also write the results here")
     args = parser.parse_args()
 
@@ -97,8 +107,9 @@ def main() -> None:
         local_tps, expected = timed_generate(local, ids, args.new_tokens, args.repeats)
         rows.append({"threads": threads, "setup": "local transformers", "tok_s": local_tps, "ratio": 1.0})
         print(f"\n[{threads} thread(s) per process] local transformers: {local_tps:.1f} tok/s")
-        for servers in args.servers:
-            with LocalSwarm(model=str(path), num_servers=servers, num_threads=threads) as swarm:
+        for servers, quant in [(n, q) for q in args.quant for n in args.servers]:
+            with LocalSwarm(model=str(path), num_servers=servers, num_threads=threads,
+                            extra_server_args=["--quant", quant]) as swarm:
                 model = AutoDistributedModelForCausalLM.from_pretrained(str(path), initial_peers=swarm.initial_peers)
                 try:
                     tps, got = timed_generate(model, ids, args.new_tokens, args.repeats)
@@ -107,13 +118,15 @@ def main() -> None:
                 same = got.tolist() == expected.tolist()
                 memory = []
                 for child, span in zip(swarm.servers, split_blocks(config.num_hidden_layers, servers)):
-                    held = sum(weights.get(b, 0) for b in span)
+                    held = sum(weights.get(b, 0) for b in span) if quant == "none" else \
+                        len(span) * quantized_block_bytes(path, config, quant)
                     memory.append({"blocks": str(span), "pss_mb": pss_bytes(child.process.pid) / 2**20,
                                    "weights_mb": held / 2**20})
-            row = {"threads": threads, "setup": f"{servers}-server swarm", "tok_s": tps, "ratio": tps / local_tps,
+            setup = f"{servers}-server swarm" + ("" if quant == "none" else f", {quant} weights")
+            row = {"threads": threads, "setup": setup, "tok_s": tps, "ratio": tps / local_tps,
                    "same_tokens": same, "servers": memory}
             rows.append(row)
-            print(f"  {servers}-server swarm: {tps:.1f} tok/s = {tps / local_tps:.2f} x local; "
+            print(f"  {setup}: {tps:.1f} tok/s = {tps / local_tps:.2f} x local; "
                   f"tokens identical to local: {same}")
             for m in memory:
                 print(f"    server {m['blocks']:>6}: PSS {m['pss_mb']:.0f} MB for {m['weights_mb']:.0f} MB of weights "

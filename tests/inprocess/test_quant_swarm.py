@@ -29,15 +29,16 @@ def test_clients_choose_servers_by_quantization(model_dir):
     with InProcessSwarm(str(path), dht_prefix="quant") as swarm:
         full = swarm.start_server(BlockRange(0, 4), quant="none")
         int8 = swarm.start_server(BlockRange(0, 4), quant="int8")
+        int8_b = swarm.start_server(BlockRange(0, 4), quant="int8")  # a replica: checks compare the two
         four = swarm.start_server(BlockRange(0, 2), quant="int4")
         four_b = swarm.start_server(BlockRange(2, 4), quant="int4")
-        peers = {s.peer.peer_id: s.quant for s in (full, int8, four, four_b)}
+        peers = {s.peer.peer_id: s.quant for s in (full, int8, int8_b, four, four_b)}
         exact = swarm.client(client_config=ClientConfig(min_quant="none", verify_fraction=1.0, verify_seed=0))
         no4 = swarm.client(client_config=ClientConfig(min_quant="int8", wait_for_blocks_s=1.0))
         anything = swarm.client(client_config=ClientConfig(verify_fraction=1.0, verify_seed=1))
         try:
             records = anything.swarm.run(anything.swarm.refresh())
-            assert sorted(r.quant for r in records) == ["int4", "int4", "int8", "none"]
+            assert sorted(r.quant for r in records) == ["int4", "int4", "int8", "int8", "none"]
             # a full-precision client: only the float server, the tokens local transformers gives
             expected = local.generate(_ids(), max_new_tokens=8, do_sample=False, pad_token_id=0)
             assert exact.generate(_ids(), max_new_tokens=8, do_sample=False, pad_token_id=0).tolist() == expected.tolist()
@@ -46,8 +47,22 @@ def test_clients_choose_servers_by_quantization(model_dir):
             # checks at every step compare each server with servers of its own quantization: nobody is accused,
             # though an int8 server's outputs differ from the float server's by more than float rounding
             for _ in range(3):
-                anything.generate(_ids(), max_new_tokens=6, do_sample=False, pad_token_id=0)
+                with anything.inference_session(max_length=12) as session:
+                    anything.generate(_ids(), max_new_tokens=6, do_sample=False, pad_token_id=0, session=session)
+                    checked = session.checks["run"]
+                assert checked > 0
             assert not any(anything.swarm.bans.is_banned(peer) for peer in peers)
+            # two int8 replicas check each other at every step: quantized, but the same quantization, so they agree
+            pair = swarm.client(client_config=ClientConfig(verify_fraction=1.0, verify_seed=2, allowed_servers=(
+                int8.peer.peer_id, int8_b.peer.peer_id)))
+            try:
+                with pair.inference_session(max_length=12) as session:
+                    pair.generate(_ids(), max_new_tokens=6, do_sample=False, pad_token_id=0)
+                    session.settle()
+                    assert session.checks["run"] >= 5
+                assert not any(pair.swarm.bans.is_banned(peer) for peer in peers)
+            finally:
+                pair.close()
             assert not any(exact.swarm.bans.is_banned(peer) for peer in peers)
         finally:
             for client in (exact, no4, anything):
