@@ -124,6 +124,21 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--max-context", type=int, default=2048,
                       help="tokens the conversation's server-side session holds; older turns are dropped to fit")
 
+    api = commands.add_parser("api", help="serve the OpenAI-compatible HTTP API of a swarm's model")
+    _add_model(api)
+    api.add_argument("--initial-peers", nargs="+", required=True, metavar="ADDR", help="multiaddrs of the swarm")
+    api.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    api.add_argument("--port", type=int, default=8000, help="TCP port (default 8000; 0: any free port)")
+    api.add_argument("--dht-prefix", default=None, help="DHT name of the model (default: derived from the model)")
+    api.add_argument("--max-sessions", type=int, default=8, help="requests generating at once (default 8)")
+    api.add_argument("--max-waiting", type=int, default=64,
+                     help="requests waiting for a turn beyond those (default 64); more get HTTP 429")
+    api.add_argument("--wait-for-blocks", type=float, default=10.0,
+                     help="seconds a request waits for missing blocks before HTTP 503 (default 10)")
+    api.add_argument("--num-threads", type=int, default=None, help="torch threads of this process")
+    api.add_argument("--swarm-key", default=None, metavar="FILE", help="a private swarm's secret")
+    api.add_argument("--address-file", default=None, help="write the API's URL here once it listens")
+
     demo = commands.add_parser("demo", help="start a local swarm of 3 servers, answer a prompt, stop the swarm")
     _add_model(demo)
     demo.add_argument("--prompt", default=DEFAULT_PROMPT)
@@ -149,11 +164,22 @@ def main(argv=None) -> int:
     _exit_with_parent()
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    handler = {"dht": _dht, "serve": _serve, "swarm": _swarm, "generate": _generate, "chat": _chat, "demo": _demo}
+    handler = {"dht": _dht, "serve": _serve, "swarm": _swarm, "generate": _generate, "chat": _chat, "demo": _demo,
+               "api": _api}
     try:
         return handler[args.command](args)
     except KeyboardInterrupt:
         return 130
+
+
+def _api(args) -> int:
+    from corolla.api.serve import run_api
+    from corolla.wire.swarm_key import load_swarm_key
+
+    return run_api(args.model, tuple(args.initial_peers), args.host, args.port, dht_prefix=args.dht_prefix,
+                   max_sessions=args.max_sessions, max_waiting=args.max_waiting,
+                   wait_for_blocks_s=args.wait_for_blocks, swarm_key=load_swarm_key(args.swarm_key),
+                   num_threads=args.num_threads, address_file=args.address_file)
 
 
 def _dht(args) -> int:

@@ -1,0 +1,240 @@
+"""`corolla api` as a real process over a real swarm of the embedded model, driven by the official `openai` client
+(and, for the raw server-sent events and a disconnect, by a plain HTTP client)."""
+from __future__ import annotations
+
+import concurrent.futures
+import http.client
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from urllib.parse import urlparse
+
+import openai
+import pytest
+
+from corolla.testing.local_swarm import LocalSwarm
+
+MODEL_ID = "smollm2-135m-instruct"
+PROMPT = "Name three colours."
+
+
+def _start_api(tmp_path: Path, initial_peers, *extra: str) -> tuple[subprocess.Popen, str]:
+    address = tmp_path / f"api-{len(list(tmp_path.iterdir()))}.addr"
+    log = open(tmp_path / f"{address.stem}.log", "w")
+    env = {**os.environ, "COROLLA_PARENT_PID": str(os.getpid()), "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen([sys.executable, "-m", "corolla.cli.main", "api", "--initial-peers", *initial_peers,
+                                "--port", "0", "--address-file", str(address), "--num-threads", "1", *extra],
+                               stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while not address.exists() or not address.read_text().strip():
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            raise RuntimeError(f"the API did not start:\n{(tmp_path / f'{address.stem}.log').read_text()[-3000:]}")
+        time.sleep(0.2)
+    return process, address.read_text().split()[0]
+
+
+def _stop(process: subprocess.Popen) -> None:
+    process.terminate()
+    try:
+        process.wait(30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(10)
+
+
+@pytest.fixture(scope="module")
+def api(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("api")
+    with LocalSwarm(num_servers=2) as swarm:
+        process, url = _start_api(tmp_path, swarm.initial_peers, "--max-sessions", "8", "--max-waiting", "16")
+        try:
+            client = openai.OpenAI(base_url=url + "/v1", api_key="not-needed", max_retries=0, timeout=300)
+            yield client, url, swarm, tmp_path
+        finally:
+            _stop(process)
+
+
+def _raw(url: str, method: str, path: str, body=None, raw: bytes = None) -> tuple[int, dict]:
+    parsed = urlparse(url)
+    connection = http.client.HTTPConnection(parsed.hostname, parsed.port, timeout=120)
+    data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+    connection.request(method, path, body=data, headers={"Content-Type": "application/json"})
+    response = connection.getresponse()
+    payload = json.loads(response.read() or b"{}")
+    connection.close()
+    return response.status, payload
+
+
+def test_models_lists_the_swarm_model(api):
+    client, *_ = api
+    assert [m.id for m in client.models.list().data] == [MODEL_ID]
+
+
+def test_greedy_chat_equals_corolla_generate(api):
+    client, url, swarm, _ = api
+    reply = client.chat.completions.create(model=MODEL_ID, messages=[{"role": "user", "content": PROMPT}],
+                                           temperature=0, max_tokens=12)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cli = subprocess.run([sys.executable, "-m", "corolla.cli.main", "generate", PROMPT, "--initial-peers",
+                          *swarm.initial_peers, "--max-new-tokens", "12", "--num-threads", "1"],
+                         capture_output=True, text=True, timeout=300, env=env)
+    assert cli.returncode == 0, cli.stderr[-2000:]
+    assert reply.choices[0].message.content.strip() == cli.stdout.strip()
+    assert reply.choices[0].message.role == "assistant"
+    assert reply.choices[0].finish_reason in ("length", "stop")
+    assert reply.usage.completion_tokens <= 12 and reply.usage.prompt_tokens > 5
+    assert reply.usage.total_tokens == reply.usage.prompt_tokens + reply.usage.completion_tokens
+
+
+def test_streamed_chat_equals_plain_and_reports_usage(api):
+    client, *_ = api
+    messages = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "What is rain?"}]
+    plain = client.chat.completions.create(model=MODEL_ID, messages=messages, temperature=0, max_tokens=16)
+    chunks = list(client.chat.completions.create(model=MODEL_ID, messages=messages, temperature=0, max_tokens=16,
+                                                 stream=True, stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == plain.choices[0].message.content
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == plain.choices[0].finish_reason
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == plain.usage.completion_tokens
+    assert chunks[-1].usage.prompt_tokens == plain.usage.prompt_tokens
+
+
+def test_completions_with_echo_and_logprobs(api):
+    client, *_ = api
+    prompt = "The capital of France is"
+    reply = client.completions.create(model=MODEL_ID, prompt=prompt, max_tokens=5, temperature=0, echo=True, logprobs=2)
+    choice = reply.choices[0]
+    assert choice.text.startswith(prompt) and len(choice.text) > len(prompt)
+    assert len(choice.logprobs.tokens) == reply.usage.completion_tokens
+    assert all(lp <= 0 for lp in choice.logprobs.token_logprobs)
+    assert all(len(top) == 2 for top in choice.logprobs.top_logprobs)
+    # greedy: each chosen token is the most likely one
+    for token, top in zip(choice.logprobs.tokens, choice.logprobs.top_logprobs):
+        assert max(top, key=top.get) == token
+    plain = client.completions.create(model=MODEL_ID, prompt=prompt, max_tokens=5, temperature=0)
+    assert prompt + plain.choices[0].text == choice.text
+
+
+def test_chat_logprobs_stop_sequences_seeds_and_n(api):
+    client, *_ = api
+    messages = [{"role": "user", "content": "Count from one to ten in words."}]
+    reply = client.chat.completions.create(model=MODEL_ID, messages=messages, temperature=0, max_tokens=24,
+                                           logprobs=True, top_logprobs=3)
+    content = reply.choices[0].logprobs.content
+    assert len(content) == reply.usage.completion_tokens and all(len(t.top_logprobs) == 3 for t in content)
+    assert all(t.logprob <= 0 and t.top_logprobs[0].logprob >= t.logprob - 1e-6 for t in content)
+    text = reply.choices[0].message.content
+    words = text.split()
+    assert len(words) >= 3, text
+    stop = words[2]
+    cut = client.chat.completions.create(model=MODEL_ID, messages=messages, temperature=0, max_tokens=24, stop=[stop])
+    assert cut.choices[0].finish_reason == "stop"
+    assert cut.choices[0].message.content == text[: text.index(stop)]
+    sampled = [client.chat.completions.create(model=MODEL_ID, messages=messages, temperature=1.0, seed=11,
+                                              max_tokens=10, n=2) for _ in range(2)]
+    assert [c.message.content for c in sampled[0].choices] == [c.message.content for c in sampled[1].choices]
+    assert len(sampled[0].choices) == 2 and [c.index for c in sampled[0].choices] == [0, 1]
+
+
+def test_errors_have_openai_shape_and_status(api):
+    client, url, *_ = api
+    messages = [{"role": "user", "content": "hi"}]
+    with pytest.raises(openai.NotFoundError) as missing:
+        client.chat.completions.create(model="no-such-model", messages=messages)
+    assert missing.value.code == "model_not_found"
+    with pytest.raises(openai.BadRequestError) as negative:
+        client.chat.completions.create(model=MODEL_ID, messages=messages, temperature=-1)
+    assert negative.value.param == "temperature"
+    with pytest.raises(openai.BadRequestError, match="unknown field"):
+        client.chat.completions.create(model=MODEL_ID, messages=messages, extra_body={"frobnicate": True})
+    with pytest.raises(openai.BadRequestError) as absurd:
+        client.chat.completions.create(model=MODEL_ID, messages=messages, max_tokens=10**9)
+    assert absurd.value.param == "max_tokens"
+    with pytest.raises(openai.BadRequestError) as long_prompt:
+        client.completions.create(model=MODEL_ID, prompt="word " * 9000, max_tokens=4)
+    assert long_prompt.value.code == "context_length_exceeded"
+    status, body = _raw(url, "POST", "/v1/chat/completions", raw=b'{"model": "x", "messages": [')
+    assert status == 400 and "not valid JSON" in body["error"]["message"] and body["error"]["type"] == "invalid_request_error"
+    status, body = _raw(url, "GET", "/v1/nothing")
+    assert status == 404 and "error" in body
+    # and the API still serves
+    assert client.chat.completions.create(model=MODEL_ID, messages=messages, max_tokens=2).choices
+
+
+def test_raw_server_sent_events(api):
+    _, url, *_ = api
+    parsed = urlparse(url)
+    connection = http.client.HTTPConnection(parsed.hostname, parsed.port, timeout=120)
+    connection.request("POST", "/v1/completions", body=json.dumps(
+        {"model": MODEL_ID, "prompt": "One, two,", "max_tokens": 4, "temperature": 0, "stream": True}),
+        headers={"Content-Type": "application/json"})
+    response = connection.getresponse()
+    assert response.status == 200 and response.getheader("Content-Type").startswith("text/event-stream")
+    events = [line for line in response.read().decode().split("\n\n") if line]
+    connection.close()
+    assert all(e.startswith("data: ") for e in events) and events[-1] == "data: [DONE]"
+    payloads = [json.loads(e[len("data: "):]) for e in events[:-1]]
+    assert all(p["object"] == "text_completion" and p["model"] == MODEL_ID for p in payloads)
+    assert payloads[-1]["choices"][0]["finish_reason"] in ("length", "stop")
+
+
+def _status(url):
+    return _raw(url, "GET", "/api/status")[1]
+
+
+def test_a_client_going_away_frees_its_session(api):
+    _, url, *_ = api
+    parsed = urlparse(url)
+    connection = http.client.HTTPConnection(parsed.hostname, parsed.port, timeout=120)
+    connection.request("POST", "/v1/chat/completions", body=json.dumps(
+        {"model": MODEL_ID, "messages": [{"role": "user", "content": "Tell a long story."}], "max_tokens": 400,
+         "stream": True}), headers={"Content-Type": "application/json"})
+    response = connection.getresponse()
+    first = response.readline()
+    assert first.startswith(b"data: ")
+    for _ in range(6):
+        response.readline()
+    assert _status(url)["running"] == 1
+    connection.sock.close()  # the client goes away mid-stream
+    connection.close()
+    deadline = time.monotonic() + 5
+    while _status(url)["running"] and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _status(url)["running"] == 0
+
+
+def test_many_concurrent_requests_get_answers_or_rate_limits(api):
+    client, url, *_ = api
+
+    def ask(i):
+        try:
+            reply = client.completions.create(model=MODEL_ID, prompt=f"Number {i}:", max_tokens=2, temperature=0)
+            return "ok" if reply.choices else "empty"
+        except openai.RateLimitError as exc:
+            assert exc.status_code == 429 and exc.body["type"] == "rate_limit_error" if isinstance(exc.body, dict) else True
+            return "limited"
+
+    with concurrent.futures.ThreadPoolExecutor(100) as pool:
+        outcomes = list(pool.map(ask, range(100)))
+    assert set(outcomes) <= {"ok", "limited"} and outcomes.count("ok") >= 8 and "limited" in outcomes
+    assert _status(url)["running"] == 0
+    assert client.completions.create(model=MODEL_ID, prompt="Still here?", max_tokens=2).choices
+
+
+def test_missing_blocks_are_named_with_503(api):
+    _, _, swarm, tmp_path = api
+    process, url = _start_api(tmp_path, swarm.initial_peers, "--dht-prefix", "nobody-serves-this",
+                              "--wait-for-blocks", "1")
+    try:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=120)
+        with pytest.raises(openai.InternalServerError) as unavailable:
+            client.chat.completions.create(model="nobody-serves-this", messages=[{"role": "user", "content": "hi"}],
+                                           max_tokens=2)
+        assert unavailable.value.status_code == 503 and "blocks 0:30" in str(unavailable.value)
+    finally:
+        _stop(process)
