@@ -27,4 +27,16 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   .venv/bin/python -c "import torch, transformers, hivemind; assert torch.__version__.startswith('2.13.0'), torch.__version__"
   echo "$want" > "$stamp"
 fi
+# The swarm page's browser test drives Debian's chromium (Playwright's own browser download is not reachable here).
+if ! command -v chromium >/dev/null 2>&1 && ! command -v chromium-browser >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "[setup] installing chromium for the browser test (apt-get)"
+    if ! (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) \
+        >/tmp/corolla-apt.log 2>&1; then
+      echo "[setup] chromium could not be installed (see /tmp/corolla-apt.log): the browser test will be skipped"
+    fi
+  else
+    echo "[setup] no chromium and no root apt-get: the browser test will be skipped"
+  fi
+fi
 .venv/bin/python -c 'from corolla.models.embedded import embedded_model_dir; print("[setup] embedded model:", embedded_model_dir())'

@@ -12,7 +12,6 @@ def run_api(model: Optional[str], initial_peers: tuple[str, ...], host: str, por
             wait_for_blocks_s: float = 10.0, swarm_key: Optional[bytes] = None, num_threads: Optional[int] = None,
             address_file: Optional[str] = None) -> int:
     import torch
-    import uvicorn
 
     from corolla.api.app import create_app
     from corolla.api.engine import Engine
@@ -30,7 +29,21 @@ def run_api(model: Optional[str], initial_peers: tuple[str, ...], host: str, por
     name = dht_prefix or model_dht_prefix(model if model is not None else resolve_model(None))
     names = tuple(dict.fromkeys([name] + ([model] if model else [])))
     engine = Engine(distributed, tokenizer, name, max_sessions=max_sessions, max_waiting=max_waiting)
-    app = create_app(engine, names)
+    from corolla.api.page import page_routes
+    from corolla.api.swarm_view import SwarmView
+
+    app = create_app(engine, names, page_routes(SwarmView(distributed.swarm, name)))
+    print(f"corolla API for {name} on http://{host}:{port}/v1 (swarm page at /)", flush=True)
+    try:
+        _serve(app, host, port, address_file)
+    finally:
+        distributed.close()
+    return 0
+
+
+def _serve(app, host: str, port: int, address_file: Optional[str]) -> None:
+    import uvicorn
+
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False))
     if address_file:
         original = server.startup
@@ -42,9 +55,33 @@ def run_api(model: Optional[str], initial_peers: tuple[str, ...], host: str, por
                 file.write("".join(f"http://{h}:{p}\n" for h, p, *_ in bound))
 
         server.startup = startup
-    print(f"corolla API for {name} on http://{host}:{port}/v1", flush=True)
+    server.run()
+
+
+def run_health(model: Optional[str], initial_peers: tuple[str, ...], *, host: str = "127.0.0.1",
+               port: Optional[int] = None, dht_prefix: Optional[str] = None, swarm_key: Optional[bytes] = None,
+               address_file: Optional[str] = None) -> int:
+    """``corolla health``: the swarm's table on the terminal, or (with ``port``) the swarm page alone."""
+    from starlette.applications import Starlette
+
+    from corolla.api.page import page_routes
+    from corolla.api.swarm_view import SwarmView, format_table
+    from corolla.client.config import ClientConfig
+    from corolla.client.swarm import RemoteSwarm, hivemind_client
+    from corolla.models.checkpoint import load_config, model_dht_prefix, resolve_model
+
+    path = resolve_model(model)
+    config = load_config(path)
+    name = dht_prefix or model_dht_prefix(model if model is not None else path)
+    client_config = ClientConfig(initial_peers=tuple(initial_peers), swarm_key=swarm_key)
+    swarm = RemoteSwarm(client_config, name, config.num_hidden_layers, hivemind_client(client_config))
+    view = SwarmView(swarm, name)
     try:
-        server.run()
+        if port is None:
+            print(format_table(view.snapshot()), flush=True)
+            return 0
+        print(f"corolla swarm page for {name} on http://{host}:{port}/", flush=True)
+        _serve(Starlette(routes=page_routes(view)), host, port, address_file)
+        return 0
     finally:
-        distributed.close()
-    return 0
+        swarm.close()

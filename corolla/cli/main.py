@@ -139,6 +139,15 @@ def build_parser() -> argparse.ArgumentParser:
     api.add_argument("--swarm-key", default=None, metavar="FILE", help="a private swarm's secret")
     api.add_argument("--address-file", default=None, help="write the API's URL here once it listens")
 
+    health = commands.add_parser("health", help="the swarm's servers and blocks: a table, or a web page (--port)")
+    _add_model(health)
+    health.add_argument("--initial-peers", nargs="+", required=True, metavar="ADDR", help="multiaddrs of the swarm")
+    health.add_argument("--port", type=int, default=None, help="serve the swarm page on this port instead of printing")
+    health.add_argument("--host", default="127.0.0.1", help="address the page listens on (default 127.0.0.1)")
+    health.add_argument("--dht-prefix", default=None, help="DHT name of the model (default: derived from the model)")
+    health.add_argument("--swarm-key", default=None, metavar="FILE", help="a private swarm's secret")
+    health.add_argument("--address-file", default=None, help="write the page's URL here once it listens")
+
     demo = commands.add_parser("demo", help="start a local swarm of 3 servers, answer a prompt, stop the swarm")
     _add_model(demo)
     demo.add_argument("--prompt", default=DEFAULT_PROMPT)
@@ -165,7 +174,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     handler = {"dht": _dht, "serve": _serve, "swarm": _swarm, "generate": _generate, "chat": _chat, "demo": _demo,
-               "api": _api}
+               "api": _api, "health": _health}
     try:
         return handler[args.command](args)
     except KeyboardInterrupt:
@@ -180,6 +189,15 @@ def _api(args) -> int:
                    max_sessions=args.max_sessions, max_waiting=args.max_waiting,
                    wait_for_blocks_s=args.wait_for_blocks, swarm_key=load_swarm_key(args.swarm_key),
                    num_threads=args.num_threads, address_file=args.address_file)
+
+
+def _health(args) -> int:
+    from corolla.api.serve import run_health
+    from corolla.wire.swarm_key import load_swarm_key
+
+    return run_health(args.model, tuple(args.initial_peers), host=args.host, port=args.port,
+                      dht_prefix=args.dht_prefix, swarm_key=load_swarm_key(args.swarm_key),
+                      address_file=args.address_file)
 
 
 def _dht(args) -> int:

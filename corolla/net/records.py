@@ -4,7 +4,7 @@ from __future__ import annotations
 from typing import Iterable, Optional
 
 from corolla.core.records import ServerRecord
-from corolla.wire.records import block_key, decode_record
+from corolla.wire.records import MODELS_KEY, block_key, decode_record
 from corolla.net.transport import Transport
 
 
@@ -24,3 +24,20 @@ async def fetch_records(peer: Transport, model_prefix: str, blocks: Iterable[int
                 continue
             records[record.peer_id] = record
     return list(records.values())
+
+
+async def fetch_models(peer: Transport, swarm_key: Optional[bytes] = None) -> dict[str, list[ServerRecord]]:
+    """The models servers announce, each with its servers' records (signed for that model, live, under their own
+    peer's subkey; anything else is skipped)."""
+    found = await peer.lookup_many([MODELS_KEY])
+    now = peer.now()
+    models: dict[str, list[ServerRecord]] = {}
+    for subkey, value in found.get(MODELS_KEY, {}).items():
+        model = value.get("model") if isinstance(value, dict) else None
+        if not isinstance(model, str) or not 0 < len(model) <= 256:
+            continue
+        record = decode_record(value, None, model, now, swarm_key)
+        if record is None or record.peer_id != subkey:
+            continue
+        models.setdefault(model, []).append(record)
+    return models

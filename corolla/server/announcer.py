@@ -7,7 +7,7 @@ from typing import Callable, Optional
 
 from corolla.core.records import ServerRecord
 from corolla.wire.identity import Identity
-from corolla.wire.records import block_key, encode_record
+from corolla.wire.records import MODELS_KEY, block_key, encode_record
 from corolla.net.transport import Transport
 
 logger = logging.getLogger(__name__)
@@ -30,6 +30,7 @@ class Announcer:
         expires = self.peer.now() + (ttl_s or self.ttl_s)
         value = encode_record(record, self.identity, self.model_prefix, expires, self.swarm_key)  # one for all blocks
         items = [(block_key(self.model_prefix, b), record.peer_id, value) for b in record.blocks]
+        items.append((MODELS_KEY, record.peer_id, value))  # so that a swarm page can list the models served
         try:
             return await self.peer.announce_many(items, expires)
         except Exception as exc:

@@ -32,6 +32,9 @@ MAX_CACHE_TOKENS = 2**40
 DTYPES = ("float32", "float16", "bfloat16")  # what a server may compute in
 
 
+MODELS_KEY = "corolla-models"  # every server also files its record here: what lists the models a swarm serves
+
+
 def block_key(model_prefix: str, block: int) -> str:
     """DHT key under which every server of ``block`` of model ``model_prefix`` announces itself."""
     return f"{model_prefix}.{block}"

@@ -15,6 +15,7 @@ from urllib.parse import urlparse
 import openai
 import pytest
 
+from corolla.testing.api_process import start_http_process, stop_process
 from corolla.testing.local_swarm import LocalSwarm
 
 MODEL_ID = "smollm2-135m-instruct"
@@ -22,28 +23,11 @@ PROMPT = "Name three colours."
 
 
 def _start_api(tmp_path: Path, initial_peers, *extra: str) -> tuple[subprocess.Popen, str]:
-    address = tmp_path / f"api-{len(list(tmp_path.iterdir()))}.addr"
-    log = open(tmp_path / f"{address.stem}.log", "w")
-    env = {**os.environ, "COROLLA_PARENT_PID": str(os.getpid()), "OMP_NUM_THREADS": "1"}
-    process = subprocess.Popen([sys.executable, "-m", "corolla.cli.main", "api", "--initial-peers", *initial_peers,
-                                "--port", "0", "--address-file", str(address), "--num-threads", "1", *extra],
-                               stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    deadline = time.monotonic() + 120
-    while not address.exists() or not address.read_text().strip():
-        if process.poll() is not None or time.monotonic() > deadline:
-            process.kill()
-            raise RuntimeError(f"the API did not start:\n{(tmp_path / f'{address.stem}.log').read_text()[-3000:]}")
-        time.sleep(0.2)
-    return process, address.read_text().split()[0]
+    return start_http_process(tmp_path, "api", initial_peers, "--num-threads", "1", *extra)
 
 
 def _stop(process: subprocess.Popen) -> None:
-    process.terminate()
-    try:
-        process.wait(30)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait(10)
+    stop_process(process)
 
 
 @pytest.fixture(scope="module")
