@@ -33,7 +33,8 @@ def run_api(model: Optional[str], initial_peers: tuple[str, ...], host: str, por
     from corolla.api.swarm_view import SwarmView
 
     app = create_app(engine, names, page_routes(SwarmView(distributed.swarm, name)))
-    print(f"corolla API for {name} on http://{host}:{port}/v1 (swarm page at /)", flush=True)
+    where = f"http://{host}:{port}/v1 (swarm page at /)" if port else f"a free port of {host} (see --address-file)"
+    print(f"corolla API for {name} on {where}", flush=True)
     try:
         _serve(app, host, port, address_file)
     finally:

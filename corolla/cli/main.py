@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import signal
 import sys
@@ -61,6 +60,8 @@ def _add_sampling_args(parser: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="corolla", description="Run and fine-tune LLMs collaboratively.")
     parser.add_argument("--log-level", default="WARNING", help="DEBUG, INFO, WARNING (default) or ERROR")
+    parser.add_argument("--log-format", default="text", choices=("text", "json"),
+                        help="text (a live status line on a terminal) or json (one JSON object per line)")
     commands = parser.add_subparsers(dest="command", required=True)
 
     dht = commands.add_parser("dht", help="start a DHT bootstrap node")
@@ -111,6 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
     swarm.add_argument("--dtype", default="float32")
     swarm.add_argument("--device", default="cpu")
     swarm.add_argument("--address-file", default=None, help="write the initial peers here")
+    swarm.add_argument("--api", type=int, default=None, metavar="PORT",
+                       help="also serve the OpenAI-compatible API and the swarm page on this port")
 
     generate = commands.add_parser("generate", help="complete a prompt with a model served by a swarm")
     _add_model(generate)
@@ -152,6 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model(demo)
     demo.add_argument("--prompt", default=DEFAULT_PROMPT)
     demo.add_argument("--servers", type=int, default=3)
+    demo.add_argument("--api", type=int, nargs="?", const=8000, default=None, metavar="PORT",
+                      help="after the answer, keep the swarm up with the API and swarm page on PORT (8000) until "
+                           "Ctrl-C")
     _add_sampling_args(demo)
     return parser
 
@@ -172,7 +178,9 @@ def _exit_with_parent() -> None:
 def main(argv=None) -> int:
     _exit_with_parent()
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from corolla.core.status import configure_logging
+
+    configure_logging(args.log_level, args.log_format)
     handler = {"dht": _dht, "serve": _serve, "swarm": _swarm, "generate": _generate, "chat": _chat, "demo": _demo,
                "api": _api, "health": _health}
     try:
@@ -220,7 +228,7 @@ def _serve(args) -> int:
         max_message_bytes=int(args.max_message_mb * 2**20), frame_budget_bytes=int(args.frame_budget_mb * 2**20), throughput=args.throughput,
         rebalance_period_s=args.rebalance_period, balance_quality=args.balance_quality, adapters=tuple(args.adapters),
     )
-    return run_server(config)
+    return run_server(config, args.log_format)
 
 
 def _swarm(args) -> int:
@@ -241,11 +249,105 @@ def _swarm(args) -> int:
             print(f"  {addr}", flush=True)
         if args.address_file:
             write_address_file(args.address_file, swarm.initial_peers)
+        api = _start_api_child(args.model, swarm.initial_peers, args.api) if args.api is not None else None
         print("Ctrl-C stops the swarm.", flush=True)
-        while not stop["now"]:
-            time.sleep(0.2)
+        try:
+            _swarm_status(swarm, args, stop)
+        finally:
+            _stop_child(api)
         print("stopping the swarm...", flush=True)
     return 0
+
+
+def _start_api_child(model, initial_peers, port: int):
+    """``corolla api`` as a child process of this one (it exits with us); waits until it listens."""
+    import subprocess
+    import tempfile
+
+    folder = tempfile.mkdtemp(prefix="corolla-api-")
+    address = os.path.join(folder, "api.addr")
+    command = [sys.executable, "-m", "corolla.cli.main", "api", *([model] if model else []), "--initial-peers",
+               *initial_peers, "--port", str(port), "--address-file", address]
+    env = {**os.environ, "COROLLA_PARENT_PID": str(os.getpid())}
+    child = subprocess.Popen(command, env=env, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while not (os.path.exists(address) and open(address).read().strip()):
+        if child.poll() is not None or time.monotonic() > deadline:
+            _stop_child(child)
+            raise RuntimeError("the API did not start")
+        time.sleep(0.2)
+    url = open(address).read().split()[0]
+    print(f"OpenAI-compatible API at {url}/v1, swarm page at {url}/", flush=True)
+    return child
+
+
+def _stop_child(child) -> None:
+    if child is None or child.poll() is not None:
+        return
+    child.terminate()
+    try:
+        child.wait(30)
+    except Exception:  # noqa: BLE001 - it would not stop: end it
+        child.kill()
+
+
+def _swarm_status(swarm, args, stop: dict) -> None:
+    """Until ``stop``: a live line (servers online, blocks covered, sessions, tokens/s) from the servers' info."""
+    from corolla.client.config import ClientConfig
+    from corolla.client.rpc import call
+    from corolla.client.swarm import RemoteSwarm, hivemind_client
+    from corolla.core.records import ServerState
+    from corolla.core.spans import describe_blocks
+    from corolla.core.status import StatusLine
+    from corolla.models.checkpoint import load_config, model_dht_prefix, resolve_model
+    from corolla.wire.messages import InfoRequest
+
+    path = resolve_model(args.model)
+    total = load_config(path).num_hidden_layers
+    config = ClientConfig(initial_peers=tuple(swarm.initial_peers))
+    try:
+        viewer = RemoteSwarm(config, model_dht_prefix(args.model if args.model else path), total,
+                             hivemind_client(config))
+    except Exception as exc:  # noqa: BLE001 - no status then; the swarm itself is fine
+        if not stop["now"]:
+            print(f"(no live status: {type(exc).__name__}: {exc})", flush=True)
+        while not stop["now"]:
+            time.sleep(0.2)
+        return
+
+    async def read():
+        records = [r for r in await viewer.refresh() if r.state is ServerState.ONLINE]
+        infos = []
+        for record in records:
+            try:
+                infos.append(await call(viewer.transport, record, InfoRequest(), 5.0))
+            except Exception:  # noqa: BLE001 - a server going away: not counted
+                pass
+        return records, infos
+
+    status = StatusLine(log_format=args.log_format)
+    try:
+        while not stop["now"]:
+            try:
+                records, infos = viewer.run(read(), 30)
+            except Exception:  # noqa: BLE001 - the DHT busy for a moment: try again next second
+                time.sleep(1.0)
+                continue
+            served = {b for r in records for b in r.blocks}
+            missing = describe_blocks([b for b in range(total) if b not in served])
+            sessions = sum(i.sessions_open for i in infos)
+            rate = status.rate(sum(i.tokens_run for i in infos))
+            status.show(f"swarm: {len(records)}/{len(swarm.servers)} servers online | "
+                        + (f"blocks {missing} missing" if missing else f"all {total} blocks served")
+                        + f" | {sessions} session(s) | {rate:.1f} tokens/s",
+                        servers_online=len(records), missing=missing, sessions=sessions, tokens_per_s=round(rate, 2))
+            for _ in range(5):
+                if stop["now"]:
+                    break
+                time.sleep(0.2)
+    finally:
+        status.close()
+        viewer.close()
 
 
 def _client_model(args):
@@ -325,6 +427,17 @@ def _demo(args) -> int:
             print(f"\n({tokens} tokens in {elapsed:.1f} s through {args.servers} servers)", flush=True)
         finally:
             model.close()
+        if args.api is not None:
+            api = _start_api_child(args.model, swarm.initial_peers, args.api)
+            stop = {"now": False}
+            signal.signal(signal.SIGINT, lambda *_: stop.update(now=True))
+            signal.signal(signal.SIGTERM, lambda *_: stop.update(now=True))
+            print("Ctrl-C stops the swarm.", flush=True)
+            try:
+                while not stop["now"] and api.poll() is None:
+                    time.sleep(0.2)
+            finally:
+                _stop_child(api)
         print("stopping the swarm ...", flush=True)
     print("done.", flush=True)
     return 0

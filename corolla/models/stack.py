@@ -238,6 +238,7 @@ def load_block_stack(
     dtype: torch.dtype,
     device: torch.device | str,
     quant: str = "none",
+    progress: bool = False,
 ) -> BlockStack:
     """Build blocks ``blocks`` of the model at ``path`` and load only their tensors (never the full model); with
     ``quant`` (``corolla.models.quant``), each block is read and quantized before the next is read, so the float
@@ -263,8 +264,11 @@ def load_block_stack(
 
     # quantized: one block's float tensors at a time; otherwise all at once (each shard opened once)
     states = block_states(blocks) if quant == "none" else {}
+    from tqdm import tqdm
+
     layers = []
-    for local_index, index in enumerate(blocks):
+    for local_index, index in tqdm(list(enumerate(blocks)), desc=f"loading blocks {blocks}", unit="block",
+                                   disable=not progress, leave=False):
         state = states.pop(index) if quant == "none" else block_states(range(index, index + 1))[index]
         with torch.device("meta"):
             layer = family.build_layer(stack_config, index)

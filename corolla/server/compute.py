@@ -22,6 +22,7 @@ class BlockCompute:
     def __init__(self, stack, activations: ActivationStore):
         self.stack = stack
         self.activations = activations  # training passes whose backward pass has not come yet
+        self.tokens_run = 0  # tokens (rows x new tokens) of inference steps run
 
     def _inputs(self, request: ForwardRequest | BackwardRequest):
         device = self.stack.device
@@ -123,6 +124,7 @@ class BlockCompute:
                 if not isinstance(output, BaseException):
                     session.mask = work[1]
                     session.position += work[0].shape[1]
+                    self.tokens_run += work[0].shape[0] * work[0].shape[1]
                 results[index] = output
         return results
 

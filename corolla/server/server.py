@@ -7,6 +7,7 @@ of the one compute thread (``BlockCompute``).
 from __future__ import annotations
 
 import asyncio
+import sys
 import logging
 import random
 import signal
@@ -21,6 +22,7 @@ from corolla.models.checkpoint import config_digest, load_config, model_dht_pref
 from corolla.models.dtypes import resolve_dtype
 from corolla.models.lora import read_peft_adapter
 from corolla.models.quant import resolve_quant
+from corolla.core.status import StatusLine
 from corolla.core.errors import CorollaError
 from corolla.models.family import family_for
 from corolla.models.stack import check_checkpoint, load_block_stack
@@ -144,9 +146,11 @@ class Server:
         # Every torch call of this process runs on the one compute thread: with several intra-op threads, torch
         # work split across Python threads loses its parallelism (measured: 2 threads ran at 1-thread speed).
         run = self.scheduler.run
+        progress = sys.stderr.isatty()  # progress bars on a terminal only
         stack = await run(Priority.BACKGROUND, load_block_stack, self.path, self.model_config, blocks, self.dtype,
-                          torch.device(config.device), self.quant)
-        self.throughput = config.throughput or await run(Priority.BACKGROUND, measure_throughput, stack)
+                          torch.device(config.device), self.quant, progress)
+        self.throughput = config.throughput or await run(Priority.BACKGROUND, measure_throughput, stack, 16, 8,
+                                                         progress)
         adapters = {}
         for name in config.adapters:
             path = await asyncio.to_thread(resolve_model, name)
@@ -245,7 +249,13 @@ class Server:
             steps_run=self.scheduler.batched_jobs,
             step_batches=self.scheduler.batched_calls,
             step_compute_s=self.scheduler.batched_cpu_s,
+            tokens_run=self.tokens_run,
         )
+
+    @property
+    def tokens_run(self) -> int:
+        compute = self.handler.compute if self.handler is not None else None
+        return 0 if compute is None else compute.tokens_run
 
     async def shutdown(self) -> None:
         """Announce offline, refuse new work, give in-flight work ``shutdown_grace_s``, then stop."""
@@ -271,7 +281,7 @@ def hivemind_server(config: ServerConfig) -> TransportFactory:
                                                         port=config.port, identity=identity, swarm_key=swarm_key))
 
 
-def run_server(config: ServerConfig) -> int:
+def run_server(config: ServerConfig, log_format: str = "text") -> int:
     """Run a server in this process until SIGTERM/SIGINT; returns the exit code."""
 
     async def main() -> int:
@@ -283,7 +293,18 @@ def run_server(config: ServerConfig) -> int:
         print(f"corolla server {server.peer.peer_id} serving blocks {server.blocks}", flush=True)
         for addr in server.maddrs:
             print(f"  {addr}", flush=True)
-        await stop.wait()
+        status = StatusLine(log_format=log_format)
+        while not stop.is_set():
+            sessions = len(server.handler.sessions) if server.handler is not None else 0
+            rate = status.rate(server.tokens_run)
+            status.show(f"blocks {server.blocks} [{server.quant}] | {server.state.value} | {sessions} session(s) | "
+                        f"{rate:.1f} tokens/s", blocks=str(server.blocks), state=server.state.value,
+                        sessions=sessions, tokens_per_s=round(rate, 2))
+            try:
+                await asyncio.wait_for(stop.wait(), 1.0)
+            except asyncio.TimeoutError:
+                pass
+        status.close()
         logger.info("stopping: announcing offline")
         await server.shutdown()
         return 0
