@@ -53,8 +53,8 @@ class SwarmView:
             "servers_per_block": counts,
             "missing_blocks": missing,
             "missing": describe_blocks(missing),
-            "models": sorted(({"name": name, "servers": len(found)} for name, found in models.items()),
-                             key=lambda m: m["name"]),
+            "models": sorted(({"name": name, "servers": sum(r.state is ServerState.ONLINE for r in found)}
+                              for name, found in models.items()), key=lambda m: m["name"]),
             "time": time.time(),
         }
 
