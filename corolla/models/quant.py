@@ -83,13 +83,14 @@ class QuantizedLinear(nn.Module):
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
         flat = x.reshape(-1, self.in_features)
-        if torch.is_grad_enabled() and flat.requires_grad:
+        if x.requires_grad and torch.is_grad_enabled():
             out = _QuantizedMatmul.apply(flat, self)
         else:
-            out = self.matmul(flat)
-        out = out.to(x.dtype).reshape(*shape[:-1], self.out_features)
+            out = self.matmul(flat)  # a decode step calls this some 200 times: as few operations as can be
+        if out.dtype != x.dtype:
+            out = out.to(x.dtype)
+        out = out.view(*x.shape[:-1], self.out_features)
         return out if self.bias is None else out + self.bias.to(out.dtype)
 
     def matmul(self, flat: torch.Tensor) -> torch.Tensor:
@@ -114,7 +115,7 @@ class Int8Linear(QuantizedLinear):
 
     def matmul(self, flat: torch.Tensor) -> torch.Tensor:
         out = torch._weight_int8pack_mm(flat.to(torch.bfloat16).contiguous(), self.qweight, self.unit_scales)
-        return out.float() * self.scales
+        return torch.mul(out, self.scales)  # bfloat16 x float32 scales: float32, in one operation
 
     def dequantized_weight(self) -> torch.Tensor:
         return self.qweight.float() * self.scales[:, None]
