@@ -32,6 +32,8 @@ from corolla.models.checkpoint import load_config, resolve_model
 from corolla.models.stack import load_block_stack
 from corolla.testing.local_swarm import LocalSwarm, split_blocks
 
+from bench_inference import pss_bytes  # noqa: E402 - a sibling script (benchmarks/ is on sys.path when run)
+
 PROMPT = "Write a short story about a robot who learns to paint."
 WINDOW = 512
 
@@ -40,19 +42,6 @@ def fixed_text() -> str:
     from pydoc_data.topics import topics
 
     return "\n\n".join(topics[name] for name in sorted(topics))
-
-
-def pss_bytes(pid: int) -> int:
-    import psutil
-
-    total = 0
-    root = psutil.Process(pid)
-    for process in [root, *root.children(recursive=True)]:
-        try:
-            total += process.memory_full_info().pss
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            pass
-    return total
 
 
 class Pipeline:

@@ -107,15 +107,14 @@ class _Run:
         self.text = ""  # the completion's text so far, cut at a stop sequence
         self.emitted = 0  # characters of ``text`` handed to on_token
         self.logits: list[torch.Tensor] = []  # the model's raw logits of each step's last position
+        self._started = False  # transformers' first put() carries the prompt
 
     def put(self, value: torch.Tensor) -> None:  # transformers' streamer interface
         if not self._started:
-            self._started = True  # the first call carries the prompt
+            self._started = True
             return
         for token in value.reshape(-1).tolist():
             self._add(int(token))
-
-    _started = False
 
     def end(self) -> None:
         pass

@@ -6,9 +6,11 @@
 - ``sequential.py`` ``RemoteSequential``: the remote block stack as a differentiable, sliceable module.
 - ``session.py``    ``InferenceSession``: step-by-step inference keeping attention caches on the servers.
 - ``cache.py``      ``RemoteCache``: the Hugging Face ``Cache`` that ties ``generate()`` to a session.
-- ``model.py``      ``DistributedLlamaForCausalLM``, ``DistributedBloomForCausalLM`` and the Auto classes.
+- ``model.py``      the distributed classes of every family (made from ``corolla.models`` families) and the Auto
+                    classes.
 - ``speculative.py`` speculative decoding: the acceptance rule, the adaptive draft length, one generation run.
 - ``speculative_model.py`` ``AutoDistributedSpeculativeModel``: a distributed model that decodes speculatively.
 - ``tuning.py``     soft prompts, deep prompts and client-side LoRA weights.
+- ``verify.py``     output checks: another server recomputes a span; a third opinion settles a disagreement.
 - ``failures.py``   which errors are a server's failure (fail over) and which the caller's (report).
 """

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import nn
@@ -581,9 +581,7 @@ DistributedBloomForSequenceClassification = distributed_sequence_classification(
 class _AutoDistributed:
     """Picks the distributed class for a checkpoint's ``model_type``, like transformers' Auto classes."""
 
-    @staticmethod
-    def _class_for(model_type: str) -> type:
-        raise NotImplementedError
+    _class_for: Callable[[str], type]  # model_type -> the distributed class (each Auto class sets it)
 
     @classmethod
     def from_pretrained(cls, name_or_path: Optional[str] = None, *, initial_peers=(), **kwargs):

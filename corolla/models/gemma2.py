@@ -15,11 +15,12 @@ from corolla.models.family import ClientParts, ModelFamily
 from corolla.models.rotary import RotaryRunner
 
 
-def _client_parts(config) -> ClientParts:
+def scaled_embedding_parts(config, embedding_class, norm_class) -> ClientParts:
+    """Gemma's client parts: word embeddings scaled by ``sqrt(hidden_size)`` and an RMS norm (Gemma 2 and 3)."""
     modules = {
-        "embed_tokens": Gemma2TextScaledWordEmbedding(config.vocab_size, config.hidden_size, config.pad_token_id,
-                                                      embed_scale=config.hidden_size**0.5),
-        "norm": Gemma2RMSNorm(config.hidden_size, eps=config.rms_norm_eps),
+        "embed_tokens": embedding_class(config.vocab_size, config.hidden_size, config.pad_token_id,
+                                        embed_scale=config.hidden_size**0.5),
+        "norm": norm_class(config.hidden_size, eps=config.rms_norm_eps),
     }
     return ClientParts(modules, "embed_tokens", "norm", "layers")
 
@@ -31,7 +32,7 @@ FAMILY = ModelFamily(
     make_runner=lambda config, device: RotaryRunner(config, device, Gemma2RotaryEmbedding),
     causal_lm_class=Gemma2ForCausalLM,
     sequence_classification_class=Gemma2ForSequenceClassification,
-    client_parts=_client_parts,
+    client_parts=lambda config: scaled_embedding_parts(config, Gemma2TextScaledWordEmbedding, Gemma2RMSNorm),
     lora_targets=("self_attn.q_proj", "self_attn.v_proj"),
     attn_implementation="eager",  # as transformers does for Gemma 2: sdpa cannot soft-cap the attention scores
 )

@@ -10,17 +10,9 @@ from transformers.models.gemma3.modeling_gemma3 import (
     Gemma3TextScaledWordEmbedding,
 )
 
-from corolla.models.family import ClientParts, ModelFamily
+from corolla.models.family import ModelFamily
+from corolla.models.gemma2 import scaled_embedding_parts
 from corolla.models.rotary import RotaryRunner
-
-
-def _client_parts(config) -> ClientParts:
-    modules = {
-        "embed_tokens": Gemma3TextScaledWordEmbedding(config.vocab_size, config.hidden_size, config.pad_token_id,
-                                                      embed_scale=config.hidden_size**0.5),
-        "norm": Gemma3RMSNorm(config.hidden_size, eps=config.rms_norm_eps),
-    }
-    return ClientParts(modules, "embed_tokens", "norm", "layers")
 
 
 FAMILY = ModelFamily(
@@ -30,7 +22,7 @@ FAMILY = ModelFamily(
     make_runner=lambda config, device: RotaryRunner(config, device, Gemma3RotaryEmbedding, rotary_per_type=True),
     causal_lm_class=Gemma3ForCausalLM,
     sequence_classification_class=Gemma3TextForSequenceClassification,
-    client_parts=_client_parts,
+    client_parts=lambda config: scaled_embedding_parts(config, Gemma3TextScaledWordEmbedding, Gemma3RMSNorm),
     lora_targets=("self_attn.q_proj", "self_attn.v_proj"),
     attn_implementation="sdpa",
 )

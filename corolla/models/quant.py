@@ -20,6 +20,8 @@ server works, with the quantized weights' outputs.
 """
 from __future__ import annotations
 
+import abc
+
 import torch
 from torch import nn
 
@@ -74,7 +76,7 @@ class _QuantizedMatmul(torch.autograd.Function):
         return grad @ weight, None
 
 
-class QuantizedLinear(nn.Module):
+class QuantizedLinear(nn.Module, abc.ABC):
     """A frozen linear layer with quantized weights; LoRA and server adapters hook it as they hook ``nn.Linear``."""
 
     def __init__(self, linear: nn.Linear):
@@ -93,11 +95,13 @@ class QuantizedLinear(nn.Module):
         out = out.view(*x.shape[:-1], self.out_features)
         return out if self.bias is None else out + self.bias.to(out.dtype)
 
+    @abc.abstractmethod
     def matmul(self, flat: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """``flat`` [rows, in] times the weights: [rows, out]."""
 
+    @abc.abstractmethod
     def dequantized_weight(self) -> torch.Tensor:
-        raise NotImplementedError
+        """The weights the layer computes with, as a float32 [out, in] tensor."""
 
 
 class Int8Linear(QuantizedLinear):

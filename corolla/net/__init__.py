@@ -3,7 +3,8 @@
 - ``transport.py`` ``Transport``: serve / open byte streams, announce / look up records; ``TransportFactory``.
 - ``peer.py``      ``Peer``: the real transport, one libp2p daemon + one hivemind DHT node.
 - ``swarm_auth.py`` ``SwarmKeyAuthorizer``: a private swarm's DHT requests and replies carry HMAC proofs.
-- ``records.py``   ``fetch_records``: every live server record of a model's blocks, decoded.
+- ``records.py``   ``fetch_records``: every live server record of a model's blocks, decoded; ``fetch_models``.
+- ``exchange.py``  one request/reply exchange on a stream, with the reply bounded and blamed on its sender.
 - ``loop.py``      ``LoopThread``: an asyncio loop on a background thread, for synchronous callers.
 - ``addresses.py`` building loopback-only multiaddrs and writing/reading address files.
 

@@ -7,5 +7,7 @@
 - ``netns.py``       ``NetnsSwarm``: a swarm whose DHT node, servers and clients run as separate "hosts" (Linux
                      network namespaces on this machine) joined by an emulated network with per-host delay, rate
                      and loss.
+- ``tiny.py``        tiny random-weight models of every supported family, from their transformers configs.
+- ``api_process.py`` starting and stopping ``corolla api`` / ``corolla health`` processes for tests.
 - ``tap_switch.py``  the user-space switch ``NetnsSwarm`` uses where the kernel lacks ``sch_netem``.
 """

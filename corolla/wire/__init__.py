@@ -7,6 +7,8 @@
 - ``framing.py``  reading and writing frames on an asyncio stream, with a size limit.
 - ``compression.py`` wire codecs for activations (none, float16, bfloat16, int8-block64).
 - ``relay.py``    the route a relayed step carries (the next servers, their sessions and relay tokens).
+- ``identity.py``  server identities (libp2p RSA keys): signing and verifying records.
+- ``swarm_key.py`` a private swarm's secret: proofs for streams and records.
 - ``validation.py`` checks of a request's contents, run by servers on every request and by clients before sending.
 
 The client and the server both import this package and never import each other.
