@@ -1,6 +1,7 @@
 """Inference speed and server memory: local transformers vs. a one-server and a three-server swarm on loopback.
 
 Run: .venv/bin/python benchmarks/bench_inference.py [--new-tokens 64] [--threads 1 2] [--model PATH]
+     [--quant none int8] [--paths fast slow]
 
 For each torch thread count (per process) it measures, in this one run: transformers' local greedy generate(),
 then the same prompt through a local swarm of 1 and of 3 servers (each server a separate process with that
@@ -90,6 +91,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--quant", nargs="+", default=["none"],
                         help="server weight modes to measure, each a swarm of its own (none, int8, int4)")
+    parser.add_argument("--paths", nargs="+", default=["fast"], choices=("fast", "slow"),
+                        help="server paths to measure: fast (the default path) and/or slow (--no-fast-path)")
     parser.add_argument("--json", default=None, help="also write the results here")
     args = parser.parse_args()
 
@@ -107,9 +110,10 @@ def main() -> None:
         local_tps, expected = timed_generate(local, ids, args.new_tokens, args.repeats)
         rows.append({"threads": threads, "setup": "local transformers", "tok_s": local_tps, "ratio": 1.0})
         print(f"\n[{threads} thread(s) per process] local transformers: {local_tps:.1f} tok/s")
-        for servers, quant in [(n, q) for q in args.quant for n in args.servers]:
+        for servers, quant, server_path in [(n, q, p) for p in args.paths for q in args.quant for n in args.servers]:
+            extra = ["--quant", quant] + (["--no-fast-path"] if server_path == "slow" else [])
             with LocalSwarm(model=str(path), num_servers=servers, num_threads=threads,
-                            extra_server_args=["--quant", quant]) as swarm:
+                            extra_server_args=extra) as swarm:
                 model = AutoDistributedModelForCausalLM.from_pretrained(str(path), initial_peers=swarm.initial_peers)
                 try:
                     tps, got = timed_generate(model, ids, args.new_tokens, args.repeats)
@@ -122,7 +126,8 @@ def main() -> None:
                         len(span) * quantized_block_bytes(path, config, quant)
                     memory.append({"blocks": str(span), "pss_mb": pss_bytes(child.process.pid) / 2**20,
                                    "weights_mb": held / 2**20})
-            setup = f"{servers}-server swarm" + ("" if quant == "none" else f", {quant} weights")
+            setup = f"{servers}-server swarm" + ("" if quant == "none" else f", {quant} weights") + (
+                ", --no-fast-path" if server_path == "slow" else "")
             row = {"threads": threads, "setup": setup, "tok_s": tps, "ratio": tps / local_tps,
                    "same_tokens": same, "servers": memory}
             rows.append(row)

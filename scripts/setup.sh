@@ -40,3 +40,6 @@ if ! command -v chromium >/dev/null 2>&1 && ! command -v chromium-browser >/dev/
   fi
 fi
 .venv/bin/python -c 'from corolla.models.embedded import embedded_model_dir; print("[setup] embedded model:", embedded_model_dir())'
+# Corolla's CPU kernels (corolla/models/cpu_kernels.c), compiled once for this machine's CPU; without a C compiler
+# servers still run, on PyTorch's products alone.
+.venv/bin/python -c 'from corolla.models import cpu_kernels as k; print("[setup] CPU kernels:", "built" if k.available() else "not available (" + str(k.unavailable_reason()) + ")")'

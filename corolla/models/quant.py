@@ -1,16 +1,17 @@
 """Quantized weights for a server's blocks: ``none``, ``int8``, ``int4`` (CPU) and ``nf4`` (CUDA).
 
-On CPU, Corolla uses PyTorch's own weight-only kernels, the ones torchao's CPU layouts call:
+On CPU:
 
-- ``int8``: each linear layer's weight as int8 with one absmax scale per output channel;
-  ``torch._weight_int8pack_mm`` multiplies bfloat16 activations by it. Measured here against float32
-  (``benchmarks/bench_quant.py``): 1.3-4x faster per matrix product, a quarter of the bytes.
+- ``int8``: each linear layer's weight as int8 with one absmax scale per output channel. Float32 activations stay
+  float32: a few rows (decode steps) go through Corolla's own kernel (``corolla.models.cpu_kernels``: it converts
+  each weight to float32 as it streams it from memory, about 2x faster than PyTorch's ``torch._weight_int8pack_mm``,
+  which also rounds activations to bfloat16), many rows (a prefill) through a float32 product with the dequantized
+  weights; 16-bit activations use ``torch._weight_int8pack_mm``. A quarter of the bytes of float32.
 - ``int4``: 4-bit values in groups of ``INT4_GROUP`` along the input with a scale and an offset per group (asymmetric),
-  packed for ``torch._weight_int4pack_mm_for_cpu``; an eighth of the bytes.
+  packed for PyTorch's ``torch._weight_int4pack_mm_for_cpu`` (bfloat16 activations); an eighth of the bytes.
 
-Activations enter the kernels in bfloat16 and results come back in the stack's dtype. PyTorch's dynamic int8
-quantization (fbgemm) was faster still on this machine, but it quantizes activations per tensor: the embedded model's
-first-token activations (values of 10^4 beside values near 1) ruin the other tokens' resolution in a prefill.
+PyTorch's dynamic int8 quantization (fbgemm) was also measured, but it quantizes activations per tensor: the embedded
+model's first-token activations (values of 10^4 beside values near 1) ruin the other tokens' resolution in a prefill.
 
 On CUDA, ``int8`` and ``nf4`` are bitsandbytes' LLM.int8() (outliers in 16-bit) and NF4, as Petals offers; they need
 the ``bitsandbytes`` package.
@@ -26,6 +27,7 @@ import torch
 from torch import nn
 
 from corolla.core.errors import CorollaError
+from corolla.models import cpu_kernels
 from corolla.core.records import QUANT_BITS
 
 QUANT_MODES = tuple(QUANT_BITS)  # none, int8, int4, nf4
@@ -116,13 +118,28 @@ class Int8Linear(QuantizedLinear):
         # output channel by up to 0.4%: the kernel gets ones and the float32 scales apply to its output
         self.register_buffer("scales", scales)
         self.register_buffer("unit_scales", torch.ones_like(scales, dtype=torch.bfloat16), persistent=False)
+        self._group = None  # the CPU kernels' call for this layer, made on first use
 
     def matmul(self, flat: torch.Tensor) -> torch.Tensor:
-        out = torch._weight_int8pack_mm(flat.to(torch.bfloat16).contiguous(), self.qweight, self.unit_scales)
-        return torch.mul(out, self.scales)  # bfloat16 x float32 scales: float32, in one operation
+        return int8_matmul(self, flat)
 
     def dequantized_weight(self) -> torch.Tensor:
         return self.qweight.float() * self.scales[:, None]
+
+
+def int8_matmul(layer: "Int8Linear", flat: torch.Tensor) -> torch.Tensor:  # [rows, in] -> [rows, out] float32
+    """``flat @ (qweight * scales).T``. Float32 activations stay float32: up to ``INT8_MAX_ROWS`` rows (decode steps)
+    through Corolla's CPU kernel (``corolla.models.cpu_kernels``), more rows as a float32 product with the dequantized
+    weights (a prefill: the dequantization is shared by many rows); so a token's outputs do not depend on how many
+    tokens it was computed with beyond float32 rounding. 16-bit activations go through PyTorch's weight-only kernel."""
+    if cpu_kernels.usable(flat, max_rows=cpu_kernels.INT8_MAX_ROWS):
+        if layer._group is None:
+            layer._group = cpu_kernels.LinearGroup([layer.qweight], [layer.scales])
+        return layer._group(flat)
+    if flat.dtype == torch.float32:
+        return flat @ layer.dequantized_weight().t()
+    out = torch._weight_int8pack_mm(flat.to(torch.bfloat16).contiguous(), layer.qweight, layer.unit_scales)
+    return torch.mul(out, layer.scales)  # bfloat16 x float32 scales: float32, in one operation
 
 
 class Int4Linear(QuantizedLinear):

@@ -3,7 +3,7 @@ rotary embeddings, grouped-query attention, causal / sliding-window + padding ma
 as Llama's, several sessions' steps through a layer at once."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import transformers
@@ -13,6 +13,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
 
 from corolla.models.family import attention_type
+from corolla.models.fused import rotary_tables
 
 
 @dataclass(frozen=True)
@@ -22,6 +23,13 @@ class RotaryInputs:
     masks: dict[str, torch.Tensor | None]  # per attention type: [batch, 1, new, past+new] (bool for sdpa) or None
     position_embeddings: dict[str, tuple[torch.Tensor, torch.Tensor]]  # per attention type: cos, sin [batch, new, dim]
     position_ids: torch.Tensor  # [batch, new]
+    fused_tables: dict = field(default_factory=dict)  # per attention type: fused.rotary_tables, made on first use
+
+    def fused_rotary(self, kind: str, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        tables = self.fused_tables.get(kind)
+        if tables is None:
+            tables = self.fused_tables[kind] = rotary_tables(*self.position_embeddings[kind], dtype)
+        return tables
 
 
 class RotaryRunner(nn.Module):
@@ -75,6 +83,11 @@ class RotaryRunner(nn.Module):
         cache: transformers.Cache | None,
     ) -> torch.Tensor:  # [batch, new, hidden]
         kind = layer.corolla_attention
+        fused = layer.__dict__.get("corolla_fused")
+        if fused is not None and fused.usable():
+            cache_layer = None if cache is None else cache.layers[layer.self_attn.layer_idx]
+            rotary = prepared.fused_rotary(kind, hidden_states.dtype)
+            return fused([hidden_states], [prepared.masks[kind]], [rotary], [cache_layer])[0]
         return layer(
             hidden_states,
             attention_mask=prepared.masks[kind],
@@ -94,13 +107,17 @@ class RotaryRunner(nn.Module):
         """One decoder layer for several sessions: every projection and the MLP run once on all sessions' tokens;
         rotary positions, the cache and attention (transformers' own attention function) per session.
         The same computation as ``run_layer`` on each session alone, for layers built like Llama's."""
+        kind = layer.corolla_attention
+        fused = layer.__dict__.get("corolla_fused")
+        if fused is not None and fused.usable():
+            return fused(hiddens, [inputs.masks[kind] for inputs in prepared],
+                         [inputs.fused_rotary(kind, h.dtype) for inputs, h in zip(prepared, hiddens)], cache_layers)
         attention = layer.self_attn
         sizes = [h.shape[0] * h.shape[1] for h in hiddens]
         flat = torch.cat([h.reshape(-1, h.shape[-1]) for h in hiddens])  # [tokens, hidden]
         normed = layer.input_layernorm(flat)
         queries, keys, values = attention.q_proj(normed), attention.k_proj(normed), attention.v_proj(normed)
         interface = ALL_ATTENTION_FUNCTIONS.get_interface(attention.config._attn_implementation, None)
-        kind = layer.corolla_attention
         outputs, start = [], 0
         for hidden, inputs, cache_layer, size in zip(hiddens, prepared, cache_layers, sizes):
             batch, new = hidden.shape[:2]

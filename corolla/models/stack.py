@@ -14,6 +14,7 @@ from corolla.core.blocks import BlockRange
 from corolla.core.errors import BadRequestError, CorollaError
 from corolla.models.checkpoint import read_tensors, tensor_shapes
 from corolla.models.family import ModelFamily, family_for
+from corolla.models.fused import FusedLayer, fusable
 from corolla.models.kv import DEFAULT_PAGE_TOKENS, PagedLayer
 from corolla.models.quant import quantize_layer
 
@@ -32,6 +33,7 @@ class BlockStack(nn.Module):
         layers: list[nn.Module],
         dtype: torch.dtype,
         device: torch.device | str,
+        fast_path: bool = True,
     ):
         super().__init__()
         if len(layers) != len(blocks):
@@ -47,6 +49,11 @@ class BlockStack(nn.Module):
             layer.corolla_attention = family.layer_type(config, index)
         self.runner = family.make_runner(config, self.device)
         self.quant = "none"  # how the layers' weights are quantized (load_block_stack sets it)
+        # the fast path (corolla.models.fused): layers built as Llama's run fused where no autograd or LoRA is involved
+        self.fast_path = bool(fast_path and family.batched_layers and all(fusable(layer) for layer in layers))
+        if self.fast_path:
+            for layer in layers:
+                layer.corolla_fused = FusedLayer(layer)
 
     def forward(
         self,
@@ -228,7 +235,8 @@ class BlockStack(nn.Module):
         return sum(tensor.numel() * tensor.element_size() for tensor in tensors)
 
     def extra_repr(self) -> str:
-        return f"model_type={self.family.model_type}, blocks={self.blocks}, dtype={self.dtype}, device={self.device}"
+        return (f"model_type={self.family.model_type}, blocks={self.blocks}, dtype={self.dtype}, device={self.device}, "
+                f"fast_path={self.fast_path}")
 
 
 def load_block_stack(
@@ -239,10 +247,11 @@ def load_block_stack(
     device: torch.device | str,
     quant: str = "none",
     progress: bool = False,
+    fast_path: bool = True,
 ) -> BlockStack:
     """Build blocks ``blocks`` of the model at ``path`` and load only their tensors (never the full model); with
     ``quant`` (``corolla.models.quant``), each block is read and quantized before the next is read, so the float
-    weights of one block at a time are held."""
+    weights of one block at a time are held. ``fast_path``: see ``corolla.models.fused``."""
     family = family_for(config)
     num_layers = config.num_hidden_layers
     if blocks.end > num_layers:
@@ -290,7 +299,7 @@ def load_block_stack(
         layer.eval()
         layer.requires_grad_(False)
         layers.append(layer)
-    stack = BlockStack(family, stack_config, blocks, layers, dtype, device)
+    stack = BlockStack(family, stack_config, blocks, layers, dtype, device, fast_path=fast_path)
     stack.quant = quant
     if quant != "none":
         release_freed_memory()  # the float weights are gone: give their pages back, so memory follows the weights

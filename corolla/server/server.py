@@ -148,7 +148,7 @@ class Server:
         run = self.scheduler.run
         progress = sys.stderr.isatty()  # progress bars on a terminal only
         stack = await run(Priority.BACKGROUND, load_block_stack, self.path, self.model_config, blocks, self.dtype,
-                          torch.device(config.device), self.quant, progress)
+                          torch.device(config.device), self.quant, progress, config.fast_path)
         self.throughput = config.throughput or await run(Priority.BACKGROUND, measure_throughput, stack, 16, 8,
                                                          progress)
         adapters = {}

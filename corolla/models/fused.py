@@ -1,0 +1,183 @@
+"""The fast path of a server's blocks: decoder layers built as Llama's, run without transformers' per-module calls.
+
+A ``FusedLayer`` wraps one loaded layer of a family whose layers are built exactly as Llama's (RMS norms, q/k/v/o
+projections with optional biases, a gated MLP): Llama, Mistral, Qwen2 (``ModelFamily.batched_layers``).
+It computes what the layer computes, with fewer operations:
+
+- for a few rows of tokens (decode steps), the q, k and v projections are one call of Corolla's CPU kernels
+  (``corolla.models.cpu_kernels``), which read the weights near memory speed where PyTorch's products reach about
+  half of it, and so are the MLP's gate and up projections; float32 and int8 (``Int8Linear``) weights, read where
+  the layer holds them (no copy);
+- RMS norms are single calls, rotary embeddings of queries and keys one multiply-add over both;
+- several sessions' tokens share every projection and the MLP; only attention runs per session.
+
+The results equal the layer's own to float rounding (tests compare them; ``BlockStack`` uses this path only for
+forward passes without autograd and without LoRA weights, where the layer's hooks would not be called).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from corolla.models import cpu_kernels
+from corolla.models.quant import Int8Linear, QuantizedLinear
+
+
+class Projection:
+    """Several linear layers that read the same input, as one call returning their outputs side by side: one call
+    of Corolla's CPU kernels (``corolla.models.cpu_kernels``) where they take the weights and the input, else each
+    layer's own call."""
+
+    def __init__(self, modules: list[nn.Module]):
+        self.modules = modules
+        self.group = _kernel_group(modules)
+        int8 = self.group is not None and self.group.dtype == torch.int8
+        self.max_rows = cpu_kernels.INT8_MAX_ROWS if int8 else cpu_kernels.MAX_ROWS
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:  # [tokens, in] -> [tokens, sum of outs]
+        if self.group is not None and cpu_kernels.usable(x, self.max_rows):
+            return self.group(x)
+        outputs = [module(x) for module in self.modules]
+        return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=-1)
+
+
+def _kernel_group(modules: list[nn.Module]) -> cpu_kernels.LinearGroup | None:
+    """The kernels' group for ``modules`` if they are all float32 ``nn.Linear`` or all ``Int8Linear`` on CPU."""
+    if not cpu_kernels.available():
+        return None
+    biases = [None if module.bias is None else module.bias.detach() for module in modules]
+    if any(bias is not None and bias.dtype != torch.float32 for bias in biases):
+        return None
+    if all(type(module) is nn.Linear for module in modules):
+        weights = [module.weight.detach() for module in modules]
+        if all(w.dtype == torch.float32 and w.device.type == "cpu" and w.is_contiguous() for w in weights):
+            return cpu_kernels.LinearGroup(weights, None, biases)
+    if all(isinstance(module, Int8Linear) and module.qweight.device.type == "cpu" for module in modules):
+        return cpu_kernels.LinearGroup([module.qweight for module in modules], [module.scales for module in modules],
+                                       biases)
+    return None
+
+
+def fusable(layer: nn.Module) -> bool:
+    """True for a layer built as Llama's: what ``FusedLayer`` computes is exactly what the layer computes."""
+    attention, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
+    names = ("q_proj", "k_proj", "v_proj", "o_proj")
+    if attention is None or mlp is None or not all(hasattr(attention, n) for n in names):
+        return False
+    if not all(hasattr(mlp, n) for n in ("gate_proj", "up_proj", "down_proj", "act_fn")):
+        return False
+    if hasattr(attention, "q_norm") or hasattr(attention, "k_norm"):
+        return False  # Qwen3's per-head norms: not computed here
+    norms = [layer.input_layernorm, layer.post_attention_layernorm]
+    if not all(_is_rms_norm(norm) for norm in norms):
+        return False
+    linears = [getattr(attention, n) for n in names] + [mlp.gate_proj, mlp.up_proj, mlp.down_proj]
+    known = all(type(m) is nn.Linear or isinstance(m, QuantizedLinear) for m in linears)
+    # extra submodules (Gemma's extra norms, soft-capping ...) mean a layer this path does not know
+    expected_children = {"self_attn", "mlp", "input_layernorm", "post_attention_layernorm"}
+    return known and set(dict(layer.named_children())) <= expected_children
+
+
+def _is_rms_norm(module: nn.Module) -> bool:
+    # Llama-style RMS norms: weight * normalize(x), no offset (Gemma's norms add 1 to the weight: not this)
+    name = type(module).__name__
+    return name.endswith("RMSNorm") and not name.startswith("Gemma") and hasattr(module, "weight") and (
+        hasattr(module, "variance_epsilon") or hasattr(module, "eps"))
+
+
+def _eps(norm: nn.Module) -> float:
+    return float(getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6)))
+
+
+class FusedLayer:
+    """Runs one Llama-built decoder layer for one or several sessions' tokens (see the module's docstring)."""
+
+    def __init__(self, layer: nn.Module):
+        attention, mlp = layer.self_attn, layer.mlp
+        self.layer = layer
+        self.head_dim = attention.head_dim
+        self.scaling = float(attention.scaling)
+        self.heads = attention.q_proj.out_features // self.head_dim
+        self.kv_heads = attention.k_proj.out_features // self.head_dim
+        self.qkv = Projection([attention.q_proj, attention.k_proj, attention.v_proj])
+        self.o_proj = Projection([attention.o_proj])
+        self.gate_up = Projection([mlp.gate_proj, mlp.up_proj])
+        self.down = Projection([mlp.down_proj])
+        self.intermediate = mlp.gate_proj.out_features
+        self.act = F.silu if isinstance(mlp.act_fn, nn.SiLU) else mlp.act_fn
+        self.input_norm = (layer.input_layernorm.weight, _eps(layer.input_layernorm))
+        self.post_norm = (layer.post_attention_layernorm.weight, _eps(layer.post_attention_layernorm))
+        self.is_causal = getattr(attention, "is_causal", True)
+        self.linears = [attention.q_proj, attention.k_proj, attention.v_proj, attention.o_proj, mlp.gate_proj,
+                        mlp.up_proj, mlp.down_proj]
+
+    def usable(self) -> bool:
+        """False while autograd records (training) or a hook is on a projection (LoRA weights applied): then the
+        layer's own modules must run."""
+        if torch.is_grad_enabled():
+            return False
+        return not any(module._forward_hooks or module._forward_pre_hooks for module in self.linears)
+
+    def __call__(
+        self,
+        hiddens: list[torch.Tensor],  # per session: [batch, new, hidden]
+        masks: list[torch.Tensor | None],  # per session: [batch, 1, new, past+new] bool, or None
+        rotary: list[tuple[torch.Tensor, torch.Tensor]],  # per session: ``rotary_tables(cos, sin)``
+        cache_layers: list,  # per session: this layer's cache (PagedLayer), or None (no cache)
+    ) -> list[torch.Tensor]:
+        sizes = [h.shape[0] * h.shape[1] for h in hiddens]
+        width = hiddens[0].shape[-1]
+        flat = hiddens[0].reshape(-1, width) if len(hiddens) == 1 else torch.cat([h.reshape(-1, width) for h in hiddens])
+        dtype = flat.dtype
+        normed = _rms_norm(flat, *self.input_norm)
+        qkv = self.qkv(normed)  # [tokens, (heads + 2 kv_heads) * head_dim]
+        d, heads, kv_heads = self.head_dim, self.heads, self.kv_heads
+        qk = qkv[:, : (heads + kv_heads) * d].view(-1, heads + kv_heads, d)
+        values = qkv[:, (heads + kv_heads) * d :].view(-1, kv_heads, d)
+        outputs, start = [], 0
+        for hidden, mask, (cos, signed_sin), cache_layer, size in zip(hiddens, masks, rotary, cache_layers, sizes):
+            batch, new = hidden.shape[:2]
+            part = qk if len(hiddens) == 1 else qk[start : start + size]
+            start += size
+            half = d // 2
+            rotated = part * cos + torch.cat((part[..., half:], part[..., :half]), dim=-1) * signed_sin
+            q = rotated[:, :heads].view(batch, new, heads, d).transpose(1, 2)  # [batch, heads, new, d]
+            k = rotated[:, heads:].view(batch, new, kv_heads, d).transpose(1, 2)  # [batch, kv_heads, new, d]
+            v = values[start - size : start].view(batch, new, kv_heads, d).transpose(1, 2)
+            if cache_layer is not None:
+                k, v = cache_layer.update(k, v)
+            causal = mask is None and new > 1 and self.is_causal
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=self.scaling,
+                                                 enable_gqa=heads != kv_heads)  # [batch, heads, new, d]
+            outputs.append(out.transpose(1, 2).reshape(size, heads * d))
+        attended = outputs[0] if len(outputs) == 1 else torch.cat(outputs)
+        hidden = flat + self.o_proj(attended)
+        gate_up = self.gate_up(_rms_norm(hidden, *self.post_norm))
+        gate, up = gate_up[:, : self.intermediate], gate_up[:, self.intermediate :]
+        hidden = hidden + self.down(self.act(gate) * up)
+        if len(hiddens) == 1:
+            return [hidden.view(hiddens[0].shape)]
+        return [part.view(h.shape) for part, h in zip(torch.split(hidden, sizes), hiddens)]
+
+
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    if x.dtype == torch.float32:
+        if x.dim() == 2 and cpu_kernels.usable(x, max_rows=x.shape[0]) and weight.dtype == torch.float32:
+            return cpu_kernels.rms_norm(x, weight, eps)
+        return F.rms_norm(x, weight.shape, weight, eps)
+    # as transformers does for 16-bit states: normalize in float32, round, then scale
+    normed = F.rms_norm(x.float(), weight.shape, None, eps).to(x.dtype)
+    return weight * normed
+
+
+def rotary_tables(cos: torch.Tensor, sin: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """``FusedLayer``'s form of rotary embeddings ``cos``, ``sin`` [batch, new, d] (computed once per forward for all
+    layers): ``(cos, signed_sin)`` [batch * new, 1, d], with which the rotary embedding of ``x`` [tokens, heads, d] is
+    ``x * cos + swap_halves(x) * signed_sin`` (transformers' ``x * cos + rotate_half(x) * sin``, where
+    ``rotate_half(x) = cat(-x2, x1)``)."""
+    d = cos.shape[-1]
+    half = d // 2
+    cos = cos.reshape(-1, 1, d).to(dtype)
+    sin = sin.reshape(-1, 1, d).to(dtype)
+    return cos, torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)

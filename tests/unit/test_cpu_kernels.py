@@ -1,0 +1,122 @@
+"""Corolla's CPU kernels (corolla.models.cpu_kernels) against PyTorch's products: every shape case of the C code
+(row blocks of 4, 3, 2, 1; inputs not a multiple of 64 or 16; strided rows; several matrices with and without
+biases), int8 weights with scales, the RMS norm, the LM head's ``KernelLinear``, bad inputs, and the fallback when
+the kernels cannot be built."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from corolla.models import cpu_kernels
+
+pytestmark = pytest.mark.skipif(not cpu_kernels.available(), reason="no C compiler here: the kernels are not built")
+
+
+def _reference(x, weights, scales, biases):
+    outputs = []
+    for index, weight in enumerate(weights):
+        w = weight.double() if scales is None else weight.double() * scales[index].double()[:, None]
+        out = x.double() @ w.t()
+        if biases is not None and biases[index] is not None:
+            out = out + biases[index].double()
+        outputs.append(out)
+    return torch.cat(outputs, dim=1)
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 7, 8, 13])
+@pytest.mark.parametrize("features", [576, 100, 16, 70])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.int8])
+def test_linear_group_matches_pytorch(rows, features, dtype):
+    generator = torch.Generator().manual_seed(rows * 1000 + features)
+    outs = [5, 64, 33]
+    if dtype == torch.float32:
+        weights = [torch.randn(out, features, generator=generator) for out in outs]
+        scales = None
+    else:
+        weights = [torch.randint(-127, 128, (out, features), generator=generator, dtype=torch.int8) for out in outs]
+        scales = [torch.rand(out, generator=generator) / 100 for out in outs]
+    biases = [torch.randn(outs[0], generator=generator), None, torch.randn(outs[2], generator=generator)]
+    wide = torch.randn(rows, features + 9, generator=generator)
+    x = wide[:, 3 : 3 + features]  # rows apart by features + 9: a strided input
+    group = cpu_kernels.LinearGroup(weights, scales, biases)
+    assert cpu_kernels.usable(x, max_rows=rows)
+    got = group(x)
+    expected = _reference(x, weights, scales, biases)
+    assert got.shape == (rows, sum(outs)) and got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-4)
+
+
+def test_rows_are_independent_of_their_company():
+    """A row's outputs are bitwise the same computed alone or among others (no dependence on the batch)."""
+    weight = torch.randn(96, 200)
+    group = cpu_kernels.LinearGroup([weight])
+    x = torch.randn(7, 200)
+    together = group(x)
+    for row in range(7):
+        assert torch.equal(group(x[row : row + 1]), together[row : row + 1])
+
+
+def test_rms_norm_matches_transformers_formula():
+    x = torch.randn(5, 576) * 30
+    weight = torch.randn(576)
+    expected = weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5))
+    torch.testing.assert_close(cpu_kernels.rms_norm(x, weight, 1e-5), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_kernel_linear_is_nn_linear_with_and_without_autograd():
+    torch.manual_seed(0)
+    layer = cpu_kernels.KernelLinear(48, 300)
+    reference = torch.nn.Linear(48, 300)
+    reference.load_state_dict(layer.state_dict())
+    x = torch.randn(2, 3, 48)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x[:, -1:]), reference(x[:, -1:]), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(layer(x), reference(x), rtol=1e-5, atol=1e-5)  # 6 rows
+    out = layer(x)  # autograd records: nn.Linear's own path, gradients flow
+    out.sum().backward()
+    assert layer.weight.grad is not None
+    with torch.no_grad():  # tied or replaced weights are taken up
+        layer.weight = torch.nn.Parameter(torch.randn(300, 48))
+        torch.testing.assert_close(layer(x[:, -1:]), torch.nn.functional.linear(x[:, -1:], layer.weight, layer.bias),
+                                   rtol=1e-5, atol=1e-5)
+
+
+def test_bad_inputs_are_named():
+    with pytest.raises(ValueError, match="one dtype and width"):
+        cpu_kernels.LinearGroup([torch.randn(4, 8), torch.randn(4, 9)])
+    with pytest.raises(ValueError, match="float32 or int8"):
+        cpu_kernels.LinearGroup([torch.randn(4, 8).double()])
+    with pytest.raises(ValueError, match="scales"):
+        cpu_kernels.LinearGroup([torch.zeros(4, 8, dtype=torch.int8)])
+    with pytest.raises(ValueError, match="biases"):
+        cpu_kernels.LinearGroup([torch.randn(4, 8)], None, [torch.randn(5)])
+    with pytest.raises(ValueError, match="contiguous"):
+        cpu_kernels.LinearGroup([torch.randn(8, 4).t()])
+    with pytest.raises(ValueError, match=r"x must be \[rows, 8\]"):
+        cpu_kernels.LinearGroup([torch.randn(4, 8)])(torch.randn(1, 9))
+    assert not cpu_kernels.usable(torch.randn(1, 8).double())
+    assert not cpu_kernels.usable(torch.randn(cpu_kernels.MAX_ROWS + 1, 8))
+    assert not cpu_kernels.usable(torch.randn(8, 2).t())  # columns not contiguous
+
+
+def test_without_a_compiler_the_kernels_are_off_and_layers_still_run(tmp_path):
+    """No C compiler (CC points at a missing program, an empty cache): available() is False with the reason, and a
+    fast-path stack falls back to PyTorch's products."""
+    code = (
+        "import torch\n"
+        "from corolla.models import cpu_kernels\n"
+        "assert not cpu_kernels.available()\n"
+        "print(cpu_kernels.unavailable_reason())\n"
+        "group_layer = cpu_kernels.KernelLinear(8, 4)\n"
+        "with torch.no_grad():\n"
+        "    torch.testing.assert_close(group_layer(torch.ones(1, 8)), torch.nn.functional.linear(torch.ones(1, 8),"
+        " group_layer.weight, group_layer.bias))\n"
+    )
+    env = {**os.environ, "CC": str(tmp_path / "no-such-compiler"), "COROLLA_CACHE_DIR": str(tmp_path / "cache")}
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "no-such-compiler" in result.stdout

@@ -1,0 +1,128 @@
+"""The fast path (corolla.models.fused) computes what transformers' layers compute: for every family it serves, a
+stack with the fast path equals the same stack without it in sessions (prefill with padding, decode steps past the
+sliding window, beam reordering), in several sessions batched together, with int8 weights, and it steps aside for
+LoRA weights and autograd."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from corolla.core.blocks import BlockRange
+from corolla.models.checkpoint import load_config
+from corolla.models.fused import FusedLayer
+from corolla.models.lora import LoraSet, lora_applied
+from corolla.models.stack import load_block_stack
+from corolla.testing.tiny import save_tiny_model
+
+FAST_FAMILIES = ["llama", "mistral", "qwen2"]
+BLOCKS = BlockRange(0, 4)
+
+
+@pytest.fixture(scope="module", params=FAST_FAMILIES)
+def tiny_path(request, tmp_path_factory):
+    path = tmp_path_factory.mktemp(request.param)
+    save_tiny_model(request.param, path, num_layers=4)
+    return path
+
+
+def _stacks(path, quant="none"):
+    config = load_config(path)
+    fast = load_block_stack(path, config, BLOCKS, torch.float32, "cpu", quant, fast_path=True)
+    slow = load_block_stack(path, config, BLOCKS, torch.float32, "cpu", quant, fast_path=False)
+    assert fast.fast_path and not slow.fast_path
+    return fast, slow
+
+
+@pytest.fixture
+def fused_calls(monkeypatch):
+    """Counts the fused layers' calls (a spy around the real method)."""
+    calls = []
+    original = FusedLayer.__call__
+
+    def spy(self, hiddens, *args, **kwargs):
+        calls.append(sum(h.shape[0] * h.shape[1] for h in hiddens))
+        return original(self, hiddens, *args, **kwargs)
+
+    monkeypatch.setattr(FusedLayer, "__call__", spy)
+    return calls
+
+
+def _session(stack, hidden_size, seed):
+    """A prefill with a padded row, then 12 decode steps (past the tiny Mistral's window of 8), a beam reorder."""
+    generator = torch.Generator().manual_seed(seed)
+    cache = stack.new_cache()
+    outputs = []
+    mask = torch.ones(2, 5, dtype=torch.long)
+    mask[1, :2] = 0  # left padding in row 1
+    with torch.inference_mode():
+        outputs.append(stack(torch.randn(2, 5, hidden_size, generator=generator), mask, None, cache))
+        for step in range(12):
+            mask = torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], dim=1)
+            if step == 6:
+                stack.reorder_cache(cache, torch.tensor([1, 1]))
+                mask = mask[[1, 1]]
+            outputs.append(stack(torch.randn(2, 1, hidden_size, generator=generator), mask, None, cache))
+    return outputs
+
+
+@pytest.mark.parametrize("quant", ["none", "int8"])
+def test_fast_path_equals_the_layers(tiny_path, quant, fused_calls):
+    fast, slow = _stacks(tiny_path, quant)
+    hidden_size = fast.hidden_size
+    got = _session(fast, hidden_size, seed=1)
+    assert fused_calls, "the fast path did not run"
+    calls = len(fused_calls)
+    expected = _session(slow, hidden_size, seed=1)
+    assert len(fused_calls) == calls  # the slow stack never calls it
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_batched_sessions_equal_each_alone(tiny_path, fused_calls):
+    fast, slow = _stacks(tiny_path)
+    generator = torch.Generator().manual_seed(3)
+    lengths = [3, 7, 1]
+    caches = [fast.new_cache() for _ in lengths]
+    reference = [slow.new_cache() for _ in lengths]
+    with torch.inference_mode():
+        for length, cache, ref in zip(lengths, caches, reference):  # each session's own prompt first
+            prompt = torch.randn(1, length, fast.hidden_size, generator=generator)
+            torch.testing.assert_close(fast(prompt, None, None, cache), slow(prompt, None, None, ref), rtol=1e-5,
+                                       atol=1e-5)
+        for _ in range(3):  # then steps of all three together
+            steps = [torch.randn(1, 1, fast.hidden_size, generator=generator) for _ in lengths]
+            parts = [(h, torch.ones(1, c.get_seq_length() + 1, dtype=torch.long), None, c)
+                     for h, c in zip(steps, caches)]
+            fused_calls.clear()
+            together = fast.forward_batch(parts)
+            assert fused_calls and fused_calls[0] == 3  # the three sessions' tokens in one fused call per layer
+            for h, ref, out in zip(steps, reference, together):
+                torch.testing.assert_close(out, slow(h, None, None, ref), rtol=1e-5, atol=1e-5)
+
+
+def test_lora_and_autograd_take_the_layers_path(tiny_path, fused_calls):
+    fast, slow = _stacks(tiny_path)
+    generator = torch.Generator().manual_seed(5)
+    rank, width = 2, fast.hidden_size
+    pairs = {f"{block}.self_attn.q_proj": (torch.randn(rank, width, generator=generator),
+                                          torch.randn(width, rank, generator=generator)) for block in BLOCKS}
+    lora = LoraSet(0.5, pairs)
+    x = torch.randn(1, 4, width, generator=generator)
+    with torch.inference_mode():
+        with lora_applied(fast, lora):
+            adapted = fast(x)
+        with lora_applied(slow, lora):
+            expected = slow(x)
+        plain = fast(x)
+    torch.testing.assert_close(adapted, expected, rtol=1e-5, atol=1e-5)
+    assert (adapted - plain).abs().max() > 1e-3  # the adapter did act
+    assert len(fused_calls) == len(BLOCKS)  # only the plain pass ran fused
+    inputs = x.clone().requires_grad_(True)
+    fast(inputs).sum().backward()  # autograd: the layers' own modules
+    assert inputs.grad is not None and len(fused_calls) == len(BLOCKS)
+
+
+def test_families_outside_the_fast_path_keep_their_layers(tmp_path):
+    save_tiny_model("qwen3", tmp_path, num_layers=2)  # per-head q/k norms: not fused
+    stack = load_block_stack(tmp_path, load_config(tmp_path), BlockRange(0, 2), torch.float32, "cpu")
+    assert not stack.fast_path
