@@ -10,6 +10,7 @@ from transformers.masking_utils import create_causal_mask
 from corolla.core.errors import CorollaError
 
 PROMPT = "The capital of France is"
+FLOAT32_LOGITS = 3e-4  # the embedded model's logits, two float32 computations apart (see its use)
 
 
 def _ids(tokenizer, text=PROMPT):
@@ -123,8 +124,10 @@ def test_model_call_inside_a_session_is_a_step(llama_remote, llama_local, tokeni
             tail_again = llama_remote(ids[:, 4:]).logits
             assert session.output_ids.tolist() == ids.tolist()
         assert llama_remote.active_session is None
-    assert (torch.cat([head, tail], 1) - expected).abs().max().item() < 1e-4
-    assert (tail_again - expected[:, 4:]).abs().max().item() < 1e-4
+    # two float32 computations of the embedded model: each lies ~7e-5 from float64 on logits up to ~40 (measured by
+    # benchmarks/bench_fastpath.py for transformers and for the servers' fast path), so they differ by up to ~1.5e-4
+    assert (torch.cat([head, tail], 1) - expected).abs().max().item() < FLOAT32_LOGITS
+    assert (tail_again - expected[:, 4:]).abs().max().item() < FLOAT32_LOGITS
 
 
 def test_petals_names_are_the_same_modules(llama_remote, bloom_remote):
