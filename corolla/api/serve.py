@@ -26,7 +26,7 @@ def run_api(model: Optional[str], initial_peers: tuple[str, ...], host: str, por
     config = ClientConfig(wait_for_blocks_s=wait_for_blocks_s, swarm_key=swarm_key)
     distributed = AutoDistributedModelForCausalLM.from_pretrained(model, initial_peers=initial_peers,
                                                                   dht_prefix=dht_prefix, client_config=config)
-    name = dht_prefix or model_dht_prefix(model if model is not None else resolve_model(None))
+    name = dht_prefix or model_dht_prefix(model if model is not None else resolve_model(None), distributed.config)
     names = tuple(dict.fromkeys([name] + ([model] if model else [])))
     engine = Engine(distributed, tokenizer, name, max_sessions=max_sessions, max_waiting=max_waiting)
     from corolla.api.page import page_routes
@@ -73,7 +73,7 @@ def run_health(model: Optional[str], initial_peers: tuple[str, ...], *, host: st
 
     path = resolve_model(model)
     config = load_config(path)
-    name = dht_prefix or model_dht_prefix(model if model is not None else path)
+    name = dht_prefix or model_dht_prefix(model if model is not None else path, config)
     client_config = ClientConfig(initial_peers=tuple(initial_peers), swarm_key=swarm_key)
     swarm = RemoteSwarm(client_config, name, config.num_hidden_layers, hivemind_client(client_config))
     view = SwarmView(swarm, name)

@@ -306,10 +306,11 @@ def _swarm_status(swarm, args, stop: dict) -> None:
     from corolla.wire.messages import InfoRequest
 
     path = resolve_model(args.model)
-    total = load_config(path).num_hidden_layers
+    model_config = load_config(path)
+    total = model_config.num_hidden_layers
     config = ClientConfig(initial_peers=tuple(swarm.initial_peers))
     try:
-        viewer = RemoteSwarm(config, model_dht_prefix(args.model if args.model else path), total,
+        viewer = RemoteSwarm(config, model_dht_prefix(args.model if args.model else path, model_config), total,
                              hivemind_client(config))
     except Exception as exc:  # noqa: BLE001 - no status then; the swarm itself is fine
         if not stop["now"]:

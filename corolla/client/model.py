@@ -263,7 +263,8 @@ class DistributedModelMixin:
                 "dht_prefix": dht_prefix or client_config.dht_prefix,
             }
         )
-        prefix = client_config.dht_prefix or model_dht_prefix(name_or_path if name_or_path is not None else path)
+        prefix = client_config.dht_prefix or model_dht_prefix(name_or_path if name_or_path is not None else path,
+                                                              config)
         swarm = RemoteSwarm(client_config, prefix, config.num_hidden_layers,
                             transport_factory or hivemind_client(client_config), hidden_size=config.hidden_size,
                             max_positions=getattr(config, "max_position_embeddings", None),

@@ -15,7 +15,7 @@ from transformers import BloomForCausalLM, BloomForSequenceClassification
 from transformers.masking_utils import create_causal_mask
 from transformers.models.bloom.modeling_bloom import BloomBlock, build_alibi_tensor
 
-from corolla.models.family import ClientParts, ModelFamily
+from corolla.models.family import ClientParts, ModelFamily, without_suffix
 
 
 @dataclass(frozen=True)
@@ -86,5 +86,7 @@ FAMILY = ModelFamily(
     base_attr="transformer",
     lora_targets=("self_attention.query_key_value",),
     attn_implementation="eager",
+    # the weights Petals re-saved for its swarms ("bloom-petals", "bloomz-petals") are BLOOM's own
+    dht_name=without_suffix("-petals"),
 )
 BLOOM = FAMILY

@@ -165,11 +165,13 @@ def _sanitize_prefix(name: str) -> str:
     return prefix
 
 
-def model_dht_prefix(path_or_name: str | Path | None) -> str:
+def model_dht_prefix(path_or_name: str | Path | None, config=None) -> str:
     """A short stable name for the model, used as the prefix of its DHT keys.
 
     The embedded model always gives ``"smollm2-135m-instruct"``; a directory gives its name (or the repository
-    name for a hub cache snapshot); a hub id gives its last component. Lower case, only ``[a-z0-9._-]``.
+    name for a hub cache snapshot); a hub id gives its last component. Lower case, only ``[a-z0-9._-]``. With the
+    model's ``config``, its family's rule (``ModelFamily.dht_name``) then applies, e.g. Llama's drops the ``-hf`` of
+    Hugging Face conversions so that ``Llama-2-7b`` and ``Llama-2-7b-hf`` name one swarm.
     """
     if _is_embedded_name(path_or_name):
         return EMBEDDED_DHT_PREFIX
@@ -181,6 +183,15 @@ def model_dht_prefix(path_or_name: str | Path | None) -> str:
             return json.loads(info_file.read_text())["dht_prefix"]
         snapshots, repo_dir = path.parent, path.parent.parent
         if snapshots.name == "snapshots" and repo_dir.name.startswith("models--"):
-            return _sanitize_prefix(repo_dir.name.split("--")[-1])
-        return _sanitize_prefix(path.name)
-    return _sanitize_prefix(str(path_or_name).rstrip("/").split("/")[-1])
+            name = _sanitize_prefix(repo_dir.name.split("--")[-1])
+        else:
+            name = _sanitize_prefix(path.name)
+    else:
+        name = _sanitize_prefix(str(path_or_name).rstrip("/").split("/")[-1])
+    if config is not None:
+        from corolla.models.family import family_for
+
+        rule = family_for(config).dht_name
+        if rule is not None:
+            name = _sanitize_prefix(rule(name))
+    return name

@@ -4,8 +4,8 @@ A family says where the decoder layers live in the Hugging Face ``*ForCausalLM``
 Hugging Face layer class to build, which *runner* prepares the per-forward inputs that the full model computes once
 for all layers (causal, sliding-window and padding masks; rotary embeddings or ALiBi) and calls one layer, what each
 layer's attention type is, how a token's cache is laid out, what the client holds (embeddings, the norm after them
-if any, the final norm, the head: ``ClientParts``), which Hugging Face classes the client's models extend, and the
-default LoRA targets. Adding an architecture means one module under ``corolla/models/`` that defines its
+if any, the final norm, the head: ``ClientParts``), which Hugging Face classes the client's models extend, the
+default LoRA targets and the DHT name rule. Adding an architecture means one module under ``corolla/models/`` that defines its
 ``ModelFamily`` and one line in ``_FAMILY_MODULES``; no other package changes.
 """
 from __future__ import annotations
@@ -106,6 +106,9 @@ class ModelFamily:
     # Maps one block's tensors as a checkpoint names them (inside the layer) to the layer's own names, where the
     # two differ (Mixtral's checkpoints keep one tensor per expert, its layer one tensor for all experts).
     convert_block_state: Optional[Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]] = None
+    # The family's DHT name rule: maps the generic name of a checkpoint (``model_dht_prefix``) to the swarm's name,
+    # where names that differ denote the same weights (Llama's "-hf" conversions, BLOOM's "-petals" copies).
+    dht_name: Optional[Callable[[str], str]] = None
 
     @property
     def base_path(self) -> str:
@@ -148,6 +151,15 @@ class ModelFamily:
         num_kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         return 2 * num_kv_heads * head_dim
+
+
+def without_suffix(suffix: str) -> Callable[[str], str]:
+    """A DHT name rule dropping ``suffix`` from the end of a name (a name that is only the suffix stays)."""
+
+    def rule(name: str) -> str:
+        return name[: -len(suffix)] if name.endswith(suffix) and len(name) > len(suffix) else name
+
+    return rule
 
 
 # model_type -> the module under corolla.models that defines its family as ``FAMILY`` (imported when first needed).

@@ -5,7 +5,7 @@ from torch import nn
 from transformers import LlamaForCausalLM, LlamaForSequenceClassification
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRMSNorm, LlamaRotaryEmbedding
 
-from corolla.models.family import ClientParts, ModelFamily
+from corolla.models.family import ClientParts, ModelFamily, without_suffix
 from corolla.models.rotary import RotaryRunner
 
 
@@ -28,5 +28,7 @@ FAMILY = ModelFamily(
     client_parts=lambda config: rms_norm_parts(config, LlamaRMSNorm),
     lora_targets=("self_attn.q_proj", "self_attn.v_proj"),
     batched_layers=True,
+    # Meta's checkpoints and their Hugging Face conversions ("Llama-2-7b", "Llama-2-7b-hf") hold the same weights
+    dht_name=without_suffix("-hf"),
 )
 LLAMA = FAMILY

@@ -81,7 +81,7 @@ class Server:
         network)."""
         path = await asyncio.to_thread(resolve_model, config.model)
         model_config = await asyncio.to_thread(load_config, path)
-        prefix = config.dht_prefix or model_dht_prefix(path if config.model is None else config.model)
+        prefix = config.dht_prefix or model_dht_prefix(path if config.model is None else config.model, model_config)
         total = model_config.num_hidden_layers
         family_for(model_config)  # an unsupported family: said before anything starts
         resolve_quant(config.quant, torch.device(config.device))  # ...as is a quantization this device cannot run

@@ -346,6 +346,19 @@ def test_model_dht_prefix(tmp_path):
     assert checkpoint.model_dht_prefix(str(snapshot)) == "smollm2-360m"
 
 
+def test_family_dht_name_rules():
+    """Names that denote the same weights name one swarm, by the family's rule; other families keep the name."""
+    llama, bloom = transformers.LlamaConfig(), transformers.BloomConfig()
+    assert checkpoint.model_dht_prefix("meta-llama/Llama-2-7b-hf", llama) == "llama-2-7b"
+    assert checkpoint.model_dht_prefix("meta-llama/Llama-2-7b", llama) == "llama-2-7b"
+    assert checkpoint.model_dht_prefix("someone/hf", llama) == "hf"  # nothing left to drop
+    assert checkpoint.model_dht_prefix("bigscience/bloom-petals", bloom) == "bloom"
+    assert checkpoint.model_dht_prefix("bigscience/bloom-560m", bloom) == "bloom-560m"
+    assert checkpoint.model_dht_prefix("mistralai/Mistral-7B-hf", transformers.MistralConfig()) == "mistral-7b-hf"
+    assert checkpoint.model_dht_prefix("meta-llama/Llama-2-7b-hf") == "llama-2-7b-hf"  # no config: no rule
+    assert checkpoint.model_dht_prefix(None, llama) == "smollm2-135m-instruct"  # the embedded model's own name
+
+
 def test_resolve_model_local_and_hub(tmp_path, monkeypatch):
     assert checkpoint.resolve_model(str(tmp_path)) == tmp_path
     with pytest.raises(CorollaError, match="does not exist"):
