@@ -105,29 +105,69 @@ DEFINE_KERNEL(linear_f32_impl, float)
 DEFINE_KERNEL(linear_i8_impl, int8_t)
 #endif
 
-int corolla_kernels_version(void) { return 3; }
+int corolla_kernels_version(void) { return 4; }
+
+/* Output columns [first, last) of a group: matrix j owns columns [start_j, start_j + outs[j]). */
+#define RUN_COLUMNS(IMPL, SCALE_OF)                                                                               \
+    do {                                                                                                          \
+        int64_t start = 0;                                                                                        \
+        for (int64_t j = 0; j < count && start < last; start += outs[j], j++) {                                   \
+            int64_t lo = first > start ? first : start, hi = last < start + outs[j] ? last : start + outs[j];      \
+            if (lo >= hi) continue;                                                                               \
+            const float *scale = SCALE_OF(j);                                                                     \
+            const float *bias = biases && biases[j] ? biases[j] + (lo - start) : NULL;                            \
+            IMPL(x, x_stride, ws[j] + (lo - start) * in, in, hi - lo, scale ? scale + (lo - start) : NULL, bias,   \
+                 y + lo, y_stride, rows);                                                                         \
+        }                                                                                                         \
+    } while (0)
+
+/* Split a group's columns among `threads` OpenMP threads (the process's runtime: PyTorch's own libgomp), each a
+ * contiguous run of whole cache lines of weights; small groups run on the calling thread. */
+#ifdef _OPENMP
+#include <omp.h>
+#define PARALLEL_COLUMNS(RUN)                                                                                     \
+    do {                                                                                                          \
+        int64_t total = 0;                                                                                        \
+        for (int64_t j = 0; j < count; j++) total += outs[j];                                                     \
+        if (threads <= 1 || total * in < (1 << 18)) {                                                             \
+            int64_t first = 0, last = total;                                                                      \
+            RUN;                                                                                                  \
+        } else {                                                                                                  \
+            _Pragma("omp parallel num_threads(threads)") {                                                        \
+                int64_t n = omp_get_num_threads(), t = omp_get_thread_num();                                      \
+                int64_t share = ((total + n - 1) / n + 15) / 16 * 16;                                             \
+                int64_t first = t * share < total ? t * share : total;                                            \
+                int64_t last = first + share < total ? first + share : total;                                     \
+                RUN;                                                                                              \
+            }                                                                                                     \
+        }                                                                                                         \
+    } while (0)
+#else
+#define PARALLEL_COLUMNS(RUN)                                                                                     \
+    do {                                                                                                          \
+        (void)threads;                                                                                            \
+        int64_t total = 0;                                                                                        \
+        for (int64_t j = 0; j < count; j++) total += outs[j];                                                     \
+        int64_t first = 0, last = total;                                                                          \
+        RUN;                                                                                                      \
+    } while (0)
+#endif
+
+#define NO_SCALE(j) ((const float *)NULL)
+#define SCALE_J(j) (scales[j])
 
 /* Several weight matrices that read the same x (q, k and v; gate and up), their outputs side by side in y:
  * matrix j writes columns [sum of outs[<j], + outs[j]). biases (or its entries) and scales may be NULL. */
 void corolla_linear_f32(const float *x, int64_t x_stride, int64_t in, int64_t rows, int64_t count,
                         const float *const *ws, const int64_t *outs, const float *const *biases, float *y,
-                        int64_t y_stride) {
-    int64_t column = 0;
-    for (int64_t j = 0; j < count; j++) {
-        linear_f32_impl(x, x_stride, ws[j], in, outs[j], NULL, biases ? biases[j] : NULL, y + column, y_stride, rows);
-        column += outs[j];
-    }
+                        int64_t y_stride, int threads) {
+    PARALLEL_COLUMNS(RUN_COLUMNS(linear_f32_impl, NO_SCALE));
 }
 
 void corolla_linear_i8(const float *x, int64_t x_stride, int64_t in, int64_t rows, int64_t count,
                        const int8_t *const *ws, const int64_t *outs, const float *const *scales,
-                       const float *const *biases, float *y, int64_t y_stride) {
-    int64_t column = 0;
-    for (int64_t j = 0; j < count; j++) {
-        linear_i8_impl(x, x_stride, ws[j], in, outs[j], scales[j], biases ? biases[j] : NULL, y + column, y_stride,
-                       rows);
-        column += outs[j];
-    }
+                       const float *const *biases, float *y, int64_t y_stride, int threads) {
+    PARALLEL_COLUMNS(RUN_COLUMNS(linear_i8_impl, SCALE_J));
 }
 
 /* y[r] = x[r] / sqrt(mean(x[r]^2) + eps) * weight, in float32 (transformers' RMS norm for float32 states). */
