@@ -50,7 +50,9 @@ class BlockStack(nn.Module):
         self.runner = family.make_runner(config, self.device)
         self.quant = "none"  # how the layers' weights are quantized (load_block_stack sets it)
         # the fast path (corolla.models.fused): layers built as Llama's run fused where no autograd or LoRA is involved
-        self.fast_path = bool(fast_path and family.batched_layers and all(fusable(layer) for layer in layers))
+        # (CPU only: on CUDA, transformers' layers with PyTorch's kernels are what has been measured and tested)
+        self.fast_path = bool(fast_path and self.device.type == "cpu" and family.batched_layers
+                              and all(fusable(layer) for layer in layers))
         if self.fast_path:
             for layer in layers:
                 layer.corolla_fused = FusedLayer(layer)

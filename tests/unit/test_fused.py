@@ -78,6 +78,16 @@ def test_fast_path_equals_the_layers(tiny_path, quant, fused_calls):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
+def test_fast_path_in_bfloat16_stays_within_its_rounding(tiny_path):
+    config = load_config(tiny_path)
+    fast = load_block_stack(tiny_path, config, BLOCKS, torch.bfloat16, "cpu", fast_path=True)
+    slow = load_block_stack(tiny_path, config, BLOCKS, torch.bfloat16, "cpu", fast_path=False)
+    assert fast.fast_path
+    for a, b in zip(_session(fast, fast.hidden_size, seed=2), _session(slow, slow.hidden_size, seed=2)):
+        assert a.dtype == torch.bfloat16
+        torch.testing.assert_close(a.float(), b.float(), rtol=0.05, atol=0.05)
+
+
 def test_batched_sessions_equal_each_alone(tiny_path, fused_calls):
     fast, slow = _stacks(tiny_path)
     generator = torch.Generator().manual_seed(3)
