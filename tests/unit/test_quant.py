@@ -40,6 +40,49 @@ def test_quantized_linear_is_close_to_the_float_one(kind, bound):
     assert ((got - again).norm() / again.norm()).item() < 0.01
 
 
+def test_int8_rows_do_not_depend_on_their_company():
+    """A token's int8 outputs are the same (to float32 rounding) in a decode step, a small batch (the kernel) and a
+    prefill of many rows (float32 product with the dequantized weights): activations stay float32 throughout."""
+    quantized = Int8Linear(_linear())
+    x = torch.randn(100, 256)
+    with torch.no_grad():
+        prefill = quantized(x)  # 100 rows
+        small = quantized(x[:5])  # the kernel, several rows
+        single = torch.cat([quantized(x[i : i + 1]) for i in range(5)])
+    torch.testing.assert_close(small, single, rtol=0, atol=0)  # rows are computed independently
+    torch.testing.assert_close(prefill[:5], small, rtol=1e-5, atol=1e-6)
+
+
+def test_bitsandbytes_layers_built_for_cuda_run_on_its_cpu_backend():
+    """The bitsandbytes layers a CUDA server builds (LLM.int8() and NF4), built by the same function and run on
+    bitsandbytes' CPU backend, as no GPU is here: quantized weights, outputs near the float layer's, gradients flow
+    to the input, and the fast path leaves them to their own modules."""
+    pytest.importorskip("bitsandbytes")
+    from corolla.models.fused import fusable
+    from corolla.models.quant import _bitsandbytes_linear
+
+    linear = _linear(256, 192)
+    x = torch.randn(3, 256)
+    for mode, bound in (("int8", 0.02), ("nf4", 0.15)):
+        layer = _bitsandbytes_linear(linear, mode, torch.device("cpu"))
+        assert type(layer).__name__ == ("Linear8bitLt" if mode == "int8" else "Linear4bit")
+        with torch.no_grad():
+            expected, got = linear(x), layer(x)
+        error = ((got.float() - expected).norm() / expected.norm()).item()
+        assert 0 < error < bound, (mode, error)  # quantized (not the float weights), and close
+        inputs = x.clone().requires_grad_(True)
+        layer(inputs).sum().backward()
+        assert inputs.grad is not None and torch.isfinite(inputs.grad).all()
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    block = LlamaDecoderLayer(LlamaConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                                          num_key_value_heads=2), layer_idx=0)
+    assert fusable(block)
+    block.mlp.up_proj = _bitsandbytes_linear(block.mlp.up_proj, "nf4", torch.device("cpu"))
+    assert not fusable(block)
+
+
 @pytest.mark.parametrize("kind", [Int8Linear, Int4Linear])
 def test_gradients_flow_through_quantized_layers(kind):
     quantized = kind(_linear())
