@@ -119,6 +119,7 @@ class Int8Linear(QuantizedLinear):
         self.register_buffer("scales", scales)
         self.register_buffer("unit_scales", torch.ones_like(scales, dtype=torch.bfloat16), persistent=False)
         self._group = None  # the CPU kernels' call for this layer, made on first use
+        self.kernels = True  # False: PyTorch's kernels only (a stack loaded without the fast path)
 
     def matmul(self, flat: torch.Tensor) -> torch.Tensor:
         return int8_matmul(self, flat)
@@ -132,7 +133,7 @@ def int8_matmul(layer: "Int8Linear", flat: torch.Tensor) -> torch.Tensor:  # [ro
     through Corolla's CPU kernel (``corolla.models.cpu_kernels``), more rows as a float32 product with the dequantized
     weights (a prefill: the dequantization is shared by many rows); so a token's outputs do not depend on how many
     tokens it was computed with beyond float32 rounding. 16-bit activations go through PyTorch's weight-only kernel."""
-    if cpu_kernels.usable(flat, max_rows=cpu_kernels.INT8_MAX_ROWS):
+    if layer.kernels and cpu_kernels.usable(flat, max_rows=cpu_kernels.INT8_MAX_ROWS):
         if layer._group is None:
             layer._group = cpu_kernels.LinearGroup([layer.qweight], [layer.scales])
         return layer._group(flat)

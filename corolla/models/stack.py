@@ -293,6 +293,9 @@ def load_block_stack(
             raise CorollaError(f"block {index} of {path} has tensors the checkpoint does not provide: {still_meta}")
         if quant != "none":
             quantize_layer(layer, quant, torch.device(device))
+            for module in layer.modules():
+                if hasattr(module, "kernels"):  # without the fast path, PyTorch's kernels only
+                    module.kernels = fast_path
             for tensor in itertools.chain(layer.parameters(), layer.buffers()):
                 # what stays in float (norms, biases) may still point into the checkpoint's memory map, which
                 # would keep every page of it read so far: give it its own memory

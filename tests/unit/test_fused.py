@@ -68,6 +68,9 @@ def _session(stack, hidden_size, seed):
 @pytest.mark.parametrize("quant", ["none", "int8"])
 def test_fast_path_equals_the_layers(tiny_path, quant, fused_calls):
     fast, slow = _stacks(tiny_path, quant)
+    if quant == "int8":  # without the fast path, quantized layers use PyTorch's kernels only
+        kernels = {m.kernels for stack in (fast, slow) for m in stack.modules() if hasattr(m, "kernels")}
+        assert kernels == {True, False}
     hidden_size = fast.hidden_size
     got = _session(fast, hidden_size, seed=1)
     assert fused_calls, "the fast path did not run"
@@ -75,7 +78,10 @@ def test_fast_path_equals_the_layers(tiny_path, quant, fused_calls):
     expected = _session(slow, hidden_size, seed=1)
     assert len(fused_calls) == calls  # the slow stack never calls it
     for a, b in zip(got, expected):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        if quant == "none":
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        else:  # PyTorch's int8 kernel rounds activations to bfloat16; Corolla's keeps float32
+            torch.testing.assert_close(a, b, rtol=0.02, atol=0.02)
 
 
 def test_fast_path_in_bfloat16_stays_within_its_rounding(tiny_path):
