@@ -129,15 +129,16 @@ class Int8Linear(QuantizedLinear):
 
 
 def int8_matmul(layer: "Int8Linear", flat: torch.Tensor) -> torch.Tensor:  # [rows, in] -> [rows, out] float32
-    """``flat @ (qweight * scales).T``. Float32 activations stay float32: up to ``INT8_MAX_ROWS`` rows (decode steps)
-    through Corolla's CPU kernel (``corolla.models.cpu_kernels``), more rows as a float32 product with the dequantized
-    weights (a prefill: the dequantization is shared by many rows); so a token's outputs do not depend on how many
-    tokens it was computed with beyond float32 rounding. 16-bit activations go through PyTorch's weight-only kernel."""
+    """``flat @ (qweight * scales).T``. Float32 activations stay float32 where Corolla's CPU kernels run
+    (``corolla.models.cpu_kernels``): up to ``INT8_MAX_ROWS`` rows (decode steps) through the kernel, more rows as a
+    float32 product with the dequantized weights (a prefill: the dequantization is shared by many rows); so a token's
+    outputs do not depend on how many tokens it was computed with beyond float32 rounding. Otherwise (16-bit
+    activations, kernels not built, ``layer.kernels`` off) PyTorch's weight-only kernel, with bfloat16 activations."""
     if layer.kernels and cpu_kernels.usable(flat, max_rows=cpu_kernels.INT8_MAX_ROWS):
         if layer._group is None:
             layer._group = cpu_kernels.LinearGroup([layer.qweight], [layer.scales])
         return layer._group(flat)
-    if flat.dtype == torch.float32:
+    if layer.kernels and flat.dtype == torch.float32 and cpu_kernels.usable(flat, max_rows=flat.shape[0]):
         return flat @ layer.dequantized_weight().t()
     out = torch._weight_int8pack_mm(flat.to(torch.bfloat16).contiguous(), layer.qweight, layer.unit_scales)
     return torch.mul(out, layer.scales)  # bfloat16 x float32 scales: float32, in one operation
