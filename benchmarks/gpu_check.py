@@ -1,14 +1,16 @@
 """A Corolla swarm on CUDA: exactness against local transformers, and speed.
 
 Run (GPU machine): python benchmarks/gpu_check.py [--device cuda] [--out DIR]
-Run (smoke test, no GPU): python benchmarks/gpu_check.py --device cpu --small
+Run (smoke test, no GPU): python benchmarks/gpu_check.py --device cpu --small --quant int8
 
 It builds two random-weight checkpoints with a fixed seed (a Llama of moderate size and a tiny BLOOM), then for
 float32 and bfloat16 starts a LocalSwarm of 3 servers with ``--device DEVICE`` and loads the client (on CPU, as
 always). For each model and dtype it compares, against a local transformers model on DEVICE in the same dtype:
 greedy ``generate`` (32 new tokens) token for token and its per-step logits (max abs diff up to the first token
 that differs), the same for a left-padded batch of 2, and ``model(ids).logits``. For the Llama it also times
-64 greedy new tokens, local vs. the 3-server swarm. A summary table is printed and written to
+64 greedy new tokens, local vs. the 3-server swarm. With ``--quant`` (default int8 nf4: bitsandbytes' LLM.int8() and
+NF4 on CUDA) the Llama runs again with quantized servers against the unquantized reference. A summary table is
+printed and written to
 DIR/gpu_check.txt (DIR: --out, else $OUT, else the current directory).
 """
 from __future__ import annotations
@@ -120,15 +122,18 @@ def gpu_apps() -> str:
         return f"(nvidia-smi: {error})"
 
 
-def run_case(name: str, path: Path, dtype_name: str, args, rows: list, notes: list) -> None:
+def run_case(name: str, path: Path, dtype_name: str, args, rows: list, notes: list, quant: str = "none") -> None:
+    """``quant`` other than none: the servers' weights are quantized (the reference stays unquantized, so tokens
+    may differ after a while: the rows then report agreement and logit distance, not equality)."""
     dtype = DTYPES[dtype_name]
     device = args.device
     sync = (lambda: torch.cuda.synchronize()) if device.startswith("cuda") else (lambda: None)
-    tag = f"{name}/{dtype_name}"
+    tag = f"{name}/{dtype_name}" + ("" if quant == "none" else f"/{quant}")
     local = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
     vocab = local.config.vocab_size
     start = time.perf_counter()
-    with LocalSwarm(model=str(path), num_servers=3, device=device, dtype=dtype_name) as swarm:
+    with LocalSwarm(model=str(path), num_servers=3, device=device, dtype=dtype_name,
+                    extra_server_args=["--quant", quant]) as swarm:
         ready = time.perf_counter() - start
         log(f"[{tag}] swarm of 3 servers on {device} ready in {ready:.1f} s")
         if device.startswith("cuda"):
@@ -191,6 +196,9 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--bench-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--quant", nargs="*", default=["int8", "nf4"],
+                        help="also run the llama with servers' weights quantized so (bitsandbytes on CUDA; on CPU "
+                             "int8/int4 are Corolla's own)")
     parser.add_argument("--out", default=None, help="directory for gpu_check.txt (default: $OUT or .)")
     args = parser.parse_args()
     total_start = time.perf_counter()
@@ -222,6 +230,14 @@ def main() -> None:
             except Exception as error:  # noqa: BLE001 - record and go on with the next case
                 traceback.print_exc()
                 rows.append((f"{name}/{dtype_name}", "case", {"error": f"{type(error).__name__}: {str(error)[:400]}"}))
+
+    quant_dtype = "bfloat16" if args.device.startswith("cuda") else "float32"
+    for mode in args.quant:
+        try:
+            run_case("llama", paths["llama"], quant_dtype, args, rows, notes, quant=mode)
+        except Exception as error:  # noqa: BLE001 - e.g. bitsandbytes missing on this machine: say so, go on
+            traceback.print_exc()
+            rows.append((f"llama/{quant_dtype}/{mode}", "case", {"error": f"{type(error).__name__}: {str(error)[:400]}"}))
 
     lines = ["", "=== Corolla on " + args.device + " : summary ===", *header]
     size = "small" if args.small else "llama 16x1024 (GQA 16/4, 32000 vocab), bloom 6x256"
