@@ -101,6 +101,9 @@ class ModelFamily:
     # True if the runner may run several sessions' steps through a layer at once (``run_layer_batched``): the
     # layer must be built exactly as Llama's (norms, q/k/v/o projections, MLP), nothing more.
     batched_layers: bool = False
+    # True if the fast path (``corolla.models.fused.FusedLayer``) computes the family's layers: Llama's structure,
+    # optionally with per-head RMS norms of queries and keys (Qwen3). Several sessions then also share a pass.
+    fused_layers: bool = False
     # Names other than ``model_type`` that checkpoints of this family carry (none so far).
     aliases: tuple[str, ...] = ()
     # Maps one block's tensors as a checkpoint names them (inside the layer) to the layer's own names, where the

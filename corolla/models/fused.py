@@ -1,7 +1,8 @@
 """The fast path of a server's blocks: decoder layers built as Llama's, run without transformers' per-module calls.
 
 A ``FusedLayer`` wraps one loaded layer of a family whose layers are built exactly as Llama's (RMS norms, q/k/v/o
-projections with optional biases, a gated MLP): Llama, Mistral, Qwen2 (``ModelFamily.batched_layers``).
+projections with optional biases, optional per-head RMS norms of queries and keys, a gated MLP): Llama, Mistral,
+Qwen2, Qwen3 (``ModelFamily.fused_layers``).
 It computes what the layer computes, with fewer operations:
 
 - for a few rows of tokens (decode steps), the q, k and v projections are one call of Corolla's CPU kernels
@@ -67,9 +68,10 @@ def fusable(layer: nn.Module) -> bool:
         return False
     if not all(hasattr(mlp, n) for n in ("gate_proj", "up_proj", "down_proj", "act_fn")):
         return False
-    if hasattr(attention, "q_norm") or hasattr(attention, "k_norm"):
-        return False  # Qwen3's per-head norms: not computed here
+    if hasattr(attention, "q_norm") != hasattr(attention, "k_norm"):
+        return False
     norms = [layer.input_layernorm, layer.post_attention_layernorm]
+    norms += [getattr(attention, n) for n in ("q_norm", "k_norm") if hasattr(attention, n)]  # Qwen3's, per head
     if not all(_is_rms_norm(norm) for norm in norms):
         return False
     linears = [getattr(attention, n) for n in names] + [mlp.gate_proj, mlp.up_proj, mlp.down_proj]
@@ -109,6 +111,10 @@ class FusedLayer:
         self.input_norm = (layer.input_layernorm.weight, _eps(layer.input_layernorm))
         self.post_norm = (layer.post_attention_layernorm.weight, _eps(layer.post_attention_layernorm))
         self.is_causal = getattr(attention, "is_causal", True)
+        self.qk_norms = None  # Qwen3: an RMS norm over each query head and each key head, before the rotary
+        if hasattr(attention, "q_norm"):
+            self.qk_norms = ((attention.q_norm.weight, _eps(attention.q_norm)),
+                             (attention.k_norm.weight, _eps(attention.k_norm)))
         self.linears = [attention.q_proj, attention.k_proj, attention.v_proj, attention.o_proj, mlp.gate_proj,
                         mlp.up_proj, mlp.down_proj]
 
@@ -134,6 +140,10 @@ class FusedLayer:
         qkv = self.qkv(normed)  # [tokens, (heads + 2 kv_heads) * head_dim]
         d, heads, kv_heads = self.head_dim, self.heads, self.kv_heads
         qk = qkv[:, : (heads + kv_heads) * d].view(-1, heads + kv_heads, d)
+        if self.qk_norms is not None:
+            (q_weight, q_eps), (k_weight, k_eps) = self.qk_norms
+            qk = torch.cat([_head_norm(qk[:, :heads], q_weight, q_eps), _head_norm(qk[:, heads:], k_weight, k_eps)],
+                           dim=1)
         values = qkv[:, (heads + kv_heads) * d :].view(-1, kv_heads, d)
         outputs, start = [], 0
         for hidden, mask, (cos, signed_sin), cache_layer, size in zip(hiddens, masks, rotary, cache_layers, sizes):
@@ -169,6 +179,12 @@ def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor
     # as transformers does for 16-bit states: normalize in float32, round, then scale
     normed = F.rms_norm(x.float(), weight.shape, None, eps).to(x.dtype)
     return weight * normed
+
+
+def _head_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMS norm over the last dim of ``x`` [tokens, heads, d] (per head), as ``_rms_norm`` computes it."""
+    tokens, heads, d = x.shape
+    return _rms_norm(x.reshape(tokens * heads, d), weight, eps).view(tokens, heads, d)
 
 
 def rotary_tables(cos: torch.Tensor, sin: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:

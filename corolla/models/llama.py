@@ -28,6 +28,7 @@ FAMILY = ModelFamily(
     client_parts=lambda config: rms_norm_parts(config, LlamaRMSNorm),
     lora_targets=("self_attn.q_proj", "self_attn.v_proj"),
     batched_layers=True,
+    fused_layers=True,
     # Meta's checkpoints and their Hugging Face conversions ("Llama-2-7b", "Llama-2-7b-hf") hold the same weights
     dht_name=without_suffix("-hf"),
 )

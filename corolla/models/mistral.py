@@ -18,4 +18,5 @@ FAMILY = ModelFamily(
     client_parts=lambda config: rms_norm_parts(config, MistralRMSNorm),
     lora_targets=("self_attn.q_proj", "self_attn.v_proj"),
     batched_layers=True,
+    fused_layers=True,
 )

@@ -19,4 +19,5 @@ FAMILY = ModelFamily(
     client_parts=lambda config: rms_norm_parts(config, Qwen2RMSNorm),
     lora_targets=("self_attn.q_proj", "self_attn.v_proj"),
     batched_layers=True,  # the biases live in the projections, which the batched pass calls as they are
+    fused_layers=True,
 )

@@ -17,4 +17,5 @@ FAMILY = ModelFamily(
     sequence_classification_class=Qwen3ForSequenceClassification,
     client_parts=lambda config: rms_norm_parts(config, Qwen3RMSNorm),
     lora_targets=("self_attn.q_proj", "self_attn.v_proj"),
+    fused_layers=True,  # the fast path applies the per-head norms; sessions share a pass only on the fast path
 )

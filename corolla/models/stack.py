@@ -51,7 +51,7 @@ class BlockStack(nn.Module):
         self.quant = "none"  # how the layers' weights are quantized (load_block_stack sets it)
         # the fast path (corolla.models.fused): layers built as Llama's run fused where no autograd or LoRA is involved
         # (CPU only: on CUDA, transformers' layers with PyTorch's kernels are what has been measured and tested)
-        self.fast_path = bool(fast_path and self.device.type == "cpu" and family.batched_layers
+        self.fast_path = bool(fast_path and self.device.type == "cpu" and family.fused_layers
                               and all(fusable(layer) for layer in layers))
         if self.fast_path:
             for layer in layers:
@@ -184,9 +184,10 @@ class BlockStack(nn.Module):
         Returns each part's outputs, as ``forward`` would."""
         local = self._local_slice(span)
         layers = self.layers[local]
-        batched = self.runner.run_layer_batched if self.family.batched_layers else None
-        if batched is None:
+        fused = self.fast_path and all(layer.corolla_fused.usable() for layer in layers)
+        if not (self.family.batched_layers or fused):
             return [self.forward(h, m, p, c, span=span) for h, m, p, c in parts]
+        batched = self.runner.run_layer_batched
         hiddens, prepared, caches = [], [], []
         for hidden, mask, positions, cache in parts:
             hidden = hidden.to(device=self.device, dtype=self.dtype)

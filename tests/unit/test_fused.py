@@ -1,4 +1,5 @@
-"""The fast path (corolla.models.fused) computes what transformers' layers compute: for every family it serves, a
+"""The fast path (corolla.models.fused) computes what transformers' layers compute: for every family it serves
+(Llama, Mistral, Qwen2, Qwen3), a
 stack with the fast path equals the same stack without it in sessions (prefill with padding, decode steps past the
 sliding window, beam reordering), in several sessions batched together, with int8 weights, and it steps aside for
 LoRA weights and autograd."""
@@ -14,7 +15,7 @@ from corolla.models.lora import LoraSet, lora_applied
 from corolla.models.stack import load_block_stack
 from corolla.testing.tiny import save_tiny_model
 
-FAST_FAMILIES = ["llama", "mistral", "qwen2"]
+FAST_FAMILIES = ["llama", "mistral", "qwen2", "qwen3"]
 BLOCKS = BlockRange(0, 4)
 
 
@@ -138,7 +139,8 @@ def test_lora_and_autograd_take_the_layers_path(tiny_path, fused_calls):
     assert inputs.grad is not None and len(fused_calls) == len(BLOCKS)
 
 
-def test_families_outside_the_fast_path_keep_their_layers(tmp_path):
-    save_tiny_model("qwen3", tmp_path, num_layers=2)  # per-head q/k norms: not fused
+@pytest.mark.parametrize("name", ["phi3", "gemma2", "mixtral"])
+def test_families_outside_the_fast_path_keep_their_layers(tmp_path, name):
+    save_tiny_model(name, tmp_path, num_layers=2)  # fused q/k/v, Gemma's norms, experts: not this path's layers
     stack = load_block_stack(tmp_path, load_config(tmp_path), BlockRange(0, 2), torch.float32, "cpu")
     assert not stack.fast_path
