@@ -120,3 +120,41 @@ def test_without_a_compiler_the_kernels_are_off_and_layers_still_run(tmp_path):
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "no-such-compiler" in result.stdout
+
+
+def test_portable_build_without_avx512_computes_the_same(tmp_path):
+    """The C file's plain loops (what a CPU without AVX-512 builds) give the same products: built here for the
+    baseline x86-64 instruction set and called directly."""
+    import ctypes
+    import shutil
+
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    if compiler is None or not cpu_kernels._cpu_signature().startswith("x86_64"):
+        pytest.skip("needs an x86-64 C compiler")
+    library_path = tmp_path / "portable.so"
+    subprocess.run([compiler, "-O2", "-march=x86-64", "-shared", "-fPIC", "-std=gnu11", "-o", str(library_path),
+                    str(cpu_kernels.SOURCE), "-lm"], check=True, capture_output=True)
+    library = ctypes.CDLL(str(library_path))
+    generator = torch.Generator().manual_seed(7)
+    x = torch.randn(3, 70, generator=generator)
+    weights = [torch.randn(5, 70, generator=generator), torch.randn(9, 70, generator=generator)]
+    quantized = [torch.randint(-127, 128, (5, 70), generator=generator, dtype=torch.int8)]
+    scales = [torch.rand(5, generator=generator)]
+    bias = torch.randn(9, generator=generator)
+
+    def pointers(tensors):
+        return (ctypes.c_void_p * len(tensors))(*[None if t is None else t.data_ptr() for t in tensors])
+
+    y = torch.empty(3, 14)
+    library.corolla_linear_f32(ctypes.c_void_p(x.data_ptr()), ctypes.c_int64(70), ctypes.c_int64(70),
+                               ctypes.c_int64(3), ctypes.c_int64(2), pointers(weights),
+                               (ctypes.c_int64 * 2)(5, 9), pointers([None, bias]), ctypes.c_void_p(y.data_ptr()),
+                               ctypes.c_int64(14), ctypes.c_int(1))
+    expected = torch.cat([x @ weights[0].t(), x @ weights[1].t() + bias], dim=1)
+    torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-4)
+    y8 = torch.empty(3, 5)
+    library.corolla_linear_i8(ctypes.c_void_p(x.data_ptr()), ctypes.c_int64(70), ctypes.c_int64(70),
+                              ctypes.c_int64(3), ctypes.c_int64(1), pointers(quantized), (ctypes.c_int64 * 1)(5),
+                              pointers(scales), None, ctypes.c_void_p(y8.data_ptr()), ctypes.c_int64(5),
+                              ctypes.c_int(1))
+    torch.testing.assert_close(y8, x @ (quantized[0].float() * scales[0][:, None]).t(), rtol=1e-5, atol=1e-4)
