@@ -12,6 +12,7 @@ import transformers
 from safetensors import safe_open
 
 from corolla.core.errors import CorollaError
+from corolla.models.family import family_for
 from corolla.models.embedded import (
     EMBEDDED_DHT_PREFIX,
     EMBEDDED_MODEL_NAME,
@@ -189,8 +190,6 @@ def model_dht_prefix(path_or_name: str | Path | None, config=None) -> str:
     else:
         name = _sanitize_prefix(str(path_or_name).rstrip("/").split("/")[-1])
     if config is not None:
-        from corolla.models.family import family_for
-
         rule = family_for(config).dht_name
         if rule is not None:
             name = _sanitize_prefix(rule(name))

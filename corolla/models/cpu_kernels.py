@@ -31,6 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from corolla.models.embedded import cache_root
+
 logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("cpu_kernels.c")
@@ -59,8 +61,6 @@ def _cpu_signature() -> str:
 
 
 def build_dir() -> Path:
-    from corolla.models.embedded import cache_root
-
     digest = hashlib.sha256()
     digest.update(SOURCE.read_bytes())
     digest.update(" ".join(FLAGS).encode())

@@ -97,7 +97,6 @@ class FusedLayer:
 
     def __init__(self, layer: nn.Module):
         attention, mlp = layer.self_attn, layer.mlp
-        self.layer = layer
         self.head_dim = attention.head_dim
         self.scaling = float(attention.scaling)
         self.heads = attention.q_proj.out_features // self.head_dim
@@ -135,7 +134,6 @@ class FusedLayer:
         sizes = [h.shape[0] * h.shape[1] for h in hiddens]
         width = hiddens[0].shape[-1]
         flat = hiddens[0].reshape(-1, width) if len(hiddens) == 1 else torch.cat([h.reshape(-1, width) for h in hiddens])
-        dtype = flat.dtype
         normed = _rms_norm(flat, *self.input_norm)
         qkv = self.qkv(normed)  # [tokens, (heads + 2 kv_heads) * head_dim]
         d, heads, kv_heads = self.head_dim, self.heads, self.kv_heads
@@ -145,12 +143,11 @@ class FusedLayer:
             qk = torch.cat([_head_norm(qk[:, :heads], q_weight, q_eps), _head_norm(qk[:, heads:], k_weight, k_eps)],
                            dim=1)
         values = qkv[:, (heads + kv_heads) * d :].view(-1, kv_heads, d)
-        outputs, start = [], 0
+        outputs, start, half = [], 0, d // 2
         for hidden, mask, (cos, signed_sin), cache_layer, size in zip(hiddens, masks, rotary, cache_layers, sizes):
             batch, new = hidden.shape[:2]
             part = qk if len(hiddens) == 1 else qk[start : start + size]
             start += size
-            half = d // 2
             rotated = part * cos + torch.cat((part[..., half:], part[..., :half]), dim=-1) * signed_sin
             q = rotated[:, :heads].view(batch, new, heads, d).transpose(1, 2)  # [batch, heads, new, d]
             k = rotated[:, heads:].view(batch, new, kv_heads, d).transpose(1, 2)  # [batch, kv_heads, new, d]

@@ -27,8 +27,8 @@ import torch
 from torch import nn
 
 from corolla.core.errors import CorollaError
-from corolla.models import cpu_kernels
 from corolla.core.records import QUANT_BITS
+from corolla.models import cpu_kernels
 
 QUANT_MODES = tuple(QUANT_BITS)  # none, int8, int4, nf4
 INT4_GROUP = 32

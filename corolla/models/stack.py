@@ -16,7 +16,7 @@ from corolla.models.checkpoint import read_tensors, tensor_shapes
 from corolla.models.family import ModelFamily, family_for
 from corolla.models.fused import FusedLayer, fusable
 from corolla.models.kv import DEFAULT_PAGE_TOKENS, PagedLayer
-from corolla.models.quant import quantize_layer
+from corolla.models.quant import Int8Linear, quantize_layer
 
 
 class BlockStack(nn.Module):
@@ -56,6 +56,9 @@ class BlockStack(nn.Module):
         if self.fast_path:
             for layer in layers:
                 layer.corolla_fused = FusedLayer(layer)
+        for module in self.layers.modules():
+            if isinstance(module, Int8Linear):
+                module.kernels = fast_path  # without the fast path, quantized layers use PyTorch's kernels only
 
     def forward(
         self,
@@ -294,9 +297,6 @@ def load_block_stack(
             raise CorollaError(f"block {index} of {path} has tensors the checkpoint does not provide: {still_meta}")
         if quant != "none":
             quantize_layer(layer, quant, torch.device(device))
-            for module in layer.modules():
-                if hasattr(module, "kernels"):  # without the fast path, PyTorch's kernels only
-                    module.kernels = fast_path
             for tensor in itertools.chain(layer.parameters(), layer.buffers()):
                 # what stays in float (norms, biases) may still point into the checkpoint's memory map, which
                 # would keep every page of it read so far: give it its own memory
