@@ -1,12 +1,17 @@
 """The fast path of a server's blocks, in one process: decode-step time of all 30 blocks of the embedded model with
-and without it (float32 and int8 weights), and how far each path's logits lie from a float64 computation, beside
-transformers' own float32 model.
+and without it (float32 weights dense and packed, int8 weights), and how far each path's logits lie from a float64
+computation, beside transformers' own float32 model.
+
+Packed float32 weights (``corolla.models.packing``) are the same values held as exact grid codes: the embedded
+model's blocks come from a Q4_1 GGUF file, so every block of 32 weights is ``d * q + m``. The table shows the fast
+path with them packed (the default) and held dense (``pack_weights=False``, what any checkpoint without such a grid
+gets), and checks that both give the same bits.
 
 Run: .venv/bin/python benchmarks/bench_fastpath.py [--threads 1] [--steps 64] [--text-tokens 200]
 
 Speed: a 16-token prefill, then ``--steps`` decode steps of one token through ``BlockStack`` (the server's compute,
 without the network), median step time; ``--no-fast-path`` is the slow row. Exactness: the first ``--text-tokens``
-tokens of Python's documentation topics, a 20-token prefill then one token per step (as a session runs), the
+tokens of Python's documentation topics, an 8-token prefill then one token per step (as a session runs), the
 stack's outputs through the model's final norm and head, against the float64 model; transformers' float32 model on
 the same text for scale.
 """
@@ -39,7 +44,7 @@ def step_times(stack, hidden_size: int, steps: int) -> list[float]:
     return times
 
 
-def session_logits(stack, model, ids: torch.Tensor, prefill: int = 20) -> torch.Tensor:
+def session_logits(stack, model, ids: torch.Tensor, prefill: int = 8) -> torch.Tensor:
     with torch.inference_mode():
         embeddings = model.model.embed_tokens(ids)
         cache = stack.new_cache()
@@ -63,18 +68,28 @@ def main() -> None:
     print(f"model {path.name}: {len(blocks)} blocks, {args.threads} thread(s); CPU kernels: "
           f"{'built' if cpu_kernels.available() else cpu_kernels.unavailable_reason()}")
 
-    rows = {}
-    for quant in ("none", "int8"):
+    rows, sizes = {}, {}
+    setups = [("float32", "none", True), ("float32 packed", "none", True), ("int8", "int8", True)]
+    for name, quant, _ in setups:
         for fast in (False, True):
-            stack = load_block_stack(path, config, blocks, torch.float32, "cpu", quant, fast_path=fast)
-            rows[(quant, fast)] = statistics.median(step_times(stack, config.hidden_size, args.steps)) * 1e3
+            if name == "float32 packed" and not fast:
+                continue  # packing is part of the fast path
+            stack = load_block_stack(path, config, blocks, torch.float32, "cpu", quant, fast_path=fast,
+                                     pack_weights=name == "float32 packed")
+            rows[(name, fast)] = statistics.median(step_times(stack, config.hidden_size, args.steps)) * 1e3
+            sizes[(name, fast)] = (stack.weight_bytes(), stack.packed)
             del stack
-    print("\n| weights | decode step, transformers' layers | fast path | speed-up |")
+    slow = rows[("float32", False)]
+    print(f"\nbaseline: transformers' layers, float32 weights: {slow:.1f} ms per decode step "
+          f"({sizes[('float32', False)][0] / 2**20:.0f} MiB of weights)")
+    print("| weights | fast path decode step | weight bytes | against the float32 baseline |")
     print("|---|---|---|---|")
-    for quant in ("none", "int8"):
-        slow, fast = rows[(quant, False)], rows[(quant, True)]
-        print(f"| {quant} | {slow:.1f} ms | {fast:.1f} ms | {slow / fast:.2f}x |")
-    print(f"(int8 fast path against float32 transformers' layers: {rows[('none', False)] / rows[('int8', True)]:.2f}x)")
+    for name, _, _ in setups:
+        step = rows[(name, True)]
+        size, packed = sizes[(name, True)]
+        note = f" ({', '.join(f'{n} {k}' for k, n in packed.items())} layers packed)" if packed else ""
+        print(f"| {name}{note} | {step:.1f} ms | {size / 2**20:.0f} MiB | {slow / step:.2f}x |")
+    print(f"(int8 with transformers' layers: {rows[('int8', False)]:.1f} ms)")
 
     from pydoc_data.topics import topics
 
@@ -90,12 +105,15 @@ def main() -> None:
     print("| computation | max abs error | mean abs error |")
     print("|---|---|---|")
     print(f"| transformers float32 (one pass) | {(local - exact).abs().max():.2e} | {(local - exact).abs().mean():.2e} |")
-    for fast in (False, True):
-        stack = load_block_stack(path, config, blocks, torch.float32, "cpu", fast_path=fast)
-        logits = session_logits(stack, model, ids)
-        name = "fast path" if fast else "transformers' layers"
+    results = {}
+    for name, fast, packed in (("transformers' layers", False, False), ("fast path, dense", True, False),
+                               ("fast path, packed", True, True)):
+        stack = load_block_stack(path, config, blocks, torch.float32, "cpu", fast_path=fast, pack_weights=packed)
+        logits = results[name] = session_logits(stack, model, ids)
         print(f"| server blocks, {name}, a session | {(logits - exact).abs().max():.2e} | "
               f"{(logits - exact).abs().mean():.2e} |")
+    same = torch.equal(results["fast path, dense"], results["fast path, packed"])
+    print(f"packed and dense fast path logits bit-identical: {'yes' if same else 'NO'}")
 
 
 if __name__ == "__main__":

@@ -84,6 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--no-fast-path", dest="fast_path", action="store_false",
                        help="run every layer through transformers' modules and PyTorch's kernels (the fast path "
                             "fuses Llama-built layers and runs decode steps on Corolla's CPU kernels)")
+    serve.add_argument("--no-weight-packing", dest="pack_weights", action="store_false",
+                       help="hold float32 weights as they are, even where they lie exactly on a grid (a model "
+                            "converted from GGUF, bfloat16 values), which the fast path otherwise reads packed, "
+                            "with the same results")
     serve.add_argument("--num-threads", type=int, default=None, help="torch threads (default: torch's choice)")
     serve.add_argument("--cache-tokens", type=int, default=32768,
                        help="session cache budget: tokens held (per batch row, in pages), 32768")
@@ -226,7 +230,7 @@ def _serve(args) -> int:
     config = ServerConfig(
         model=args.model, dht_prefix=args.dht_prefix, blocks=args.blocks, num_blocks=args.num_blocks,
         initial_peers=tuple(args.initial_peers), new_swarm=args.new_swarm, host=args.host, port=args.port,
-        address_file=args.address_file, identity_path=args.identity, swarm_key_path=args.swarm_key, dtype=args.dtype, quant=args.quant, device=args.device, fast_path=args.fast_path, num_threads=args.num_threads,
+        address_file=args.address_file, identity_path=args.identity, swarm_key_path=args.swarm_key, dtype=args.dtype, quant=args.quant, device=args.device, fast_path=args.fast_path, pack_weights=args.pack_weights, num_threads=args.num_threads,
         cache_tokens=args.cache_tokens, cache_wait_s=args.cache_wait, session_idle_timeout_s=args.session_idle_timeout,
         max_message_bytes=int(args.max_message_mb * 2**20), frame_budget_bytes=int(args.frame_budget_mb * 2**20), throughput=args.throughput,
         rebalance_period_s=args.rebalance_period, balance_quality=args.balance_quality, adapters=tuple(args.adapters),

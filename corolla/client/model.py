@@ -285,6 +285,9 @@ class DistributedModelMixin:
             swarm.close()
             raise
         model.eval()
+        for module in model.modules():
+            if isinstance(module, KernelLinear):
+                module.prepare()
         model.name_or_path = str(name_or_path or path)
         return model
 

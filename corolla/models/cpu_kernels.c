@@ -6,6 +6,15 @@
  * w is row-major [out, in], float32 or int8 (then scale is its per-output-channel scale; for float32 scale is NULL).
  * x and y are float32 with row strides. Sums run in float32. Built by corolla/models/cpu_kernels.py with
  * -O3 -march=native on the machine that runs it; without AVX-512 a plain loop (vectorized by the compiler) runs.
+ *
+ * Packed float32 weights (corolla/models/packing.py): float32 values that lie exactly on a grid, stored as the grid's
+ * codes. Each weight is rebuilt exactly (the products below are exact in float32), then summed as the float32 kernel
+ * sums it, in the same order: a packed call returns the same bits as the float32 call on the unpacked weights.
+ *   PACKED_Q4A  w[o, i] = d[o, i/32] * q + m[o, i/32], q in 0..15: byte j of each run of 16 holds, for the block of
+ *               32 weights it belongs to, q_j in its low and q_{j+16} in its high four bits
+ *   PACKED_Q8S  w[o, i] = d[o, i/32] * q, q int8
+ *   PACKED_BF16 w[o, i] is a bfloat16 value (the upper half of its float32 bits)
+ * Packed weights have in % 32 == 0; d and m are float32 [out, in/32] holding float16 values.
  */
 #include <stddef.h>
 #include <math.h>
@@ -80,6 +89,101 @@ static inline __m512 load_weights_i8(const int8_t *w, int64_t i, __mmask16 mask)
 DEFINE_KERNEL(linear_f32_impl, float, load_weights_f32)
 DEFINE_KERNEL(linear_i8_impl, int8_t, load_weights_i8)
 
+/* Packed weights: sixteen weights at a multiple of 16, rebuilt exactly; in % 32 == 0, so no load needs a mask.
+ * q4a: the 16 values a block can hold are built once per block (d * code + m for codes 0..15, one fused multiply-add:
+ * d * code is exact, so it rounds once, as the unpacked weights did) and each weight picked from them by its code
+ * (a permute reads the low four bits of each lane's index, so the high code needs only a shift). */
+static inline void load_q4a_block(const uint8_t *q, const float *d, const float *m, int64_t block, __m512 *low,
+                                  __m512 *high) {
+    const __m512 codes = _mm512_set_ps(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+    __m512 table = _mm512_fmadd_ps(codes, _mm512_set1_ps(d[block]), _mm512_set1_ps(m[block]));
+    __m512i index = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(q + block * 16)));
+    *low = _mm512_permutexvar_ps(index, table);
+    *high = _mm512_permutexvar_ps(_mm512_srli_epi32(index, 4), table);
+}
+static inline __m512 load_q8s(const int8_t *q, const float *d, int64_t i) {
+    __m128i bytes = _mm_loadu_si128((const __m128i *)(q + i));
+    return _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(bytes)), _mm512_set1_ps(d[i >> 5]));  // exact
+}
+static inline __m512 load_bf16(const uint16_t *w, int64_t i) {
+    __m256i halves = _mm256_loadu_si256((const __m256i *)(w + i));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(halves), 16));
+}
+#define LOAD_Q8S(wo, i, mask) load_q8s(wo, d_o, i)
+#define LOAD_BF16(wo, i, mask) load_bf16(wo, i)
+/* ROW_BLOCK's sums in ROW_BLOCK's order, with each q4a block (two runs of 16) decoded once */
+#define ROW_BLOCK_Q4A(R)                                                                                          \
+    do {                                                                                                          \
+        __m512 acc[R][4];                                                                                         \
+        for (int r = 0; r < R; r++)                                                                               \
+            for (int k = 0; k < 4; k++) acc[r][k] = _mm512_setzero_ps();                                          \
+        int64_t i = 0;                                                                                            \
+        for (; i < main_end; i += 64) {                                                                           \
+            __m512 w0, w1, w2, w3;                                                                                \
+            load_q4a_block(wo, d_o, m_o, i >> 5, &w0, &w1);                                                       \
+            load_q4a_block(wo, d_o, m_o, (i >> 5) + 1, &w2, &w3);                                                 \
+            for (int r = 0; r < R; r++) {                                                                         \
+                const float *xr = x + (block + r) * x_stride + i;                                                 \
+                acc[r][0] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xr), acc[r][0]);                                  \
+                acc[r][1] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xr + 16), acc[r][1]);                             \
+                acc[r][2] = _mm512_fmadd_ps(w2, _mm512_loadu_ps(xr + 32), acc[r][2]);                             \
+                acc[r][3] = _mm512_fmadd_ps(w3, _mm512_loadu_ps(xr + 48), acc[r][3]);                             \
+            }                                                                                                     \
+        }                                                                                                         \
+        if (i < in) { /* one block of 32 left: ROW_BLOCK's tail adds its two runs into the first sum */          \
+            __m512 w0, w1;                                                                                        \
+            load_q4a_block(wo, d_o, m_o, i >> 5, &w0, &w1);                                                       \
+            for (int r = 0; r < R; r++) {                                                                         \
+                const float *xr = x + (block + r) * x_stride + i;                                                 \
+                acc[r][0] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xr), acc[r][0]);                                  \
+                acc[r][0] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xr + 16), acc[r][0]);                             \
+            }                                                                                                     \
+        }                                                                                                         \
+        for (int r = 0; r < R; r++) {                                                                             \
+            float v = _mm512_reduce_add_ps(                                                                       \
+                _mm512_add_ps(_mm512_add_ps(acc[r][0], acc[r][1]), _mm512_add_ps(acc[r][2], acc[r][3])));         \
+            y[(block + r) * y_stride + o] = bias ? v + bias[o] : v;                                               \
+        }                                                                                                         \
+    } while (0)
+static void linear_q4a_impl(const float *x, int64_t x_stride, const uint8_t *w, const float *ds, const float *ms,
+                            int64_t in, int64_t out, const float *bias, float *y, int64_t y_stride, int64_t rows) {
+    const int64_t main_end = in - in % 64;
+    for (int64_t o = 0; o < out; o++) {
+        const uint8_t *wo = w + o * (in / 2);
+        const float *d_o = ds + o * (in / 32), *m_o = ms + o * (in / 32);
+        int64_t block = 0;
+        for (; block + 4 <= rows; block += 4) ROW_BLOCK_Q4A(4);
+        switch (rows - block) {
+        case 3: ROW_BLOCK_Q4A(3); break;
+        case 2: ROW_BLOCK_Q4A(2); break;
+        case 1: ROW_BLOCK_Q4A(1); break;
+        default: break;
+        }
+    }
+}
+#define HAVE_Q4A_IMPL
+
+/* QROW: codes per output row, in QTYPE units */
+#define DEFINE_PACKED_KERNEL(NAME, QTYPE, QROW, LOAD)                                                             \
+    static void NAME(const float *x, int64_t x_stride, const QTYPE *w, const float *ds, const float *ms,          \
+                     int64_t in, int64_t out, const float *bias, float *y, int64_t y_stride, int64_t rows) {      \
+        const int64_t main_end = in - in % 64;                                                                    \
+        const float *scale = NULL;                                                                                \
+        for (int64_t o = 0; o < out; o++) {                                                                       \
+            const QTYPE *wo = w + o * (QROW);                                                                     \
+            const float *d_o = ds ? ds + o * (in / 32) : NULL, *m_o = ms ? ms + o * (in / 32) : NULL;             \
+            (void)d_o, (void)m_o;                                                                                 \
+            int64_t block = 0;                                                                                    \
+            for (; block + 4 <= rows; block += 4) ROW_BLOCK(QTYPE, LOAD, 4);                                      \
+            switch (rows - block) {                                                                               \
+            case 3: ROW_BLOCK(QTYPE, LOAD, 3); break;                                                             \
+            case 2: ROW_BLOCK(QTYPE, LOAD, 2); break;                                                             \
+            case 1: ROW_BLOCK(QTYPE, LOAD, 1); break;                                                             \
+            default: break;                                                                                       \
+            }                                                                                                     \
+        }                                                                                                         \
+    }
+
 #else /* no AVX-512: sixteen partial sums per output, which the compiler vectorizes for the CPU it builds for */
 
 #define DEFINE_KERNEL(NAME, WTYPE)                                                                                \
@@ -103,9 +207,50 @@ DEFINE_KERNEL(linear_i8_impl, int8_t, load_weights_i8)
     }
 DEFINE_KERNEL(linear_f32_impl, float)
 DEFINE_KERNEL(linear_i8_impl, int8_t)
+
+/* Packed weights, rebuilt exactly by VALUE(k) (the weight at column i + k) and summed as above. */
+static inline float value_q4a(const uint8_t *q, const float *d, const float *m, int64_t i) {
+    const uint8_t byte = q[(i >> 5) * 16 + (i & 15)];
+    return d[i >> 5] * (float)((i & 16) ? byte >> 4 : byte & 15) + m[i >> 5];
+}
+#define VALUE_Q4A(wo, i) value_q4a(wo, d_o, m_o, i)
+#define VALUE_Q8S(wo, i) (d_o[(i) >> 5] * (float)(wo)[i])
+#define VALUE_BF16(wo, i) bf16_value((wo)[i])
+static inline float bf16_value(uint16_t bits) {
+    union { uint32_t u; float f; } v = {.u = (uint32_t)bits << 16};
+    return v.f;
+}
+
+#define DEFINE_PACKED_KERNEL(NAME, QTYPE, QROW, VALUE)                                                            \
+    static void NAME(const float *x, int64_t x_stride, const QTYPE *w, const float *ds, const float *ms,          \
+                     int64_t in, int64_t out, const float *bias, float *y, int64_t y_stride, int64_t rows) {      \
+        for (int64_t o = 0; o < out; o++) {                                                                       \
+            const QTYPE *wo = w + o * (QROW);                                                                     \
+            const float *d_o = ds ? ds + o * (in / 32) : NULL, *m_o = ms ? ms + o * (in / 32) : NULL;             \
+            (void)d_o, (void)m_o;                                                                                 \
+            for (int64_t r = 0; r < rows; r++) {                                                                  \
+                const float *xr = x + r * x_stride;                                                               \
+                float acc[16] = {0};                                                                              \
+                for (int64_t i = 0; i < in; i += 16)                                                              \
+                    for (int k = 0; k < 16; k++) acc[k] += VALUE(wo, i + k) * xr[i + k];                          \
+                float v = 0;                                                                                      \
+                for (int k = 0; k < 16; k++) v += acc[k];                                                         \
+                y[r * y_stride + o] = bias ? v + bias[o] : v;                                                     \
+            }                                                                                                     \
+        }                                                                                                         \
+    }
+#define LOAD_Q4A VALUE_Q4A
+#define LOAD_Q8S VALUE_Q8S
+#define LOAD_BF16 VALUE_BF16
 #endif
 
-int corolla_kernels_version(void) { return 4; }
+#ifndef HAVE_Q4A_IMPL
+DEFINE_PACKED_KERNEL(linear_q4a_impl, uint8_t, in / 2, LOAD_Q4A)
+#endif
+DEFINE_PACKED_KERNEL(linear_q8s_impl, int8_t, in, LOAD_Q8S)
+DEFINE_PACKED_KERNEL(linear_bf16_impl, uint16_t, in, LOAD_BF16)
+
+int corolla_kernels_version(void) { return 5; }
 
 /* Output columns [first, last) of a group: matrix j owns columns [start_j, start_j + outs[j]). */
 #define RUN_COLUMNS(IMPL, SCALE_OF)                                                                               \
@@ -168,6 +313,41 @@ void corolla_linear_i8(const float *x, int64_t x_stride, int64_t in, int64_t row
                        const int8_t *const *ws, const int64_t *outs, const float *const *scales,
                        const float *const *biases, float *y, int64_t y_stride, int threads) {
     PARALLEL_COLUMNS(RUN_COLUMNS(linear_i8_impl, SCALE_J));
+}
+
+enum { PACKED_Q4A = 1, PACKED_Q8S = 2, PACKED_BF16 = 3 };
+
+/* Output columns [first, last) of a group of packed matrices (see corolla_linear_packed). */
+static void packed_columns(int kind, const float *x, int64_t x_stride, int64_t in, int64_t rows, int64_t count,
+                           const void *const *ws, const float *const *ds, const float *const *ms, const int64_t *outs,
+                           const float *const *biases, float *y, int64_t y_stride, int64_t first, int64_t last) {
+    const int64_t blocks = in / 32;
+    int64_t start = 0;
+    for (int64_t j = 0; j < count && start < last; start += outs[j], j++) {
+        int64_t lo = first > start ? first : start, hi = last < start + outs[j] ? last : start + outs[j];
+        if (lo >= hi) continue;
+        const int64_t skip = lo - start;
+        const float *bias = biases && biases[j] ? biases[j] + skip : NULL;
+        const float *d = ds && ds[j] ? ds[j] + skip * blocks : NULL, *m = ms && ms[j] ? ms[j] + skip * blocks : NULL;
+        if (kind == PACKED_Q4A)
+            linear_q4a_impl(x, x_stride, (const uint8_t *)ws[j] + skip * (in / 2), d, m, in, hi - lo, bias, y + lo,
+                            y_stride, rows);
+        else if (kind == PACKED_Q8S)
+            linear_q8s_impl(x, x_stride, (const int8_t *)ws[j] + skip * in, d, m, in, hi - lo, bias, y + lo, y_stride,
+                            rows);
+        else
+            linear_bf16_impl(x, x_stride, (const uint16_t *)ws[j] + skip * in, d, m, in, hi - lo, bias, y + lo,
+                             y_stride, rows);
+    }
+}
+
+/* A group of packed matrices of one kind (PACKED_*), as corolla_linear_f32 computes the unpacked ones; ds and ms
+ * (the grids' steps and offsets, each float32 [out_j, in/32]) may be NULL where the kind has none. */
+void corolla_linear_packed(int kind, const float *x, int64_t x_stride, int64_t in, int64_t rows, int64_t count,
+                           const void *const *ws, const float *const *ds, const float *const *ms,
+                           const int64_t *outs, const float *const *biases, float *y, int64_t y_stride, int threads) {
+    PARALLEL_COLUMNS(packed_columns(kind, x, x_stride, in, rows, count, ws, ds, ms, outs, biases, y, y_stride, first,
+                                    last));
 }
 
 /* y[r] = x[r] / sqrt(mean(x[r]^2) + eps) * weight, in float32 (transformers' RMS norm for float32 states). */

@@ -6,6 +6,10 @@ against 27 GB/s for a plain sum), and a decode step is little more than reading 
 compute ``x @ w.T`` for float32 or int8 (per-output-channel scale) weights at close to memory speed, with float32
 activations and sums.
 
+Float32 weights that lie exactly on a grid (a GGUF file's 4-bit or 8-bit blocks, bfloat16 values) can be held as the
+grid's codes (``PackedWeight``, made by ``corolla.models.packing``): the kernels rebuild each weight exactly as they
+stream it and sum as for float32, so the outputs are the same bits with a fraction of the memory traffic.
+
 A call splits the output channels among ``torch.get_num_threads()`` OpenMP threads (PyTorch's own OpenMP runtime,
 which the library shares) when the weights are large enough to be worth it.
 
@@ -43,7 +47,10 @@ LIBRARIES = ("-lm",)
 # kernel 1.4x at 1 row, 2.5x at 4, even at 32): beyond, the work is arithmetic, not reading weights.
 MAX_ROWS = 8
 INT8_MAX_ROWS = 32
-KERNELS_VERSION = 4  # corolla_kernels_version() of the C file
+# packed weights: the alternative is rebuilding the float32 weights for PyTorch's product, so the kernels stay ahead
+# for longer (measured by benchmarks/bench_fastpath.py --rows)
+PACKED_MAX_ROWS = 32
+KERNELS_VERSION = 5  # corolla_kernels_version() of the C file
 
 _lock = threading.Lock()
 _library: Optional[ctypes.CDLL] = None
@@ -112,8 +119,11 @@ def _load() -> Optional[ctypes.CDLL]:
         threads = ctypes.c_int
         library.corolla_linear_f32.argtypes = [ptr, i64, i64, i64, i64, ptr, ptr, ptr, ptr, i64, threads]
         library.corolla_linear_i8.argtypes = [ptr, i64, i64, i64, i64, ptr, ptr, ptr, ptr, ptr, i64, threads]
+        library.corolla_linear_packed.argtypes = [ctypes.c_int, ptr, i64, i64, i64, i64, ptr, ptr, ptr, ptr, ptr,
+                                                  ptr, i64, threads]
         library.corolla_rms_norm.argtypes = [ptr, i64, i64, i64, ptr, f32, ptr, i64]
-        for function in (library.corolla_linear_f32, library.corolla_linear_i8, library.corolla_rms_norm):
+        for function in (library.corolla_linear_f32, library.corolla_linear_i8, library.corolla_linear_packed,
+                         library.corolla_rms_norm):
             function.restype = None
         _library = library
         return library
@@ -139,21 +149,92 @@ def _pointers(tensors: list[Optional[torch.Tensor]]):
     return (ctypes.c_void_p * len(tensors))(*[None if t is None else t.data_ptr() for t in tensors])
 
 
+# the C file's PACKED_* kinds: name -> (number, codes' dtype, codes per weight row as a function of in, has d, has m)
+PACKED_KINDS = {
+    "q4a": (1, torch.uint8, lambda features: features // 2, True, True),
+    "q8s": (2, torch.int8, lambda features: features, True, False),
+    "bf16": (3, torch.int16, lambda features: features, False, False),
+}
+PACKED_BLOCK = 32  # weights per grid block (the d and m of q4a and q8s)
+
+
+class PackedWeight:
+    """A float32 weight matrix [out, in] held as exact grid codes (see ``cpu_kernels.c``):
+
+    - ``q4a``: ``w = d * q + m`` per block of 32 weights of a row, ``q`` in 0..15 packed two per byte (byte ``j`` of
+      a block's 16 holds ``q_j`` low and ``q_{j+16}`` high), ``d`` and ``m`` float32 [out, in/32];
+    - ``q8s``: ``w = d * q`` per block of 32, ``q`` int8;
+    - ``bf16``: the upper 16 bits of each float32 weight (its lower 16 are zero).
+
+    ``unpack()`` returns the float32 weights, bit for bit."""
+
+    def __init__(self, kind: str, codes: torch.Tensor, d: Optional[torch.Tensor] = None,
+                 m: Optional[torch.Tensor] = None):
+        if kind not in PACKED_KINDS:
+            raise ValueError(f"unknown packing {kind!r}: one of {', '.join(PACKED_KINDS)}")
+        _, dtype, row_codes, has_d, has_m = PACKED_KINDS[kind]
+        if codes.dim() != 2 or codes.dtype != dtype or not codes.is_contiguous() or codes.device.type != "cpu":
+            raise ValueError(f"{kind} codes must be a contiguous {dtype} [out, codes per row] CPU tensor")
+        out = codes.shape[0]
+        features = codes.shape[1] * (2 if kind == "q4a" else 1)
+        if features % PACKED_BLOCK or row_codes(features) != codes.shape[1]:
+            raise ValueError(f"packed weights need in % {PACKED_BLOCK} == 0, got in = {features}")
+        for name, tensor, needed in (("d", d, has_d), ("m", m, has_m)):
+            if (tensor is not None) != needed:
+                raise ValueError(f"{kind} packing {'needs' if needed else 'has no'} {name}")
+            if tensor is not None and (tensor.dtype != torch.float32 or not tensor.is_contiguous()
+                                       or tuple(tensor.shape) != (out, features // PACKED_BLOCK)):
+                raise ValueError(f"{name} must be a contiguous float32 [{out}, {features // PACKED_BLOCK}] tensor")
+        self.kind, self.codes, self.d, self.m = kind, codes, d, m
+        self.shape = (out, features)
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [t for t in (self.codes, self.d, self.m) if t is not None]
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors())
+
+    def unpack(self) -> torch.Tensor:
+        out, features = self.shape
+        if self.kind == "bf16":
+            return (self.codes.to(torch.int32) << 16).view(torch.float32)
+        if self.kind == "q8s":
+            codes = self.codes.float().view(out, -1, PACKED_BLOCK)
+            return (codes * self.d[..., None]).view(out, features)  # exact: 8-bit codes times float16 steps
+        low = (self.codes & 15).view(out, -1, 16)
+        high = (self.codes >> 4).view(out, -1, 16)
+        codes = torch.cat([low, high], dim=-1).float()  # [out, blocks, 32]
+        # d * q is exact in float32 (an 11-bit step times a 4-bit code), so this rounds once, as a fused multiply-add
+        return (codes * self.d[..., None] + self.m[..., None]).view(out, features)
+
+
+def _check_biases(tensors: Optional[list[Optional[torch.Tensor]]], outs: list[int], name: str = "biases") -> None:
+    for tensor, out in zip(tensors or [], outs):
+        if tensor is not None and (tensor.dtype != torch.float32 or not tensor.is_contiguous()
+                                   or tuple(tensor.shape) != (out,)):
+            raise ValueError(f"{name} must be contiguous float32 [out] tensors")
+
+
 class LinearGroup:
     """Linear layers that read the same input, computed by one kernel call into one output, side by side.
 
-    Takes float32 weights, or int8 weights with float32 per-output-channel scales; float32 biases or None. The
+    Takes float32 weights, or int8 weights with float32 per-output-channel scales, or ``PackedWeight`` of one kind;
+    float32 biases or None. The
     group keeps references to the tensors it was built from and reads them in every call: replacing a layer's weight
     tensor afterwards is not seen (its values changed in place are)."""
 
     def __init__(
         self,
-        weights: list[torch.Tensor],  # each [out_j, in], all float32 or all int8
+        weights: list,  # each [out_j, in]: all float32 tensors, all int8 tensors, or all PackedWeight of one kind
         scales: Optional[list[torch.Tensor]] = None,  # int8: each [out_j] float32
         biases: Optional[list[Optional[torch.Tensor]]] = None,  # each [out_j] float32 or None
     ):
         if not available():
             raise RuntimeError(f"Corolla's CPU kernels are not available: {unavailable_reason()}")
+        self.packing = None
+        if any(isinstance(weight, PackedWeight) for weight in weights):
+            self._init_packed(weights, scales, biases)
+            return
         features = weights[0].shape[1]
         dtype = weights[0].dtype
         for weight in weights:
@@ -166,11 +247,8 @@ class LinearGroup:
         if (dtype == torch.int8) != (scales is not None):
             raise ValueError("int8 weights need their per-channel scales (and float32 weights none)")
         outs = [weight.shape[0] for weight in weights]
-        for name, tensors in (("scales", scales), ("biases", biases)):
-            for tensor, out in zip(tensors or [], outs):
-                if tensor is not None and (tensor.dtype != torch.float32 or not tensor.is_contiguous()
-                                           or tuple(tensor.shape) != (out,)):
-                    raise ValueError(f"{name} must be contiguous float32 [out] tensors")
+        _check_biases(scales, outs, "scales")
+        _check_biases(biases, outs)
         self.features, self.width, self.dtype = features, sum(outs), dtype
         self._keep = [weights, scales, biases]  # the pointers below stay valid while the group lives
         self._weights = _pointers(weights)
@@ -179,12 +257,37 @@ class LinearGroup:
         self._biases = None if biases is None or all(b is None for b in biases) else _pointers(biases)
         self._count = len(weights)
 
+    def _init_packed(self, weights: list, scales, biases) -> None:
+        kinds = {weight.kind if isinstance(weight, PackedWeight) else None for weight in weights}
+        if len(kinds) != 1 or None in kinds:
+            raise ValueError("a group's packed weights must all be PackedWeight of one kind")
+        if scales is not None:
+            raise ValueError("packed weights take no scales")
+        features = weights[0].shape[1]
+        if any(weight.shape[1] != features for weight in weights):
+            raise ValueError("a group's weights must have one width")
+        outs = [weight.shape[0] for weight in weights]
+        _check_biases(biases, outs)
+        self.packing = weights[0].kind
+        self.features, self.width, self.dtype = features, sum(outs), torch.float32
+        self._keep = [weights, biases]
+        self._weights = _pointers([weight.codes for weight in weights])
+        self._d = _pointers([weight.d for weight in weights])
+        self._m = _pointers([weight.m for weight in weights])
+        self._outs = (ctypes.c_int64 * len(outs))(*outs)
+        self._biases = None if biases is None or all(b is None for b in biases) else _pointers(biases)
+        self._count = len(weights)
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:  # [rows, in] float32 (``usable``) -> [rows, width]
         rows = x.shape[0]
         if x.shape[1] != self.features:
             raise ValueError(f"x must be [rows, {self.features}], got {list(x.shape)}")
         y = torch.empty(rows, self.width, dtype=torch.float32)
-        if self.dtype == torch.float32:
+        if self.packing is not None:
+            _library.corolla_linear_packed(PACKED_KINDS[self.packing][0], x.data_ptr(), x.stride(0), self.features,
+                                           rows, self._count, self._weights, self._d, self._m, self._outs,
+                                           self._biases, y.data_ptr(), self.width, torch.get_num_threads())
+        elif self.dtype == torch.float32:
             _library.corolla_linear_f32(x.data_ptr(), x.stride(0), self.features, rows, self._count, self._weights,
                                         self._outs, self._biases, y.data_ptr(), self.width, torch.get_num_threads())
         else:
@@ -207,20 +310,46 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 class KernelLinear(nn.Linear):
     """An ``nn.Linear`` whose calls without autograd on a few float32 rows run on the kernels (the client's LM head:
-    one row per sequence per generated token); every other call is ``nn.Linear``'s."""
+    one row per sequence per generated token); every other call is ``nn.Linear``'s.
+
+    Weights as loaded that lie exactly on a grid (``corolla.models.packing``: the embedded model's embeddings, tied
+    to its head, are Q8_0 blocks) are read packed, with the same results; weights changed after that (trained,
+    replaced) are read as they are."""
 
     _group_key = None
     _group: Optional[LinearGroup] = None
+    _packing_tried = False
+
+    def prepare(self) -> None:
+        """Build the kernels' call now (packing the weights takes a fraction of a second) rather than at the first
+        generated token."""
+        if available() and self.weight.dtype == torch.float32 and self.weight.device.type == "cpu":
+            self._kernel_group()
+
+    def _kernel_group(self) -> LinearGroup:
+        weight, bias = self.weight, self.bias
+        key = (weight.data_ptr(), weight._version, None if bias is None else bias.data_ptr(), tuple(weight.shape))
+        if self._group_key != key:  # the weights were replaced or changed (tied, loaded, moved, trained)
+            packed = None
+            if not self._packing_tried:  # the weights as loaded only: changed weights are off any grid
+                self._packing_tried = True
+                from corolla.models.packing import pack
+
+                packed = pack(weight.detach())
+            self._group = LinearGroup([weight.detach() if packed is None else packed], None,
+                                      [None if bias is None else bias.detach()])
+            self.max_rows = MAX_ROWS if packed is None else PACKED_MAX_ROWS
+            self._group_key = key
+        return self._group
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight, bias = self.weight, self.bias
         tracked = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
         flat = x.reshape(-1, self.in_features) if x.dim() >= 2 else None
         if (tracked or flat is None or weight.dtype != torch.float32 or not weight.is_contiguous()
-                or (bias is not None and bias.dtype != torch.float32) or not usable(flat)):
+                or (bias is not None and bias.dtype != torch.float32) or not usable(flat, PACKED_MAX_ROWS)):
             return F.linear(x, weight, bias)
-        key = (weight.data_ptr(), None if bias is None else bias.data_ptr(), tuple(weight.shape))
-        if self._group_key != key:  # the weights were replaced (tied, loaded, moved): take the new ones
-            self._group = LinearGroup([weight.detach()], None, [None if bias is None else bias.detach()])
-            self._group_key = key
-        return self._group(flat).view(*x.shape[:-1], self.out_features)
+        group = self._kernel_group()
+        if flat.shape[0] > self.max_rows:
+            return F.linear(x, weight, bias)
+        return group(flat).view(*x.shape[:-1], self.out_features)

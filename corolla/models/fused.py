@@ -7,8 +7,8 @@ It computes what the layer computes, with fewer operations:
 
 - for a few rows of tokens (decode steps), the q, k and v projections are one call of Corolla's CPU kernels
   (``corolla.models.cpu_kernels``), which read the weights near memory speed where PyTorch's products reach about
-  half of it, and so are the MLP's gate and up projections; float32 and int8 (``Int8Linear``) weights, read where
-  the layer holds them (no copy);
+  half of it, and so are the MLP's gate and up projections; float32, int8 (``Int8Linear``) and packed float32
+  (``PackedLinear``) weights, read where the layer holds them (no copy);
 - RMS norms are single calls, rotary embeddings of queries and keys one multiply-add over both;
 - several sessions' tokens share every projection and the MLP; only attention runs per session.
 
@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from corolla.models import cpu_kernels
+from corolla.models.packing import PackedLinear
 from corolla.models.quant import Int8Linear, QuantizedLinear
 
 
@@ -33,8 +34,11 @@ class Projection:
     def __init__(self, modules: list[nn.Module]):
         self.modules = modules
         self.group = _kernel_group(modules)
-        int8 = self.group is not None and self.group.dtype == torch.int8
-        self.max_rows = cpu_kernels.INT8_MAX_ROWS if int8 else cpu_kernels.MAX_ROWS
+        self.max_rows = cpu_kernels.MAX_ROWS
+        if self.group is not None and self.group.packing is not None:
+            self.max_rows = cpu_kernels.PACKED_MAX_ROWS
+        elif self.group is not None and self.group.dtype == torch.int8:
+            self.max_rows = cpu_kernels.INT8_MAX_ROWS
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:  # [tokens, in] -> [tokens, sum of outs]
         if self.group is not None and cpu_kernels.usable(x, self.max_rows):
@@ -44,7 +48,8 @@ class Projection:
 
 
 def _kernel_group(modules: list[nn.Module]) -> cpu_kernels.LinearGroup | None:
-    """The kernels' group for ``modules`` if they are all float32 ``nn.Linear`` or all ``Int8Linear`` on CPU."""
+    """The kernels' group for ``modules`` if they are all float32 ``nn.Linear``, all ``Int8Linear`` on CPU, or all
+    ``PackedLinear`` of one packing."""
     if not cpu_kernels.available():
         return None
     biases = [None if module.bias is None else module.bias.detach() for module in modules]
@@ -57,6 +62,8 @@ def _kernel_group(modules: list[nn.Module]) -> cpu_kernels.LinearGroup | None:
     if all(isinstance(module, Int8Linear) and module.qweight.device.type == "cpu" for module in modules):
         return cpu_kernels.LinearGroup([module.qweight for module in modules], [module.scales for module in modules],
                                        biases)
+    if all(isinstance(module, PackedLinear) for module in modules) and len({m.packing for m in modules}) == 1:
+        return cpu_kernels.LinearGroup([module.packed for module in modules], None, biases)
     return None
 
 

@@ -1,6 +1,7 @@
 """``BlockStack``: a contiguous range of a model's decoder blocks, built and loaded on their own."""
 from __future__ import annotations
 
+import collections
 import copy
 import itertools
 from pathlib import Path
@@ -12,10 +13,12 @@ from transformers import DynamicCache
 
 from corolla.core.blocks import BlockRange
 from corolla.core.errors import BadRequestError, CorollaError
+from corolla.models import cpu_kernels
 from corolla.models.checkpoint import read_tensors, tensor_shapes
 from corolla.models.family import ModelFamily, family_for
 from corolla.models.fused import FusedLayer, fusable
 from corolla.models.kv import DEFAULT_PAGE_TOKENS, PagedLayer
+from corolla.models.packing import pack_layer
 from corolla.models.quant import Int8Linear, quantize_layer
 
 
@@ -49,6 +52,7 @@ class BlockStack(nn.Module):
             layer.corolla_attention = family.layer_type(config, index)
         self.runner = family.make_runner(config, self.device)
         self.quant = "none"  # how the layers' weights are quantized (load_block_stack sets it)
+        self.packed: dict[str, int] = {}  # packing -> number of linear layers held packed (load_block_stack sets it)
         # the fast path (corolla.models.fused): layers built as Llama's run fused where no autograd or LoRA is involved
         # (CPU only: on CUDA, transformers' layers with PyTorch's kernels are what has been measured and tested)
         self.fast_path = bool(fast_path and self.device.type == "cpu" and family.fused_layers
@@ -242,7 +246,7 @@ class BlockStack(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"model_type={self.family.model_type}, blocks={self.blocks}, dtype={self.dtype}, device={self.device}, "
-                f"fast_path={self.fast_path}")
+                f"fast_path={self.fast_path}, packed={self.packed}")
 
 
 def load_block_stack(
@@ -254,10 +258,13 @@ def load_block_stack(
     quant: str = "none",
     progress: bool = False,
     fast_path: bool = True,
+    pack_weights: bool = True,
 ) -> BlockStack:
     """Build blocks ``blocks`` of the model at ``path`` and load only their tensors (never the full model); with
     ``quant`` (``corolla.models.quant``), each block is read and quantized before the next is read, so the float
-    weights of one block at a time are held. ``fast_path``: see ``corolla.models.fused``."""
+    weights of one block at a time are held. ``fast_path``: see ``corolla.models.fused``. ``pack_weights`` (with
+    ``fast_path``, float32 on CPU, no ``quant``): float32 weights that lie exactly on a grid are held packed
+    (``corolla.models.packing``; the same outputs, fewer bytes read per step)."""
     family = family_for(config)
     num_layers = config.num_hidden_layers
     if blocks.end > num_layers:
@@ -277,14 +284,18 @@ def load_block_stack(
             states = {index: family.convert_block_state(state) for index, state in states.items()}
         return states
 
-    # quantized: one block's float tensors at a time; otherwise all at once (each shard opened once)
-    states = block_states(blocks) if quant == "none" else {}
+    packing = (pack_weights and fast_path and quant == "none" and dtype == torch.float32
+               and torch.device(device).type == "cpu" and cpu_kernels.available())
+    # quantized or packed: one block's float tensors at a time; otherwise all at once (each shard opened once)
+    one_at_a_time = quant != "none" or packing
+    states = {} if one_at_a_time else block_states(blocks)
+    packed_kinds: collections.Counter = collections.Counter()
     from tqdm import tqdm
 
     layers = []
     for local_index, index in tqdm(list(enumerate(blocks)), desc=f"loading blocks {blocks}", unit="block",
                                    disable=not progress, leave=False):
-        state = states.pop(index) if quant == "none" else block_states(range(index, index + 1))[index]
+        state = block_states(range(index, index + 1))[index] if one_at_a_time else states.pop(index)
         with torch.device("meta"):
             layer = family.build_layer(stack_config, index)
         try:
@@ -295,8 +306,11 @@ def load_block_stack(
         still_meta = [name for name, t in itertools.chain(layer.named_parameters(), layer.named_buffers()) if t.is_meta]
         if still_meta:
             raise CorollaError(f"block {index} of {path} has tensors the checkpoint does not provide: {still_meta}")
-        if quant != "none":
-            quantize_layer(layer, quant, torch.device(device))
+        replaced = pack_layer(layer) if packing else {}
+        packed_kinds.update(replaced.values())
+        if quant != "none" or replaced:
+            if quant != "none":
+                quantize_layer(layer, quant, torch.device(device))
             for tensor in itertools.chain(layer.parameters(), layer.buffers()):
                 # what stays in float (norms, biases) may still point into the checkpoint's memory map, which
                 # would keep every page of it read so far: give it its own memory
@@ -307,7 +321,8 @@ def load_block_stack(
         layers.append(layer)
     stack = BlockStack(family, stack_config, blocks, layers, dtype, device, fast_path=fast_path)
     stack.quant = quant
-    if quant != "none":
+    stack.packed = dict(packed_kinds)
+    if quant != "none" or packed_kinds:
         release_freed_memory()  # the float weights are gone: give their pages back, so memory follows the weights
     return stack
 

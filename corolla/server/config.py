@@ -24,6 +24,7 @@ class ServerConfig:
     quant: str = "none"  # weights: none, int8, int4 (CPU), nf4 (CUDA) or auto (corolla.models.quant)
     device: str = "cpu"  # torch device of the blocks: cpu, cuda, cuda:1, ...
     fast_path: bool = True  # run Llama-built layers fused, on Corolla's CPU kernels where they apply (models.fused)
+    pack_weights: bool = True  # with fast_path: hold float32 weights that lie on a grid as its codes (models.packing)
     num_threads: Optional[int] = None  # torch intra-op threads; None keeps torch's default
     cache_tokens: int = 32768  # session cache budget: tokens held (of one batch row, in whole pages)
     cache_page_tokens: int = 64  # sessions' caches grow and shrink in pages of this many tokens

@@ -148,7 +148,10 @@ class Server:
         run = self.scheduler.run
         progress = sys.stderr.isatty()  # progress bars on a terminal only
         stack = await run(Priority.BACKGROUND, load_block_stack, self.path, self.model_config, blocks, self.dtype,
-                          torch.device(config.device), self.quant, progress, config.fast_path)
+                          torch.device(config.device), self.quant, progress, config.fast_path, config.pack_weights)
+        if stack.packed:
+            logger.info("float32 weights on a grid, held packed with the same values: %s",
+                        ", ".join(f"{count} layers {kind}" for kind, count in stack.packed.items()))
         self.throughput = config.throughput or await run(Priority.BACKGROUND, measure_throughput, stack, 16, 8,
                                                          progress)
         adapters = {}

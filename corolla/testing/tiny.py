@@ -57,11 +57,32 @@ def tiny_config(name: str, num_layers: int = 6) -> transformers.PretrainedConfig
 
 
 def save_tiny_model(name: str, path: str | Path, num_layers: int = 6, seed: int = 0,
-                    max_shard_size: str | None = None) -> transformers.PreTrainedModel:
-    """Build the tiny causal LM ``name`` with seeded random weights, save it at ``path``, return it (eval)."""
+                    max_shard_size: str | None = None, grid: str | None = None) -> transformers.PreTrainedModel:
+    """Build the tiny causal LM ``name`` with seeded random weights, save it at ``path``, return it (eval).
+
+    ``grid``: put every linear layer's weights on a grid first, as a model converted from a GGUF file has them:
+    ``"Q4_1"`` or ``"Q8_0"`` (quantized and dequantized by the ``gguf`` package, as transformers loads such files),
+    or ``"bf16"`` (rounded to bfloat16 values)."""
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(tiny_config(name, num_layers))
     model.eval()
+    if grid is not None:
+        with torch.no_grad():
+            for module in model.modules():
+                if isinstance(module, torch.nn.Linear):
+                    module.weight.copy_(on_grid(module.weight, grid))
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
     model.save_pretrained(str(path), **kwargs)
     return model
+
+
+def on_grid(weight: torch.Tensor, grid: str) -> torch.Tensor:
+    """``weight`` (float32, [out, in] with in % 32 == 0 for the GGUF grids) as a GGUF round trip through ``grid``
+    (``Q4_1``, ``Q8_0``) or as bfloat16 values (``bf16``) would give it, in float32."""
+    if grid == "bf16":
+        return weight.detach().to(torch.bfloat16).float()
+    import gguf.quants
+
+    kind = getattr(gguf.GGMLQuantizationType, grid)
+    array = weight.detach().float().numpy()
+    return torch.from_numpy(gguf.quants.dequantize(gguf.quants.quantize(array, kind), kind).copy()).view(weight.shape)

@@ -158,3 +158,22 @@ def test_portable_build_without_avx512_computes_the_same(tmp_path):
                               pointers(scales), None, ctypes.c_void_p(y8.data_ptr()), ctypes.c_int64(5),
                               ctypes.c_int(1))
     torch.testing.assert_close(y8, x @ (quantized[0].float() * scales[0][:, None]).t(), rtol=1e-5, atol=1e-4)
+    # packed weights: the same bits as the portable float32 loop on the unpacked weights
+    from corolla.models.packing import pack
+    from corolla.testing.tiny import on_grid
+
+    x96 = torch.randn(3, 96, generator=generator)
+    for grid in ("Q4_1", "Q8_0", "bf16"):
+        weight = on_grid(torch.randn(6, 96, generator=generator), grid)
+        packed = pack(weight)
+        dense, got = torch.empty(3, 6), torch.empty(3, 6)
+        library.corolla_linear_f32(ctypes.c_void_p(x96.data_ptr()), ctypes.c_int64(96), ctypes.c_int64(96),
+                                   ctypes.c_int64(3), ctypes.c_int64(1), pointers([weight]), (ctypes.c_int64 * 1)(6),
+                                   None, ctypes.c_void_p(dense.data_ptr()), ctypes.c_int64(6), ctypes.c_int(1))
+        library.corolla_linear_packed(ctypes.c_int(cpu_kernels.PACKED_KINDS[packed.kind][0]),
+                                      ctypes.c_void_p(x96.data_ptr()), ctypes.c_int64(96), ctypes.c_int64(96),
+                                      ctypes.c_int64(3), ctypes.c_int64(1), pointers([packed.codes]),
+                                      pointers([packed.d]), pointers([packed.m]), (ctypes.c_int64 * 1)(6), None,
+                                      ctypes.c_void_p(got.data_ptr()), ctypes.c_int64(6), ctypes.c_int(1))
+        assert torch.equal(got, dense), grid
+        torch.testing.assert_close(dense, x96 @ weight.t(), rtol=1e-5, atol=1e-4)
