@@ -55,11 +55,14 @@ def client_main(config: dict) -> None:
         return
     print(json.dumps({"ready": True}), flush=True)
     sys.stdin.readline()  # the barrier
+    own, daemon = time.process_time(), _cpu_s(os.getpid(), children_only=True)
     started = time.time()
     out = model.generate(ids, max_new_tokens=config["new_tokens"], min_new_tokens=config["new_tokens"],
                          do_sample=False)
     finished = time.time()
-    print(json.dumps({"start": started, "end": finished, "tokens": out[0, ids.shape[1]:].tolist()}), flush=True)
+    own, daemon = time.process_time() - own, _cpu_s(os.getpid(), children_only=True) - daemon
+    print(json.dumps({"start": started, "end": finished, "tokens": out[0, ids.shape[1]:].tolist(), "cpu_s": own,
+                      "daemon_cpu_s": daemon}), flush=True)
     model.close()
 
 
@@ -79,6 +82,21 @@ def _read_json(process: subprocess.Popen, timeout_s: float = 600) -> dict:
         if line.startswith("{"):
             return json.loads(line)
     raise TimeoutError("client gave no answer")
+
+
+def _cpu_s(pid: int, children_only: bool = False) -> float:
+    """CPU seconds (user + system) of a process, or of its descendants only (its libp2p daemon)."""
+    import psutil
+
+    process = psutil.Process(pid)
+    total = 0.0
+    for proc in process.children(recursive=True) + ([] if children_only else [process]):
+        try:
+            times = proc.cpu_times()
+            total += times.user + times.system
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
+    return total
 
 
 def _pss_mb(pid: int) -> float:
@@ -145,10 +163,14 @@ def main() -> int:
                 for client in clients:
                     _read_json(client)  # ready
                 before = _infos(swarm.initial_peers, model)
+                server_cpu = [(_cpu_s(server.process.pid), _cpu_s(server.process.pid, children_only=True))
+                              for server in swarm.servers]
                 for client in clients:
                     client.stdin.write("go\n")
                     client.stdin.flush()
                 results = [_read_json(client) for client in clients]
+                server_cpu = [(_cpu_s(server.process.pid) - everything, _cpu_s(server.process.pid, True) - daemon)
+                              for server, (everything, daemon) in zip(swarm.servers, server_cpu)]
             finally:
                 for client in clients:
                     client.wait(60)
@@ -163,6 +185,17 @@ def main() -> int:
             print(f"  {count:2d} session(s): {tokens / span:6.1f} tokens/s in all, {per_session:5.1f} per session "
                   f"(median), x{tokens / span / rows[0][1]:.2f} of one session; mean batch {batch:.1f} steps; tokens "
                   f"equal local in {same}/{count}", flush=True)
+            # where the CPU time of a token goes (core-milliseconds per generated token; the machine's cores x the
+            # span is what there was)
+            servers_daemon = sum(daemon for _, daemon in server_cpu)
+            servers_python = sum(everything for everything, _ in server_cpu) - servers_daemon
+            clients_python = sum(r["cpu_s"] for r in results)
+            clients_daemon = sum(r["daemon_cpu_s"] for r in results)
+            per = 1e3 / tokens
+            print(f"      core-ms per token: servers {servers_python * per:.1f} + their libp2p daemons "
+                  f"{servers_daemon * per:.1f}; clients {clients_python * per:.1f} + their daemons "
+                  f"{clients_daemon * per:.1f}; total {(servers_python + servers_daemon + clients_python + clients_daemon) * per:.1f} "
+                  f"of {os.cpu_count() * span * per:.1f} available", flush=True)
 
         print("\nmemory: 16 sessions declaring max_length 2048, each filled with 200 tokens")
         before = [_pss_mb(server.process.pid) for server in swarm.servers]

@@ -1,12 +1,17 @@
 """Inference speed and server memory: local transformers vs. a one-server and a three-server swarm on loopback.
 
 Run: .venv/bin/python benchmarks/bench_inference.py [--new-tokens 64] [--threads 1 2] [--model PATH]
-     [--quant none int8] [--paths fast slow]
+     [--quant none int8] [--paths fast dense slow]
 
 For each torch thread count (per process) it measures, in this one run: transformers' local greedy generate(),
 then the same prompt through a local swarm of 1 and of 3 servers (each server a separate process with that
 many threads; the client in this process). It prints tokens/s, the ratio to local, and each server's memory
-(PSS summed over the server and its child processes, e.g. its libp2p daemon) against its weights' bytes.
+(PSS summed over the server and its child processes, e.g. its libp2p daemon) against its weights' bytes as it holds
+them (packed, quantized or float32).
+
+Server paths: ``fast`` is the default (the fast path; float32 weights that lie on a grid held packed: the embedded
+model's do, see ``corolla.models.packing``), ``dense`` the fast path with ``--no-weight-packing`` (what a float32
+checkpoint without such a grid gets), ``slow`` is ``--no-fast-path``.
 """
 from __future__ import annotations
 
@@ -22,13 +27,11 @@ from pathlib import Path
 
 import psutil
 import torch
-from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from corolla import AutoDistributedModelForCausalLM
 from corolla.testing.local_swarm import LocalSwarm, split_blocks
 from corolla.models.checkpoint import load_config, resolve_model
-from corolla.models.family import family_for
 
 PROMPT = "Write a short story about a robot who learns to paint."
 
@@ -48,28 +51,18 @@ def pss_bytes(pid: int) -> int:
     return total
 
 
-def block_weight_bytes(path: Path, config) -> dict[int, int]:
-    family = family_for(config)
-    sizes: dict[int, int] = {}
-    for file in sorted(path.glob("*.safetensors")):
-        with safe_open(file, "pt") as f:
-            for name in f.keys():
-                block = family.is_block_tensor(name)
-                if block is not None:
-                    view = f.get_slice(name)
-                    numel = 1
-                    for d in view.get_shape():
-                        numel *= d
-                    sizes[block] = sizes.get(block, 0) + numel * 4  # served in float32
-    return sizes
-
-
-def quantized_block_bytes(path: Path, config, quant: str) -> int:
-    """Bytes of one block's weights as a server holds them with ``--quant`` (blocks of these models are alike)."""
+def held_block_bytes(path: Path, config, quant: str, server_path: str) -> int:
+    """Bytes of one block's weights as a server holds them with ``--quant`` on ``server_path`` (packed or not; blocks
+    of these models are alike)."""
     from corolla.core.blocks import BlockRange
     from corolla.models.stack import load_block_stack
 
-    return load_block_stack(path, config, BlockRange(0, 1), torch.float32, "cpu", quant).weight_bytes()
+    return load_block_stack(path, config, BlockRange(0, 1), torch.float32, "cpu", quant,
+                            fast_path=server_path != "slow", pack_weights=server_path == "fast").weight_bytes()
+
+
+PATH_ARGS = {"fast": [], "dense": ["--no-weight-packing"], "slow": ["--no-fast-path"]}
+PATH_NAMES = {"fast": "", "dense": ", --no-weight-packing", "slow": ", --no-fast-path"}
 
 
 def timed_generate(model, ids, new_tokens: int, repeats: int) -> tuple[float, torch.Tensor]:
@@ -91,8 +84,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--quant", nargs="+", default=["none"],
                         help="server weight modes to measure, each a swarm of its own (none, int8, int4)")
-    parser.add_argument("--paths", nargs="+", default=["fast"], choices=("fast", "slow"),
-                        help="server paths to measure: fast (the default path) and/or slow (--no-fast-path)")
+    parser.add_argument("--paths", nargs="+", default=["fast"], choices=tuple(PATH_ARGS),
+                        help="server paths to measure: fast (the default path), dense (the fast path without "
+                             "packed weights, --no-weight-packing) and/or slow (--no-fast-path)")
     parser.add_argument("--json", default=None, help="also write the results here")
     args = parser.parse_args()
 
@@ -100,7 +94,6 @@ def main() -> None:
     config = load_config(path)
     tokenizer = AutoTokenizer.from_pretrained(path)
     ids = tokenizer(PROMPT, return_tensors="pt")["input_ids"]
-    weights = block_weight_bytes(path, config)
     local = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     rows = []
     print(f"model {path.name}: {config.num_hidden_layers} blocks, prompt {ids.shape[1]} tokens, "
@@ -111,7 +104,7 @@ def main() -> None:
         rows.append({"threads": threads, "setup": "local transformers", "tok_s": local_tps, "ratio": 1.0})
         print(f"\n[{threads} thread(s) per process] local transformers: {local_tps:.1f} tok/s")
         for servers, quant, server_path in [(n, q, p) for p in args.paths for q in args.quant for n in args.servers]:
-            extra = ["--quant", quant] + (["--no-fast-path"] if server_path == "slow" else [])
+            extra = ["--quant", quant] + PATH_ARGS[server_path]
             with LocalSwarm(model=str(path), num_servers=servers, num_threads=threads,
                             extra_server_args=extra) as swarm:
                 model = AutoDistributedModelForCausalLM.from_pretrained(str(path), initial_peers=swarm.initial_peers)
@@ -122,12 +115,11 @@ def main() -> None:
                 same = got.tolist() == expected.tolist()
                 memory = []
                 for child, span in zip(swarm.servers, split_blocks(config.num_hidden_layers, servers)):
-                    held = sum(weights.get(b, 0) for b in span) if quant == "none" else \
-                        len(span) * quantized_block_bytes(path, config, quant)
+                    held = len(span) * held_block_bytes(path, config, quant, server_path)
                     memory.append({"blocks": str(span), "pss_mb": pss_bytes(child.process.pid) / 2**20,
                                    "weights_mb": held / 2**20})
-            setup = f"{servers}-server swarm" + ("" if quant == "none" else f", {quant} weights") + (
-                ", --no-fast-path" if server_path == "slow" else "")
+            setup = (f"{servers}-server swarm" + ("" if quant == "none" else f", {quant} weights")
+                     + PATH_NAMES[server_path])
             row = {"threads": threads, "setup": setup, "tok_s": tps, "ratio": tps / local_tps,
                    "same_tokens": same, "servers": memory}
             rows.append(row)

@@ -10,6 +10,9 @@ from transformers import LlamaForSequenceClassification
 
 from corolla.core.errors import AdapterNotServedError
 
+# two float32 computations of the embedded model's logits (~40 at most): each lies ~7e-5 from float64
+# (benchmarks/bench_fastpath.py), so they may differ by ~1.5e-4; as tests/integration/test_petals_compat.py
+FLOAT32_LOGITS = 3e-4
 TEXTS = ["The quick brown fox jumps over the lazy dog", "Corolla trains adapters through a swarm"]
 
 
@@ -197,7 +200,7 @@ def test_lora_saves_in_peft_format_and_generates_with_it(embedded_dir, llama_swa
             expected = local(**batch).logits
             got = remote(**batch).logits
         real = batch["attention_mask"].bool()  # padding positions' logits are not outputs anyone uses
-        assert (got[real] - expected[real]).abs().max().item() < 1e-4
+        assert (got[real] - expected[real]).abs().max().item() < FLOAT32_LOGITS
         ids = batch["input_ids"][1:, -6:]
         with torch.no_grad():
             local_tokens = local.generate(input_ids=ids, max_new_tokens=8, do_sample=False)
