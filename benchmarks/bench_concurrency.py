@@ -133,6 +133,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sessions", type=int, nargs="+", default=[1, 4, 8, 16])
     parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--server-args", default="", help="extra `corolla serve` flags for the three servers")
     args = parser.parse_args()
 
     import torch
@@ -151,7 +152,7 @@ def main() -> int:
         out = local.generate(ids, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False)
         expected[prompt] = out[0, ids.shape[1]:].tolist()
     del local
-    with LocalSwarm(model=model, num_servers=3, num_threads=1) as swarm:
+    with LocalSwarm(model=model, num_servers=3, num_threads=1, extra_server_args=args.server_args.split()) as swarm:
         print(f"3-server swarm of the embedded model on loopback; {args.new_tokens} greedy tokens per session, one "
               "client process per session, 1 torch thread per process", flush=True)
         rows = []

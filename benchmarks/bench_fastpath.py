@@ -44,6 +44,23 @@ def step_times(stack, hidden_size: int, steps: int) -> list[float]:
     return times
 
 
+def batch_times(stack, hidden_size: int, sessions: int, steps: int) -> float:
+    """Median time of one pass of ``sessions`` sessions' decode steps (one token each; caches of 10 to 80 tokens)
+    through the stack together, as a server batches them (``BlockStack.forward_batch``)."""
+    generator = torch.Generator().manual_seed(1)
+    caches = [stack.new_cache() for _ in range(sessions)]
+    times = []
+    with torch.inference_mode():
+        for index, cache in enumerate(caches):
+            stack(torch.randn(1, 10 + (index * 5) % 70, hidden_size, generator=generator), None, None, cache)
+        for _ in range(steps):
+            parts = [(torch.randn(1, 1, hidden_size, generator=generator), None, None, c) for c in caches]
+            start = time.perf_counter()
+            stack.forward_batch(parts)
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
 def session_logits(stack, model, ids: torch.Tensor, prefill: int = 8) -> torch.Tensor:
     with torch.inference_mode():
         embeddings = model.model.embed_tokens(ids)
@@ -90,6 +107,17 @@ def main() -> None:
         note = f" ({', '.join(f'{n} {k}' for k, n in packed.items())} layers packed)" if packed else ""
         print(f"| {name}{note} | {step:.1f} ms | {size / 2**20:.0f} MiB | {slow / step:.2f}x |")
     print(f"(int8 with transformers' layers: {rows[('int8', False)]:.1f} ms)")
+
+    span = BlockRange(0, 10)  # a server of the 3-server swarms: several sessions' steps batched in one pass
+    print(f"\nsessions batched in one decode pass through blocks {span} (float32; median of {args.steps // 2}):")
+    print("| sessions | transformers' layers | fast path, packed | fast path per session |")
+    print("|---|---|---|---|")
+    stacks = {fast: load_block_stack(path, config, span, torch.float32, "cpu", fast_path=fast) for fast in (False, True)}
+    for sessions in (1, 4, 8, 16):
+        slow_ms, fast_ms = (batch_times(stacks[fast], config.hidden_size, sessions, args.steps // 2) * 1e3
+                            for fast in (False, True))
+        print(f"| {sessions} | {slow_ms:.1f} ms | {fast_ms:.1f} ms | {fast_ms / sessions:.2f} ms |")
+    del stacks
 
     from pydoc_data.topics import topics
 

@@ -98,6 +98,11 @@ def build_parser() -> argparse.ArgumentParser:
                             "(default: a new key each run)")
     serve.add_argument("--cache-wait", type=float, default=10.0,
                        help="seconds a session waits for cache when the budget is full before failing (10)")
+    serve.add_argument("--max-batch", type=int, default=64,
+                       help="the most sessions' steps one pass through the blocks takes, 64")
+    serve.add_argument("--batch-gather", type=float, default=0.2, metavar="SECONDS",
+                       help="the longest a batch of sessions' steps waits for other sessions due to step, 0.2 "
+                            "(0: run whatever is queued at once)")
     serve.add_argument("--session-idle-timeout", type=float, default=600.0,
                        help="seconds after which a session that sends nothing is closed (600)")
     serve.add_argument("--max-message-mb", type=float, default=256, help="largest request accepted, MiB")
@@ -231,7 +236,7 @@ def _serve(args) -> int:
         model=args.model, dht_prefix=args.dht_prefix, blocks=args.blocks, num_blocks=args.num_blocks,
         initial_peers=tuple(args.initial_peers), new_swarm=args.new_swarm, host=args.host, port=args.port,
         address_file=args.address_file, identity_path=args.identity, swarm_key_path=args.swarm_key, dtype=args.dtype, quant=args.quant, device=args.device, fast_path=args.fast_path, pack_weights=args.pack_weights, num_threads=args.num_threads,
-        cache_tokens=args.cache_tokens, cache_wait_s=args.cache_wait, session_idle_timeout_s=args.session_idle_timeout,
+        cache_tokens=args.cache_tokens, cache_wait_s=args.cache_wait, batch_gather_s=args.batch_gather, max_batch=args.max_batch, session_idle_timeout_s=args.session_idle_timeout,
         max_message_bytes=int(args.max_message_mb * 2**20), frame_budget_bytes=int(args.frame_budget_mb * 2**20), throughput=args.throughput,
         rebalance_period_s=args.rebalance_period, balance_quality=args.balance_quality, adapters=tuple(args.adapters),
     )

@@ -250,7 +250,7 @@ DEFINE_PACKED_KERNEL(linear_q4a_impl, uint8_t, in / 2, LOAD_Q4A)
 DEFINE_PACKED_KERNEL(linear_q8s_impl, int8_t, in, LOAD_Q8S)
 DEFINE_PACKED_KERNEL(linear_bf16_impl, uint16_t, in, LOAD_BF16)
 
-int corolla_kernels_version(void) { return 5; }
+int corolla_kernels_version(void) { return 6; }
 
 /* Output columns [first, last) of a group: matrix j owns columns [start_j, start_j + outs[j]). */
 #define RUN_COLUMNS(IMPL, SCALE_OF)                                                                               \
@@ -348,6 +348,89 @@ void corolla_linear_packed(int kind, const float *x, int64_t x_stride, int64_t i
                            const int64_t *outs, const float *const *biases, float *y, int64_t y_stride, int threads) {
     PARALLEL_COLUMNS(packed_columns(kind, x, x_stride, in, rows, count, ws, ds, ms, outs, biases, y, y_stride, first,
                                     last));
+}
+
+/* Attention of decode steps: several sessions, one new token each, no mask (every cached token is visible).
+ * Session s's new token has its queries (rotated) in q[s * q_stride + h * d] for heads h < heads, its key (rotated)
+ * in k[s * k_stride + g * d] and its value in v[s * v_stride + g * d] for key/value heads g < kv_heads. Its cache
+ * is keys[s] and values[s], each [kv_heads, capacities[s], d] float32, with room at position positions[s]: the new
+ * key and value are written there, then each head attends to positions 0..positions[s] (query head h reads
+ * key/value head h / (heads / kv_heads)): softmax(scale * q.k) over them, weighting the values, in float32.
+ * out[s * out_stride + h * d] receives each head's result. scratch: threads x (longest positions[s] + 1) floats. */
+static inline float dot(const float *a, const float *b, int64_t n) {
+#if defined(__AVX512F__)
+    __m512 acc = _mm512_setzero_ps();
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc);
+    float sum = _mm512_reduce_add_ps(acc);
+    for (; i < n; i++) sum += a[i] * b[i];
+    return sum;
+#else
+    float sum = 0.0f;
+    for (int64_t i = 0; i < n; i++) sum += a[i] * b[i];
+    return sum;
+#endif
+}
+
+static void attend_one(const float *q, const float *keys, const float *values, int64_t length, int64_t d, float scale,
+                       float *scores, float *out) {
+    float top = -INFINITY;
+    for (int64_t j = 0; j < length; j++) {
+        scores[j] = scale * dot(q, keys + j * d, d);
+        top = scores[j] > top ? scores[j] : top;
+    }
+    float total = 0.0f;
+    for (int64_t j = 0; j < length; j++) {
+        scores[j] = expf(scores[j] - top);
+        total += scores[j];
+    }
+    for (int64_t i = 0; i < d; i++) out[i] = 0.0f;
+    for (int64_t j = 0; j < length; j++) {
+        const float weight = scores[j];
+        const float *vj = values + j * d;
+        for (int64_t i = 0; i < d; i++) out[i] += weight * vj[i];
+    }
+    const float inverse = 1.0f / total;
+    for (int64_t i = 0; i < d; i++) out[i] *= inverse;
+}
+
+void corolla_decode_attention(int64_t sessions, int64_t heads, int64_t kv_heads, int64_t d, const float *q,
+                              int64_t q_stride, const float *k, int64_t k_stride, const float *v, int64_t v_stride,
+                              float *const *keys, float *const *values, const int64_t *capacities,
+                              const int64_t *positions, float scale, float *out, int64_t out_stride, float *scratch,
+                              int threads) {
+    for (int64_t s = 0; s < sessions; s++)
+        for (int64_t g = 0; g < kv_heads; g++) {
+            const int64_t at = (g * capacities[s] + positions[s]) * d;
+            for (int64_t i = 0; i < d; i++) {
+                keys[s][at + i] = k[s * k_stride + g * d + i];
+                values[s][at + i] = v[s * v_stride + g * d + i];
+            }
+        }
+    const int64_t group = heads / kv_heads;
+    int64_t longest = 0, work = 0;  // scores of one head: scratch + thread * longest
+    for (int64_t s = 0; s < sessions; s++) {
+        longest = positions[s] + 1 > longest ? positions[s] + 1 : longest;
+        work += (positions[s] + 1) * heads * d;
+    }
+    (void)threads, (void)work;
+#ifdef _OPENMP
+#pragma omp parallel num_threads(threads) if (threads > 1 && work > (1 << 16))
+#endif
+    {
+#ifdef _OPENMP
+        float *scores = scratch + omp_get_thread_num() * longest;
+#pragma omp for schedule(static)
+#else
+        float *scores = scratch;
+#endif
+        for (int64_t task = 0; task < sessions * heads; task++) {
+            const int64_t s = task / heads, h = task % heads, g = h / group;
+            const int64_t offset = g * capacities[s] * d;
+            attend_one(q + s * q_stride + h * d, keys[s] + offset, values[s] + offset, positions[s] + 1, d, scale,
+                       scores, out + s * out_stride + h * d);
+        }
+    }
 }
 
 /* y[r] = x[r] / sqrt(mean(x[r]^2) + eps) * weight, in float32 (transformers' RMS norm for float32 states). */

@@ -50,7 +50,7 @@ INT8_MAX_ROWS = 32
 # packed weights: the alternative is rebuilding the float32 weights for PyTorch's product, so the kernels stay ahead
 # for longer (measured by benchmarks/bench_fastpath.py --rows)
 PACKED_MAX_ROWS = 32
-KERNELS_VERSION = 5  # corolla_kernels_version() of the C file
+KERNELS_VERSION = 6  # corolla_kernels_version() of the C file
 
 _lock = threading.Lock()
 _library: Optional[ctypes.CDLL] = None
@@ -122,8 +122,10 @@ def _load() -> Optional[ctypes.CDLL]:
         library.corolla_linear_packed.argtypes = [ctypes.c_int, ptr, i64, i64, i64, i64, ptr, ptr, ptr, ptr, ptr,
                                                   ptr, i64, threads]
         library.corolla_rms_norm.argtypes = [ptr, i64, i64, i64, ptr, f32, ptr, i64]
+        library.corolla_decode_attention.argtypes = [i64, i64, i64, i64, ptr, i64, ptr, i64, ptr, i64, ptr, ptr, ptr,
+                                                     ptr, f32, ptr, i64, ptr, threads]
         for function in (library.corolla_linear_f32, library.corolla_linear_i8, library.corolla_linear_packed,
-                         library.corolla_rms_norm):
+                         library.corolla_rms_norm, library.corolla_decode_attention):
             function.restype = None
         _library = library
         return library
@@ -306,6 +308,42 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     _library.corolla_rms_norm(x.data_ptr(), x.stride(0), rows, features, weight.data_ptr(), eps, y.data_ptr(),
                               features)
     return y
+
+
+def decode_attention(
+    q: torch.Tensor,  # [sessions, heads * d] float32, rows contiguous: each session's new token's queries (rotated)
+    k: torch.Tensor,  # [sessions, kv_heads, d] (rows may be strided, each row's heads contiguous): its key (rotated)
+    v: torch.Tensor,  # [sessions, kv_heads, d] likewise: its value
+    keys: list[torch.Tensor],  # per session: its cache's keys buffer [1, kv_heads, capacity, d], contiguous
+    values: list[torch.Tensor],  # per session: the values buffer, same shape
+    positions: list[int],  # per session: where the new key and value go (the tokens before it are attended to)
+    scale: float,
+) -> torch.Tensor:  # [sessions, heads * d]
+    """Attention of one new token per session over its whole cache (decode steps without a mask): writes each new
+    key and value into its cache at its position, then softmax(scale * q.k) over positions 0..position weights the
+    values, per query head (grouped-query: head h reads key/value head h // (heads // kv_heads)); float32."""
+    sessions, kv_heads, d = k.shape
+    heads = q.shape[1] // d
+    if heads % kv_heads or v.shape != k.shape or q.shape[0] != sessions or len(keys) != sessions:
+        raise ValueError("decode_attention: mismatched shapes")
+    for tensor in (q, k, v):
+        if tensor.dtype != torch.float32 or tensor.stride(-1) != 1 or (tensor.dim() == 3 and tensor.stride(1) != d):
+            raise ValueError("decode_attention takes float32 tensors with contiguous heads")
+    capacities = []
+    for key, value, position in zip(keys, values, positions):
+        if (key.shape != value.shape or key.dim() != 4 or key.shape[0] != 1 or key.shape[1] != kv_heads
+                or key.shape[3] != d or not key.is_contiguous() or not value.is_contiguous()
+                or key.dtype != torch.float32 or value.dtype != torch.float32 or not 0 <= position < key.shape[2]):
+            raise ValueError("decode_attention: a cache buffer does not fit")
+        capacities.append(key.shape[2])
+    threads = torch.get_num_threads()
+    out = torch.empty(sessions, heads * d, dtype=torch.float32)
+    scratch = torch.empty(threads * (max(positions) + 1), dtype=torch.float32)
+    _library.corolla_decode_attention(
+        sessions, heads, kv_heads, d, q.data_ptr(), q.stride(0), k.data_ptr(), k.stride(0), v.data_ptr(), v.stride(0),
+        _pointers(keys), _pointers(values), (ctypes.c_int64 * sessions)(*capacities),
+        (ctypes.c_int64 * sessions)(*positions), scale, out.data_ptr(), heads * d, scratch.data_ptr(), threads)
+    return out
 
 
 class KernelLinear(nn.Linear):

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from corolla.models import cpu_kernels
+from corolla.models.kv import PagedLayer
 from corolla.models.packing import PackedLinear
 from corolla.models.quant import Int8Linear, QuantizedLinear
 
@@ -150,7 +151,50 @@ class FusedLayer:
             qk = torch.cat([_head_norm(qk[:, :heads], q_weight, q_eps), _head_norm(qk[:, heads:], k_weight, k_eps)],
                            dim=1)
         values = qkv[:, (heads + kv_heads) * d :].view(-1, kv_heads, d)
-        outputs, start, half = [], 0, d // 2
+        if self._decoding(hiddens, masks, cache_layers):
+            attended = self._decode_attention(qk, values, rotary, cache_layers)
+        else:
+            attended = self._attention(hiddens, masks, rotary, cache_layers, sizes, qk, values)
+        hidden = flat + self.o_proj(attended)
+        gate_up = self.gate_up(_rms_norm(hidden, *self.post_norm))
+        gate, up = gate_up[:, : self.intermediate], gate_up[:, self.intermediate :]
+        hidden = hidden + self.down(self.act(gate) * up)
+        if len(hiddens) == 1:
+            return [hidden.view(hiddens[0].shape)]
+        return [part.view(h.shape) for part, h in zip(torch.split(hidden, sizes), hiddens)]
+
+    def _decoding(self, hiddens, masks, cache_layers) -> bool:
+        """True for decode steps the kernels' attention takes: one new token per session, one row, no mask (all
+        cached tokens visible), a float32 paged cache of one row."""
+        if not self.is_causal or not cpu_kernels.usable(hiddens[0].view(-1, hiddens[0].shape[-1]), max_rows=1):
+            return False
+        for hidden, mask, cache_layer in zip(hiddens, masks, cache_layers):
+            if hidden.shape[0] != 1 or hidden.shape[1] != 1 or mask is not None or type(cache_layer) is not PagedLayer:
+                return False
+            keys = cache_layer._keys
+            if keys is not None and (keys.shape[0] != 1 or keys.dtype != torch.float32):
+                return False
+        return True
+
+    def _decode_attention(self, qk, values, rotary, cache_layers) -> torch.Tensor:  # [sessions, heads * d]
+        """Every session's new token: rotary on all of them at once, then one kernel call writes their keys and
+        values into their caches and attends (``cpu_kernels.decode_attention``)."""
+        d, heads, half = self.head_dim, self.heads, self.head_dim // 2
+        if len(rotary) == 1:
+            cos, signed_sin = rotary[0]
+        else:
+            cos, signed_sin = torch.cat([r[0] for r in rotary]), torch.cat([r[1] for r in rotary])
+        rotated = qk * cos + torch.cat((qk[..., half:], qk[..., :half]), dim=-1) * signed_sin  # [sessions, h+kv, d]
+        positions = [layer.append_slot(self.kv_heads, d, torch.float32) for layer in cache_layers]
+        return cpu_kernels.decode_attention(
+            rotated[:, :heads].reshape(-1, heads * d), rotated[:, heads:], values,
+            [layer._keys for layer in cache_layers], [layer._values for layer in cache_layers], positions,
+            self.scaling)
+
+    def _attention(self, hiddens, masks, rotary, cache_layers, sizes, qk, values) -> torch.Tensor:
+        """Each session's attention with PyTorch's (any shape, mask and cache): [tokens, heads * d]."""
+        d, heads, kv_heads, half = self.head_dim, self.heads, self.kv_heads, self.head_dim // 2
+        outputs, start = [], 0
         for hidden, mask, (cos, signed_sin), cache_layer, size in zip(hiddens, masks, rotary, cache_layers, sizes):
             batch, new = hidden.shape[:2]
             part = qk if len(hiddens) == 1 else qk[start : start + size]
@@ -165,14 +209,7 @@ class FusedLayer:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=self.scaling,
                                                  enable_gqa=heads != kv_heads)  # [batch, heads, new, d]
             outputs.append(out.transpose(1, 2).reshape(size, heads * d))
-        attended = outputs[0] if len(outputs) == 1 else torch.cat(outputs)
-        hidden = flat + self.o_proj(attended)
-        gate_up = self.gate_up(_rms_norm(hidden, *self.post_norm))
-        gate, up = gate_up[:, : self.intermediate], gate_up[:, self.intermediate :]
-        hidden = hidden + self.down(self.act(gate) * up)
-        if len(hiddens) == 1:
-            return [hidden.view(hiddens[0].shape)]
-        return [part.view(h.shape) for part, h in zip(torch.split(hidden, sizes), hiddens)]
+        return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
 
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

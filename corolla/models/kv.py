@@ -74,6 +74,18 @@ class PagedLayer(CacheLayerMixin):
         self.length = end
         return self.keys, self.values
 
+    def append_slot(self, kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
+        """Make room for one more token of a one-row cache (growing a page if needed) and count it held; returns
+        its position, where the caller writes its key and value (``cpu_kernels.decode_attention`` does)."""
+        if self._keys is None:
+            empty = torch.empty(1, kv_heads, 0, head_dim, dtype=dtype)
+            self.lazy_initialization(empty, empty)
+            self._resize(1, empty, empty)
+        elif self.length + 1 > self.capacity:
+            self._resize(self.length + 1, self._keys, self._values)
+        self.length += 1
+        return self.length - 1
+
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.length + query_length, 0
 

@@ -29,6 +29,7 @@ class ServerConfig:
     cache_tokens: int = 32768  # session cache budget: tokens held (of one batch row, in whole pages)
     cache_page_tokens: int = 64  # sessions' caches grow and shrink in pages of this many tokens
     cache_wait_s: float = 10.0  # a session that needs cache while the budget is full waits this long, then fails
+    max_batch: int = 64  # the most sessions' steps one pass through the blocks takes
     batch_gather_s: float = 0.2  # the longest a batch of steps waits for sessions due to step (0: never waits)
     max_message_bytes: int = 256 * 2**20  # largest request frame accepted
     max_batch_tokens: int = 8192  # largest batch * seq of one forward/backward request

@@ -177,3 +177,48 @@ def test_portable_build_without_avx512_computes_the_same(tmp_path):
                                       ctypes.c_void_p(got.data_ptr()), ctypes.c_int64(6), ctypes.c_int(1))
         assert torch.equal(got, dense), grid
         torch.testing.assert_close(dense, x96 @ weight.t(), rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_decode_attention_matches_pytorch(threads):
+    """Several sessions, one new token each, caches of different lengths and capacities, grouped-query heads, keys
+    and values read from strided rows: the new keys/values land in the caches and each head's attention equals
+    PyTorch's scaled_dot_product_attention over the cache."""
+    generator = torch.Generator().manual_seed(11)
+    heads, kv_heads, d = 6, 2, 64
+    lengths = [0, 5, 63, 64, 200]  # tokens already cached
+    sessions = len(lengths)
+    keys = [torch.randn(1, kv_heads, n + 1 + extra, d, generator=generator) for n, extra in zip(lengths, [0, 3, 1, 60, 7])]
+    values = [torch.randn(k.shape, generator=generator) for k in keys]
+    before = [(k.clone(), v.clone()) for k, v in zip(keys, values)]
+    qkv = torch.randn(sessions, (heads + 2 * kv_heads) * d + 5, generator=generator)  # rows wider than their parts
+    q = qkv[:, : heads * d]
+    k = qkv[:, heads * d : (heads + kv_heads) * d].view(sessions, kv_heads, d)
+    v = qkv[:, (heads + kv_heads) * d : (heads + 2 * kv_heads) * d].view(sessions, kv_heads, d)
+    scale = 0.125
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        out = cpu_kernels.decode_attention(q, k, v, keys, values, lengths, scale)
+    finally:
+        torch.set_num_threads(previous)
+    assert out.shape == (sessions, heads * d)
+    for s, n in enumerate(lengths):
+        assert torch.equal(keys[s][0, :, n], k[s]) and torch.equal(values[s][0, :, n], v[s])
+        assert torch.equal(keys[s][0, :, :n], before[s][0][0, :, :n])  # the cached tokens are untouched
+        assert torch.equal(keys[s][0, :, n + 1 :], before[s][0][0, :, n + 1 :])
+        expected = torch.nn.functional.scaled_dot_product_attention(
+            q[s].view(1, heads, 1, d), keys[s][:, :, : n + 1], values[s][:, :, : n + 1], scale=scale, enable_gqa=True)
+        torch.testing.assert_close(out[s], expected.reshape(heads * d), rtol=1e-5, atol=1e-5)
+
+
+def test_decode_attention_refuses_what_does_not_fit():
+    k = torch.randn(1, 2, 64)
+    cache = torch.zeros(1, 2, 4, 64)
+    with pytest.raises(ValueError, match="does not fit"):
+        cpu_kernels.decode_attention(torch.randn(1, 256), k, k, [cache], [cache.clone()], [4], 0.1)  # no room at 4
+    with pytest.raises(ValueError, match="does not fit"):
+        cpu_kernels.decode_attention(torch.randn(1, 256), k, k, [torch.zeros(2, 2, 4, 64)], [torch.zeros(2, 2, 4, 64)],
+                                     [0], 0.1)  # two rows
+    with pytest.raises(ValueError, match="mismatched"):
+        cpu_kernels.decode_attention(torch.randn(1, 192), k, k, [cache], [cache.clone()], [0], 0.1)  # 3 heads, 2 kv

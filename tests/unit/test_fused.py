@@ -144,3 +144,31 @@ def test_families_outside_the_fast_path_keep_their_layers(tmp_path, name):
     save_tiny_model(name, tmp_path, num_layers=2)  # fused q/k/v, Gemma's norms, experts: not this path's layers
     stack = load_block_stack(tmp_path, load_config(tmp_path), BlockRange(0, 2), torch.float32, "cpu")
     assert not stack.fast_path
+
+
+def test_decode_steps_of_one_row_sessions_use_the_kernels_attention(tiny_path, monkeypatch):
+    """Sessions of one row stepping one token at a time (chat): attention runs in Corolla's kernel (keys and values
+    written into the paged caches there), past page boundaries and past the tiny Mistral's window of 8 (where a
+    mask makes the other path run), equal to transformers' layers."""
+    from corolla.models import cpu_kernels
+
+    calls = []
+    original = cpu_kernels.decode_attention
+    monkeypatch.setattr(cpu_kernels, "decode_attention", lambda *a, **k: calls.append(1) or original(*a, **k))
+    fast, slow = _stacks(tiny_path)
+    generator = torch.Generator().manual_seed(8)
+    lengths = [1, 6]
+    caches = [fast.new_cache(page_tokens=4) for _ in lengths]
+    reference = [slow.new_cache() for _ in lengths]
+    with torch.inference_mode():
+        for length, cache, ref in zip(lengths, caches, reference):
+            prompt = torch.randn(1, length, fast.hidden_size, generator=generator)
+            torch.testing.assert_close(fast(prompt, None, None, cache), slow(prompt, None, None, ref), rtol=1e-5,
+                                       atol=1e-5)
+        for _ in range(10):
+            steps = [torch.randn(1, 1, fast.hidden_size, generator=generator) for _ in lengths]
+            together = fast.forward_batch([(h, None, None, c) for h, c in zip(steps, caches)])
+            for h, ref, out in zip(steps, reference, together):
+                torch.testing.assert_close(out, slow(h, None, None, ref), rtol=1e-5, atol=1e-5)
+    assert calls, "the kernels' decode attention never ran"
+    assert all(cache.get_seq_length() == ref.get_seq_length() for cache, ref in zip(caches, reference))
