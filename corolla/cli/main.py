@@ -228,19 +228,29 @@ def _dht(args) -> int:
     return run_dht(args.host, args.port, args.address_file, swarm_key=load_swarm_key(args.swarm_key))
 
 
-def _serve(args) -> int:
+def serve_config(args):
+    """The ``ServerConfig`` of parsed ``corolla serve`` arguments."""
     from corolla.server.config import ServerConfig
-    from corolla.server.server import run_server
 
-    config = ServerConfig(
+    if args.max_batch < 1 or args.batch_gather < 0:
+        raise SystemExit("corolla serve: --max-batch must be at least 1 and --batch-gather at least 0")
+    return ServerConfig(
         model=args.model, dht_prefix=args.dht_prefix, blocks=args.blocks, num_blocks=args.num_blocks,
         initial_peers=tuple(args.initial_peers), new_swarm=args.new_swarm, host=args.host, port=args.port,
-        address_file=args.address_file, identity_path=args.identity, swarm_key_path=args.swarm_key, dtype=args.dtype, quant=args.quant, device=args.device, fast_path=args.fast_path, pack_weights=args.pack_weights, num_threads=args.num_threads,
-        cache_tokens=args.cache_tokens, cache_wait_s=args.cache_wait, batch_gather_s=args.batch_gather, max_batch=args.max_batch, session_idle_timeout_s=args.session_idle_timeout,
-        max_message_bytes=int(args.max_message_mb * 2**20), frame_budget_bytes=int(args.frame_budget_mb * 2**20), throughput=args.throughput,
-        rebalance_period_s=args.rebalance_period, balance_quality=args.balance_quality, adapters=tuple(args.adapters),
+        address_file=args.address_file, identity_path=args.identity, swarm_key_path=args.swarm_key, dtype=args.dtype,
+        quant=args.quant, device=args.device, fast_path=args.fast_path, pack_weights=args.pack_weights,
+        num_threads=args.num_threads, cache_tokens=args.cache_tokens, cache_wait_s=args.cache_wait,
+        batch_gather_s=args.batch_gather, max_batch=args.max_batch, session_idle_timeout_s=args.session_idle_timeout,
+        max_message_bytes=int(args.max_message_mb * 2**20), frame_budget_bytes=int(args.frame_budget_mb * 2**20),
+        throughput=args.throughput, rebalance_period_s=args.rebalance_period, balance_quality=args.balance_quality,
+        adapters=tuple(args.adapters),
     )
-    return run_server(config, args.log_format)
+
+
+def _serve(args) -> int:
+    from corolla.server.server import run_server
+
+    return run_server(serve_config(args), args.log_format)
 
 
 def _swarm(args) -> int:

@@ -70,3 +70,16 @@ def test_activation_store_budget_ttl_and_take():
     store.ttl_s = -1  # everything is now too old
     d = store.put(graph(10))
     assert store.take(d) is None
+
+
+def test_serve_flags_reach_the_server_config():
+    from corolla.cli.main import build_parser, serve_config
+
+    defaults = serve_config(build_parser().parse_args(["serve", "smollm2"]))
+    assert defaults.fast_path and defaults.pack_weights and defaults.max_batch == 64 and defaults.batch_gather_s == 0.2
+    args = build_parser().parse_args(["serve", "smollm2", "--no-weight-packing", "--no-fast-path", "--max-batch", "4",
+                                      "--batch-gather", "0"])
+    config = serve_config(args)
+    assert not config.pack_weights and not config.fast_path and config.max_batch == 4 and config.batch_gather_s == 0
+    with pytest.raises(SystemExit, match="--max-batch"):
+        serve_config(build_parser().parse_args(["serve", "smollm2", "--max-batch", "0"]))
