@@ -166,7 +166,8 @@ class FusedLayer:
     def _decoding(self, hiddens, masks, cache_layers) -> bool:
         """True for decode steps the kernels' attention takes: one new token per session, one row, no mask (all
         cached tokens visible), a float32 paged cache of one row."""
-        if not self.is_causal or not cpu_kernels.usable(hiddens[0].view(-1, hiddens[0].shape[-1]), max_rows=1):
+        first = hiddens[0]
+        if not self.is_causal or first.dtype != torch.float32 or first.device.type != "cpu" or not cpu_kernels.available():
             return False
         for hidden, mask, cache_layer in zip(hiddens, masks, cache_layers):
             if hidden.shape[0] != 1 or hidden.shape[1] != 1 or mask is not None or type(cache_layer) is not PagedLayer:
