@@ -10,7 +10,7 @@ block's own minimum and maximum, rebuilds every weight from its code in float32,
 rebuilt weight equals the original bit for bit. ``PackedLinear`` then holds the codes (``cpu_kernels.PackedWeight``):
 a sixth of the memory for Q4_1 grids, about a quarter for Q8_0, half for bfloat16. Its products are the float32
 products of the original weights: Corolla's CPU kernels rebuild each weight as they stream it and sum exactly as for
-float32 weights (same bits); other calls (many rows, autograd, no kernels) unpack the weights first.
+float32 weights (same bits); other calls (many rows, backward passes, no kernels) unpack the weights first.
 
 Nothing here changes a model's outputs; it changes how many bytes a decode step reads. A weight that is off its
 grid by one bit leaves the whole matrix unpacked.
@@ -116,8 +116,9 @@ def _pack_bf16(weight: torch.Tensor) -> Optional[PackedWeight]:
 
 class PackedLinear(QuantizedLinear):
     """A frozen float32 linear layer whose weights are held packed (``pack``): it computes what the original
-    ``nn.Linear`` computes. Up to ``cpu_kernels.PACKED_MAX_ROWS`` rows without autograd run on the kernels (the same
-    bits as the float32 kernels on the original weights); other calls unpack the weights for PyTorch's product."""
+    ``nn.Linear`` computes. Calls of up to ``cpu_kernels.PACKED_MAX_ROWS`` rows run on the kernels (the same bits as
+    the float32 kernels on the original weights); larger calls and backward passes unpack the weights for PyTorch's
+    products."""
 
     def __init__(self, linear: nn.Linear, packed: PackedWeight):
         super().__init__(linear)
