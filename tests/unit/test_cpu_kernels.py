@@ -177,6 +177,25 @@ def test_portable_build_without_avx512_computes_the_same(tmp_path):
                                       ctypes.c_void_p(got.data_ptr()), ctypes.c_int64(6), ctypes.c_int(1))
         assert torch.equal(got, dense), grid
         torch.testing.assert_close(dense, x96 @ weight.t(), rtol=1e-5, atol=1e-4)
+    # decode attention: the portable loops against PyTorch's attention
+    heads, kv_heads, d, length = 4, 2, 16, 9
+    q = torch.randn(1, heads * d, generator=generator)
+    new = torch.randn(2, 1, kv_heads, d, generator=generator)  # the new key and value
+    caches = [torch.randn(1, kv_heads, length + 3, d, generator=generator) for _ in range(2)]
+    out = torch.empty(1, heads * d)
+    scratch = torch.empty(length + 1)
+    library.corolla_decode_attention(
+        ctypes.c_int64(1), ctypes.c_int64(heads), ctypes.c_int64(kv_heads), ctypes.c_int64(d),
+        ctypes.c_void_p(q.data_ptr()), ctypes.c_int64(heads * d), ctypes.c_void_p(new[0].data_ptr()),
+        ctypes.c_int64(kv_heads * d), ctypes.c_void_p(new[1].data_ptr()), ctypes.c_int64(kv_heads * d),
+        pointers([caches[0]]), pointers([caches[1]]), (ctypes.c_int64 * 1)(length + 3), (ctypes.c_int64 * 1)(length),
+        ctypes.c_float(0.25), ctypes.c_void_p(out.data_ptr()), ctypes.c_int64(heads * d),
+        ctypes.c_void_p(scratch.data_ptr()), ctypes.c_int(1))
+    assert torch.equal(caches[0][0, :, length], new[0, 0]) and torch.equal(caches[1][0, :, length], new[1, 0])
+    expected = torch.nn.functional.scaled_dot_product_attention(
+        q.view(1, heads, 1, d), caches[0][:, :, : length + 1], caches[1][:, :, : length + 1], scale=0.25,
+        enable_gqa=True)
+    torch.testing.assert_close(out, expected.reshape(1, heads * d), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("threads", [1, 2])
@@ -222,22 +241,3 @@ def test_decode_attention_refuses_what_does_not_fit():
                                      [0], 0.1)  # two rows
     with pytest.raises(ValueError, match="mismatched"):
         cpu_kernels.decode_attention(torch.randn(1, 192), k, k, [cache], [cache.clone()], [0], 0.1)  # 3 heads, 2 kv
-    # decode attention: the portable loops against PyTorch's attention
-    heads, kv_heads, d, length = 4, 2, 16, 9
-    q = torch.randn(1, heads * d, generator=generator)
-    new = torch.randn(2, 1, kv_heads, d, generator=generator)  # the new key and value
-    caches = [torch.randn(1, kv_heads, length + 3, d, generator=generator) for _ in range(2)]
-    out = torch.empty(1, heads * d)
-    scratch = torch.empty(length + 1)
-    library.corolla_decode_attention(
-        ctypes.c_int64(1), ctypes.c_int64(heads), ctypes.c_int64(kv_heads), ctypes.c_int64(d),
-        ctypes.c_void_p(q.data_ptr()), ctypes.c_int64(heads * d), ctypes.c_void_p(new[0].data_ptr()),
-        ctypes.c_int64(kv_heads * d), ctypes.c_void_p(new[1].data_ptr()), ctypes.c_int64(kv_heads * d),
-        pointers([caches[0]]), pointers([caches[1]]), (ctypes.c_int64 * 1)(length + 3), (ctypes.c_int64 * 1)(length),
-        ctypes.c_float(0.25), ctypes.c_void_p(out.data_ptr()), ctypes.c_int64(heads * d),
-        ctypes.c_void_p(scratch.data_ptr()), ctypes.c_int(1))
-    assert torch.equal(caches[0][0, :, length], new[0, 0]) and torch.equal(caches[1][0, :, length], new[1, 0])
-    expected = torch.nn.functional.scaled_dot_product_attention(
-        q.view(1, heads, 1, d), caches[0][:, :, : length + 1], caches[1][:, :, : length + 1], scale=0.25,
-        enable_gqa=True)
-    torch.testing.assert_close(out, expected.reshape(1, heads * d), rtol=1e-5, atol=1e-5)
