@@ -15,8 +15,11 @@
   sessions' steps at once, ``forward_batch``; cache helpers; memory accounting) and ``load_block_stack``.
 - ``fused.py``: the fast path: ``FusedLayer`` runs a Llama-built layer with fused projections and few operations
   (the stack's default where no autograd or LoRA is involved; ``--no-fast-path`` turns it off).
-- ``cpu_kernels.py`` + ``cpu_kernels.c``: Corolla's matrix-vector kernels for decode steps (float32 and int8 weights
-  read near memory speed; RMS norm), compiled once per machine, called through ``ctypes``; ``KernelLinear``.
+- ``cpu_kernels.py`` + ``cpu_kernels.c``: Corolla's matrix-vector kernels for decode steps (float32, int8 and packed
+  weights read near memory speed; RMS norm; decode steps' attention), compiled once per machine, called through
+  ``ctypes``; ``KernelLinear``.
+- ``packing.py``: float32 weights that lie exactly on a grid (GGUF Q4_1/Q8_0 blocks, bfloat16 values) found at load
+  and held as its codes (``PackedLinear``), read by the kernels with the same results; ``pack``, ``pack_layer``.
 - ``quant.py``: quantized weights (int8 on CPU with Corolla's kernels, int4 with PyTorch's; LLM.int8() / NF4 on
   CUDA).
 - ``kv.py``: ``PagedLayer``, a layer's attention cache growing and shrinking a page of tokens at a time.

@@ -70,20 +70,27 @@ static inline __m512 load_weights_i8(const int8_t *w, int64_t i, __mmask16 mask)
         }                                                                                                         \
     } while (0)
 
+/* Every row of x against output channel o, in blocks of four rows and one block of the rest: BLOCK(WTYPE, LOAD, R)
+ * is ROW_BLOCK or a macro of its shape. */
+#define FOR_ROW_BLOCKS(BLOCK, WTYPE, LOAD)                                                                        \
+    do {                                                                                                          \
+        int64_t block = 0;                                                                                        \
+        for (; block + 4 <= rows; block += 4) BLOCK(WTYPE, LOAD, 4);                                              \
+        switch (rows - block) {                                                                                   \
+        case 3: BLOCK(WTYPE, LOAD, 3); break;                                                                     \
+        case 2: BLOCK(WTYPE, LOAD, 2); break;                                                                     \
+        case 1: BLOCK(WTYPE, LOAD, 1); break;                                                                     \
+        default: break;                                                                                           \
+        }                                                                                                         \
+    } while (0)
+
 #define DEFINE_KERNEL(NAME, WTYPE, LOAD)                                                                          \
     static void NAME(const float *x, int64_t x_stride, const WTYPE *w, int64_t in, int64_t out, const float *scale, \
                      const float *bias, float *y, int64_t y_stride, int64_t rows) {                                \
         const int64_t main_end = in - in % 64;                                                                    \
         for (int64_t o = 0; o < out; o++) {                                                                       \
             const WTYPE *wo = w + o * in;                                                                         \
-            int64_t block = 0;                                                                                    \
-            for (; block + 4 <= rows; block += 4) ROW_BLOCK(WTYPE, LOAD, 4);                                      \
-            switch (rows - block) {                                                                               \
-            case 3: ROW_BLOCK(WTYPE, LOAD, 3); break;                                                             \
-            case 2: ROW_BLOCK(WTYPE, LOAD, 2); break;                                                             \
-            case 1: ROW_BLOCK(WTYPE, LOAD, 1); break;                                                             \
-            default: break;                                                                                       \
-            }                                                                                                     \
+            FOR_ROW_BLOCKS(ROW_BLOCK, WTYPE, LOAD);                                                               \
         }                                                                                                         \
     }
 DEFINE_KERNEL(linear_f32_impl, float, load_weights_f32)
@@ -111,8 +118,9 @@ static inline __m512 load_bf16(const uint16_t *w, int64_t i) {
 }
 #define LOAD_Q8S(wo, i, mask) load_q8s(wo, d_o, i)
 #define LOAD_BF16(wo, i, mask) load_bf16(wo, i)
-/* ROW_BLOCK's sums in ROW_BLOCK's order, with each q4a block (two runs of 16) decoded once */
-#define ROW_BLOCK_Q4A(R)                                                                                          \
+/* ROW_BLOCK's sums in ROW_BLOCK's order, with each q4a block (two runs of 16) decoded once (ROW_BLOCK's shape:
+ * WTYPE and LOAD are unused) */
+#define ROW_BLOCK_Q4A(WTYPE, LOAD, R)                                                                             \
     do {                                                                                                          \
         __m512 acc[R][4];                                                                                         \
         for (int r = 0; r < R; r++)                                                                               \
@@ -151,14 +159,7 @@ static void linear_q4a_impl(const float *x, int64_t x_stride, const uint8_t *w, 
     for (int64_t o = 0; o < out; o++) {
         const uint8_t *wo = w + o * (in / 2);
         const float *d_o = ds + o * (in / 32), *m_o = ms + o * (in / 32);
-        int64_t block = 0;
-        for (; block + 4 <= rows; block += 4) ROW_BLOCK_Q4A(4);
-        switch (rows - block) {
-        case 3: ROW_BLOCK_Q4A(3); break;
-        case 2: ROW_BLOCK_Q4A(2); break;
-        case 1: ROW_BLOCK_Q4A(1); break;
-        default: break;
-        }
+        FOR_ROW_BLOCKS(ROW_BLOCK_Q4A, uint8_t, none);
     }
 }
 #define HAVE_Q4A_IMPL
@@ -173,14 +174,7 @@ static void linear_q4a_impl(const float *x, int64_t x_stride, const uint8_t *w, 
             const QTYPE *wo = w + o * (QROW);                                                                     \
             const float *d_o = ds ? ds + o * (in / 32) : NULL, *m_o = ms ? ms + o * (in / 32) : NULL;             \
             (void)d_o, (void)m_o;                                                                                 \
-            int64_t block = 0;                                                                                    \
-            for (; block + 4 <= rows; block += 4) ROW_BLOCK(QTYPE, LOAD, 4);                                      \
-            switch (rows - block) {                                                                               \
-            case 3: ROW_BLOCK(QTYPE, LOAD, 3); break;                                                             \
-            case 2: ROW_BLOCK(QTYPE, LOAD, 2); break;                                                             \
-            case 1: ROW_BLOCK(QTYPE, LOAD, 1); break;                                                             \
-            default: break;                                                                                       \
-            }                                                                                                     \
+            FOR_ROW_BLOCKS(ROW_BLOCK, QTYPE, LOAD);                                                               \
         }                                                                                                         \
     }
 

@@ -127,6 +127,7 @@ class PackedLinear(QuantizedLinear):
         self.register_buffer("packed_d", packed.d)
         self.register_buffer("packed_m", packed.m)
         self._group: Optional[cpu_kernels.LinearGroup] = None
+        self._group_key: Optional[int] = None  # where the codes were when the group was made
 
     @property
     def packed(self) -> PackedWeight:
@@ -135,8 +136,9 @@ class PackedLinear(QuantizedLinear):
 
     def matmul(self, flat: torch.Tensor) -> torch.Tensor:
         if flat.dtype == torch.float32 and cpu_kernels.usable(flat, max_rows=cpu_kernels.PACKED_MAX_ROWS):
-            if self._group is None or self._group._keep[0][0].codes is not self.packed_codes:
+            if self._group_key != self.packed_codes.data_ptr():  # first call, or the buffers moved
                 self._group = cpu_kernels.LinearGroup([self.packed])
+                self._group_key = self.packed_codes.data_ptr()
             return self._group(flat)
         return F.linear(flat, self.dequantized_weight().to(flat.dtype))
 
