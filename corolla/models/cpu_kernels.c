@@ -70,12 +70,14 @@ static inline __m512 load_weights_i8(const int8_t *w, int64_t i, __mmask16 mask)
         }                                                                                                         \
     } while (0)
 
-/* Every row of x against output channel o, in blocks of four rows and one block of the rest: BLOCK(WTYPE, LOAD, R)
- * is ROW_BLOCK or a macro of its shape. */
+/* Every row of x against output channel o, in blocks of ROWS_PER_PASS rows and one block of the rest: BLOCK(WTYPE,
+ * LOAD, R) is ROW_BLOCK or a macro of its shape. Each block reads (and rebuilds) the weights again, so a call costs
+ * about the same per row as separate calls once it has more rows than one block. */
+#define ROWS_PER_PASS 4
 #define FOR_ROW_BLOCKS(BLOCK, WTYPE, LOAD)                                                                        \
     do {                                                                                                          \
         int64_t block = 0;                                                                                        \
-        for (; block + 4 <= rows; block += 4) BLOCK(WTYPE, LOAD, 4);                                              \
+        for (; block + ROWS_PER_PASS <= rows; block += ROWS_PER_PASS) BLOCK(WTYPE, LOAD, ROWS_PER_PASS);          \
         switch (rows - block) {                                                                                   \
         case 3: BLOCK(WTYPE, LOAD, 3); break;                                                                     \
         case 2: BLOCK(WTYPE, LOAD, 2); break;                                                                     \
@@ -179,6 +181,7 @@ static void linear_q4a_impl(const float *x, int64_t x_stride, const uint8_t *w, 
     }
 
 #else /* no AVX-512: sixteen partial sums per output, which the compiler vectorizes for the CPU it builds for */
+#define ROWS_PER_PASS 0 /* each row is its own pass over weights in cache: no batch size is known to be best */
 
 #define DEFINE_KERNEL(NAME, WTYPE)                                                                                \
     static void NAME(const float *x, int64_t x_stride, const WTYPE *w, int64_t in, int64_t out, const float *scale, \
@@ -244,7 +247,10 @@ DEFINE_PACKED_KERNEL(linear_q4a_impl, uint8_t, in / 2, LOAD_Q4A)
 DEFINE_PACKED_KERNEL(linear_q8s_impl, int8_t, in, LOAD_Q8S)
 DEFINE_PACKED_KERNEL(linear_bf16_impl, uint16_t, in, LOAD_BF16)
 
-int corolla_kernels_version(void) { return 6; }
+int corolla_kernels_version(void) { return 7; }
+
+/* Rows one pass over the weights serves (FOR_ROW_BLOCKS): batches beyond it gain nothing per row (0: unknown). */
+int corolla_rows_per_pass(void) { return ROWS_PER_PASS; }
 
 /* Output columns [first, last) of a group: matrix j owns columns [start_j, start_j + outs[j]). */
 #define RUN_COLUMNS(IMPL, SCALE_OF)                                                                               \

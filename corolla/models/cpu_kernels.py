@@ -50,7 +50,7 @@ INT8_MAX_ROWS = 32
 # packed weights: the alternative is rebuilding the float32 weights for PyTorch's product, so the kernels stay ahead
 # for longer (measured by benchmarks/bench_fastpath.py --rows)
 PACKED_MAX_ROWS = 32
-KERNELS_VERSION = 6  # corolla_kernels_version() of the C file
+KERNELS_VERSION = 7  # corolla_kernels_version() of the C file
 
 _lock = threading.Lock()
 _library: Optional[ctypes.CDLL] = None
@@ -134,6 +134,15 @@ def _load() -> Optional[ctypes.CDLL]:
 def available() -> bool:
     """True if the kernels are built and loaded (building them on first call)."""
     return _load() is not None
+
+
+def rows_per_pass() -> Optional[int]:
+    """Rows of activations one pass over a layer's weights serves (the C file's ``ROWS_PER_PASS``): a call with more
+    rows reads the weights again for each further block of rows, so it costs about as much per row as separate calls.
+    None without the kernels, or where the build has no such blocks (the portable build)."""
+    library = _load()
+    rows = library.corolla_rows_per_pass() if library is not None else 0
+    return rows or None
 
 
 def unavailable_reason() -> Optional[str]:

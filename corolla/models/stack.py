@@ -239,6 +239,15 @@ class BlockStack(nn.Module):
         element_bytes = torch.empty((), dtype=self.dtype).element_size()
         return self.family.cache_values_per_token_per_layer(self.config) * element_bytes * len(self.blocks)
 
+    @property
+    def rows_per_pass(self) -> int | None:
+        """Rows of a decode pass past which a larger batch costs as much per row as separate passes (the CPU kernels
+        serve this many rows per read of the weights), or None where no such size is known (PyTorch's products, whose
+        cost per row keeps falling with the batch). The server's scheduler batches sessions up to it."""
+        if not self.fast_path or self.dtype != torch.float32 or not cpu_kernels.available():
+            return None
+        return cpu_kernels.rows_per_pass()
+
     def weight_bytes(self) -> int:
         """Bytes of the layers' parameters and buffers."""
         tensors = itertools.chain(self.layers.parameters(), self.layers.buffers())

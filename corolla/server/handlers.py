@@ -144,9 +144,10 @@ class RequestHandlers:
                     route = parse_route(step.next_hops)
                     await sessions.grow(session, step)
                     sessions.arrived(session)
-                    outputs = await self.scheduler.run_batched(Priority.INFERENCE, ("steps", id(compute)),
-                                                               (session, step), compute.session_steps,
-                                                               sessions.company)
+                    outputs = await self.scheduler.run_batched(
+                        Priority.INFERENCE, ("steps", id(compute)), (session, step), compute.session_steps,
+                        sessions.company, rows=step.hidden_states.shape[0] * step.hidden_states.shape[1],
+                        knee=stack.rows_per_pass)
                     relay_error = await relays.forward(step, outputs, route) if route else None
                     self.counts["relayed_out"] += bool(route) and relay_error is None
                     await channel.reply(SessionStepReply(hidden_states=outputs, position=session.position,

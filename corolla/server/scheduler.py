@@ -5,13 +5,18 @@ parallelism here). Jobs wait in a priority queue: inference steps before forward
 jobs, first come first served within a priority, so a training run sharing a server does not stall chat.
 
 Batching: jobs submitted with ``run_batched`` under the same key (inference steps of sessions that can share a
-forward pass) are taken together: when the thread frees up, every such job waiting at that moment runs in one call
-of the batch function. A job alone never waits for company. When the submitter can tell that more jobs of its key
+forward pass) are taken together: when the thread frees up, the jobs of that key waiting at that moment run in one
+call of the batch function. A job alone never waits for company. When the submitter can tell that more jobs of its key
 are due within a moment (``company``: sessions whose next step, by their own rhythm, is due), the thread waits for
-them, at most four times what the last call of that key took and never more than ``max_gather_s``: a call costs
-about the same for one session as for eight (memory-bound matrix products), so the wait saves most of the compute.
-Measured with eight client processes on a 3-server loopback swarm (benchmarks/bench_concurrency.py): batches of
-about 2.5 steps and 2.0x one session's speed without the wait, 7.5 steps and 3.0x with it.
+them, at most four times what the last call of that key took and never more than ``max_gather_s``.
+
+How large a batch pays: ``knee`` (the block stack's ``rows_per_pass``) is the number of rows up to which a call costs
+about the same as one row (memory-bound matrix products: the CPU kernels serve four rows per read of the weights),
+and past which it costs as much per row as separate calls. A batch stops growing once it holds that many rows: it
+does not wait for more, and jobs beyond it run in the next call. Splitting costs no compute there, and it keeps a
+chain of servers busy at once: the next server starts on the first part while this one runs the rest. Measured with
+eight client processes on a 3-server loopback swarm of the embedded model (benchmarks/bench_concurrency.py): one
+convoy of eight (each server in turn, the others idle) gave 66.7-71.2 tokens/s; calls of four gave 83.6-87.7.
 """
 from __future__ import annotations
 
@@ -46,6 +51,8 @@ class _Job:
     key: Optional[Hashable] = field(compare=False, default=None)  # batched jobs with equal keys run together
     company: Optional[Callable[[list, float], int]] = field(compare=False, default=None)  # (items, window) -> how many
     #                                                        more jobs of this key are due within window seconds
+    rows: int = field(compare=False, default=1)  # rows of activations the job adds to a batched call
+    knee: Optional[int] = field(compare=False, default=None)  # rows past which a batch stops growing (None: max_batch)
 
 
 class Scheduler:
@@ -77,12 +84,14 @@ class Scheduler:
         return await self._submit(_Job(int(priority), next(self._order), fn, args, self._future()))
 
     async def run_batched(self, priority: Priority, key: Hashable, item: Any, batch_fn: Callable[[list], list],
-                          company: Optional[Callable[[list, float], int]] = None) -> Any:
-        """``batch_fn([item, ...])[i]`` for this job's ``item``, together with every job of the same ``key`` waiting
-        when the thread takes it (``company(items, window_s)``: how many more are due within a window, if known). A
-        result that is an exception is raised to its own requester only."""
+                          company: Optional[Callable[[list, float], int]] = None, rows: int = 1,
+                          knee: Optional[int] = None) -> Any:
+        """``batch_fn([item, ...])[i]`` for this job's ``item``, together with the jobs of the same ``key`` waiting
+        when the thread takes it, up to ``knee`` rows (``rows``: this job's; see the module docstring) and
+        ``max_batch`` jobs (``company(items, window_s)``: how many more are due within a window, if known). A result
+        that is an exception is raised to its own requester only."""
         return await self._submit(_Job(int(priority), next(self._order), batch_fn, (item,), self._future(), key,
-                                       company))
+                                       company, max(1, rows), knee))
 
     @property
     def waiting(self) -> int:
@@ -100,29 +109,39 @@ class Scheduler:
         return await job.future
 
     def _take(self) -> list[_Job]:
-        """The next job, and if it is batched every waiting job of its key (in order, up to ``max_batch``)."""
+        """The next job, and if it is batched the waiting jobs of its key (in order, while the batch is not full)."""
         first = heapq.heappop(self._heap)
         if first.key is None:
             return [first]
-        return [first] + self._take_key(first.key, first.priority, self.max_batch - 1)
+        batch = [first]
+        self._take_key(batch)
+        return batch
 
-    def _take_key(self, key: Hashable, priority: int, limit: int) -> list[_Job]:
-        taken, rest = [], []
+    def _full(self, batch: list[_Job]) -> bool:
+        """``max_batch`` jobs, or rows enough to reach the knee (the first job's)."""
+        knee = batch[0].knee
+        return len(batch) >= self.max_batch or (knee is not None and sum(job.rows for job in batch) >= knee)
+
+    def _take_key(self, batch: list[_Job]) -> None:
+        """Add waiting jobs of ``batch``'s key and priority to it, in order, until it is full."""
+        key, priority = batch[0].key, batch[0].priority
+        if self._full(batch) or not any(job.key == key for job in self._heap):
+            return
+        rest = []
         for job in sorted(self._heap):
-            if job.key == key and job.priority == priority and len(taken) < limit:
-                taken.append(job)
+            if job.key == key and job.priority == priority and not self._full(batch):
+                batch.append(job)
             else:
                 rest.append(job)
         self._heap = rest
         heapq.heapify(self._heap)
-        return taken
 
     async def _gather(self, batch: list[_Job]) -> list[_Job]:
         """Wait briefly for the company the batch's jobs expect (see the module docstring)."""
-        key, priority, company = batch[0].key, batch[0].priority, batch[0].company
+        key, company = batch[0].key, batch[0].company
         budget_s = min(self.max_gather_s, GATHER_CALLS * self._last_call_s.get(key, 0.0))
         deadline = asyncio.get_running_loop().time() + budget_s
-        while len(batch) < self.max_batch:
+        while not self._full(batch):
             left = deadline - asyncio.get_running_loop().time()
             if left <= 0 or company([job.args[0] for job in batch], left) == 0:
                 break
@@ -131,7 +150,7 @@ class Scheduler:
                 await asyncio.wait_for(self._ready.wait(), left)
             except asyncio.TimeoutError:
                 pass
-            batch += self._take_key(key, priority, self.max_batch - len(batch))
+            self._take_key(batch)
         return batch
 
     async def _work(self) -> None:

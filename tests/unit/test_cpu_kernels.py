@@ -196,6 +196,7 @@ def test_portable_build_without_avx512_computes_the_same(tmp_path):
         q.view(1, heads, 1, d), caches[0][:, :, : length + 1], caches[1][:, :, : length + 1], scale=0.25,
         enable_gqa=True)
     torch.testing.assert_close(out, expected.reshape(1, heads * d), rtol=1e-5, atol=1e-5)
+    assert library.corolla_rows_per_pass() == 0  # one row per pass: no batch size is best (the scheduler's knee)
 
 
 @pytest.mark.parametrize("threads", [1, 2])

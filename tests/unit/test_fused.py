@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from corolla.core.blocks import BlockRange
+from corolla.models import cpu_kernels
 from corolla.models.checkpoint import load_config
 from corolla.models.fused import FusedLayer
 from corolla.models.lora import LoraSet, lora_applied
@@ -69,6 +70,10 @@ def _session(stack, hidden_size, seed):
 @pytest.mark.parametrize("quant", ["none", "int8"])
 def test_fast_path_equals_the_layers(tiny_path, quant, fused_calls):
     fast, slow = _stacks(tiny_path, quant)
+    # the scheduler batches sessions up to the kernels' rows per pass; PyTorch's products have no such size
+    assert fast.rows_per_pass == cpu_kernels.rows_per_pass() and slow.rows_per_pass is None
+    if cpu_kernels._cpu_signature().startswith("x86_64") and "avx512f" in open("/proc/cpuinfo").read():
+        assert fast.rows_per_pass == 4
     if quant == "int8":  # without the fast path, quantized layers use PyTorch's kernels only
         kernels = {m.kernels for stack in (fast, slow) for m in stack.modules() if hasattr(m, "kernels")}
         assert kernels == {True, False}

@@ -93,3 +93,64 @@ def test_batches_take_every_queued_step_and_wait_only_for_company_that_is_due():
         await scheduler.close()
 
     asyncio.run(scenario())
+
+
+def test_batches_stop_growing_at_the_knee():
+    """Past ``knee`` rows a batch neither takes more waiting steps (they run in the next call, in order) nor waits
+    for company that is due; a step of many rows runs even though it alone passes the knee."""
+    async def scenario():
+        scheduler = Scheduler(max_gather_s=0.5)
+        calls = []
+
+        def batch(items):
+            calls.append([item for item, _ in items])
+            time.sleep(0.02)
+            return [item * 10 for item, _ in items]
+
+        def submit(item, rows=1, company=lambda items, window: 0):
+            return asyncio.create_task(scheduler.run_batched(Priority.INFERENCE, "k", (item, rows), batch, company,
+                                                             rows=rows, knee=4))
+
+        gate = threading.Event()
+        busy = asyncio.create_task(scheduler.run(Priority.TRAINING, gate.wait, 5))
+        await asyncio.sleep(0.02)
+        queued = [submit(i) for i in range(1, 10)]  # nine steps of one row each wait for the thread
+        await asyncio.sleep(0.02)
+        gate.set()
+        assert await asyncio.gather(*queued) == [10 * i for i in range(1, 10)]
+        assert calls == [[1, 2, 3, 4], [5, 6, 7, 8], [9]]
+        await busy
+        # rows, not steps, fill a batch: a two-row step and two one-row steps reach four
+        calls.clear()
+        busy = asyncio.create_task(scheduler.run(Priority.TRAINING, gate.wait, 5))
+        gate.clear()
+        await asyncio.sleep(0.02)
+        queued = [submit(1, rows=2), submit(2), submit(3), submit(4), submit(5, rows=9)]
+        await asyncio.sleep(0.02)
+        gate.set()
+        await asyncio.gather(*queued, busy)
+        assert calls == [[1, 2, 3], [4, 5]]
+        # a full batch does not wait for company that is due: it never even asks who is due
+        calls.clear()
+        asked = []
+
+        def due(items, window):
+            asked.append(len(items))
+            return 3
+
+        busy = asyncio.create_task(scheduler.run(Priority.TRAINING, gate.wait, 5))
+        gate.clear()
+        await asyncio.sleep(0.02)
+        queued = [submit(i, company=due) for i in range(1, 5)]
+        await asyncio.sleep(0.02)
+        gate.set()
+        await asyncio.gather(*queued, busy)
+        assert calls == [[1, 2, 3, 4]] and asked == []
+        # below the knee it does wait for them
+        waiting = submit(5, company=due)
+        await asyncio.sleep(0.01)
+        joined = submit(6, company=due)
+        assert await asyncio.gather(waiting, joined) == [50, 60] and calls[-1] == [5, 6] and asked
+        await scheduler.close()
+
+    asyncio.run(scenario())
