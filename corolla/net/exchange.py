@@ -46,7 +46,8 @@ async def read_reply(reader: asyncio.StreamReader, peer_id: str, timeout_s: Opti
     """The next message from a peer, at most ``max_bytes``. A broken stream, a reply too large, a frame that does
     not parse: all are that peer's failure, as ``RemoteError``."""
     try:
-        return await asyncio.wait_for(read_message(reader, max_bytes), timeout_s)
+        async with asyncio.timeout(timeout_s):
+            return await read_message(reader, max_bytes)
     except (ConnectionError, asyncio.IncompleteReadError) as exc:
         raise RemoteError("ConnectionClosed", f"the stream broke: {exc}", peer_id) from None
     except CorollaError as exc:  # its fault, not ours: it sent something we cannot read

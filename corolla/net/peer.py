@@ -3,6 +3,7 @@ byte streams."""
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import os
 import tempfile
@@ -11,6 +12,7 @@ from typing import Any, Optional, Sequence
 
 from hivemind.dht.crypto import RSASignatureValidator
 from hivemind.dht.node import DHTNode
+from hivemind.dht.validation import DHTRecord
 from hivemind.p2p import P2P, PeerID
 from hivemind.utils.crypto import RSAPrivateKey
 from hivemind.utils.multiaddr import Multiaddr
@@ -22,6 +24,36 @@ from corolla.net.transport import StreamHandler, Transport
 from corolla.wire.identity import Identity
 
 logger = logging.getLogger(__name__)
+
+
+class RememberingValidator(RSASignatureValidator):
+    """hivemind's check that a protected record is signed by its owner, remembering its verdict on records it has
+    seen: a client that refreshes its view every few seconds gets the same signed records again until their owners
+    re-announce, and checking each signature again cost ~36 ms of CPU per refresh of a 3-server swarm. The verdict
+    is kept for the whole record (key, subkey, value with its signature, expiration), so a record that differs in
+    any byte is checked afresh; at most ``capacity`` verdicts are kept (least recently used go first)."""
+
+    def __init__(self, private_key, capacity: int = 4096):
+        super().__init__(private_key)
+        self.capacity = capacity
+        self._verdicts: collections.OrderedDict[DHTRecord, bool] = collections.OrderedDict()
+        self.checked = 0  # signatures actually verified (the rest were remembered)
+
+    def validate(self, record: DHTRecord) -> bool:
+        try:
+            verdict = self._verdicts[record]
+        except (KeyError, TypeError):  # TypeError: a field that cannot be hashed; check it, remember nothing
+            verdict = super().validate(record)
+            self.checked += 1
+            try:
+                self._verdicts[record] = verdict
+            except TypeError:
+                return verdict
+            if len(self._verdicts) > self.capacity:
+                self._verdicts.popitem(last=False)
+            return verdict
+        self._verdicts.move_to_end(record)
+        return verdict
 
 
 @dataclass(frozen=True)
@@ -51,7 +83,7 @@ class Peer(Transport):
         identity = config.identity or Identity.generate()
         key = RSAPrivateKey.__new__(RSAPrivateKey)  # hivemind's wrapper around the same key
         key.__setstate__({"_private_key": identity.private_der()})
-        validator = RSASignatureValidator(key)  # as a DHT node: refuse writes to a protected subkey by others
+        validator = RememberingValidator(key)  # as a DHT node: refuse writes to a protected subkey by others
         with tempfile.TemporaryDirectory(prefix="corolla-identity-") as folder:
             identity_path = os.path.join(folder, "identity.key")
             with open(identity_path, "wb") as file:
@@ -77,6 +109,7 @@ class Peer(Transport):
                 client_mode=config.client_mode,
                 num_workers=4,
                 cache_locally=False,  # a lookup must see fresh records, not an old local copy
+                cache_nearest=0,  # nor write what it found to other nodes (each of which must check its signatures)
                 cache_on_store=False,
                 ensure_bootstrap_success=bool(config.initial_peers),
                 record_validator=validator,

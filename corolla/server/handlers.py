@@ -130,7 +130,8 @@ class RequestHandlers:
             while True:
                 left = self.config.session_idle_timeout_s - (time.monotonic() - last_valid)
                 try:
-                    step = await asyncio.wait_for(session.inbox.get(), max(0.0, left))
+                    async with asyncio.timeout(max(0.0, left)):
+                        step = await session.inbox.get()
                 except asyncio.TimeoutError:
                     await channel.error(SessionEvictedError(
                         f"session {session.session_id} idle for {self.config.session_idle_timeout_s:.0f} s: closed"))

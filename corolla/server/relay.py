@@ -82,7 +82,8 @@ class Relays:
             stream = self._streams.get(key)
             if stream is None:
                 stream = self._streams[key] = await PushStream.open(self.transport, hop, self.timeout_s, self.swarm_key)
-            await asyncio.wait_for(stream.push(relayed, self.codec), self.timeout_s)
+            async with asyncio.timeout(self.timeout_s):
+                await stream.push(relayed, self.codec)
             return None
         except Exception as exc:  # unreachable, refused, broken: the client hears why and takes over
             stream = self._streams.pop(key, None)

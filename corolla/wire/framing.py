@@ -45,7 +45,8 @@ async def read_message(reader: asyncio.StreamReader, max_bytes: int = DEFAULT_MA
     the frame), the frame is read and dropped as an oversized one is, and the error is raised.
     """
     try:
-        prefix = await asyncio.wait_for(reader.readexactly(PREFIX.size), start_timeout_s)
+        async with asyncio.timeout(start_timeout_s):  # (a context, not wait_for: no task per frame)
+            prefix = await reader.readexactly(PREFIX.size)
     except asyncio.IncompleteReadError as exc:
         if not exc.partial:
             return None
@@ -85,7 +86,8 @@ async def _read_frame(reader: asyncio.StreamReader, header_len: int, body_len: i
 
 async def _with_timeout(awaitable, timeout_s: Optional[float]):
     try:
-        return await asyncio.wait_for(awaitable, timeout_s)
+        async with asyncio.timeout(timeout_s):
+            return await awaitable
     except asyncio.TimeoutError:
         raise FrameTimeoutError(f"a frame did not arrive whole within {timeout_s:g} s") from None
 

@@ -7,6 +7,7 @@ another server, and a server's libp2p connections (authenticated by the same key
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import os
 from pathlib import Path
@@ -67,8 +68,12 @@ class Identity:
         return base64.b64encode(self._private_key.sign(data, _PADDING, hashes.SHA256())).decode()
 
 
+@functools.lru_cache(maxsize=4096)  # a pure function of its arguments: the same record is checked once
 def verify(public_der: bytes, data: bytes, signature: str) -> bool:
-    """Whether ``signature`` (base64) of ``data`` was made by the key whose DER public key is ``public_der``."""
+    """Whether ``signature`` (base64) of ``data`` was made by the key whose DER public key is ``public_der``.
+
+    Verdicts are remembered (a client re-reads the same signed records every few seconds, each under every block it
+    announces); the arguments are the whole question, so a record that differs in any byte is checked afresh."""
     try:
         key = serialization.load_der_public_key(public_der)
         if not isinstance(key, rsa.RSAPublicKey) or not 1024 <= key.key_size <= 4096:
@@ -79,6 +84,7 @@ def verify(public_der: bytes, data: bytes, signature: str) -> bool:
         return False
 
 
+@functools.lru_cache(maxsize=4096)
 def peer_id_of(public_der: bytes) -> str:
     """libp2p's peer id of an RSA public key (DER, SubjectPublicKeyInfo)."""
     digest = hashlib.sha256(_protobuf_key(public_der)).digest()

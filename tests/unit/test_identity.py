@@ -101,3 +101,26 @@ def test_swarm_key_authorizer_signs_and_checks_dht_rpcs():
         assert ours.refused == 5 and theirs.refused == 2
 
     asyncio.run(scenario())
+
+
+def test_dht_validator_remembers_verdicts_on_exact_records_only():
+    """The DHT node's owner-signature check (hivemind's) runs once per distinct record: the same signed record again
+    is answered from memory, a record differing in one byte is checked afresh (and a forged one refused), and at
+    most ``capacity`` verdicts are kept."""
+    from hivemind.dht.validation import DHTRecord
+    from hivemind.utils.crypto import RSAPrivateKey
+
+    from corolla.net.peer import RememberingValidator
+
+    validator = RememberingValidator(RSAPrivateKey(), capacity=2)
+    owner = validator.local_public_key
+    unsigned = DHTRecord(b"key", b"peer" + owner, b"value", 123.0)
+    record = dataclasses.replace(unsigned, value=validator.sign_value(unsigned))
+    assert validator.validate(record) and validator.checked == 1
+    assert validator.validate(DHTRecord(*dataclasses.astuple(record))) and validator.checked == 1  # remembered
+    forged = dataclasses.replace(record, value=record.value.replace(b"value", b"valuf", 1))
+    assert not validator.validate(forged) and validator.checked == 2
+    later = dataclasses.replace(record, expiration_time=124.0)  # the signature covers the expiration too
+    assert not validator.validate(later) and validator.checked == 3
+    assert validator.validate(record) and validator.checked == 4  # pushed out by the capacity of 2: checked again
+    assert len(validator._verdicts) == 2
