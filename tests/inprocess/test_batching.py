@@ -53,8 +53,10 @@ def test_concurrent_sessions_are_batched_and_each_equals_local(embedded_dir, lla
                 ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
                 expected = llama_local.generate(ids, max_new_tokens=4 + index, do_sample=False)
                 assert results[index].tolist() == expected.tolist(), prompt
-            for server in swarm.servers:  # the held-up first steps ran as one batch on every server
+            for server in swarm.servers:  # steps waiting together ran as one batch on every server ...
                 assert server.scheduler.largest_batch >= 4, server.scheduler.largest_batch
+                knee = server.stack.rows_per_pass  # ... but no larger than the kernels serve per pass (4)
+                assert knee is None or server.scheduler.largest_batch <= knee, (knee, server.scheduler.largest_batch)
         finally:
             for client in clients:
                 client.close()
