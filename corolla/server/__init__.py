@@ -9,7 +9,8 @@ The request path, in order: ``dispatch`` (by the service table) -> ``handlers`` 
 - ``dispatch.py``   ``Dispatcher``: one stream per exchange; ``SessionChannel`` for session streams; errors as
                     ``ErrorReply``.
 - ``handlers.py``   ``RequestHandlers``: one method per service: validate, queue the compute, build the reply.
-- ``scheduler.py``  ``Scheduler``: runs jobs on the compute thread, inference before training.
+- ``scheduler.py``  ``Scheduler``: runs jobs on the compute thread, inference before training; batches sessions'
+                    steps up to the block stack's ``rows_per_pass``.
 - ``compute.py``    ``BlockCompute``: forward, backward (kept activations or recompute), session steps.
 - ``sessions.py``   ``SessionState`` (per-session cache, mask, position; step validation) and ``SessionTable``.
 - ``activations.py`` ``ActivationStore``: training activations kept between forward and backward.
