@@ -13,6 +13,7 @@ from corolla.client.config import ClientConfig
 from corolla.client.rpc import SessionStream
 from corolla.core.blocks import BlockRange
 from corolla.core.errors import RemoteError
+from corolla.models.stack import BlockStack
 from corolla.server.scheduler import Priority
 from corolla.testing.inprocess import InProcessSwarm
 from corolla.wire.messages import OpenSession, SessionStep
@@ -27,36 +28,67 @@ def _hold_compute(server, seconds: float, loop) -> None:
     asyncio.run_coroutine_threadsafe(server.scheduler.run(Priority.TRAINING, time.sleep, seconds), loop.loop)
 
 
-def test_concurrent_sessions_are_batched_and_each_equals_local(embedded_dir, llama_local, tokenizer):
+def _generate_concurrently(swarm, clients, prompts: list[torch.Tensor], lengths: list[int]) -> list[torch.Tensor]:
+    """Every client generates from its prompt at once, while each server's compute thread is held for two
+    seconds, so that their first steps queue up together."""
+    results, errors = {}, []
+
+    def run(index: int) -> None:
+        try:
+            results[index] = clients[index].generate(prompts[index], max_new_tokens=lengths[index], do_sample=False)
+        except Exception as exc:  # reported below
+            errors.append(exc)
+
+    for server in swarm.servers:
+        _hold_compute(server, 2.0, swarm.loop)
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(300)
+    assert not errors, errors
+    return [results[i] for i in range(len(prompts))]
+
+
+def test_concurrent_sessions_are_batched_and_each_equals_local(embedded_dir, llama_local, tokenizer, monkeypatch):
+    # the prompts' prefills (5-11 rows each) are past the kernels' four rows per pass, so with them each would run
+    # alone; here batches may grow as with PyTorch's products (no such size), and the held-up first steps of all
+    # eight sessions run as one batch. The next test keeps the kernels' size.
+    monkeypatch.setattr(BlockStack, "rows_per_pass", property(lambda self: None))
     spans = [BlockRange(0, 10), BlockRange(10, 20), BlockRange(20, 30)]
     with InProcessSwarm(str(embedded_dir), spans, dht_prefix="batch") as swarm:
         clients = [swarm.client(torch_dtype=torch.float32) for _ in PROMPTS]
         try:
-            results, errors = {}, []
-
-            def run(index: int) -> None:
-                try:
-                    ids = tokenizer(PROMPTS[index], return_tensors="pt")["input_ids"]
-                    results[index] = clients[index].generate(ids, max_new_tokens=4 + index, do_sample=False)
-                except Exception as exc:  # reported below
-                    errors.append(exc)
-
-            for server in swarm.servers:
-                _hold_compute(server, 1.0, swarm.loop)
-            threads = [threading.Thread(target=run, args=(i,)) for i in range(len(PROMPTS))]
-            for thread in threads:
-                thread.start()
-            for thread in threads:
-                thread.join(300)
-            assert not errors, errors
-            for index, prompt in enumerate(PROMPTS):
-                ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
-                expected = llama_local.generate(ids, max_new_tokens=4 + index, do_sample=False)
-                assert results[index].tolist() == expected.tolist(), prompt
-            for server in swarm.servers:  # steps waiting together ran as one batch on every server ...
+            prompts = [tokenizer(prompt, return_tensors="pt")["input_ids"] for prompt in PROMPTS]
+            lengths = [4 + index for index in range(len(PROMPTS))]
+            results = _generate_concurrently(swarm, clients, prompts, lengths)
+            for prompt, ids, length, result in zip(PROMPTS, prompts, lengths, results):
+                expected = llama_local.generate(ids, max_new_tokens=length, do_sample=False)
+                assert result.tolist() == expected.tolist(), prompt
+            for server in swarm.servers:  # the held-up first steps ran as one batch on every server
                 assert server.scheduler.largest_batch >= 4, server.scheduler.largest_batch
-                knee = server.stack.rows_per_pass  # ... but no larger than the kernels serve per pass (4)
-                assert knee is None or server.scheduler.largest_batch <= knee, (knee, server.scheduler.largest_batch)
+        finally:
+            for client in clients:
+                client.close()
+
+
+def test_batches_stop_at_the_kernels_rows_per_pass(embedded_dir, llama_local):
+    """Eight sessions whose first steps (one token each) queue up together run through each server in batches of
+    the kernels' four rows per pass, not one batch of eight; each session's tokens equal local ones."""
+    spans = [BlockRange(0, 15), BlockRange(15, 30)]
+    with InProcessSwarm(str(embedded_dir), spans, dht_prefix="knee") as swarm:
+        knee = swarm.servers[0].stack.rows_per_pass
+        if knee is None:
+            pytest.skip("Corolla's CPU kernels (AVX-512) are not in use here")
+        clients = [swarm.client(torch_dtype=torch.float32) for _ in range(8)]
+        try:
+            prompts = [torch.tensor([[token]]) for token in (504, 1070, 2193, 3350, 4210, 5312, 6003, 7777)]
+            results = _generate_concurrently(swarm, clients, prompts, [3] * 8)
+            for ids, result in zip(prompts, results):
+                expected = llama_local.generate(ids, max_new_tokens=3, do_sample=False)
+                assert result.tolist() == expected.tolist(), ids
+            for server in swarm.servers:
+                assert server.scheduler.largest_batch == knee == 4, (knee, server.scheduler.largest_batch)
         finally:
             for client in clients:
                 client.close()
