@@ -20,6 +20,7 @@ or with ``COROLLA_CPU_KERNELS=0``, ``available()`` is False and callers use PyTo
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import logging
 import os
@@ -136,6 +137,7 @@ def available() -> bool:
     return _load() is not None
 
 
+@functools.lru_cache(maxsize=None)  # asked at every session step; the loaded library never changes
 def rows_per_pass() -> Optional[int]:
     """Rows of activations one pass over a layer's weights serves (the C file's ``ROWS_PER_PASS``): a call with more
     rows reads the weights again for each further block of rows, so it costs about as much per row as separate calls.

@@ -244,9 +244,9 @@ class BlockStack(nn.Module):
         """Rows of a decode pass past which a larger batch costs as much per row as separate passes (the CPU kernels
         serve this many rows per read of the weights), or None where no such size is known (PyTorch's products, whose
         cost per row keeps falling with the batch). The server's scheduler batches sessions up to it."""
-        if not self.fast_path or self.dtype != torch.float32 or not cpu_kernels.available():
+        if not self.fast_path or self.dtype != torch.float32:
             return None
-        return cpu_kernels.rows_per_pass()
+        return cpu_kernels.rows_per_pass()  # None without the kernels
 
     def weight_bytes(self) -> int:
         """Bytes of the layers' parameters and buffers."""

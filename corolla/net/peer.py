@@ -3,7 +3,7 @@ byte streams."""
 from __future__ import annotations
 
 import asyncio
-import collections
+import functools
 import logging
 import os
 import tempfile
@@ -35,25 +35,18 @@ class RememberingValidator(RSASignatureValidator):
 
     def __init__(self, private_key, capacity: int = 4096):
         super().__init__(private_key)
-        self.capacity = capacity
-        self._verdicts: collections.OrderedDict[DHTRecord, bool] = collections.OrderedDict()
-        self.checked = 0  # signatures actually verified (the rest were remembered)
+        self._remembered = functools.lru_cache(maxsize=capacity)(super().validate)
 
     def validate(self, record: DHTRecord) -> bool:
         try:
-            verdict = self._verdicts[record]
-        except (KeyError, TypeError):  # TypeError: a field that cannot be hashed; check it, remember nothing
-            verdict = super().validate(record)
-            self.checked += 1
-            try:
-                self._verdicts[record] = verdict
-            except TypeError:
-                return verdict
-            if len(self._verdicts) > self.capacity:
-                self._verdicts.popitem(last=False)
-            return verdict
-        self._verdicts.move_to_end(record)
-        return verdict
+            return self._remembered(record)
+        except TypeError:  # a field that cannot be hashed: check it, remember nothing
+            return super().validate(record)
+
+    @property
+    def checked(self) -> int:
+        """Signatures actually verified (the rest were remembered)."""
+        return self._remembered.cache_info().misses
 
 
 @dataclass(frozen=True)

@@ -123,4 +123,4 @@ def test_dht_validator_remembers_verdicts_on_exact_records_only():
     later = dataclasses.replace(record, expiration_time=124.0)  # the signature covers the expiration too
     assert not validator.validate(later) and validator.checked == 3
     assert validator.validate(record) and validator.checked == 4  # pushed out by the capacity of 2: checked again
-    assert len(validator._verdicts) == 2
+    assert validator._remembered.cache_info().currsize == 2
