@@ -8,8 +8,10 @@ import contextlib
 import time
 from typing import Optional
 
+from corolla.core.errors import MessageTooLargeError
 from corolla.core.records import ServerRecord
-from corolla.net.exchange import check_reply, open_exchange, proof_header, read_reply, reply_limit, service_of
+from corolla.net.exchange import SMALL_REPLY_BYTES, check_reply, open_exchange, proof_header, read_reply, \
+    reply_limit, service_of
 from corolla.net.transport import Transport
 from corolla.wire.framing import write_message
 from corolla.wire.messages import PROTOCOL_VERSION, RPC_PROTOCOL, ErrorReply, Message, SessionStepReply
@@ -38,7 +40,10 @@ async def call(transport: Transport, record: ServerRecord, request: Message, tim
 
 
 class SessionStream:
-    """One session exchange with one server: a stream that stays open between steps."""
+    """One session exchange with one server: a stream that stays open between steps.
+
+    Its replies are read in the background, one message at a time (``next_message``): waiting for them can stop
+    (a timeout, or a reply from another server coming first) without ever cutting a frame in half."""
 
     def __init__(self, record: ServerRecord, service: Service, reader: asyncio.StreamReader,
                  writer: asyncio.StreamWriter):
@@ -46,6 +51,8 @@ class SessionStream:
         self.service = service
         self._reader = reader
         self._writer = writer
+        self.limit = SMALL_REPLY_BYTES  # the most bytes the next reply may take (what the last step sent allows)
+        self._pending: Optional[asyncio.Future] = None
 
     @classmethod
     async def open(cls, transport: Transport, record: ServerRecord, request: Message, timeout_s: float,
@@ -61,15 +68,42 @@ class SessionStream:
                             f"not {message.WIRE_NAME!r}")
         await write_message(self._writer, message, version, codec)
 
+    def next_message(self) -> asyncio.Future:
+        """The stream's next message, read in the background (the same future until ``take`` takes it). A frame
+        over ``limit`` (as it stands when the frame begins), a broken stream or a frame that does not parse is
+        that server's failure: ``RemoteError``."""
+        if self._pending is None:
+            self._pending = asyncio.ensure_future(
+                read_reply(self._reader, self.record.peer_id, None, admit=self._admit))
+        return self._pending
+
+    def take(self, future: asyncio.Future) -> Optional[Message]:
+        """The message of a finished ``next_message`` future; the next call reads the one after it."""
+        if future is self._pending:
+            self._pending = None
+        return future.result()
+
+    def _admit(self, size: int) -> None:
+        if size > self.limit:
+            raise MessageTooLargeError(f"a reply of {size} bytes exceeds the {self.limit} this step's replies may take")
+
+    def is_stale(self, reply: Optional[Message], step_index, attempt) -> bool:
+        """Whether ``reply`` answers an earlier step or try than (``step_index``, ``attempt``)."""
+        return isinstance(reply, (SessionStepReply, ErrorReply)) and step_index is not None \
+            and reply.step_index is not None and (reply.step_index, reply.attempt) != (step_index, attempt)
+
     async def receive(self, timeout_s: float, step_index=None, attempt=None, max_bytes: int = 2**20) -> Message:
         """The reply to the step numbered (``step_index``, ``attempt``), at most ``max_bytes``: replies and errors of
         other steps (left over from an earlier try of a relayed step) are skipped."""
+        self.limit = max_bytes
         deadline = time.monotonic() + timeout_s
         while True:
-            reply = await read_reply(self._reader, self.record.peer_id, max(0.0, deadline - time.monotonic()),
-                                     max_bytes)
-            if isinstance(reply, (SessionStepReply, ErrorReply)) and step_index is not None \
-                    and reply.step_index is not None and (reply.step_index, reply.attempt) != (step_index, attempt):
+            future = self.next_message()
+            done, _ = await asyncio.wait([future], timeout=max(0.0, deadline - time.monotonic()))
+            if not done:
+                raise asyncio.TimeoutError(f"no reply from {self.record.peer_id} within {timeout_s:g} s")
+            reply = self.take(future)
+            if self.is_stale(reply, step_index, attempt):
                 continue  # stale: an earlier step or try
             return check_reply(reply, self.service.step_reply, self.record.peer_id)
 
@@ -80,5 +114,7 @@ class SessionStream:
                                   reply_limit(message))
 
     def close(self) -> None:
+        if self._pending is not None:
+            self._pending.cancel()
+            self._pending = None
         self._writer.close()
-

@@ -13,6 +13,7 @@ continues the step from there. The caller sees the same outputs as in an unbroke
 from __future__ import annotations
 
 import asyncio
+import hmac
 import itertools
 import logging
 import random
@@ -25,16 +26,16 @@ from typing import Optional
 import torch
 
 from corolla.client.failures import describe_attempts, is_server_failure
-from corolla.client.rpc import SessionStream
-from corolla.client.verify import OutputsRejected, check
-from corolla.net.exchange import reply_limit
+from corolla.client.rpc import SessionStream, call
+from corolla.client.verify import TOLERANCE, OutputsRejected, check
+from corolla.net.exchange import check_reply, reply_limit
 from corolla.core.blocks import BlockRange
 from corolla.core.errors import CorollaError, RemoteError
 from corolla.core.records import ServerRecord
 from corolla.models.lora import LoraSet
-from corolla.wire.codec import dtype_from_name
-from corolla.wire.messages import OpenSession, SessionStep, SessionStepReply
-from corolla.wire.relay import NextHop, encode_route
+from corolla.wire.codec import dtype_from_name, dtype_name
+from corolla.wire.messages import InfoRequest, OpenSession, SessionStep, SessionStepReply
+from corolla.wire.relay import NextHop, encode_route, trail_tag
 
 logger = logging.getLogger(__name__)
 
@@ -80,6 +81,20 @@ class _History:
         return tuple(torch.cat(parts, dim=1) for parts in zip(*self.steps))
 
 
+TRAIL_MAX_ROWS = 32  # relayed steps of at most this many rows (batch x new tokens) are answered with a trail
+PROBE_TIMEOUT_S = 2.0  # the most a liveness probe of a silent chain waits for each server
+
+
+@dataclass
+class _SegmentResult:
+    """What one send along a segment of the chain brought back."""
+
+    outputs: list  # [(outputs, inputs as that hop received them, or None: as we sent them), ...] from its first hop
+    error: Optional[BaseException] = None  # why the hop ``failed_after`` outputs past the first did not answer
+    failed_after: int = 0
+    relay_failed: bool = False  # the last hop that answered could not reach the next one
+
+
 @dataclass
 class _Hop:
     """This session at one server: the blocks it runs, its open stream, what it has cached."""
@@ -89,6 +104,7 @@ class _Hop:
     stream: SessionStream
     session_id: str  # this hop's id at its server: unique, since one server may run two spans of a session
     token: str = ""  # the relay token of this hop's session: the previous hop presents it to push steps here
+    trail_key: str = ""  # the secret this hop's server signs its outputs with in a trail (only it and we know it)
     codec: str = "none"  # the wire codec of this hop's session (its replies, and the steps it relays)
     history: _History = field(default_factory=_History)
     relay_ok: bool = True  # False once this server failed to reach the next one: the client carries that link
@@ -135,6 +151,7 @@ class InferenceSession:
         self._closed = False
         self._entered_over: list = []  # the sessions that were active on ``seq`` before each __enter__
         self._broken: Optional[str] = None  # why, once a failed step left the servers out of step
+        self._trails = True  # relayed small steps are answered by the last server only (False: by every server)
         self.fed_ids: Optional[torch.Tensor] = None  # token ids sent through the model's forward, when known
         self.fed_mask: Optional[torch.Tensor] = None
         # checking servers' outputs (corolla.client.verify)
@@ -294,24 +311,25 @@ class InferenceSession:
         while index < len(self._hops):
             attempt += 1
             length = self._segment_length(index, past)
-            outputs, error, relay_failed = await self._run_segment(index, length, hidden, mask, positions, hypo_ids,
-                                                                   past, attempt)
-            for output in outputs:  # the servers that answered: their histories gain this step
+            result = await self._run_segment(index, length, hidden, mask, positions, hypo_ids, past, attempt)
+            for output, received in result.outputs:  # the servers that answered: their histories gain this step
                 hop = self._hops[index]
                 self.swarm.report_success(hop.record.peer_id)  # a server that answers again starts its bans over
-                hop.history = hop.history.reordered(hypo_ids).appended(hidden.to(hop.dtype), mask, positions)
+                received = hidden.to(hop.dtype) if received is None else received
+                hop.history = hop.history.reordered(hypo_ids).appended(received, mask, positions)
                 answered.append((hop, output))
                 hidden = output
                 index += 1
-            if relay_failed:  # the last server that answered could not reach the next: we carry this link now
+            if result.relay_failed:  # the last server that answered could not reach the next: we carry this link
                 self._hops[index - 1].relay_ok = False
                 continue
-            if error is not None:
-                if not is_server_failure(error):
-                    raise error
-                self._hops[index : index + 1] = await self._replace(self._hops[index], error)
-                if index > 0:
-                    self._hops[index - 1].relay_ok = True  # a new link: worth trying
+            if result.error is not None:
+                if not is_server_failure(result.error):
+                    raise result.error
+                failed = index + result.failed_after  # a trail's outputs are lost with it: the step runs again
+                self._hops[failed : failed + 1] = await self._replace(self._hops[failed], result.error)
+                if failed > 0:
+                    self._hops[failed - 1].relay_ok = True  # a new link: worth trying
         if hypo_ids is None and answered and self._verify_rng.random() < self.swarm.config.verify_fraction:
             self._checks_started += 1  # the servers of the chain take turns, from a random one
             hop, output = answered[(self._checks_started + self._check_offset) % len(answered)]
@@ -330,8 +348,10 @@ class InferenceSession:
         if self._prompts is not None and hop.history.length > 0:
             start = hop.span.start - self.seq.blocks.start
             extras["prompts"] = self._prompts[start: start + len(hop.span)]
+        # outputs that came in a trail were cast to the next server's dtype: judge them at the coarser of the two
+        dtype = max((hop.record.dtype, dtype_name(claimed.dtype)), key=lambda name: TOLERANCE.get(name, 1.0))
         task = asyncio.ensure_future(check(self.swarm, hop.span, hop.record.peer_id, claimed, hidden, mask, positions,
-                                           extras, hop.record.dtype, new, frozenset(self._avoid), like=hop.record))
+                                           extras, dtype, new, frozenset(self._avoid), like=hop.record))
         self._checks.append((task, position, hop.record.peer_id))
         self.checks["run"] += 1
 
@@ -403,17 +423,21 @@ class InferenceSession:
         start = hop.span.start - self.seq.blocks.start
         return self._prompts[start : start + len(hop.span)].to(hop.dtype)
 
-    async def _run_segment(self, index: int, length: int, hidden, mask, positions, hypo_ids, past: int, attempt: int):
-        """Send the step to hop ``index`` with the route to the next ``length - 1`` hops; collect each hop's answer.
-        Returns (outputs of the hops that answered, in order; the error of the first that did not, or None;
-        whether the last that answered could not relay further)."""
+    async def _run_segment(self, index: int, length: int, hidden, mask, positions, hypo_ids, past: int,
+                           attempt: int) -> "_SegmentResult":
+        """Send the step to hop ``index`` with the route to the next ``length - 1`` hops; collect their outputs: each
+        hop's answer, or (a trail: small steps) the last hop's answer with all of them."""
         hops = self._hops[index : index + length]
         first = hops[0]
+        trail = length > 1 and self._trails and hidden.shape[0] * hidden.shape[1] <= TRAIL_MAX_ROWS
         route = [NextHop(h.record.peer_id, h.session_id, h.token, h.record.dtype, tuple(h.record.maddrs)) for h in hops[1:]]
         step = SessionStep(first.session_id, hidden.to(first.dtype), attention_mask=mask, position_ids=positions,
                            hypo_ids=hypo_ids, prompts=self._hop_prompts(first, past), start_from_position=past,
-                           step_index=self._step_index, attempt=attempt, next_hops=encode_route(route))
+                           step_index=self._step_index, attempt=attempt, next_hops=encode_route(route),
+                           answer_last=trail)
         timeout_s = self.swarm.config.step_timeout_s + hidden.shape[1] * self.swarm.config.token_timeout_s
+        if trail:
+            return await self._run_trail(hops, step, hidden.shape, past, timeout_s)
         limit = reply_limit(step)  # every answer holds hidden states of the step's shape
         outputs = []
         previous = time.perf_counter()
@@ -425,18 +449,119 @@ class InferenceSession:
                 self._check_reply(hop, reply, hidden.shape, past)
             except Exception as exc:
                 hop.stream.close()  # after a timeout or a broken stream its state is unknown: never reuse it
-                return outputs, exc, False
+                return _SegmentResult(outputs, exc, len(outputs))
             arrived = time.perf_counter()
             if hidden.shape[0] * hidden.shape[1] <= 4:  # a decode step: its time measures the server's speed
                 # the first answer took a round trip; each later one, about one link after the one before
                 links = self.swarm.latency_s.get(hop.record.peer_id, 0.0) * (1.0 if position == 0 else 0.5)
                 self.swarm.speeds.observe(hop.record.peer_id, len(hop.span), max(0.0, arrived - previous - links))
             previous = arrived
-            outputs.append(reply.hidden_states)
+            outputs.append((reply.hidden_states, None))
             if reply.relay_error is not None and position < len(hops) - 1:
                 logger.info("server %s could not relay: %s", hop.record.peer_id, reply.relay_error)
-                return outputs, None, True
-        return outputs, None, False
+                return _SegmentResult(outputs, relay_failed=True)
+        return _SegmentResult(outputs)
+
+    async def _run_trail(self, hops: list[_Hop], step: SessionStep, shape, past: int,
+                         timeout_s: float) -> "_SegmentResult":
+        """A relayed step only the last hop answers, with every hop's outputs in its trail. Meanwhile each hop's
+        stream is watched for an error, a failed relay or a broken stream. Silence for a hop's step timeout sends
+        each hop a liveness probe: the first that does not answer it is the one that stalled. A trail that does
+        not check out, or silence past every hop's timeout, turns trails off for this session and runs the step
+        again, each hop answering (whose timeouts then name a slow server)."""
+        started = time.perf_counter()
+        try:
+            await hops[0].stream.send(step, codec=hops[0].codec)
+        except Exception as exc:
+            hops[0].stream.close()
+            return _SegmentResult([], exc, 0)
+        limit = reply_limit(step) * len(hops)  # the last answer holds every hop's hidden states
+        for hop in hops:
+            hop.stream.limit = limit
+        futures = {hop.stream.next_message(): position for position, hop in enumerate(hops)}
+        probe_at, give_up = started + timeout_s, started + timeout_s * len(hops)
+        while True:
+            done, _ = await asyncio.wait(list(futures), timeout=max(0.0, probe_at - time.perf_counter()),
+                                         return_when=asyncio.FIRST_COMPLETED)
+            if not done:
+                now = time.perf_counter()
+                if now >= give_up:
+                    logger.info("a trail got no answer within %.1f s, though every server is alive: each server "
+                                "answers from now on", now - started)
+                    self._trails = False
+                    return _SegmentResult([])
+                stalled = await self._probe(hops, min(timeout_s, PROBE_TIMEOUT_S))
+                if stalled is not None:
+                    hops[stalled].stream.close()
+                    return _SegmentResult([], RemoteError(
+                        "Timeout", f"no answer within {now - started:.1f} s, nor to a liveness probe",
+                        hops[stalled].record.peer_id), stalled)
+                probe_at = min(give_up, time.perf_counter() + timeout_s)
+                continue
+            for future in sorted(done, key=futures.get):
+                position = futures.pop(future)
+                hop = hops[position]
+                try:
+                    reply = hop.stream.take(future)
+                    if hop.stream.is_stale(reply, step.step_index, step.attempt):
+                        futures[hop.stream.next_message()] = position
+                        continue
+                    reply = check_reply(reply, SessionStepReply, hop.record.peer_id)
+                    self._check_reply(hop, reply, shape, past)
+                except Exception as exc:
+                    hop.stream.close()
+                    return _SegmentResult([], exc, position)
+                if position < len(hops) - 1 and reply.relay_error is None:
+                    futures[hop.stream.next_message()] = position  # answered though a later hop should: ignored
+                    continue
+                try:
+                    outputs = self._read_trail(hops[: position + 1], reply, step)
+                except RemoteError as exc:
+                    logger.warning("%s: each server answers from now on", exc)
+                    self._trails = False
+                    return _SegmentResult([])
+                if position == len(hops) - 1:
+                    arrived = time.perf_counter()
+                    if shape[0] * shape[1] <= 4:  # a decode step: the servers' speed, shared by their blocks
+                        links = 0.5 * sum(self.swarm.latency_s.get(h.record.peer_id, 0.0) for h in hops) \
+                            + 0.5 * self.swarm.latency_s.get(hops[-1].record.peer_id, 0.0)
+                        per_block = max(0.0, arrived - started - links) / sum(len(h.span) for h in hops)
+                        for h in hops:
+                            self.swarm.speeds.observe(h.record.peer_id, len(h.span), per_block * len(h.span))
+                    return _SegmentResult(outputs)
+                logger.info("server %s could not relay: %s", hop.record.peer_id, reply.relay_error)
+                return _SegmentResult(outputs, relay_failed=True)
+
+    def _read_trail(self, hops: list[_Hop], reply: SessionStepReply, step: SessionStep) -> list:
+        """[(outputs, inputs of the hop), ...] of ``hops``, from the trail of the last one's ``reply``: each entry
+        the right shape and dtype, finite, and signed by the hop that produced it; ``RemoteError`` otherwise."""
+        trail, tags = reply.trail or {}, reply.trail_tags if reply.trail_tags is not None else []
+        sender = hops[-1].record.peer_id
+        if set(trail) != {str(i) for i in range(len(hops) - 1)} or not isinstance(tags, list) \
+                or len(tags) != len(hops) - 1:
+            raise RemoteError("ForgedTrail", f"the trail holds {sorted(trail)[:8]} with {len(tags)} tags; expected "
+                              f"{len(hops) - 1} of each", sender)
+        inputs = [None]
+        for i, hop in enumerate(hops[:-1]):
+            entry, following = trail[str(i)], hops[i + 1]
+            if entry.dtype != following.dtype or entry.shape != step.hidden_states.shape \
+                    or not bool(torch.isfinite(entry).all()):
+                raise RemoteError("ForgedTrail", f"trail entry {i} is {entry.dtype} {list(entry.shape)} or not finite",
+                                  sender)
+            expected = trail_tag(hop.trail_key, hop.session_id, step.step_index, step.attempt, entry)
+            if not isinstance(tags[i], str) or not hmac.compare_digest(tags[i].encode(), expected.encode()):
+                raise RemoteError("ForgedTrail", f"the outputs of {hop.record.peer_id} in the trail are not the ones "
+                                  "it signed", sender)
+            inputs.append(entry)
+        outputs = inputs[1:] + [reply.hidden_states]
+        return list(zip(outputs, inputs))
+
+    async def _probe(self, hops: list[_Hop], timeout_s: float) -> Optional[int]:
+        """The position of the first of ``hops`` that does not answer a liveness probe within ``timeout_s``."""
+        results = await asyncio.gather(*(call(self.swarm.transport, hop.record, InfoRequest(), timeout_s,
+                                              swarm_key=self.swarm.config.swarm_key) for hop in hops),
+                                       return_exceptions=True)
+        return next((position for position, result in enumerate(results) if isinstance(result, BaseException)), None)
 
     @staticmethod
     def _check_reply(hop: _Hop, reply: SessionStepReply, shape, past: int) -> None:
@@ -475,7 +600,7 @@ class InferenceSession:
                     current = record
                     lora = None if self.lora is None else self.lora.for_blocks(span)
                     hop_id = f"{self.session_id}.{next(self._hop_ids)}"
-                    token = secrets.token_hex(16)
+                    token, trail_key = secrets.token_hex(16), secrets.token_hex(16)
                     codec = self.swarm.codec_for(record)
                     request = OpenSession(
                         hop_id, span, self.max_length, self.batch_size,
@@ -485,11 +610,12 @@ class InferenceSession:
                         active_adapter=self.active_adapter,
                         relay_token=token,
                         wire_codec=codec,
+                        trail_key=trail_key,
                     )
                     stream = await SessionStream.open(self.swarm.transport, record, request,
                                                       self.swarm.config.step_timeout_s,
                                                       swarm_key=self.swarm.config.swarm_key)
-                    hop = _Hop(record, span, stream, hop_id, token, codec, joined_at=history.length)
+                    hop = _Hop(record, span, stream, hop_id, token, trail_key, codec, joined_at=history.length)
                     hops.append(hop)
                     if replay is not None:
                         hidden, mask, positions = replay

@@ -7,7 +7,7 @@ from typing import Optional, Sequence
 
 from corolla.core.errors import CorollaError, RemoteError
 from corolla.net.transport import Transport
-from corolla.wire.framing import read_message, write_message
+from corolla.wire.framing import DEFAULT_MAX_MESSAGE_BYTES, read_message, write_message
 from corolla.wire.messages import PROTOCOL_VERSION, RPC_PROTOCOL, ErrorReply, Message
 from corolla.wire.services import Exchange, Service, service_for
 from corolla.wire.swarm_key import FIELD, stream_proof
@@ -42,12 +42,13 @@ def service_of(request: Message, *exchanges: Exchange) -> Service:
 
 
 async def read_reply(reader: asyncio.StreamReader, peer_id: str, timeout_s: Optional[float],
-                     max_bytes: int = SMALL_REPLY_BYTES) -> Optional[Message]:
-    """The next message from a peer, at most ``max_bytes``. A broken stream, a reply too large, a frame that does
-    not parse: all are that peer's failure, as ``RemoteError``."""
+                     max_bytes: int = SMALL_REPLY_BYTES, admit=None) -> Optional[Message]:
+    """The next message from a peer, at most ``max_bytes`` (and what ``admit``, given the frame's size, allows).
+    A broken stream, a reply too large, a frame that does not parse: all are that peer's failure, as
+    ``RemoteError``."""
     try:
         async with asyncio.timeout(timeout_s):
-            return await read_message(reader, max_bytes)
+            return await read_message(reader, max_bytes if admit is None else DEFAULT_MAX_MESSAGE_BYTES, admit=admit)
     except (ConnectionError, asyncio.IncompleteReadError) as exc:
         raise RemoteError("ConnectionClosed", f"the stream broke: {exc}", peer_id) from None
     except CorollaError as exc:  # its fault, not ours: it sent something we cannot read

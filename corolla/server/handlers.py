@@ -24,7 +24,7 @@ from corolla.wire.validation import check_blocks, check_hidden, check_mask, chec
     check_same_shape
 from corolla.wire.compression import parse_codec
 from corolla.wire.swarm_key import load_swarm_key
-from corolla.wire.relay import parse_route
+from corolla.wire.relay import check_trail, parse_route
 from corolla.wire.messages import (
     BackwardReply,
     BackwardRequest,
@@ -49,7 +49,8 @@ class RequestHandlers:
         self.config = config
         self.transport = transport  # to relay outputs to the next server of a chain
         self.swarm_key = load_swarm_key(config.swarm_key_path)
-        self.counts = {"client_steps": 0, "relayed_in": 0, "relayed_out": 0}  # session steps, by where they came from
+        # session steps, by where they came from; and the step replies sent
+        self.counts = {"client_steps": 0, "relayed_in": 0, "relayed_out": 0, "answered": 0}
         self.scheduler = scheduler
         self._info = info
         self.replace_stack(stack, budget, adapters or {})
@@ -143,17 +144,26 @@ class RequestHandlers:
                 try:
                     session.check_step(step, stack, self.max_positions, self.config.max_batch_tokens)
                     route = parse_route(step.next_hops)
+                    trail, tags = check_trail(step, relayed)
+                    if step.answer_last and route and session.trail_key is None:
+                        raise BadRequestError("answer_last needs a session opened with a trail_key")
                     await sessions.grow(session, step)
                     sessions.arrived(session)
                     outputs = await self.scheduler.run_batched(
                         Priority.INFERENCE, ("steps", id(compute)), (session, step), compute.session_steps,
                         sessions.company, rows=step.hidden_states.shape[0] * step.hidden_states.shape[1],
                         knee=stack.rows_per_pass)
-                    relay_error = await relays.forward(step, outputs, route) if route else None
+                    if relayed and step.answer_last:  # what reached this server joins the trail
+                        trail[str(len(trail))] = step.hidden_states
+                    relay_error = await relays.forward(step, outputs, route, trail, tags, session.trail_key) \
+                        if route else None
                     self.counts["relayed_out"] += bool(route) and relay_error is None
-                    await channel.reply(SessionStepReply(hidden_states=outputs, position=session.position,
-                                                         step_index=step.step_index, attempt=step.attempt,
-                                                         relay_error=relay_error))
+                    if not (route and step.answer_last and relay_error is None):  # else the last server answers
+                        self.counts["answered"] += 1
+                        await channel.reply(SessionStepReply(
+                            hidden_states=outputs, position=session.position, step_index=step.step_index,
+                            attempt=step.attempt, relay_error=relay_error, trail=trail or None,
+                            trail_tags=tags if step.answer_last else None))
                     last_valid = time.monotonic()
                 except CorollaError as exc:
                     await channel.error(exc, step.step_index, step.attempt)

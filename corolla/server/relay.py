@@ -17,7 +17,8 @@ from corolla.net.transport import Transport
 from corolla.wire.codec import dtype_from_name
 from corolla.wire.framing import write_message
 from corolla.wire.messages import RelayOpen, SessionStep
-from corolla.wire.relay import NextHop, encode_route
+from corolla.wire.compression import roundtrip
+from corolla.wire.relay import NextHop, encode_route, trail_tag
 
 logger = logging.getLogger(__name__)
 
@@ -69,13 +70,20 @@ class Relays:
         self.codec = codec  # the session's wire codec, for what it relays
         self._streams: dict[tuple[str, str], PushStream] = {}
 
-    async def forward(self, step: SessionStep, outputs, route: list[NextHop]) -> Optional[str]:
-        """Push ``outputs`` of ``step`` to ``route[0]`` with the rest of the route; None, or why it failed."""
+    async def forward(self, step: SessionStep, outputs, route: list[NextHop], trail: Optional[dict] = None,
+                      tags: Optional[list] = None, trail_key: Optional[str] = None) -> Optional[str]:
+        """Push ``outputs`` of ``step`` to ``route[0]`` with the rest of the route (and, for an ``answer_last``
+        step, the trail with these outputs' tag); None, or why it failed."""
         hop, rest = route[0], route[1:]
+        sent = outputs.to(dtype_from_name(hop.dtype))
+        if step.answer_last:  # sign the outputs as the next server will decode them
+            tags = [*tags, trail_tag(trail_key, step.session_id, step.step_index, step.attempt,
+                                     roundtrip(sent, self.codec))]
         relayed = SessionStep(
-            hop.session_id, outputs.to(dtype_from_name(hop.dtype)), attention_mask=step.attention_mask,
+            hop.session_id, sent, attention_mask=step.attention_mask,
             position_ids=step.position_ids, hypo_ids=step.hypo_ids, start_from_position=step.start_from_position,
             step_index=step.step_index, attempt=step.attempt, next_hops=encode_route(rest),
+            answer_last=step.answer_last, trail=trail or None, trail_tags=tags if step.answer_last else None,
         )
         key = (hop.peer_id, hop.session_id)
         try:

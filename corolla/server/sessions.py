@@ -37,6 +37,7 @@ class SessionState:
     lora: Optional[LoraSet] = None  # LoRA weights applied in every step (the client's, or a loaded adapter's)
     position: int = 0  # tokens cached so far
     relay_token: Optional[str] = None  # who presents it may push steps into this session (the previous hop)
+    trail_key: Optional[str] = None  # signs this session's outputs in trails (only the client knows it too)
     last_step_time: float = 0.0  # when its last step arrived (time.monotonic())
     step_interval_s: Optional[float] = None  # moving average of the time between its steps' arrivals
     owner: str = ""  # the peer that opened it
@@ -103,8 +104,10 @@ class SessionTable:
             )
         if request.session_id in self.sessions:
             raise BadRequestError(f"session {request.session_id!r} is already open")
-        if request.relay_token is not None and not 16 <= len(request.relay_token) <= 200:
-            raise BadRequestError("relay_token must be 16..200 characters")
+        for name in ("relay_token", "trail_key"):
+            secret = getattr(request, name)
+            if secret is not None and not 16 <= len(secret) <= 200:
+                raise BadRequestError(f"{name} must be 16..200 characters")
         if max_positions is not None and request.max_length > max_positions:
             raise BadRequestError(f"max_length {request.max_length} exceeds the model's {max_positions} positions")
         if sum(1 for s in self.sessions.values() if s.owner == owner) >= self.max_per_peer:
@@ -124,6 +127,7 @@ class SessionTable:
             cache=stack.new_cache(request.blocks, self.budget.page_tokens),
             mask=torch.zeros(request.batch_size, 0, dtype=torch.long, device=stack.device),
             relay_token=request.relay_token,
+            trail_key=request.trail_key,
             inbox=asyncio.Queue(maxsize=4),
             owner=owner,
             extra_tokens=-(-_lora_bytes(lora) // max(1, self.budget.bytes_per_token)),  # its LoRA weights count too

@@ -107,3 +107,14 @@ def decompress(buffer, offset: int, numel: int, dtype: torch.dtype, codec: WireC
             raise BadRequestError(f"tensor {name!r} holds a corrupted 8-bit block: an outlier's index or value")
         restored[indices] = values
     return restored.to(dtype)
+
+
+def roundtrip(tensor: torch.Tensor, codec) -> torch.Tensor:
+    """What a receiver decodes of ``tensor`` sent under ``codec`` (the tensor itself for ``none``)."""
+    codec = parse_codec(codec)
+    if codec is WireCodec.NONE or not tensor.is_floating_point() or not tensor.numel():
+        return tensor
+    flat = tensor.detach().cpu().contiguous()
+    body, fields = compress(flat, codec)
+    return decompress(bytearray(body), 0, flat.numel(), flat.dtype, codec, "", fields.get("outliers", 0)
+                      ).reshape(flat.shape)

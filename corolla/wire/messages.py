@@ -21,7 +21,7 @@ from corolla.core.blocks import BlockRange
 from corolla.core.errors import BadRequestError, ProtocolVersionError
 from corolla.wire.codec import Frame
 
-PROTOCOL_VERSION = 5  # 2: start_from_position; 3: wire names, service table; 4: relay; 5: wire codecs
+PROTOCOL_VERSION = 6  # 2: start_from_position; 3: wire names, service table; 4: relay; 5: wire codecs; 6: trails
 TensorDict = dict[str, torch.Tensor]  # a field of named tensors; travels as tensors "<field>/<name>"
 RPC_PROTOCOL = "/corolla/rpc"  # the libp2p protocol name servers register; the version travels in each frame
 
@@ -210,6 +210,8 @@ class OpenSession(Message, wire_name="session.open"):
     relay_token: Optional[str] = None  # a secret: whoever presents it (the previous server of the chain) may push
     #                                    steps into this session with RelayOpen
     wire_codec: Optional[str] = None  # how this session's step replies and relayed steps encode hidden states
+    trail_key: Optional[str] = None  # a secret only this server and the client know: it signs this server's
+    #                                  outputs in a relayed step's trail, so later servers cannot alter them
 
 
 @dataclass(frozen=True)
@@ -234,6 +236,12 @@ class SessionStep(Message, wire_name="session.step"):
     attempt: Optional[int] = None  # which try of that step; echoed in the reply
     next_hops: Optional[list] = None  # relay: [{"peer_id", "session_id", "token", "dtype", "maddrs"}, ...], the
     #                                   servers after this one; it forwards its outputs to the first of them
+    answer_last: bool = False  # relay: only the route's last server answers the client, with the trail; servers
+    #                            before it answer only to report an error or a relay that failed
+    trail: Optional[TensorDict] = None  # answer_last: "0", "1", ...: the inputs of the relayed servers before
+    #                                     this one (each the outputs of the server before it), in route order
+    trail_tags: Optional[list] = None  # answer_last: per trail entry, then for hidden_states, the HMAC its
+    #                                    producer signed it with (its session's trail_key)
 
 
 @dataclass(frozen=True)
@@ -244,6 +252,9 @@ class SessionStepReply(Message, wire_name="session.step.reply"):
     step_index: Optional[int] = None  # echoed from the step
     attempt: Optional[int] = None
     relay_error: Optional[str] = None  # the outputs could not be forwarded to the next hop: why
+    trail: Optional[TensorDict] = None  # answer_last: the inputs of the relayed servers of the route, this one's
+    #                                     included (the outputs of each server before it), in route order
+    trail_tags: Optional[list] = None  # their producers' HMACs, as in SessionStep
 
 
 @dataclass(frozen=True)

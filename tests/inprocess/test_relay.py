@@ -52,13 +52,15 @@ def test_steps_travel_server_to_server(relay, swarm, local6):
     first, second, third = _counts(swarm)
     steps = first["client_steps"]
     assert steps >= 16  # 10 greedy + 6 beam steps, all sent to the first server by the client
-    if relay:  # the others got every step from the server before them, none from the client
-        assert second == {"client_steps": 0, "relayed_in": steps, "relayed_out": steps}
-        assert third == {"client_steps": 0, "relayed_in": steps, "relayed_out": 0}
-        assert first["relayed_out"] == steps
+    if relay:  # the others got every step from the server before them, none from the client; every step is small
+        # enough for a trail: only the last server answered, with the others' outputs
+        assert second == {"client_steps": 0, "relayed_in": steps, "relayed_out": steps, "answered": 0}
+        assert third == {"client_steps": 0, "relayed_in": steps, "relayed_out": 0, "answered": steps}
+        assert first["relayed_out"] == steps and first["answered"] == 0
     else:
         assert second["client_steps"] == third["client_steps"] == steps
         assert second["relayed_in"] == third["relayed_in"] == first["relayed_out"] == 0
+        assert first["answered"] == second["answered"] == third["answered"] == steps
 
 
 def test_an_unreachable_next_server_is_reported_and_the_client_carries_that_link(swarm, local6):
