@@ -1,9 +1,11 @@
 """``InferenceSession``: step-by-step inference through a chain of servers that keep attention caches.
 
 Relay: the client sends a step to the first server of the chain with the route to the others; each server
-forwards its outputs to the next one and also answers the client with them, so the client keeps every server's
-inputs (for replays) without waiting on them: a step costs one one-way delay per link instead of a round trip
-per server. A server that cannot reach the next says so in its answer, and the client carries that link itself.
+forwards its outputs to the next one: a step costs one one-way delay per link instead of a round trip per server.
+The client still learns every server's inputs (for replays) and outputs (for checks): a small step carries a
+trail (each server adds what it received and signs its outputs), and only the last server answers, with all of
+it; a long step is answered by every server, off the critical path. A server that cannot reach the next says so
+in its answer, and the client carries that link itself.
 
 Failover: when a server of the chain dies, drops the stream, errors or stays silent past the step timeout, the
 session bans it, plans replacement servers for exactly its blocks, replays to them every input that server had

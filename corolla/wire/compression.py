@@ -9,8 +9,8 @@
   largest of the other values. On the embedded model 0.6% of values were outliers, and they cut the largest
   logit error from 0.61 (plain absmax blocks) to 0.26; benchmarks/bench_codecs.py measures each codec end to end.
 
-Only floating-point activations are compressed (the fields a message lists in ``COMPRESSIBLE``); masks, ids and
-weights always travel exactly. A decoded tensor is a new tensor of the dtype the sender declared.
+Only floating-point activations are compressed (the fields a message lists in ``COMPRESSIBLE``, and in
+``RECOMPRESSIBLE`` with the 16-bit codecs only); masks, ids and weights always travel exactly. A decoded tensor is a new tensor of the dtype the sender declared.
 """
 from __future__ import annotations
 
@@ -42,6 +42,12 @@ def parse_codec(name) -> WireCodec:
         return WireCodec(name)
     except ValueError:
         raise BadRequestError(f"unknown wire codec {name!r}; supported: {', '.join(SUPPORTED_CODECS)}") from None
+
+
+def recodes_exactly(codec: WireCodec) -> bool:
+    """Whether encoding what ``codec`` decoded gives the same values again (the 16-bit casts; not int8 blocks, whose
+    scales and outliers may shift): only then may a value be decoded and encoded again on its way (a trail)."""
+    return codec in _HALF
 
 
 def encoded_size(codec: WireCodec, numel: int, dtype: torch.dtype, outliers: int = 0) -> int:

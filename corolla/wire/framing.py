@@ -7,7 +7,7 @@ from typing import Callable, Optional
 
 from corolla.core.errors import BadRequestError, CorollaError, FrameTimeoutError, MessageTooLargeError
 from corolla.wire.codec import PREFIX, body_sizes, decode_prefix, decode_tensors, encode_frame, parse_header
-from corolla.wire.compression import WireCodec, parse_codec
+from corolla.wire.compression import WireCodec, parse_codec, recodes_exactly
 from corolla.wire.messages import PROTOCOL_VERSION, Message, message_from_frame
 
 DEFAULT_MAX_MESSAGE_BYTES = 256 * 2**20
@@ -20,7 +20,11 @@ def encode_message(message: Message, version: int = PROTOCOL_VERSION, codec=None
     header, tensors = message.to_parts(version)
     header.update(extra or {})
     codec = parse_codec(codec)
-    codecs = {name: codec for name in message.COMPRESSIBLE} if codec is not WireCodec.NONE else None
+    codecs = None
+    if codec is not WireCodec.NONE:
+        codecs = {name: codec for name in message.COMPRESSIBLE}
+        if recodes_exactly(codec):  # a field of named tensors travels as "<field>/<name>"
+            codecs.update({name: codec for name in tensors if name.partition("/")[0] in message.RECOMPRESSIBLE})
     return encode_frame(header, tensors, codecs)
 
 

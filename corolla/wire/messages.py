@@ -32,6 +32,8 @@ class Message:
     registry: ClassVar[dict[str, type["Message"]]] = {}  # wire name -> class
     WIRE_NAME: ClassVar[str]
     COMPRESSIBLE: ClassVar[tuple[str, ...]] = ()  # activation fields a wire codec may compress
+    RECOMPRESSIBLE: ClassVar[tuple[str, ...]] = ()  # those carried on (and signed) as decoded: compressed only by
+    #                                                 codecs that encode their own output exactly
 
     def __init_subclass__(cls, wire_name: str, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -223,6 +225,7 @@ class SessionOpened(Message, wire_name="session.opened"):
 @dataclass(frozen=True)
 class SessionStep(Message, wire_name="session.step"):
     COMPRESSIBLE = ("hidden_states",)
+    RECOMPRESSIBLE = ("trail",)
     session_id: str
     hidden_states: torch.Tensor  # [batch, new, hidden]; new may be 0
     attention_mask: Optional[torch.Tensor] = None  # [batch, new] mask of the new tokens; None = all ones
@@ -247,6 +250,7 @@ class SessionStep(Message, wire_name="session.step"):
 @dataclass(frozen=True)
 class SessionStepReply(Message, wire_name="session.step.reply"):
     COMPRESSIBLE = ("hidden_states",)
+    RECOMPRESSIBLE = ("trail",)
     hidden_states: torch.Tensor  # [batch, new, hidden]
     position: int  # tokens in the session's cache after this step
     step_index: Optional[int] = None  # echoed from the step

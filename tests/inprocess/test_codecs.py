@@ -7,6 +7,7 @@ import torch
 from transformers import LlamaForCausalLM
 
 from corolla.client.config import ClientConfig
+from corolla.client.session import TRAIL_MAX_ROWS
 from corolla.core.blocks import BlockRange
 from corolla.testing.inprocess import InProcessSwarm
 
@@ -55,6 +56,18 @@ def test_codecs_shrink_what_travels_and_keep_outputs_close(codec, ratio, logit_e
             assert hidden_bytes * ratio <= sent <= hidden_bytes * ratio + 2500  # + header, mask, positions
         tokens = model.generate(IDS[:, :8], max_new_tokens=6, do_sample=False)
         assert tokens.shape == (1, 14)
+        # a step small enough for a trail: the last server answers with the two others' outputs too, compressed
+        # by the 16-bit codecs (which encode their own output exactly) and exact under int8 blocks
+        third = swarm.servers[2].peer.peer_id
+        with torch.no_grad(), model.inference_session(max_length=40) as session:
+            session.step(torch.zeros(1, 0, local6.config.hidden_size))
+            before = swarm.network.bytes_sent[third, client_id]
+            model(IDS[:, :TRAIL_MAX_ROWS])
+            answered = swarm.network.bytes_sent[third, client_id] - before
+            assert session._trails  # every output in every trail was the one its server signed
+        step_bytes = TRAIL_MAX_ROWS * local6.config.hidden_size * 4
+        carried = 2 * (1.0 if codec == "int8-block64" else ratio)
+        assert (carried + ratio) * step_bytes <= answered <= (carried + ratio) * step_bytes + 3000, answered
     finally:
         model.close()
 

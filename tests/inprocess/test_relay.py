@@ -1,5 +1,6 @@
-"""Server-to-server relay of inference steps: each server forwards its outputs to the next one of the chain and
-answers the client too; unreachable links fall back to the client; forged relays are refused."""
+"""Server-to-server relay of inference steps: each server forwards its outputs to the next one of the chain; small
+steps are answered by the last server with a signed trail of every server's outputs, long ones by every server;
+unreachable links fall back to the client; forged relays, altered trails and malformed trails are refused."""
 from __future__ import annotations
 
 import pytest
@@ -7,6 +8,7 @@ import torch
 from transformers import LlamaForCausalLM
 
 from corolla.client.config import ClientConfig
+from corolla.client.session import TRAIL_MAX_ROWS
 from corolla.client.rpc import SessionStream
 from corolla.core.blocks import BlockRange
 from corolla.core.errors import RemoteError
@@ -130,5 +132,96 @@ def test_forged_relays_and_routes_are_refused_and_the_server_keeps_serving(swarm
         client.run(scenario(), 60)
         ids = torch.tensor([[1, 2, 3]])
         assert model.generate(ids, max_new_tokens=3, do_sample=False).shape == (1, 6)  # still serving
+    finally:
+        model.close()
+
+
+def test_long_steps_are_answered_by_every_server_and_short_ones_by_the_last(swarm, local6):
+    ids = torch.arange(3, 3 + TRAIL_MAX_ROWS + 8).unsqueeze(0)  # a prefill over the trail's limit
+    model = swarm.client()
+    try:
+        got = model.generate(ids, max_new_tokens=4, do_sample=False)
+        assert got.tolist() == local6.generate(ids, max_new_tokens=4, do_sample=False).tolist()
+    finally:
+        model.close()
+    first, second, third = _counts(swarm)
+    assert first["client_steps"] >= 4
+    assert first["answered"] == second["answered"] == 1  # the prefill: its bytes would cross every later link
+    assert third["answered"] == first["client_steps"]
+
+
+def test_a_trail_altered_on_the_way_is_caught_and_every_server_answers_from_then_on(swarm, local6, monkeypatch):
+    from corolla.server import relay as relay_module
+
+    forger = swarm.servers[1]
+    forward = relay_module.Relays.forward
+
+    async def altering(self, step, outputs, route, trail=None, tags=None, trail_key=None):
+        if self.transport is forger.handler.transport and trail:  # change the first server's outputs it carries
+            trail = {name: tensor + 0.5 for name, tensor in trail.items()}
+        return await forward(self, step, outputs, route, trail, tags, trail_key)
+
+    monkeypatch.setattr(relay_module.Relays, "forward", altering)
+    model = swarm.client()
+    try:
+        with model.inference_session(max_length=32) as session:
+            got = model.generate(IDS, max_new_tokens=8, do_sample=False)
+            assert session._trails is False  # caught at the first step: each server answers for itself now
+            assert session.failovers == 0  # nobody can tell which server altered it: no one is banned for it
+        assert got.tolist() == local6.generate(IDS, max_new_tokens=8, do_sample=False).tolist()
+    finally:
+        model.close()
+    first, _, third = _counts(swarm)
+    assert third["answered"] == first["client_steps"] and first["answered"] == first["client_steps"] - 1
+
+
+def test_malformed_trails_are_refused_and_the_server_keeps_serving(swarm):
+    first, second, _ = swarm.servers
+    model = swarm.client()
+    client = model.swarm
+    try:
+        records = {r.peer_id: r for r in client.run(client.refresh())}
+        rec1, rec2 = records[first.peer.peer_id], records[second.peer.peer_id]
+        token = "t" * 32
+
+        async def scenario():
+            target = await SessionStream.open(client.transport, rec2, OpenSession(
+                "s2", SPANS[1], 16, 1, relay_token=token, trail_key="k" * 32), 10)
+            keyless = await SessionStream.open(client.transport, rec1, OpenSession("s1", SPANS[0], 16, 1), 10)
+            try:
+                one = torch.randn(1, 1, HIDDEN)
+                with pytest.raises(RemoteError, match="a step from the client starts a trail"):
+                    await target.step(SessionStep("s2", one, answer_last=True, trail={"0": one}, trail_tags=["a"]), 10)
+                with pytest.raises(RemoteError, match="come only with answer_last"):
+                    await target.step(SessionStep("s2", one, trail={"0": one}, trail_tags=["a", "b"]), 10)
+                hop = NextHop(rec2.peer_id, "s2", token, "float32", tuple(rec2.maddrs))
+                with pytest.raises(RemoteError, match="answer_last needs a session opened with a trail_key"):
+                    await keyless.step(SessionStep("s1", one, next_hops=encode_route([hop]), answer_last=True), 10)
+                _, reader, writer, _ = await open_exchange(client.transport, rec2.peer_id, rec2.maddrs,
+                                                           RelayOpen("s2", token), 10)
+                cases = [  # pushed by a (forged) previous server: refused on the session's stream, naming the cause
+                    ({"0": torch.randn(1, 2, HIDDEN)}, ["a", "b"], r"trail entry 0 must be .* shape \[1, 1, 64\]"),
+                    ({"5": one}, ["a", "b"], "trail entries must be named 0..0"),
+                    (None, ["a", "b"], "one more tag than its trail"),
+                    (None, ["x" * 65], "each trail tag must be a string of 1..64 characters"),
+                    (None, None, "one more tag than its trail"),
+                ]
+                for index, (trail, tags, message) in enumerate(cases, 1):
+                    await write_message(writer, SessionStep("s2", one, answer_last=True, trail=trail, trail_tags=tags,
+                                                            step_index=index, attempt=1))
+                    with pytest.raises(RemoteError, match=message):
+                        await target.receive(10, index, 1)
+                # a well-formed one runs; the last server answers with the trail, its own input added
+                await write_message(writer, SessionStep("s2", one, answer_last=True, trail_tags=["a"], step_index=9,
+                                                        attempt=1))
+                reply = await target.receive(10, 9, 1)
+                assert reply.position == 1 and torch.equal(reply.trail["0"], one) and reply.trail_tags == ["a"]
+                writer.close()
+            finally:
+                target.close()
+                keyless.close()
+
+        client.run(scenario(), 60)
+        assert model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=3, do_sample=False).shape == (1, 6)
     finally:
         model.close()
