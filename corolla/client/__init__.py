@@ -2,9 +2,11 @@
 
 - ``config.py``     ``ClientConfig``: every client setting, built once.
 - ``swarm.py``      ``RemoteSwarm``: the client's peer, its view of the DHT records, chain planning.
-- ``rpc.py``        calling one server: unary requests and the bidirectional stream of a session.
+- ``rpc.py``        calling one server: unary requests and the bidirectional stream of a session (its replies
+                    read in the background, so a wait can stop without cutting a frame).
 - ``sequential.py`` ``RemoteSequential``: the remote block stack as a differentiable, sliceable module.
-- ``session.py``    ``InferenceSession``: step-by-step inference keeping attention caches on the servers.
+- ``session.py``    ``InferenceSession``: step-by-step inference keeping attention caches on the servers; relayed
+                    steps, trails, probes of a silent chain, failover with replay.
 - ``cache.py``      ``RemoteCache``: the Hugging Face ``Cache`` that ties ``generate()`` to a session.
 - ``model.py``      the distributed classes of every family (made from ``corolla.models`` families) and the Auto
                     classes.

@@ -6,7 +6,8 @@
 - ``codec.py``    tensors to bytes and back (dtype and shape checked), and message frames.
 - ``framing.py``  reading and writing frames on an asyncio stream, with a size limit.
 - ``compression.py`` wire codecs for activations (none, float16, bfloat16, int8-block64).
-- ``relay.py``    the route a relayed step carries (the next servers, their sessions and relay tokens).
+- ``relay.py``    the route a relayed step carries (the next servers, their sessions and relay tokens); trails
+                  (the servers' outputs carried to the last one, each signed by its producer) and their checks.
 - ``identity.py``  server identities (libp2p RSA keys): signing and verifying records.
 - ``swarm_key.py`` a private swarm's secret: proofs for streams and records.
 - ``validation.py`` checks of a request's contents, run by servers on every request and by clients before sending.
