@@ -36,6 +36,7 @@ from corolla.core.errors import CorollaError, RemoteError
 from corolla.core.records import ServerRecord
 from corolla.models.lora import LoraSet
 from corolla.wire.codec import dtype_from_name, dtype_name
+from corolla.wire.compression import recodes_exactly
 from corolla.wire.messages import InfoRequest, OpenSession, SessionStep, SessionStepReply
 from corolla.wire.relay import NextHop, encode_route, trail_tag
 
@@ -431,7 +432,9 @@ class InferenceSession:
         hop's answer, or (a trail: small steps) the last hop's answer with all of them."""
         hops = self._hops[index : index + length]
         first = hops[0]
-        trail = length > 1 and self._trails and hidden.shape[0] * hidden.shape[1] <= TRAIL_MAX_ROWS
+        # (int8 blocks cannot carry a trail compressed: with them every server answers, each answer compressed)
+        trail = length > 1 and self._trails and hidden.shape[0] * hidden.shape[1] <= TRAIL_MAX_ROWS \
+            and all(recodes_exactly(hop.codec) for hop in hops)
         route = [NextHop(h.record.peer_id, h.session_id, h.token, h.record.dtype, tuple(h.record.maddrs)) for h in hops[1:]]
         step = SessionStep(first.session_id, hidden.to(first.dtype), attention_mask=mask, position_ids=positions,
                            hypo_ids=hypo_ids, prompts=self._hop_prompts(first, past), start_from_position=past,

@@ -44,10 +44,12 @@ def parse_codec(name) -> WireCodec:
         raise BadRequestError(f"unknown wire codec {name!r}; supported: {', '.join(SUPPORTED_CODECS)}") from None
 
 
-def recodes_exactly(codec: WireCodec) -> bool:
-    """Whether encoding what ``codec`` decoded gives the same values again (the 16-bit casts; not int8 blocks, whose
-    scales and outliers may shift): only then may a value be decoded and encoded again on its way (a trail)."""
-    return codec in _HALF
+def recodes_exactly(codec) -> bool:
+    """Whether encoding what ``codec`` decoded gives the same values again (none and the 16-bit casts; not int8
+    blocks, whose scales and outliers may shift): only then may a value be decoded and encoded again on its way
+    (a trail)."""
+    codec = parse_codec(codec)
+    return codec is WireCodec.NONE or codec in _HALF
 
 
 def encoded_size(codec: WireCodec, numel: int, dtype: torch.dtype, outliers: int = 0) -> int:
