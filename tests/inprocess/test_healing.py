@@ -78,14 +78,17 @@ def test_killed_server_is_replaced_and_tokens_are_identical(block, swarm, local6
         model.close()
 
 
-def test_frozen_server_is_noticed_at_the_step_timeout(swarm, local6):
+@pytest.mark.parametrize("position", [0, 1, 2], ids=["first", "middle", "last"])
+def test_frozen_server_is_noticed_at_the_step_timeout(position, swarm, local6):
+    # decode steps travel with a trail (only the last server answers): the silent chain is probed, and the frozen
+    # server is the one that does not answer; replacing any other would leave it in the chain (a second failover)
     expected = local6.generate(IDS, max_new_tokens=12, do_sample=False)
     model = swarm.client(client_config=FAST)
     frozen = []
     try:
         with model.inference_session(max_length=32) as session:
             def freeze():
-                frozen.append(swarm.server_by_peer(session.chain[1][0]))
+                frozen.append(swarm.server_by_peer(session.chain[position][0]))
                 swarm.freeze(frozen[0])
 
             streamer = _AfterTokens(4, freeze)
