@@ -7,10 +7,10 @@ trail (each server adds what it received and signs its outputs), and only the la
 it; a long step is answered by every server, off the critical path. A server that cannot reach the next says so
 in its answer, and the client carries that link itself.
 
-Failover: when a server of the chain dies, drops the stream, errors or stays silent past the step timeout (a
-silent trail: the first server that does not answer a liveness probe), the session bans it, plans replacement servers for exactly its blocks, replays to them every input that server had
-received in this session (rows as its cache held them) so they rebuild its cache at the same positions, and
-continues the step from there. The caller sees the same outputs as in an unbroken run.
+Failover: when a server of the chain dies, drops the stream, errors or stays silent past the step timeout (in a
+silent trail: the first server that does not answer a liveness probe), the session bans it, plans replacement
+servers for exactly its blocks, replays to them every input that server had received in this session (rows as its
+cache held them) so they rebuild its cache at the same positions, and continues the step from there. The caller sees the same outputs as in an unbroken run.
 """
 from __future__ import annotations
 
