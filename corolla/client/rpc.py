@@ -105,7 +105,12 @@ class SessionStream:
             reply = self.take(future)
             if self.is_stale(reply, step_index, attempt):
                 continue  # stale: an earlier step or try
-            return check_reply(reply, self.service.step_reply, self.record.peer_id)
+            return self.checked(reply)
+
+    def checked(self, reply: Optional[Message]) -> Message:
+        """``reply`` if it is the step reply the service table names; an error, a closed stream or another message
+        as this server's ``RemoteError``."""
+        return check_reply(reply, self.service.step_reply, self.record.peer_id)
 
     async def step(self, message: Message, timeout_s: float, version: int = PROTOCOL_VERSION, codec=None) -> Message:
         """Send one step of the session and return its reply."""

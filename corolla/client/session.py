@@ -30,7 +30,7 @@ import torch
 from corolla.client.failures import describe_attempts, is_server_failure
 from corolla.client.rpc import SessionStream, call
 from corolla.client.verify import TOLERANCE, OutputsRejected, check
-from corolla.net.exchange import check_reply, reply_limit
+from corolla.net.exchange import reply_limit
 from corolla.core.blocks import BlockRange
 from corolla.core.errors import CorollaError, RemoteError
 from corolla.core.records import ServerRecord
@@ -511,7 +511,7 @@ class InferenceSession:
                     if hop.stream.is_stale(reply, step.step_index, step.attempt):
                         futures[hop.stream.next_message()] = position
                         continue
-                    reply = check_reply(reply, SessionStepReply, hop.record.peer_id)
+                    reply = hop.stream.checked(reply)
                     self._check_reply(hop, reply, shape, past)
                 except Exception as exc:
                     hop.stream.close()

@@ -10,7 +10,8 @@
   logit error from 0.61 (plain absmax blocks) to 0.26; benchmarks/bench_codecs.py measures each codec end to end.
 
 Only floating-point activations are compressed (the fields a message lists in ``COMPRESSIBLE``, and in
-``RECOMPRESSIBLE`` with the 16-bit codecs only); masks, ids and weights always travel exactly. A decoded tensor is a new tensor of the dtype the sender declared.
+``RECOMPRESSIBLE`` with the 16-bit codecs only); masks, ids and weights always travel exactly. A decoded tensor is
+a new tensor of the dtype the sender declared.
 """
 from __future__ import annotations
 

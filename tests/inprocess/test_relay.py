@@ -38,6 +38,12 @@ def _counts(swarm):
     return [dict(server.handler.counts) for server in swarm.servers]
 
 
+def _first_two_records(swarm, client):
+    """The DHT records of the chain's first two servers, as ``client`` sees them."""
+    records = {r.peer_id: r for r in client.run(client.refresh())}
+    return records[swarm.servers[0].peer.peer_id], records[swarm.servers[1].peer.peer_id]
+
+
 @pytest.mark.parametrize("relay", [True, False], ids=["relay", "hub"])
 def test_steps_travel_server_to_server(relay, swarm, local6):
     model = swarm.client(client_config=ClientConfig(relay=relay))
@@ -83,12 +89,10 @@ def test_an_unreachable_next_server_is_reported_and_the_client_carries_that_link
 
 
 def test_forged_relays_and_routes_are_refused_and_the_server_keeps_serving(swarm):
-    first, second, _ = swarm.servers
     model = swarm.client()
     client = model.swarm
     try:
-        records = {r.peer_id: r for r in client.run(client.refresh())}
-        rec1, rec2 = records[first.peer.peer_id], records[second.peer.peer_id]
+        rec1, rec2 = _first_two_records(swarm, client)
         token = "t" * 32
 
         async def scenario():
@@ -176,12 +180,10 @@ def test_a_trail_altered_on_the_way_is_caught_and_every_server_answers_from_then
 
 
 def test_malformed_trails_are_refused_and_the_server_keeps_serving(swarm):
-    first, second, _ = swarm.servers
     model = swarm.client()
     client = model.swarm
     try:
-        records = {r.peer_id: r for r in client.run(client.refresh())}
-        rec1, rec2 = records[first.peer.peer_id], records[second.peer.peer_id]
+        rec1, rec2 = _first_two_records(swarm, client)
         token = "t" * 32
 
         async def scenario():
