@@ -18,6 +18,7 @@ import asyncio
 import hmac
 import itertools
 import logging
+import math
 import random
 import secrets
 import time
@@ -591,12 +592,15 @@ class InferenceSession:
             raise
         return reply.hidden_states
 
-    async def _open_chain(self, blocks: BlockRange, history: _History) -> list[_Hop]:
+    async def _open_chain(self, blocks: BlockRange, history: _History, max_age_s: Optional[float] = None) -> list[_Hop]:
         """Open this session on a chain of servers for ``blocks`` and replay ``history`` (inputs of ``blocks``)
-        through it; retries other servers on failure."""
+        through it; retries other servers on failure. Planned on a view of the swarm at most ``max_age_s`` old
+        (default: the refresh period)."""
         attempts: list[tuple[str, str]] = []
         for _ in range(self.swarm.config.max_retries + 1):
-            chain = await self.swarm.plan_inference(blocks, self.active_adapter, frozenset(self._avoid))
+            chain = await self.swarm.plan_inference(blocks, self.active_adapter, frozenset(self._avoid),
+                                                    max_age_s=max_age_s)
+            started = time.perf_counter()
             hops: list[_Hop] = []
             replay = history.joined() if history.length else None
             current = None
@@ -634,6 +638,8 @@ class InferenceSession:
                 if not is_server_failure(exc):
                     raise
                 attempts.append((current.peer_id, f"{type(exc).__name__}: {exc}"))
+                logger.info("opening blocks %s on %s failed after %.2f s (%s: %s); trying other servers", blocks,
+                            current.peer_id, time.perf_counter() - started, type(exc).__name__, exc)
                 self.swarm.report_failure(current.peer_id)
         raise CorollaError(
             f"could not run blocks {blocks} of session {self.session_id[:8]} after {len(attempts)} attempts: "
@@ -648,4 +654,10 @@ class InferenceSession:
         if not (isinstance(error, RemoteError) and error.kind == "SessionEvictedError"):  # eviction is no fault
             self.swarm.report_failure(failed.record.peer_id)
         self.failovers += 1
-        return await self._open_chain(failed.span, failed.history)
+        started = time.perf_counter()
+        # planned on the view the background refresh keeps: a DHT lookup does not delay the next token
+        hops = await self._open_chain(failed.span, failed.history, max_age_s=math.inf)
+        logger.info("blocks %s now on %s, %d tokens replayed, in %.2f s", failed.span,
+                    ", ".join(f"{hop.record.peer_id} ({hop.span})" for hop in hops), failed.history.length,
+                    time.perf_counter() - started)
+        return hops

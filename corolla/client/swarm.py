@@ -156,11 +156,11 @@ class RemoteSwarm:
 
     async def _plan(self, blocks: BlockRange, planner: Callable[[list[ServerRecord]], Chain],
                     adapter: Optional[str] = None, exclude: frozenset = frozenset(), wait: bool = True,
-                    like: Optional[ServerRecord] = None) -> Chain:
+                    like: Optional[ServerRecord] = None, max_age_s: Optional[float] = None) -> Chain:
         """Plan with ``planner`` over the servers (holding ``adapter``, if given; not in ``exclude``), waiting up to
-        ``wait_for_blocks_s`` for the blocks to be served (not at all with ``wait=False``)."""
+        ``wait_for_blocks_s`` for the blocks to be served (not at all with ``wait=False``). The first try plans on
+        a view at most ``max_age_s`` old (default: the refresh period); later tries re-read the DHT."""
         deadline = time.monotonic() + (self.config.wait_for_blocks_s if wait else 0.0)
-        max_age_s = None
         while True:
             records = [r for r in await self.records(max_age_s) if r.peer_id not in exclude]
             if like is not None:  # servers whose outputs must equal ``like``'s: same dtype and quantization
@@ -200,7 +200,7 @@ class RemoteSwarm:
 
     async def plan_inference(self, blocks: BlockRange, adapter: Optional[str] = None,
                              exclude: frozenset = frozenset(), wait: bool = True,
-                             like: Optional[ServerRecord] = None) -> Chain:
+                             like: Optional[ServerRecord] = None, max_age_s: Optional[float] = None) -> Chain:
         """The chain with the least expected time per step (latency + compute), for inference sessions."""
         return await self._plan(
             blocks,
@@ -210,6 +210,7 @@ class RemoteSwarm:
             exclude,
             wait,
             like,
+            max_age_s,
         )
 
     async def plan_batch(self, blocks: BlockRange, adapter: Optional[str] = None, exclude: frozenset = frozenset(),
