@@ -94,7 +94,9 @@ def test_sigkill_mid_generation_recovers_with_identical_tokens(block, replica_sw
             assert all(peer != saboteur.victim.peer_id for peer, _ in session.chain)
         assert got.tolist() == expected.tolist()
         delay = saboteur.next_token_delay_s()
-        assert delay < 2.0, f"next token {delay:.2f} s after the kill:\n{saboteur.timeline(caplog.records)}"
+        servers = "\n".join(f"--- {child.name}\n{child.log_tail(8)}" for child in replica_swarm.servers)
+        assert delay < 2.0, f"next token {delay:.2f} s after the kill; the client's log since:\n" \
+                            f"{saboteur.timeline(caplog.records)}\nthe servers' last lines:\n{servers}"
     finally:
         model.close()
         if saboteur is not None and saboteur.victim is not None:
