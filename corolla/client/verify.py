@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 from typing import Optional
 
 import torch
@@ -64,7 +65,9 @@ async def recompute(swarm, span: BlockRange, hidden: torch.Tensor, mask, positio
     """``span`` run on ``hidden`` by servers not in ``exclude`` (stateless forward passes); the outputs and who ran
     them. ``BlocksNotServedError`` at once if no such servers hold the blocks."""
     # the fewest servers (the least-time chain): a disagreement then leaves the most servers for a third opinion
-    chain = await swarm.plan_inference(span, extras.get("active_adapter"), exclude=exclude, wait=False, like=like)
+    # on the view the client holds (the background refresh keeps it): a check never waits for a DHT lookup
+    chain = await swarm.plan_inference(span, extras.get("active_adapter"), exclude=exclude, wait=False, like=like,
+                                       max_age_s=math.inf)
     used = []
     for record, part in chain:
         dtype = dtype_from_name(record.dtype)

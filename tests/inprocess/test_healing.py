@@ -5,6 +5,8 @@ process-level tests in tests/integration keep the cases only real processes show
 """
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import time
 
 import pytest
@@ -74,6 +76,41 @@ def test_killed_server_is_replaced_and_tokens_are_identical(block, swarm, local6
             assert victims[0].peer.peer_id not in [p for p, _ in session.chain]
         assert got.tolist() == expected.tolist()
         assert model.swarm.bans.is_banned(victims[0].peer.peer_id)
+    finally:
+        model.close()
+
+
+def test_a_replacement_is_planned_without_waiting_for_the_dht(swarm, local6):
+    """A server dies while the DHT has stopped answering (each lookup takes 5 s): the replacement, and the checks of
+    every step (verify_fraction 1), plan on the view the client already holds, so neither the next token nor the end
+    of generate() waits for a lookup. With the view re-read first, the next token came 5 s after the kill."""
+    expected = local6.generate(IDS, max_new_tokens=12, do_sample=False)
+    model = swarm.client(client_config=dataclasses.replace(FAST, refresh_period_s=0.05, verify_fraction=1.0))
+    transport = model.swarm.transport
+    answer = transport.lookup_many
+
+    async def slow_lookup(keys):
+        await asyncio.sleep(5.0)
+        return await answer(keys)
+
+    killed = []
+    try:
+        with model.inference_session(max_length=32) as session:
+            def kill():
+                transport.lookup_many = slow_lookup
+                time.sleep(0.15)  # a lookup already under way ends: the view is now older than refresh_period_s
+                swarm.kill(swarm.server_by_peer(session.chain[1][0]))
+                killed.append(time.monotonic())
+
+            streamer = _AfterTokens(4, kill)
+            got = model.generate(IDS, max_new_tokens=12, do_sample=False, streamer=streamer)
+            finished = time.monotonic()
+            assert session.failovers == 1
+            assert session.checks["run"] >= 12
+        assert got.tolist() == expected.tolist()
+        delay = next(t for t in streamer.times if t > killed[0]) - killed[0]
+        assert delay < 2.5, f"the next token came {delay:.2f} s after the kill"
+        assert finished - killed[0] < 2.5, f"generate() returned {finished - killed[0]:.2f} s after the kill"
     finally:
         model.close()
 
