@@ -404,10 +404,12 @@ class InferenceSession:
         if 0 < target < self.prefix_length:
             target = 0
         self._rewind(target)
-        for index, hop in enumerate(list(self._hops or [])):
+        hops = self._hops or []
+        for index in reversed(range(len(hops))):  # from the end: a replacement of several hops shifts only later ones
+            hop = hops[index]
             if hop.record.peer_id == culprit:
                 hop.stream.close()
-                self._hops[index: index + 1] = await self._open_chain(hop.span, hop.history)
+                hops[index: index + 1] = await self._open_chain(hop.span, hop.history, max_age_s=math.inf)
         raise OutputsRejected(target, verdict.liar)
 
     def _segment_length(self, index: int, past: int) -> int:

@@ -125,3 +125,30 @@ def test_honest_servers_are_never_accused(swarm, local6):
         assert got.tolist() == local6.generate(IDS, max_new_tokens=12, do_sample=False).tolist()
     finally:
         model.close()
+
+
+def test_a_liar_running_two_spans_of_a_chain_leaves_both(tiny_llama6_dir, local6):
+    """The chain visits the liar twice (liar 0:2, fast 2:4, liar 4:6), and its first span's replacement takes two
+    servers: both of the liar's spans are replaced, the fast server's span kept, and the tokens equal local."""
+    with InProcessSwarm(str(tiny_llama6_dir), dht_prefix="twice-liar") as swarm:
+        liar = swarm.start_server(BlockRange(0, 6), throughput=1.0)
+        fast = swarm.start_server(BlockRange(2, 4), throughput=1000.0)
+        swarm.start_server(BlockRange(2, 4), throughput=10.0)  # a third opinion on 2:4
+        for span in (BlockRange(0, 1), BlockRange(1, 2), BlockRange(4, 6)):  # slower than the liar: used after it
+            swarm.start_server(span, throughput=0.2)
+        _make_liar(liar, "noise")
+        model = swarm.client(client_config=ClientConfig(verify_fraction=1.0, verify_seed=0))
+        try:
+            with model.inference_session(max_length=32) as session:
+                planned = model.swarm.run(model.swarm.plan_inference(BlockRange(0, 6)))
+                assert [record.peer_id for record, _ in planned] == [liar.peer.peer_id, fast.peer.peer_id,
+                                                                     liar.peer.peer_id]
+                got = model.generate(IDS, max_new_tokens=8, do_sample=False)
+                assert session.rejections
+                chain = session.chain
+                assert liar.peer.peer_id not in [peer for peer, _ in chain]
+                assert [span for _, span in chain] == [BlockRange(0, 1), BlockRange(1, 2), BlockRange(2, 4),
+                                                       BlockRange(4, 6)]
+            assert got.tolist() == local6.generate(IDS, max_new_tokens=8, do_sample=False).tolist()
+        finally:
+            model.close()
