@@ -30,10 +30,10 @@ import torch
 
 from corolla.client.failures import describe_attempts, is_server_failure
 from corolla.client.rpc import SessionStream, call
-from corolla.client.verify import TOLERANCE, OutputsRejected, check
+from corolla.client.verify import TOLERANCE, OutputsRejected, Verdict, check
 from corolla.net.exchange import reply_limit
 from corolla.core.blocks import BlockRange
-from corolla.core.errors import CorollaError, RemoteError
+from corolla.core.errors import BlocksNotServedError, CorollaError, RemoteError
 from corolla.core.records import ServerRecord
 from corolla.models.lora import LoraSet
 from corolla.wire.codec import dtype_from_name, dtype_name
@@ -76,7 +76,9 @@ class _History:
             if kept >= length:
                 break
             take = min(hidden.shape[1], length - kept)
-            steps.append((hidden[:, :take], mask[:, :take], positions[:, :take]))
+            # a whole step stays the same objects: check sessions recognise it as inputs they already hold
+            steps.append((hidden, mask, positions) if take == hidden.shape[1]
+                         else (hidden[:, :take], mask[:, :take], positions[:, :take]))
             kept += take
         return _History(tuple(steps))
 
@@ -117,6 +119,37 @@ class _Hop:
     @property
     def dtype(self) -> torch.dtype:
         return dtype_from_name(self.record.dtype)
+
+
+@dataclass
+class _CheckSession:
+    """Other servers running the blocks of one span of the chain, in a session of their own, to check the server
+    that runs them: each check feeds them what that server received since the last check, so a check costs the
+    tokens since then, not the whole history again."""
+
+    span: BlockRange
+    suspect: str  # the server of the chain whose outputs this checks
+    hops: list  # _Hop of the checking servers (no relay: the client sends each its step)
+    fed: tuple = ()  # the history steps the checking servers hold (the checked hop's own step objects)
+
+    @property
+    def peers(self) -> frozenset:
+        return frozenset(hop.record.peer_id for hop in self.hops)
+
+    def close(self) -> None:
+        for hop in self.hops:
+            hop.stream.close()
+
+
+def _tokens_in_common(fed: tuple, steps: tuple) -> int:
+    """Tokens at the start of a history (``steps``) that a check session was already fed (``fed``): the steps they
+    share as the same objects (a rewind or a beam reordering makes new ones)."""
+    common = 0
+    for held, current in zip(fed, steps):
+        if any(a is not b for a, b in zip(held, current)):
+            break
+        common += current[0].shape[1]
+    return common
 
 
 class InferenceSession:
@@ -161,6 +194,8 @@ class InferenceSession:
         # checking servers' outputs (corolla.client.verify)
         self._verify_rng = random.Random(self.swarm.config.verify_seed)
         self._checks: list = []  # (task, position after the checked step, peer id) still running
+        self._check_sessions: dict[BlockRange, _CheckSession] = {}  # by the span of the chain they check
+        self._check_locks: dict[BlockRange, asyncio.Lock] = {}
         self._checks_started = 0
         self._check_offset = self._verify_rng.randrange(1 << 16)
         self._avoid: set[str] = set()  # servers this session no longer trusts
@@ -273,12 +308,15 @@ class InferenceSession:
         if self._closed:
             return
         self._closed = True
-        if self._hops:
-            hops, self._hops = self._hops, None
+        checking, self._check_sessions = list(self._check_sessions.values()), {}
+        if self._hops or checking:
+            hops, self._hops = self._hops or [], None
 
             async def _close():
                 for hop in hops:
                     hop.stream.close()
+                for session in checking:
+                    session.close()
 
             self.swarm.run(_close(), 10)
 
@@ -343,21 +381,92 @@ class InferenceSession:
     # ---------------------------------------------------------------- checking servers' outputs
 
     def _start_check(self, hop: _Hop, claimed: torch.Tensor, position: int, new: int) -> None:
-        """Have another server recompute ``hop``'s outputs of this step from its whole history (in the background)."""
-        if hop.history.length * (self.batch_size or 1) > self.swarm.config.max_request_tokens:
-            return  # too long to replay in one request: skipped
-        hidden, mask, positions = hop.history.joined()
+        """Have other servers compute ``hop``'s outputs of this step (in the background): its check session, fed
+        what ``hop`` received since that session's last check."""
+        history = hop.history  # as it stands now: later steps append to a new one
+        spans = {h.span for h in self._hops or []}
+        for span in [span for span in self._check_sessions if span not in spans]:  # a failover re-split the chain
+            self._check_sessions.pop(span).close()
         extras = {"active_adapter": self.active_adapter,
                   "lora": None if self.lora is None else self.lora.for_blocks(hop.span)}
-        if self._prompts is not None and hop.history.length > 0:
+        if self._prompts is not None and history.length > 0:
             start = hop.span.start - self.seq.blocks.start
             extras["prompts"] = self._prompts[start: start + len(hop.span)]
         # outputs that came in a trail were cast to the next server's dtype: judge them at the coarser of the two
         dtype = max((hop.record.dtype, dtype_name(claimed.dtype)), key=lambda name: TOLERANCE.get(name, 1.0))
-        task = asyncio.ensure_future(check(self.swarm, hop.span, hop.record.peer_id, claimed, hidden, mask, positions,
-                                           extras, dtype, new, frozenset(self._avoid), like=hop.record))
+        task = asyncio.ensure_future(self._check(hop, history, claimed, extras, dtype, new))
         self._checks.append((task, position, hop.record.peer_id))
         self.checks["run"] += 1
+
+    async def _check(self, hop: _Hop, history: _History, claimed: torch.Tensor, extras: dict, dtype: str,
+                     new: int) -> Verdict:
+        hidden, mask, positions = history.joined()
+        lock = self._check_locks.setdefault(hop.span, asyncio.Lock())
+        async with lock:  # one check of a span at a time: its check session runs the steps in order
+            try:
+                second = await self._run_check_session(hop, history, hidden, mask, positions, new)
+            except BlocksNotServedError:
+                return Verdict(False, detail=f"no other server holds blocks {hop.span}")
+            except Exception as exc:  # the checkers failed: nothing learned about the suspect
+                return Verdict(False, detail=f"the check failed: {type(exc).__name__}: {exc}")
+        return await check(self.swarm, hop.span, hop.record.peer_id, claimed, hidden, mask, positions, extras, dtype,
+                           new, frozenset(self._avoid), like=hop.record, second=second)
+
+    async def _run_check_session(self, hop: _Hop, history: _History, hidden, mask, positions,
+                                 new: int) -> tuple[torch.Tensor, frozenset]:
+        """``hop``'s outputs of its last ``new`` positions, from its span's check session (opened on servers other
+        than it, as like it as failover's replacements, the first time or when the last one is unusable), fed
+        the inputs it has not seen yet (from where its history and ``history`` part, at most ``new`` from the end);
+        and who computed them."""
+        span, suspect = hop.span, hop.record.peer_id
+        excluded = self._avoid | {suspect}
+        checking = self._check_sessions.pop(span, None)
+        if checking is not None and (checking.suspect != suspect or checking.peers & excluded):
+            checking.close()
+            checking = None
+        try:
+            if checking is None:
+                chain = await self.swarm.plan_inference(span, self.active_adapter, frozenset(excluded), wait=False,
+                                                        like=hop.record, max_age_s=math.inf)
+                checking = _CheckSession(span, suspect, [])
+                for record, part in chain:
+                    lora = None if self.lora is None else self.lora.for_blocks(part)
+                    hop_id = f"{self.session_id}.check.{next(self._hop_ids)}"
+                    request = OpenSession(
+                        hop_id, part, self.max_length, self.batch_size,
+                        lora={k: t.to(dtype_from_name(record.dtype)) for k, t in lora.to_flat().items()} or None
+                        if lora is not None else None,
+                        lora_scaling=1.0 if lora is None else lora.scaling, active_adapter=self.active_adapter)
+                    stream = await SessionStream.open(self.swarm.transport, record, request,
+                                                      self.swarm.config.step_timeout_s,
+                                                      swarm_key=self.swarm.config.swarm_key)
+                    checking.hops.append(_Hop(record, part, stream, hop_id))
+            total = hidden.shape[1]
+            start = min(_tokens_in_common(checking.fed, history.steps), total - new)
+            piece = max(1, self.swarm.config.max_request_tokens // max(1, hidden.shape[0]))
+            outputs = []
+            for begin in range(start, total, piece):  # a first feed of a long history goes in pieces
+                end = min(total, begin + piece)
+                x = hidden[:, begin:end]
+                timeout_s = self.swarm.config.step_timeout_s + (end - begin) * self.swarm.config.token_timeout_s
+                for checker in checking.hops:
+                    step = SessionStep(checker.session_id, x.to(checker.dtype), attention_mask=mask[:, begin:end],
+                                       position_ids=positions[:, begin:end], prompts=self._hop_prompts(checker, begin),
+                                       start_from_position=begin)
+                    reply = await checker.stream.step(step, timeout_s)
+                    self._check_reply(checker, reply, x.shape, begin)
+                    x = reply.hidden_states
+                outputs.append(x)
+            checking.fed = history.steps
+        except BaseException:  # its servers' state is unknown (a failure, or this check cancelled): not reused
+            if checking is not None:
+                checking.close()
+            raise
+        if self._closed:  # the session ended while this check ran
+            checking.close()
+        else:
+            self._check_sessions[span] = checking
+        return torch.cat(outputs, dim=1)[:, -new:], checking.peers
 
     def settle(self) -> None:
         """Wait for the checks still running; raises ``OutputsRejected`` (the session gone back) if one caught a lie."""

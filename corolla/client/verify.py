@@ -1,10 +1,12 @@
 """Checking servers' outputs by redundant computation.
 
 At a rate (``ClientConfig.verify_fraction``) the client has another server compute what a server just computed, from
-the same inputs (for an inference step: every input that server's session has received, replayed as a stateless
-forward pass, as failover replays them) and compares the outputs within the dtype's tolerance. If they disagree, a
-third server decides; the one the other two contradict is a liar. With no third server to ask the dispute stays
-open: the client then trusts neither for this session.
+the same inputs, and compares the outputs within the dtype's tolerance. For an inference step the other servers
+hold a check session of their own for those blocks (``corolla.client.session``): fed what the checked server
+received since the last check of those blocks, they compute only that, not the whole history again. Forward passes
+of training are recomputed as they came. If the two disagree, a third server decides, recomputing statelessly; the
+one the other two contradict is a liar. With no third server to ask the dispute stays open: the client then trusts
+neither for this session.
 
 This catches a server that lies on the steps it is checked on, with the probability of the rate per step; it does
 not catch a server that lies rarely and was lucky, nor two colluding servers that agree on the same wrong outputs
@@ -87,17 +89,23 @@ async def recompute(swarm, span: BlockRange, hidden: torch.Tensor, mask, positio
 
 
 async def check(swarm, span: BlockRange, suspect: str, claimed: torch.Tensor, hidden, mask, positions, extras: dict,
-                dtype: str, last: int, distrusted: frozenset = frozenset(), like=None) -> Verdict:
+                dtype: str, last: int, distrusted: frozenset = frozenset(), like=None,
+                second: Optional[tuple[torch.Tensor, frozenset]] = None) -> Verdict:
     """Whether ``suspect``'s ``claimed`` outputs of its blocks ``span`` (the last ``last`` positions of what it ran
-    on ``hidden``) are what other servers (none of ``distrusted``) compute; a third decides a disagreement."""
+    on ``hidden``) are what other servers (none of ``distrusted``) compute; a third decides a disagreement.
+    ``second``: (those outputs, the servers that computed them) when the caller already has them (an inference
+    session's check session); else they are recomputed here."""
     excluded = frozenset({suspect}) | distrusted
-    try:
-        second, seconds = await recompute(swarm, span, hidden, mask, positions, extras, excluded, like)
-    except BlocksNotServedError:
-        return Verdict(False, detail=f"no other server holds blocks {span}")
-    except Exception as exc:  # the checker failed: nothing learned about the suspect
-        return Verdict(False, detail=f"the check failed: {type(exc).__name__}: {exc}")
-    second = second[:, hidden.shape[1] - last:]
+    if second is None:
+        try:
+            full, seconds = await recompute(swarm, span, hidden, mask, positions, extras, excluded, like)
+        except BlocksNotServedError:
+            return Verdict(False, detail=f"no other server holds blocks {span}")
+        except Exception as exc:  # the checker failed: nothing learned about the suspect
+            return Verdict(False, detail=f"the check failed: {type(exc).__name__}: {exc}")
+        second = full[:, hidden.shape[1] - last:]
+    else:
+        second, seconds = second
     if agree(claimed, second, dtype):
         return Verdict(True, detail="agree")
     try:

@@ -152,3 +152,33 @@ def test_a_liar_running_two_spans_of_a_chain_leaves_both(tiny_llama6_dir, local6
             assert got.tolist() == local6.generate(IDS, max_new_tokens=8, do_sample=False).tolist()
         finally:
             model.close()
+
+
+def test_checks_feed_each_checking_server_only_what_is_new(swarm, local6):
+    """Every step checked: each span's checking server (a replica, in a check session) computes each position once,
+    not the whole history at every check; a rewind sends it again only what follows the rewound position. Every
+    check agrees, and the tokens equal local."""
+    expected = local6.generate(IDS, max_new_tokens=16, do_sample=False)
+    model = swarm.client(client_config=ClientConfig(verify_fraction=1.0, verify_seed=0))
+    replicas = swarm.servers[3:]
+    try:
+        with model.inference_session(max_length=64) as session:
+            got = model.generate(IDS, max_new_tokens=16, do_sample=False)
+            session.settle()
+            assert session.checks["run"] >= 16 and session.checks["agreed"] == session.checks["run"], session.checks
+            fed = sum(server.tokens_run for server in replicas)
+            # each position of the session (20) computed once by each checking server (one or two per span); a
+            # whole-history replay per check would have cost ~200 positions per checking server
+            checkers = sum(len(checking.hops) for checking in session._check_sessions.values())
+            assert len(session._check_sessions) == 3 and 0 < fed <= checkers * session.position, (fed, checkers)
+
+            session.position = IDS.shape[1] + 3
+            again = model.generate(None, max_new_tokens=8, do_sample=False)
+            session.settle()
+            assert session.checks["agreed"] == session.checks["run"], session.checks
+            fed_again = sum(server.tokens_run for server in replicas) - fed
+            assert 0 < fed_again <= checkers * (session.position - IDS.shape[1] - 2), (fed_again, checkers)
+        assert got.tolist() == expected.tolist()
+        assert again.tolist() == expected[:, IDS.shape[1] + 3: IDS.shape[1] + 11].tolist()
+    finally:
+        model.close()
