@@ -10,7 +10,11 @@ in its answer, and the client carries that link itself.
 Failover: when a server of the chain dies, drops the stream, errors or stays silent past the step timeout (in a
 silent trail: the first server that does not answer a liveness probe), the session bans it, plans replacement
 servers for exactly its blocks, replays to them every input that server had received in this session (rows as its
-cache held them) so they rebuild its cache at the same positions, and continues the step from there. The caller sees the same outputs as in an unbroken run.
+cache held them) so they rebuild its cache at the same positions, and continues the step from there. The caller
+sees the same outputs as in an unbroken run. Replacements are planned on the view of the swarm the client holds.
+
+Checks (``corolla.client.verify``): at the verify rate a span of the chain has its outputs computed again by other
+servers, in a check session of their own for that span, fed what the span's server received since the last check.
 """
 from __future__ import annotations
 
