@@ -182,3 +182,28 @@ def test_checks_feed_each_checking_server_only_what_is_new(swarm, local6):
         assert again.tolist() == expected[:, IDS.shape[1] + 3: IDS.shape[1] + 11].tolist()
     finally:
         model.close()
+
+
+def test_check_sessions_get_the_sessions_lora_and_deep_prompts(swarm):
+    """A session with client LoRA weights and deep prompts, every step checked: the check sessions run with the same
+    weights and prompts (each check agrees), and the outputs equal those of the same steps unchecked."""
+    from corolla.models.lora import LoraSet
+
+    torch.manual_seed(0)
+    lora = LoraSet(2.0, {f"{block}.mlp.down_proj": (torch.randn(4, 128) * 0.3, torch.randn(64, 4) * 0.3)
+                         for block in range(6)})
+    prompts = torch.randn(6, 1, 3, 64) * 0.1
+    inputs = [torch.randn(1, 8, 64)] + [torch.randn(1, 1, 64) for _ in range(8)]
+    outputs = {}
+    for rate in (0.0, 1.0):
+        model = swarm.client(client_config=ClientConfig(verify_fraction=rate, verify_seed=0))
+        try:
+            with model.model.layers.inference_session(max_length=32, lora=lora) as session:
+                steps = [session.step(inputs[0], prompts=prompts)] + [session.step(x) for x in inputs[1:]]
+                session.settle()
+                if rate:
+                    assert session.checks["run"] == len(inputs) == session.checks["agreed"], session.checks
+            outputs[rate] = torch.cat(steps, dim=1)
+        finally:
+            model.close()
+    assert torch.allclose(outputs[0.0], outputs[1.0], atol=1e-5)
