@@ -434,17 +434,7 @@ class InferenceSession:
                                                         like=hop.record, max_age_s=math.inf)
                 checking = _CheckSession(span, suspect, [])
                 for record, part in chain:
-                    lora = None if self.lora is None else self.lora.for_blocks(part)
-                    hop_id = f"{self.session_id}.check.{next(self._hop_ids)}"
-                    request = OpenSession(
-                        hop_id, part, self.max_length, self.batch_size,
-                        lora={k: t.to(dtype_from_name(record.dtype)) for k, t in lora.to_flat().items()} or None
-                        if lora is not None else None,
-                        lora_scaling=1.0 if lora is None else lora.scaling, active_adapter=self.active_adapter)
-                    stream = await SessionStream.open(self.swarm.transport, record, request,
-                                                      self.swarm.config.step_timeout_s,
-                                                      swarm_key=self.swarm.config.swarm_key)
-                    checking.hops.append(_Hop(record, part, stream, hop_id))
+                    checking.hops.append(await self._open_hop(record, part, in_chain=False))
             total = hidden.shape[1]
             start = min(_tokens_in_common(checking.fed, history.steps), total - new)
             piece = max(1, self.swarm.config.max_request_tokens // max(1, hidden.shape[0]))
@@ -707,6 +697,28 @@ class InferenceSession:
             raise
         return reply.hidden_states
 
+    async def _open_hop(self, record: ServerRecord, span: BlockRange, in_chain: bool = True) -> _Hop:
+        """This session opened at ``record``'s server for ``span``, with the session's LoRA weights and adapter: as a
+        hop of the chain (a relay token, a trail key, the wire codec chosen for that server), or as a checking
+        server's (``in_chain=False``: the client sends it each step itself, exactly)."""
+        lora = None if self.lora is None else self.lora.for_blocks(span)
+        hop_id = f"{self.session_id}.{'' if in_chain else 'check.'}{next(self._hop_ids)}"
+        token, trail_key = (secrets.token_hex(16), secrets.token_hex(16)) if in_chain else ("", "")
+        codec = self.swarm.codec_for(record) if in_chain else "none"
+        request = OpenSession(
+            hop_id, span, self.max_length, self.batch_size,
+            lora={k: t.to(dtype_from_name(record.dtype)) for k, t in lora.to_flat().items()} or None
+            if lora is not None else None,
+            lora_scaling=1.0 if lora is None else lora.scaling,
+            active_adapter=self.active_adapter,
+            relay_token=token or None,
+            wire_codec=codec,
+            trail_key=trail_key or None,
+        )
+        stream = await SessionStream.open(self.swarm.transport, record, request, self.swarm.config.step_timeout_s,
+                                          swarm_key=self.swarm.config.swarm_key)
+        return _Hop(record, span, stream, hop_id, token, trail_key, codec)
+
     async def _open_chain(self, blocks: BlockRange, history: _History, max_age_s: Optional[float] = None) -> list[_Hop]:
         """Open this session on a chain of servers for ``blocks`` and replay ``history`` (inputs of ``blocks``)
         through it; retries other servers on failure. Planned on a view of the swarm at most ``max_age_s`` old
@@ -722,24 +734,8 @@ class InferenceSession:
             try:
                 for record, span in chain:
                     current = record
-                    lora = None if self.lora is None else self.lora.for_blocks(span)
-                    hop_id = f"{self.session_id}.{next(self._hop_ids)}"
-                    token, trail_key = secrets.token_hex(16), secrets.token_hex(16)
-                    codec = self.swarm.codec_for(record)
-                    request = OpenSession(
-                        hop_id, span, self.max_length, self.batch_size,
-                        lora={k: t.to(dtype_from_name(record.dtype)) for k, t in lora.to_flat().items()} or None
-                        if lora is not None else None,
-                        lora_scaling=1.0 if lora is None else lora.scaling,
-                        active_adapter=self.active_adapter,
-                        relay_token=token,
-                        wire_codec=codec,
-                        trail_key=trail_key,
-                    )
-                    stream = await SessionStream.open(self.swarm.transport, record, request,
-                                                      self.swarm.config.step_timeout_s,
-                                                      swarm_key=self.swarm.config.swarm_key)
-                    hop = _Hop(record, span, stream, hop_id, token, trail_key, codec, joined_at=history.length)
+                    hop = await self._open_hop(record, span)
+                    hop.joined_at = history.length
                     hops.append(hop)
                     if replay is not None:
                         hidden, mask, positions = replay

@@ -44,6 +44,15 @@ def _first_two_records(swarm, client):
     return records[swarm.servers[0].peer.peer_id], records[swarm.servers[1].peer.peer_id]
 
 
+async def _open_pair(client, rec1, rec2, token: str, trail_key=None):
+    """Session "s1" at the first server (no relay token) and "s2" at the second, which accepts relays with
+    ``token``; returns (s1's stream, s2's stream)."""
+    target = await SessionStream.open(client.transport, rec2, OpenSession("s2", SPANS[1], 16, 1, relay_token=token,
+                                                                          trail_key=trail_key), 10)
+    source = await SessionStream.open(client.transport, rec1, OpenSession("s1", SPANS[0], 16, 1), 10)
+    return source, target
+
+
 @pytest.mark.parametrize("relay", [True, False], ids=["relay", "hub"])
 def test_steps_travel_server_to_server(relay, swarm, local6):
     model = swarm.client(client_config=ClientConfig(relay=relay))
@@ -96,9 +105,7 @@ def test_forged_relays_and_routes_are_refused_and_the_server_keeps_serving(swarm
         token = "t" * 32
 
         async def scenario():
-            target = await SessionStream.open(client.transport, rec2, OpenSession("s2", SPANS[1], 16, 1,
-                                                                                  relay_token=token), 10)
-            source = await SessionStream.open(client.transport, rec1, OpenSession("s1", SPANS[0], 16, 1), 10)
+            source, target = await _open_pair(client, rec1, rec2, token)
             try:
                 # a relay into s2 with a wrong token, or into a session that does not exist
                 for session_id, wrong in (("s2", "x" * 32), ("nope", token)):
@@ -187,9 +194,7 @@ def test_malformed_trails_are_refused_and_the_server_keeps_serving(swarm):
         token = "t" * 32
 
         async def scenario():
-            target = await SessionStream.open(client.transport, rec2, OpenSession(
-                "s2", SPANS[1], 16, 1, relay_token=token, trail_key="k" * 32), 10)
-            keyless = await SessionStream.open(client.transport, rec1, OpenSession("s1", SPANS[0], 16, 1), 10)
+            keyless, target = await _open_pair(client, rec1, rec2, token, trail_key="k" * 32)
             try:
                 one = torch.randn(1, 1, HIDDEN)
                 with pytest.raises(RemoteError, match="a step from the client starts a trail"):
