@@ -39,7 +39,7 @@ from corolla.testing.local_swarm import LocalSwarm
 from corolla.wire.codec import MAGIC, PREFIX
 from corolla.wire.identity import Identity
 from corolla.wire.messages import RPC_PROTOCOL
-from corolla.wire.records import block_key, encode_record
+from corolla.wire.records import MODELS_KEY, encode_record, servers_key
 
 PROMPTS = ["The capital of France is", "Once upon a time, in a land far away,", "The three laws of robotics are",
            "My favourite recipe for pancakes", "In 1969, the first humans", "Water boils at",
@@ -87,10 +87,11 @@ async def pester(peer: Peer, targets: list[str], prefix: str, identity: Identity
     now = peer.now()
     forged = [ServerRecord(identity.peer_id, BlockRange(0, 30), ServerState.ONLINE, float("inf"), "float32", 5, 100),
               ServerRecord(identity.peer_id, BlockRange(0, 10**9), ServerState.ONLINE, 1e3, "float32", 5, 100)]
-    items = [(block_key(prefix, 0), identity.peer_id, encode_record(r)) for r in forged]
+    items = [(servers_key(prefix), identity.peer_id, encode_record(forged[0])),
+             (MODELS_KEY, identity.peer_id, encode_record(forged[1]))]
     if targets:
         fake = encode_record(ServerRecord(targets[0], BlockRange(0, 30), ServerState.ONLINE, 1e6, "float16", 5, 1))
-        items.append((block_key(prefix, 1), identity.peer_id, fake))
+        items.append((servers_key(prefix), identity.peer_id + "-2", fake))
     try:
         await peer.announce_many(items, now + 60)
     except Exception:

@@ -4,26 +4,27 @@ from __future__ import annotations
 from typing import Iterable, Optional
 
 from corolla.core.records import ServerRecord
-from corolla.wire.records import MODELS_KEY, block_key, decode_record
+from corolla.wire.records import MODELS_KEY, decode_record, servers_key
 from corolla.net.transport import Transport
 
 
 async def fetch_records(peer: Transport, model_prefix: str, blocks: Iterable[int],
                         num_blocks: Optional[int] = None, swarm_key: Optional[bytes] = None) -> list[ServerRecord]:
-    """The latest live record of each server announcing any of ``blocks``. A record that is malformed, unsigned or
-    mis-signed, expired, implausible (see ``decode_record``; ``num_blocks``: the model's), not stored under its own
-    peer's subkey, or that does not cover the block it is filed under, is skipped without disturbing the others."""
+    """The live record of each server of model ``model_prefix`` holding any of ``blocks``, read from the model's
+    directory key (one lookup). A record that is malformed, unsigned or mis-signed, signed for another model,
+    expired, implausible (see ``decode_record``; ``num_blocks``: the model's), or not stored under its own peer's
+    subkey, is skipped without disturbing the others."""
     wanted = list(blocks)
-    found = await peer.lookup_many([block_key(model_prefix, b) for b in wanted])
+    key = servers_key(model_prefix)
+    found = await peer.lookup_many([key])
     now = peer.now()
-    records: dict[str, ServerRecord] = {}
-    for block in wanted:
-        for subkey, value in found.get(block_key(model_prefix, block), {}).items():
-            record = decode_record(value, num_blocks, model_prefix, now, swarm_key)
-            if record is None or record.peer_id != subkey or block not in record.blocks:
-                continue
-            records[record.peer_id] = record
-    return list(records.values())
+    records: list[ServerRecord] = []
+    for subkey, value in found.get(key, {}).items():
+        record = decode_record(value, num_blocks, model_prefix, now, swarm_key)
+        if record is None or record.peer_id != subkey or not any(b in record.blocks for b in wanted):
+            continue
+        records.append(record)
+    return records
 
 
 async def fetch_models(peer: Transport, swarm_key: Optional[bytes] = None) -> dict[str, list[ServerRecord]]:

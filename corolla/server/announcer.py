@@ -1,4 +1,5 @@
-"""Keeping this server's DHT records alive: one record per held block, refreshed before it expires."""
+"""Keeping this server's DHT record alive (under its model's directory key and the list of models), refreshed before
+it expires."""
 from __future__ import annotations
 
 import asyncio
@@ -7,7 +8,7 @@ from typing import Callable, Optional
 
 from corolla.core.records import ServerRecord
 from corolla.wire.identity import Identity
-from corolla.wire.records import MODELS_KEY, block_key, encode_record
+from corolla.wire.records import MODELS_KEY, encode_record, servers_key
 from corolla.net.transport import Transport
 
 logger = logging.getLogger(__name__)
@@ -28,9 +29,9 @@ class Announcer:
     async def announce_now(self, ttl_s: float | None = None) -> bool:
         record = self.record()
         expires = self.peer.now() + (ttl_s or self.ttl_s)
-        value = encode_record(record, self.identity, self.model_prefix, expires, self.swarm_key)  # one for all blocks
-        items = [(block_key(self.model_prefix, b), record.peer_id, value) for b in record.blocks]
-        items.append((MODELS_KEY, record.peer_id, value))  # so that a swarm page can list the models served
+        value = encode_record(record, self.identity, self.model_prefix, expires, self.swarm_key)
+        items = [(servers_key(self.model_prefix), record.peer_id, value),
+                 (MODELS_KEY, record.peer_id, value)]  # so that a swarm page can list the models served
         try:
             return await self.peer.announce_many(items, expires)
         except Exception as exc:

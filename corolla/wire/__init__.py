@@ -2,7 +2,7 @@
 
 - ``messages.py`` every request and reply as a typed dataclass with an explicit wire name; the protocol version.
 - ``services.py`` the service table: each request's reply type and exchange (single, or session stream).
-- ``records.py``  the DHT record format (key per block, one subkey per server) and its validating decoder.
+- ``records.py``  the DHT record format (a directory key per model, one subkey per server) and its validating decoder.
 - ``codec.py``    tensors to bytes and back (dtype and shape checked), and message frames.
 - ``framing.py``  reading and writing frames on an asyncio stream, with a size limit.
 - ``compression.py`` wire codecs for activations (none, float16, bfloat16, int8-block64).

@@ -21,7 +21,8 @@ from corolla.core.blocks import BlockRange
 from corolla.core.errors import BadRequestError, ProtocolVersionError
 from corolla.wire.codec import Frame
 
-PROTOCOL_VERSION = 6  # 2: start_from_position; 3: wire names, service table; 4: relay; 5: wire codecs; 6: trails
+PROTOCOL_VERSION = 7  # 2: start_from_position; 3: wire names, service table; 4: relay; 5: wire codecs; 6: trails;
+#                       7: records under one directory key per model
 TensorDict = dict[str, torch.Tensor]  # a field of named tensors; travels as tensors "<field>/<name>"
 RPC_PROTOCOL = "/corolla/rpc"  # the libp2p protocol name servers register; the version travels in each frame
 

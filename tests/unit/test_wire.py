@@ -71,8 +71,8 @@ def test_oversized_frame_is_dropped_and_stream_stays_in_step():
 
 
 def test_version_mismatch():
-    data = encode_message(InfoRequest(), version=7)
-    with pytest.raises(ProtocolVersionError, match=f"version {PROTOCOL_VERSION}, got 7"):
+    data = encode_message(InfoRequest(), version=PROTOCOL_VERSION + 1)
+    with pytest.raises(ProtocolVersionError, match=f"version {PROTOCOL_VERSION}, got {PROTOCOL_VERSION + 1}"):
         _roundtrip(data)
 
 
