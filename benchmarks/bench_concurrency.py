@@ -1,14 +1,19 @@
 """Many users at once: aggregate decode speed of concurrent sessions, and what their caches cost the servers.
 
-Run: .venv/bin/python benchmarks/bench_concurrency.py [--sessions 1 4 8 16] [--new-tokens 64]
+Run: .venv/bin/python benchmarks/bench_concurrency.py [--sessions 1 4 8 16] [--new-tokens 64] [--rounds 3]
 
 A local swarm of three servers (the embedded model, blocks 0:10, 10:20, 20:30, float32, one torch thread each) on
 loopback. For each count N, N client processes (each its own process, like N users) load the model, warm up, wait
 at a barrier, then each generates ``--new-tokens`` greedy tokens after its own short prompt (``eos_token_id=None``:
 every session runs its full length, past an end of sequence, as the local reference does; ``min_new_tokens`` would do
 the same through transformers' length processors, which cost each client ~0.8 ms of CPU per token, a tenth of its
-own share of the CPU this benchmark measures). Aggregate tokens/s = all tokens / (last finish - first start); the
-ratio is against N = 1 in the same run. Every client's tokens are checked against local transformers.
+own share of the CPU this benchmark measures). Aggregate tokens/s = all tokens / (last finish - first start).
+
+The counts run in ``--rounds`` rounds (1, 4, 8, 16, then again): this machine's speed drifts by 10-20% over
+minutes (same code, same count: 83.5 and 102.0 tokens/s in two runs ten minutes apart), and a single short run of
+each count turned that drift into the ratio. Each count's figure is the median of its rounds, and the ratio is
+against the median of N = 1 in the same run; each round's own ratios are printed as they come. Every client's
+tokens are checked against local transformers.
 
 Memory: 16 clients each open a session declaring max_length 2048 and fill 200 tokens; while they hold them, the
 servers' memory (PSS of each server process and its libp2p daemon) and the cache tokens the servers hold are
@@ -130,10 +135,49 @@ def _infos(swarm_peers, model) -> list:
         client.close()
 
 
+def _run_count(swarm, model: str, count: int, new_tokens: int, expected: dict) -> dict:
+    """``count`` client processes generating at once: tokens/s of all, per session, the servers' mean batch, how
+    many equalled local, and the CPU seconds of servers, clients and their daemons."""
+    configs = [{"mode": "generate", "model": model, "initial_peers": swarm.initial_peers, "prompt": PROMPTS[i],
+                "new_tokens": new_tokens} for i in range(count)]
+    clients = _spawn_clients(configs)
+    try:
+        for client in clients:
+            _read_json(client)  # ready
+        before = _infos(swarm.initial_peers, model)
+        server_cpu = [(_cpu_s(server.process.pid), _cpu_s(server.process.pid, children_only=True))
+                      for server in swarm.servers]
+        for client in clients:
+            client.stdin.write("go\n")
+            client.stdin.flush()
+        results = [_read_json(client) for client in clients]
+        server_cpu = [(_cpu_s(server.process.pid) - everything, _cpu_s(server.process.pid, True) - daemon)
+                      for server, (everything, daemon) in zip(swarm.servers, server_cpu)]
+    finally:
+        for client in clients:
+            client.wait(60)
+    after = _infos(swarm.initial_peers, model)
+    span = max(r["end"] for r in results) - min(r["start"] for r in results)
+    tokens = sum(len(r["tokens"]) for r in results)
+    servers_daemon = sum(daemon for _, daemon in server_cpu)
+    return {
+        "tokens_s": tokens / span, "tokens": tokens, "span": span,
+        "per_session": statistics.median(len(r["tokens"]) / (r["end"] - r["start"]) for r in results),
+        "batch": statistics.mean((a.steps_run - b.steps_run) / max(1, a.step_batches - b.step_batches)
+                                 for a, b in zip(after, before)),
+        "same": sum(r["tokens"] == expected[c["prompt"]] for r, c in zip(results, configs)),
+        "servers_python": sum(everything for everything, _ in server_cpu) - servers_daemon,
+        "servers_daemon": servers_daemon,
+        "clients_python": sum(r["cpu_s"] for r in results),
+        "clients_daemon": sum(r["daemon_cpu_s"] for r in results),
+    }
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sessions", type=int, nargs="+", default=[1, 4, 8, 16])
     parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=3, help="rounds over the counts; medians are reported")
     parser.add_argument("--server-args", default="", help="extra `corolla serve` flags for the three servers")
     args = parser.parse_args()
 
@@ -156,48 +200,36 @@ def main() -> int:
     with LocalSwarm(model=model, num_servers=3, num_threads=1, extra_server_args=args.server_args.split()) as swarm:
         print(f"3-server swarm of the embedded model on loopback; {args.new_tokens} greedy tokens per session, one "
               "client process per session, 1 torch thread per process", flush=True)
-        rows = []
+        runs: dict[int, list[dict]] = {count: [] for count in args.sessions}
+        for round_ in range(args.rounds):  # the counts alternate, so a drift of the machine's speed hits them alike
+            for count in args.sessions:
+                run = _run_count(swarm, model, count, args.new_tokens, expected)
+                runs[count].append(run)
+                first = runs[args.sessions[0]][round_]
+                print(f"  round {round_ + 1}: {count:2d} session(s) {run['tokens_s']:6.1f} tokens/s, x"
+                      f"{run['tokens_s'] / first['tokens_s']:.2f} of this round's {args.sessions[0]}", flush=True)
+        print(f"\nmedian of {args.rounds} round(s); x = median tokens/s against the median of "
+              f"{args.sessions[0]} session(s):")
+        base = statistics.median(run["tokens_s"] for run in runs[args.sessions[0]])
         for count in args.sessions:
-            configs = [{"mode": "generate", "model": model, "initial_peers": swarm.initial_peers,
-                        "prompt": PROMPTS[i], "new_tokens": args.new_tokens} for i in range(count)]
-            clients = _spawn_clients(configs)
-            try:
-                for client in clients:
-                    _read_json(client)  # ready
-                before = _infos(swarm.initial_peers, model)
-                server_cpu = [(_cpu_s(server.process.pid), _cpu_s(server.process.pid, children_only=True))
-                              for server in swarm.servers]
-                for client in clients:
-                    client.stdin.write("go\n")
-                    client.stdin.flush()
-                results = [_read_json(client) for client in clients]
-                server_cpu = [(_cpu_s(server.process.pid) - everything, _cpu_s(server.process.pid, True) - daemon)
-                              for server, (everything, daemon) in zip(swarm.servers, server_cpu)]
-            finally:
-                for client in clients:
-                    client.wait(60)
-            after = _infos(swarm.initial_peers, model)
-            batch = statistics.mean((a.steps_run - b.steps_run) / max(1, a.step_batches - b.step_batches)
-                                    for a, b in zip(after, before))
-            span = max(r["end"] for r in results) - min(r["start"] for r in results)
-            tokens = sum(len(r["tokens"]) for r in results)
-            same = sum(r["tokens"] == expected[c["prompt"]] for r, c in zip(results, configs))
-            per_session = statistics.median(len(r["tokens"]) / (r["end"] - r["start"]) for r in results)
-            rows.append((count, tokens / span, per_session, same))
-            print(f"  {count:2d} session(s): {tokens / span:6.1f} tokens/s in all, {per_session:5.1f} per session "
-                  f"(median), x{tokens / span / rows[0][1]:.2f} of one session; mean batch {batch:.1f} steps; tokens "
-                  f"equal local in {same}/{count}", flush=True)
-            # where the CPU time of a token goes (core-milliseconds per generated token; the machine's cores x the
-            # span is what there was)
-            servers_daemon = sum(daemon for _, daemon in server_cpu)
-            servers_python = sum(everything for everything, _ in server_cpu) - servers_daemon
-            clients_python = sum(r["cpu_s"] for r in results)
-            clients_daemon = sum(r["daemon_cpu_s"] for r in results)
+            each = runs[count]
+            speed = statistics.median(run["tokens_s"] for run in each)
+            same = sum(run["same"] for run in each)
+            print(f"  {count:2d} session(s): {speed:6.1f} tokens/s in all ({min(r['tokens_s'] for r in each):.1f}-"
+                  f"{max(r['tokens_s'] for r in each):.1f}), {statistics.median(r['per_session'] for r in each):5.1f} "
+                  f"per session (median), x{speed / base:.2f} of one session; mean batch "
+                  f"{statistics.mean(r['batch'] for r in each):.1f} steps; tokens equal local in {same}/"
+                  f"{count * len(each)}", flush=True)
+            # where the CPU time of a token goes (core-milliseconds per generated token, all rounds together; the
+            # machine's cores x the spans is what there was)
+            tokens = sum(r["tokens"] for r in each)
             per = 1e3 / tokens
-            print(f"      core-ms per token: servers {servers_python * per:.1f} + their libp2p daemons "
-                  f"{servers_daemon * per:.1f}; clients {clients_python * per:.1f} + their daemons "
-                  f"{clients_daemon * per:.1f}; total {(servers_python + servers_daemon + clients_python + clients_daemon) * per:.1f} "
-                  f"of {os.cpu_count() * span * per:.1f} available", flush=True)
+            cpu = {key: sum(r[key] for r in each) * per for key in
+                   ("servers_python", "servers_daemon", "clients_python", "clients_daemon")}
+            available = os.cpu_count() * sum(r["span"] for r in each) * per
+            print(f"      core-ms per token: servers {cpu['servers_python']:.1f} + their libp2p daemons "
+                  f"{cpu['servers_daemon']:.1f}; clients {cpu['clients_python']:.1f} + their daemons "
+                  f"{cpu['clients_daemon']:.1f}; total {sum(cpu.values()):.1f} of {available:.1f} available", flush=True)
 
         print("\nmemory: 16 sessions declaring max_length 2048, each filled with 200 tokens")
         before = [_pss_mb(server.process.pid) for server in swarm.servers]
