@@ -2,6 +2,7 @@
 ends with the honest servers still serving and honest clients getting local transformers' tokens.
 
 The lying servers here are test-only variants: a real server whose session handler is replaced after start-up.
+Also here: where records live (one directory key per model), which the forged records target.
 """
 from __future__ import annotations
 
@@ -109,5 +110,32 @@ def test_forged_and_implausible_records_do_not_disturb_the_swarm(tiny_llama_dir,
             started = time.monotonic()
             chooser = swarm.start_server(num_blocks=2)  # reads the same records to choose its span
             assert time.monotonic() - started < 30 and len(chooser.blocks) == 2
+        finally:
+            model.close()
+
+
+def test_a_refresh_reads_one_key_for_every_server_of_the_model(tiny_llama_dir, local):
+    """Every server files its record once, under its model's directory key: a client's refresh is one lookup of one
+    key, whatever the servers and spans, and a reader asking for some blocks gets the servers holding any of them."""
+    from corolla.net.records import fetch_records
+
+    spans = [BlockRange(0, 2), BlockRange(1, 3), BlockRange(2, 4)]
+    with InProcessSwarm(str(tiny_llama_dir), spans, dht_prefix="directory") as swarm:
+        model = swarm.client(client_config=FAST)
+        try:
+            transport = model.swarm.transport
+            answer, lookups = transport.lookup_many, []
+
+            async def counted(keys):
+                lookups.append(list(keys))
+                return await answer(keys)
+
+            transport.lookup_many = counted
+            records = model.swarm.run(model.swarm.refresh())
+            assert lookups == [[servers_key("directory")]]
+            assert sorted((r.blocks.start, r.blocks.end) for r in records) == [(0, 2), (1, 3), (2, 4)]
+            some = model.swarm.run(fetch_records(transport, "directory", [0], 4))
+            assert [(r.blocks.start, r.blocks.end) for r in some] == [(0, 2)]
+            assert model.generate(IDS, max_new_tokens=8, do_sample=False).tolist() == _expected(local).tolist()
         finally:
             model.close()
