@@ -213,10 +213,11 @@ def main() -> int:
         base = statistics.median(run["tokens_s"] for run in runs[args.sessions[0]])
         for count in args.sessions:
             each = runs[count]
-            speed = statistics.median(run["tokens_s"] for run in each)
+            speeds = [run["tokens_s"] for run in each]
+            speed = statistics.median(speeds)
             same = sum(run["same"] for run in each)
-            print(f"  {count:2d} session(s): {speed:6.1f} tokens/s in all ({min(r['tokens_s'] for r in each):.1f}-"
-                  f"{max(r['tokens_s'] for r in each):.1f}), {statistics.median(r['per_session'] for r in each):5.1f} "
+            print(f"  {count:2d} session(s): {speed:6.1f} tokens/s in all ({min(speeds):.1f}-{max(speeds):.1f}), "
+                  f"{statistics.median(r['per_session'] for r in each):5.1f} "
                   f"per session (median), x{speed / base:.2f} of one session; mean batch "
                   f"{statistics.mean(r['batch'] for r in each):.1f} steps; tokens equal local in {same}/"
                   f"{count * len(each)}", flush=True)

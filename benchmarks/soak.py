@@ -38,7 +38,7 @@ from corolla.net.peer import Peer, PeerConfig
 from corolla.testing.local_swarm import LocalSwarm
 from corolla.wire.codec import MAGIC, PREFIX
 from corolla.wire.identity import Identity
-from corolla.wire.messages import RPC_PROTOCOL
+from corolla.wire.messages import PROTOCOL_VERSION, RPC_PROTOCOL
 from corolla.wire.records import MODELS_KEY, encode_record, servers_key
 
 PROMPTS = ["The capital of France is", "Once upon a time, in a land far away,", "The three laws of robotics are",
@@ -85,12 +85,16 @@ def client_loop(index, model_dir, peers, expected, ids_of, tokens, stop, stats, 
 async def pester(peer: Peer, targets: list[str], prefix: str, identity: Identity) -> None:
     """One round of hostility against every server."""
     now = peer.now()
-    forged = [ServerRecord(identity.peer_id, BlockRange(0, 30), ServerState.ONLINE, float("inf"), "float32", 5, 100),
-              ServerRecord(identity.peer_id, BlockRange(0, 10**9), ServerState.ONLINE, 1e3, "float32", 5, 100)]
+    # the current protocol version: the records must be refused for what is wrong with them, not for their version
+    version = PROTOCOL_VERSION
+    forged = [ServerRecord(identity.peer_id, BlockRange(0, 30), ServerState.ONLINE, float("inf"), "float32", version,
+                           100),
+              ServerRecord(identity.peer_id, BlockRange(0, 10**9), ServerState.ONLINE, 1e3, "float32", version, 100)]
     items = [(servers_key(prefix), identity.peer_id, encode_record(forged[0])),
              (MODELS_KEY, identity.peer_id, encode_record(forged[1]))]
     if targets:
-        fake = encode_record(ServerRecord(targets[0], BlockRange(0, 30), ServerState.ONLINE, 1e6, "float16", 5, 1))
+        fake = encode_record(ServerRecord(targets[0], BlockRange(0, 30), ServerState.ONLINE, 1e6, "float16", version,
+                                          1))
         items.append((servers_key(prefix), identity.peer_id + "-2", fake))
     try:
         await peer.announce_many(items, now + 60)
