@@ -154,11 +154,16 @@ class SessionChannel:
         self._opened = True
         await write_message(self._writer, message, codec=self.codec)
 
+    async def answer_join(self, message: Message) -> None:
+        """On a push stream: the answer to a ``join`` message (the opening reply's type)."""
+        _check_type(self.service.reply, message)
+        await write_message(self._writer, message)
+
     async def error(self, exc: BaseException, step_index: Optional[int] = None, attempt: Optional[int] = None) -> None:
         await reply_error(self._writer, exc, step_index, attempt)
 
     async def steps(self, idle_timeout_s: Optional[float] = -1.0) -> AsyncIterator[Message]:
-        """The steps sent on this stream until its sender closes it. A bad frame or a message of the wrong kind is
+        """The steps (and, on a push stream, the join messages) sent on this stream until its sender closes it. A bad frame or a message of the wrong kind is
         answered with an error and skipped; past ``idle_timeout_s`` without a message (default: the server's
         session idle timeout; None: no limit) the stream is closed with an error."""
         timeout_s = self._dispatcher.session_idle_timeout_s if idle_timeout_s == -1.0 else idle_timeout_s
@@ -197,7 +202,8 @@ class SessionChannel:
             if not self._dispatcher.accepting:
                 await self.error(ServerShuttingDownError("this server is shutting down; use another"))
                 return
-            if not isinstance(step, self.service.step):
+            join = self.service.join
+            if not isinstance(step, self.service.step) and not (join is not None and isinstance(step, join)):
                 await self.error(BadRequestError(
                     f"expected {self.service.step.WIRE_NAME!r} inside a session, got {step.WIRE_NAME!r}"))
                 continue

@@ -17,7 +17,7 @@ from corolla.server.activations import ActivationStore
 from corolla.server.cache import CacheBudget
 from corolla.server.compute import BlockCompute
 from corolla.server.config import ServerConfig
-from corolla.server.relay import Relays
+from corolla.server.relay import RelayLinks, Relays
 from corolla.server.scheduler import Priority, Scheduler
 from corolla.server.sessions import SessionTable
 from corolla.wire.validation import check_blocks, check_hidden, check_mask, check_positions, check_prompts, \
@@ -52,6 +52,7 @@ class RequestHandlers:
         # session steps, by where they came from; and the step replies sent
         self.counts = {"client_steps": 0, "relayed_in": 0, "relayed_out": 0, "answered": 0}
         self.scheduler = scheduler
+        self.relay_links = RelayLinks(transport, config.relay_timeout_s, self.swarm_key)  # to the next servers
         self._info = info
         self.replace_stack(stack, budget, adapters or {})
 
@@ -123,7 +124,7 @@ class RequestHandlers:
                                           for k, (a, b) in lora.pairs.items()})
         session = await sessions.open(request, stack, lora, self.max_positions, owner=peer)
         channel.codec = codec
-        relays = Relays(self.transport, self.config.relay_timeout_s, codec, self.swarm_key)
+        relays = Relays(self.relay_links, codec)
         reader = asyncio.create_task(self._read_steps(channel, session.inbox))
         try:
             await channel.reply(SessionOpened(session.session_id, sessions.budget.held_by(session)))
@@ -184,22 +185,44 @@ class RequestHandlers:
         await inbox.put(None)
 
     async def relay(self, request: RelayOpen, channel, peer: str) -> None:
-        """Another server pushes steps of a session open here (it holds the token the session's client gave)."""
+        """Another server pushes steps of sessions open here: the session it opened the stream for, and each one
+        that joined the stream since with a ``RelayOpen`` (each presents the token the session's client gave)."""
+        session = self._relay_target(request)
+        await channel.reply(RelayOpened(session.session_id))
+        joined = {session.session_id: session}
+        async for message in channel.steps(idle_timeout_s=None):
+            if isinstance(message, RelayOpen):
+                try:
+                    joiner = self._relay_target(message)
+                except BadRequestError as exc:
+                    await channel.answer_join(RelayOpened(message.session_id, refused=str(exc)))
+                    continue
+                for gone in [i for i, s in joined.items() if s.inbox is None]:  # only sessions still open stay
+                    del joined[gone]
+                joined[joiner.session_id] = joiner
+                await channel.answer_join(RelayOpened(joiner.session_id))
+                continue
+            target = joined.get(message.session_id)
+            if target is None or target.inbox is None:
+                joined.pop(message.session_id, None)
+                await channel.error(BadRequestError(
+                    f"session {message.session_id!r} has not joined this relay stream, or has ended"))
+                continue
+            try:  # never wait here: one session's full inbox must not hold up the others on this stream
+                target.inbox.put_nowait((message, True))
+            except asyncio.QueueFull:
+                await channel.error(BadRequestError(
+                    f"session {message.session_id!r} has {target.inbox.maxsize} steps waiting already: step "
+                    f"{message.step_index} dropped"))
+
+    def _relay_target(self, request: RelayOpen):
+        """The open session ``request`` names, if its token is that session's relay token."""
         session = self.sessions.get(request.session_id)
-        if session is None or session.relay_token is None or \
+        if session is None or session.inbox is None or session.relay_token is None or \
                 not hmac.compare_digest(session.relay_token.encode(), request.token.encode()):
             raise BadRequestError(
                 f"no session {request.session_id!r} here accepts relays with that token (closed, or not relayed)")
-        await channel.reply(RelayOpened(session.session_id))
-        async for step in channel.steps(idle_timeout_s=None):
-            inbox = session.inbox
-            if inbox is None:  # the session ended
-                return
-            if step.session_id != session.session_id:
-                await channel.error(BadRequestError(
-                    f"this relay stream feeds session {session.session_id!r}, not {step.session_id!r}"))
-                continue
-            await inbox.put((step, True))
+        return session
 
     def stray_step(self, step: SessionStep) -> BadRequestError:
         """The error for a step sent as the first message of a stream."""

@@ -1,74 +1,225 @@
-"""Relaying a session's hidden states to the next server of its chain.
+"""Relaying sessions' hidden states to the next server of their chains.
 
-After running a step that carries ``next_hops``, a server pushes its outputs to the first of them over a push
-stream (``RelayOpen`` with the token the client gave), kept open for the session's life; that server runs them,
-replies to the client on its own session stream, and forwards them further. A step then costs the compute plus one
-one-way delay per link, instead of a client round trip per server.
+After running a step that carries ``next_hops``, a server pushes its outputs to the first of them; that server runs
+them, replies to the client on the session's own stream, and forwards them further. A step then costs the compute
+plus one one-way delay per link, instead of a client round trip per server.
+
+A server keeps one push stream to each server it relays to (``RelayLink``), shared by every session it relays
+there. The stream opens with the first session's ``RelayOpen`` (its relay token, as the client gave it); each
+further session joins with a ``RelayOpen`` of its own on the same stream, and the receiver answers each join
+(``RelayOpened``, or why not) before any step of that session goes. The receiver runs a step only in a session that
+joined the stream with its token.
+
+Steps that leave for the same server in the same turn of the event loop (the sessions of one batched call, which
+resume together) go out in one write: each its own frame, but one message through the libp2p daemons. And since a
+stream per session counted against the receiver's cap of streams per peer (256), one server could relay at most 256
+sessions to another; now there is no such limit. Measured with eight sessions on a 3-server loopback swarm, six
+alternating rounds in one swarm: 109.8 tokens/s (median) against 107.6 with a stream per session (the difference is
+within this machine's noise: shared streams won four rounds of six).
 """
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
 from typing import Optional
 
-from corolla.core.errors import CorollaError
+from corolla.core.errors import CorollaError, RemoteError
 from corolla.net.exchange import open_exchange, read_reply
 from corolla.net.transport import Transport
 from corolla.wire.codec import dtype_from_name
-from corolla.wire.framing import write_message
-from corolla.wire.messages import RelayOpen, SessionStep
 from corolla.wire.compression import roundtrip
+from corolla.wire.framing import encode_message
+from corolla.wire.messages import ErrorReply, RelayOpen, RelayOpened, SessionStep
 from corolla.wire.relay import NextHop, encode_route, trail_tag
 
 logger = logging.getLogger(__name__)
 
 
-class PushStream:
-    """This server's stream into another server's session."""
+class RelayLink:
+    """This server's push stream to one other server, shared by the sessions it relays there."""
 
-    def __init__(self, hop: NextHop, reader, writer):
-        self.hop = hop
+    def __init__(self, peer_id: str, reader, writer, first: NextHop):
+        self.peer_id = peer_id
         self._writer = writer
-        self._drain = asyncio.create_task(self._read_errors(reader))
+        self.sessions: dict[str, str] = {first.session_id: first.token}  # joined sessions and their tokens
+        self._joins: dict[str, asyncio.Future] = {}  # sessions waiting for the receiver's answer to their join
+        self._outbox: list[bytes] = []  # frames to go out in the next write
+        self._written: list[Optional[asyncio.Future]] = []  # per frame of the outbox: resolved once written
+        self.writes = 0  # writes to the stream, and the steps they carried
+        self.frames = 0
+        self._reader = asyncio.create_task(self._read_answers(reader))
 
     @classmethod
     async def open(cls, transport: Transport, hop: NextHop, timeout_s: float,
-                   swarm_key: Optional[bytes] = None) -> "PushStream":
+                   swarm_key: Optional[bytes] = None) -> "RelayLink":
+        """A stream to ``hop``'s server, opened for ``hop``'s session (``RemoteError`` if the server refuses)."""
         _, reader, writer, _ = await open_exchange(transport, hop.peer_id, hop.maddrs,
                                                    RelayOpen(hop.session_id, hop.token), timeout_s,
                                                    swarm_key=swarm_key)
-        return cls(hop, reader, writer)
+        return cls(hop.peer_id, reader, writer, hop)
+
+    @property
+    def closed(self) -> bool:
+        return self._reader.done()
+
+    def joined(self, hop: NextHop) -> bool:
+        token = self.sessions.get(hop.session_id)
+        return token is not None and hmac.compare_digest(token.encode(), hop.token.encode())
+
+    async def join(self, hop: NextHop) -> None:
+        """Add ``hop``'s session to the stream, unless it is on it with that token; ``RemoteError`` if the receiver
+        refuses it. (Another session with the same id but another token must join, and the receiver judges it.)"""
+        if self.joined(hop):
+            return
+        future = self._joins.get(hop.session_id)
+        if future is None:
+            future = self._joins[hop.session_id] = asyncio.get_running_loop().create_future()
+            self._send(encode_message(RelayOpen(hop.session_id, hop.token)), tracked=False)
+        refused = await asyncio.shield(future)
+        if refused is not None:
+            raise RemoteError("BadRequestError", refused, self.peer_id)
+        self.sessions[hop.session_id] = hop.token
 
     async def push(self, step: SessionStep, codec=None) -> None:
-        if self._drain.done():
-            raise ConnectionError(f"the relay stream to {self.hop.peer_id} is closed")
-        await write_message(self._writer, step, codec=codec)
+        """Send ``step`` (of a joined session): written with the other frames of this turn of the loop."""
+        await self._send(encode_message(step, codec=codec))
+        await self._writer.drain()
 
-    async def _read_errors(self, reader) -> None:
-        """The receiver answers a push stream only to refuse something: log it (its client hears of it too)."""
+    def _send(self, frame: bytes, tracked: bool = True) -> Optional[asyncio.Future]:
+        if self.closed:
+            raise ConnectionError(f"the relay stream to {self.peer_id} is closed")
+        future = asyncio.get_running_loop().create_future() if tracked else None
+        self._outbox.append(frame)
+        self._written.append(future)
+        if len(self._outbox) == 1:
+            asyncio.get_running_loop().call_soon(self._flush)
+        return future
+
+    def _flush(self) -> None:
+        frames, futures = self._outbox, self._written
+        self._outbox, self._written = [], []
+        error: Optional[BaseException] = None
+        try:
+            if self.closed:
+                raise ConnectionError(f"the relay stream to {self.peer_id} is closed")
+            self._writer.write(b"".join(frames))
+            self.writes += 1
+            self.frames += sum(future is not None for future in futures)
+        except Exception as exc:  # noqa: BLE001 - each sender hears of it
+            error = exc
+        for future in futures:
+            if future is None or future.done():
+                continue
+            if error is None:
+                future.set_result(None)
+            else:
+                future.set_exception(error)
+
+    async def _read_answers(self, reader) -> None:
+        """The receiver answers joins; anything else it sends refuses something (its client hears of it too)."""
         try:
             while True:
-                reply = await read_reply(reader, self.hop.peer_id, None)
+                reply = await read_reply(reader, self.peer_id, None)
                 if reply is None:
                     return
-                logger.info("relay to %s: %s", self.hop.peer_id, reply)
+                waiting = self._joins.pop(reply.session_id, None) if isinstance(reply, RelayOpened) else None
+                if waiting is not None and not waiting.done():
+                    waiting.set_result(reply.refused)
+                elif isinstance(reply, ErrorReply):
+                    logger.info("relay to %s: %s: %s", self.peer_id, reply.kind, reply.message)
         except (CorollaError, ConnectionError, asyncio.CancelledError):
             return
+        finally:
+            for waiting in self._joins.values():
+                if not waiting.done():
+                    waiting.set_result(f"the relay stream to {self.peer_id} closed")
+            self._joins.clear()
+
+    def leave(self, session_id: str) -> None:
+        self.sessions.pop(session_id, None)
 
     def close(self) -> None:
-        self._drain.cancel()
+        self._reader.cancel()
         self._writer.close()
 
 
-class Relays:
-    """The push streams of one session, by next hop; closed with the session."""
+class RelayLinks:
+    """A server's relay streams, one per server it relays to; a stream closes when its last session leaves."""
 
-    def __init__(self, transport: Transport, timeout_s: float, codec=None, swarm_key: Optional[bytes] = None):
+    def __init__(self, transport: Transport, timeout_s: float, swarm_key: Optional[bytes] = None):
         self.transport = transport
-        self.swarm_key = swarm_key
         self.timeout_s = timeout_s
+        self.swarm_key = swarm_key
+        self._links: dict[str, RelayLink] = {}
+        self._opening: dict[str, asyncio.Future] = {}
+        self.writes = 0  # of links closed since (the open ones count their own)
+        self.frames = 0
+
+    @property
+    def open_links(self) -> int:
+        return sum(not link.closed for link in self._links.values())
+
+    async def link(self, hop: NextHop) -> RelayLink:
+        """The stream to ``hop``'s server with ``hop``'s session on it: opened for it, or joined."""
+        while True:
+            link = self._links.get(hop.peer_id)
+            if link is not None and link.closed:
+                self.drop(link)
+                link = None
+            if link is not None:
+                await link.join(hop)
+                return link
+            opening = self._opening.get(hop.peer_id)
+            if opening is None:
+                opening = self._opening[hop.peer_id] = asyncio.ensure_future(self._open(hop))
+                return await asyncio.shield(opening)
+            try:  # another session is opening it: join once it is open (or open it ourselves if it was refused)
+                await asyncio.shield(opening)
+            except Exception:  # noqa: BLE001 - that session's failure, not ours
+                pass
+
+    async def _open(self, hop: NextHop) -> RelayLink:
+        try:
+            link = self._links[hop.peer_id] = await RelayLink.open(self.transport, hop, self.timeout_s, self.swarm_key)
+            return link
+        finally:
+            self._opening.pop(hop.peer_id, None)
+
+    def leave(self, link: RelayLink, session_id: str) -> None:
+        link.leave(session_id)
+        if not link.sessions:
+            self.drop(link)
+
+    def drop(self, link: RelayLink) -> None:
+        """Close ``link`` (broken, or its last session left); later relays to its server open a new one."""
+        if self._links.get(link.peer_id) is link:
+            del self._links[link.peer_id]
+        link.close()
+        self.writes += link.writes
+        self.frames += link.frames
+        link.writes = link.frames = 0
+
+    def totals(self) -> tuple[int, int]:
+        """(writes, steps they carried) of every relay stream so far."""
+        links = list(self._links.values())
+        return self.writes + sum(link.writes for link in links), self.frames + sum(link.frames for link in links)
+
+    def close(self) -> None:
+        for link in list(self._links.values()):
+            self.drop(link)
+        for opening in self._opening.values():
+            opening.cancel()
+
+
+class Relays:
+    """What one session relays, over its server's shared links; leaves them when the session closes."""
+
+    def __init__(self, links: RelayLinks, codec=None):
+        self.links = links
+        self.transport = links.transport
         self.codec = codec  # the session's wire codec, for what it relays
-        self._streams: dict[tuple[str, str], PushStream] = {}
+        self._used: dict[tuple[str, str], RelayLink] = {}  # (next server, session id there) -> link
 
     async def forward(self, step: SessionStep, outputs, route: list[NextHop], trail: Optional[dict] = None,
                       tags: Optional[list] = None, trail_key: Optional[str] = None) -> Optional[str]:
@@ -86,20 +237,22 @@ class Relays:
             answer_last=step.answer_last, trail=trail or None, trail_tags=tags if step.answer_last else None,
         )
         key = (hop.peer_id, hop.session_id)
+        link = None
         try:
-            stream = self._streams.get(key)
-            if stream is None:
-                stream = self._streams[key] = await PushStream.open(self.transport, hop, self.timeout_s, self.swarm_key)
-            async with asyncio.timeout(self.timeout_s):
-                await stream.push(relayed, self.codec)
+            async with asyncio.timeout(self.links.timeout_s):
+                link = await self.links.link(hop)
+                previous = self._used.get(key)
+                if previous is not None and previous is not link:
+                    self.links.leave(previous, hop.session_id)
+                self._used[key] = link
+                await link.push(relayed, self.codec)
             return None
         except Exception as exc:  # unreachable, refused, broken: the client hears why and takes over
-            stream = self._streams.pop(key, None)
-            if stream is not None:
-                stream.close()
+            if link is not None and not isinstance(exc, RemoteError):  # a stream in an unknown state: a new one
+                self.links.drop(link)
             return f"cannot relay to {hop.peer_id}: {type(exc).__name__}: {exc}"
 
     def close(self) -> None:
-        for stream in self._streams.values():
-            stream.close()
-        self._streams.clear()
+        for (_, session_id), link in self._used.items():
+            self.links.leave(link, session_id)
+        self._used.clear()

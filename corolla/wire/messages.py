@@ -21,8 +21,8 @@ from corolla.core.blocks import BlockRange
 from corolla.core.errors import BadRequestError, ProtocolVersionError
 from corolla.wire.codec import Frame
 
-PROTOCOL_VERSION = 7  # 2: start_from_position; 3: wire names, service table; 4: relay; 5: wire codecs; 6: trails;
-#                       7: records under one directory key per model
+PROTOCOL_VERSION = 8  # 2: start_from_position; 3: wire names, service table; 4: relay; 5: wire codecs; 6: trails;
+#                       7: records under one directory key per model; 8: one relay stream per pair of servers
 TensorDict = dict[str, torch.Tensor]  # a field of named tensors; travels as tensors "<field>/<name>"
 RPC_PROTOCOL = "/corolla/rpc"  # the libp2p protocol name servers register; the version travels in each frame
 
@@ -264,6 +264,7 @@ class SessionStepReply(Message, wire_name="session.step.reply"):
 
 @dataclass(frozen=True)
 class RelayOpen(Message, wire_name="relay.open"):
+    """Opens a relay stream for a session, or (sent on an open relay stream) adds another session to it."""
     session_id: str  # a session open on the receiving server
     token: str  # its relay_token, as the client handed it to the sender
 
@@ -271,6 +272,7 @@ class RelayOpen(Message, wire_name="relay.open"):
 @dataclass(frozen=True)
 class RelayOpened(Message, wire_name="relay.opened"):
     session_id: str
+    refused: Optional[str] = None  # a session that asked to join an open relay stream and may not: why
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,8 @@
 Each request type maps to its reply type and its exchange: ``UNARY`` (one request, one reply, then the stream
 ends), ``SESSION`` (an opening request and its reply, then any number of steps and their replies on the same
 stream until the client closes it) or ``PUSH`` (an opening request and its reply, then steps with no reply on
-that stream: a server relaying a session's hidden states to the next server of the chain). The client's ``call()`` / ``SessionStream`` and the server's dispatcher are
+that stream: a server relaying sessions' hidden states to the next server of their chains; further sessions join
+the stream with a ``join`` message, answered like the opening request). The client's ``call()`` / ``SessionStream`` and the server's dispatcher are
 both built from this table; any request may instead be answered with ``ErrorReply``.
 """
 from __future__ import annotations
@@ -44,6 +45,7 @@ class Service:
     exchange: Exchange
     step: Optional[type[Message]] = None  # SESSION, PUSH: the messages sent after the opening reply
     step_reply: Optional[type[Message]] = None  # SESSION: the reply to each step
+    join: Optional[type[Message]] = None  # PUSH: adds another session to the stream; answered with ``reply``
 
 
 SERVICES: tuple[Service, ...] = (
@@ -52,8 +54,9 @@ SERVICES: tuple[Service, ...] = (
     Service("backward", BackwardRequest, BackwardReply, Exchange.UNARY),
     Service("open_session", OpenSession, SessionOpened, Exchange.SESSION, SessionStep, SessionStepReply),
     # server to server: the previous hop of a chain pushes its outputs into the next hop's session; the next hop
-    # answers the session's client, on the session's own stream
-    Service("relay", RelayOpen, RelayOpened, Exchange.PUSH, SessionStep),
+    # answers the session's client, on the session's own stream. One such stream carries every session the
+    # sender relays to the receiver: each further session joins it with its own RelayOpen
+    Service("relay", RelayOpen, RelayOpened, Exchange.PUSH, SessionStep, join=RelayOpen),
 )
 
 _BY_REQUEST = {service.request: service for service in SERVICES}

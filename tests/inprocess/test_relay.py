@@ -3,6 +3,9 @@ steps are answered by the last server with a signed trail of every server's outp
 unreachable links fall back to the client; forged relays, altered trails and malformed trails are refused."""
 from __future__ import annotations
 
+import asyncio
+import threading
+
 import pytest
 import torch
 from transformers import LlamaForCausalLM
@@ -13,9 +16,10 @@ from corolla.client.rpc import SessionStream
 from corolla.core.blocks import BlockRange
 from corolla.core.errors import RemoteError
 from corolla.net.exchange import open_exchange
+from corolla.server.relay import RelayLinks, Relays
 from corolla.testing.inprocess import InProcessSwarm
-from corolla.wire.framing import read_message, write_message
-from corolla.wire.messages import ErrorReply, OpenSession, RelayOpen, SessionStep
+from corolla.wire.framing import encode_message, read_message, write_message
+from corolla.wire.messages import ErrorReply, OpenSession, RelayOpen, RelayOpened, SessionStep
 from corolla.wire.relay import NextHop, encode_route
 
 SPANS = [BlockRange(0, 2), BlockRange(2, 4), BlockRange(4, 6)]
@@ -117,7 +121,8 @@ def test_forged_relays_and_routes_are_refused_and_the_server_keeps_serving(swarm
                                                            RelayOpen("s2", token), 10)
                 await write_message(writer, SessionStep("s1", torch.randn(1, 1, HIDDEN)))
                 refused = await read_message(reader)
-                assert isinstance(refused, ErrorReply) and "feeds session 's2', not 's1'" in refused.message
+                assert isinstance(refused, ErrorReply) and "session 's1' has not joined this relay stream" \
+                    in refused.message
                 writer.close()
                 # a malformed route is refused before any compute
                 bad = SessionStep("s1", torch.randn(1, 2, HIDDEN), next_hops=[{"peer_id": rec2.peer_id}])
@@ -232,3 +237,136 @@ def test_malformed_trails_are_refused_and_the_server_keeps_serving(swarm):
         assert model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=3, do_sample=False).shape == (1, 6)
     finally:
         model.close()
+
+
+def test_sessions_relayed_to_one_server_share_one_stream_and_steps_of_a_turn_go_in_one_write(swarm):
+    model = swarm.client()
+    client = model.swarm
+    try:
+        _, rec2 = _first_two_records(swarm, client)
+
+        async def scenario():
+            targets = {}
+            for name in ("a", "b"):
+                targets[name] = await SessionStream.open(client.transport, rec2, OpenSession(
+                    f"s2{name}", SPANS[1], 16, 1, relay_token=name * 32), 10)
+            links = RelayLinks(client.transport, 10)  # this client stands in for the first server of both chains
+            relays = {name: Relays(links) for name in targets}
+            route = {name: [NextHop(rec2.peer_id, f"s2{name}", name * 32, "float32", tuple(rec2.maddrs))]
+                     for name in targets}
+            try:
+                def step(index, new=1):
+                    return SessionStep("s1", torch.randn(1, new, HIDDEN), step_index=index, attempt=1)
+
+                first = step(1)  # opens the stream for s2a
+                assert await relays["a"].forward(first, first.hidden_states, route["a"]) is None
+                second = step(1, new=2)  # s2b joins the same stream
+                assert await relays["b"].forward(second, second.hidden_states, route["b"]) is None
+                assert links.open_links == 1 and links.totals() == (3, 2)  # (writes, steps): s2b's join was a write
+                # two sessions' steps of one turn of the loop (one batched call's outputs): one write, two frames
+                a, b = step(2), step(2)
+                assert await asyncio.gather(relays["a"].forward(a, a.hidden_states, route["a"]),
+                                            relays["b"].forward(b, b.hidden_states, route["b"])) == [None, None]
+                assert links.totals() == (4, 4)
+                for name, positions in (("a", (1, 2)), ("b", (2, 3))):  # each ran in its own session, in order
+                    for index, position in zip((1, 2), positions):
+                        reply = await targets[name].receive(10, index, 1)
+                        assert reply.position == position
+                relays["a"].close()
+                assert links.open_links == 1  # s2b still relays on it
+                relays["b"].close()
+                assert links.open_links == 0  # the last session left: the stream is closed
+            finally:
+                links.close()
+                for target in targets.values():
+                    target.close()
+
+        client.run(scenario(), 60)
+    finally:
+        model.close()
+
+
+def test_a_shared_relay_stream_refuses_what_is_not_its_own_and_keeps_serving(swarm):
+    """On a relay stream opened for s2a: a join with a wrong token is refused (and the stream serves on), a step of a
+    session that has not joined is refused, a session that joins with its token is served, and a session's fifth
+    waiting step is dropped rather than holding up the stream."""
+    model = swarm.client()
+    client = model.swarm
+    try:
+        _, rec2 = _first_two_records(swarm, client)
+
+        async def scenario():
+            targets = {}
+            for name in ("a", "b"):
+                targets[name] = await SessionStream.open(client.transport, rec2, OpenSession(
+                    f"s2{name}", SPANS[1], 16, 1, relay_token=name * 32), 10)
+            _, reader, writer, _ = await open_exchange(client.transport, rec2.peer_id, rec2.maddrs,
+                                                       RelayOpen("s2a", "a" * 32), 10)
+            try:
+                one = torch.randn(1, 1, HIDDEN)
+                await write_message(writer, RelayOpen("s2b", "a" * 32))  # s2a's token is not s2b's
+                refused = await read_message(reader)
+                assert isinstance(refused, RelayOpened) and refused.session_id == "s2b"
+                assert "no session 's2b' here accepts relays with that token" in refused.refused
+                await write_message(writer, SessionStep("s2b", one, step_index=1, attempt=1))
+                error = await read_message(reader)
+                assert isinstance(error, ErrorReply) and "'s2b' has not joined this relay stream" in error.message
+                await write_message(writer, SessionStep("s2a", one, step_index=1, attempt=1))
+                assert (await targets["a"].receive(10, 1, 1)).position == 1  # s2a is served all along
+                await write_message(writer, RelayOpen("s2b", "b" * 32))
+                joined = await read_message(reader)
+                assert isinstance(joined, RelayOpened) and joined.session_id == "s2b" and joined.refused is None
+                await write_message(writer, SessionStep("s2b", one, step_index=1, attempt=1))
+                assert (await targets["b"].receive(10, 1, 1)).position == 1
+                # six steps of s2a in one write: its inbox holds four, the rest are refused at once
+                writer.write(b"".join(encode_message(SessionStep("s2a", one, step_index=i, attempt=1))
+                                      for i in range(2, 8)))
+                dropped = [await read_message(reader) for _ in range(2)]
+                assert all(isinstance(e, ErrorReply) and "steps waiting already" in e.message for e in dropped)
+                assert [(await targets["a"].receive(10, i, 1)).position for i in range(2, 6)] == [2, 3, 4, 5]
+            finally:
+                writer.close()
+                for target in targets.values():
+                    target.close()
+
+        client.run(scenario(), 60)
+        assert model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=3, do_sample=False).shape == (1, 6)
+    finally:
+        model.close()
+
+
+def test_sessions_stepping_together_are_relayed_in_shared_writes_and_equal_local(tiny_llama6_dir, local6):
+    """Six clients at once through servers that allow each peer three streams: every step is relayed (a stream per
+    relayed session would pass that cap), batched steps leave in shared writes, and every client gets local's
+    tokens."""
+    prompts = [torch.tensor([[5, 6, 7, 8, 9]]), torch.tensor([[11, 3, 7]]), torch.tensor([[2, 9, 4, 4, 8, 1]]),
+               torch.tensor([[30, 31]]), torch.tensor([[17, 2, 40]]), torch.tensor([[8, 8, 1, 50]])]
+    results: dict[int, object] = {}
+    with InProcessSwarm(str(tiny_llama6_dir), SPANS, dht_prefix="relay-cap", max_streams_per_peer=3) as swarm:
+        models = [swarm.client() for _ in prompts]
+
+        def run(index):
+            try:
+                results[index] = models[index].generate(prompts[index], max_new_tokens=12, do_sample=False)
+            except Exception as exc:  # noqa: BLE001 - reported below
+                results[index] = exc
+
+        try:
+            threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join(120)
+            for index, ids in enumerate(prompts):
+                assert results[index].tolist() == local6.generate(ids, max_new_tokens=12, do_sample=False).tolist()
+        finally:
+            for model in models:
+                model.close()
+        first, second, third = _counts(swarm)
+        assert second["client_steps"] == third["client_steps"] == 0  # no link fell back to the client
+        assert second["relayed_in"] == third["relayed_in"] == first["client_steps"]
+        for server in swarm.servers[:2]:
+            writes, frames = server.handler.relay_links.totals()
+            assert frames == server.handler.counts["relayed_out"]
+            assert server.scheduler.largest_batch > 1 and writes < frames  # batched steps left together
+            assert server.handler.relay_links.open_links == 0  # every session closed: so did the streams
