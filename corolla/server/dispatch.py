@@ -163,8 +163,8 @@ class SessionChannel:
         await reply_error(self._writer, exc, step_index, attempt)
 
     async def steps(self, idle_timeout_s: Optional[float] = -1.0) -> AsyncIterator[Message]:
-        """The steps (and, on a push stream, the join messages) sent on this stream until its sender closes it. A bad frame or a message of the wrong kind is
-        answered with an error and skipped; past ``idle_timeout_s`` without a message (default: the server's
+        """The steps (and, on a push stream, the join messages) sent on this stream until its sender closes it. A
+        bad frame or a message of the wrong kind is answered with an error and skipped; past ``idle_timeout_s`` without a message (default: the server's
         session idle timeout; None: no limit) the stream is closed with an error."""
         timeout_s = self._dispatcher.session_idle_timeout_s if idle_timeout_s == -1.0 else idle_timeout_s
         held: list[FrameReservation] = []  # the last step's frame, until the handler asks for the next step
