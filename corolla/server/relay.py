@@ -78,7 +78,7 @@ class RelayLink:
             self._send(encode_message(RelayOpen(hop.session_id, hop.token)), tracked=False)
         refused = await asyncio.shield(future)
         if refused is not None:
-            raise RemoteError("BadRequestError", refused, self.peer_id)
+            raise RemoteError("BadRequestError", refused[:500], self.peer_id)  # the receiver's words, bounded
         self.sessions[hop.session_id] = hop.token
 
     async def push(self, step: SessionStep, codec=None) -> None:
@@ -217,9 +217,12 @@ class Relays:
 
     def __init__(self, links: RelayLinks, codec=None):
         self.links = links
-        self.transport = links.transport
         self.codec = codec  # the session's wire codec, for what it relays
         self._used: dict[tuple[str, str], RelayLink] = {}  # (next server, session id there) -> link
+
+    @property
+    def transport(self) -> Transport:
+        return self.links.transport
 
     async def forward(self, step: SessionStep, outputs, route: list[NextHop], trail: Optional[dict] = None,
                       tags: Optional[list] = None, trail_key: Optional[str] = None) -> Optional[str]:

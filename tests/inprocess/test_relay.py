@@ -57,6 +57,12 @@ async def _open_pair(client, rec1, rec2, token: str, trail_key=None):
     return source, target
 
 
+async def _open_targets(client, rec2):
+    """Sessions "s2a" and "s2b" at the second server, accepting relays with tokens "a" * 32 and "b" * 32."""
+    return {name: await SessionStream.open(client.transport, rec2, OpenSession(
+        f"s2{name}", SPANS[1], 16, 1, relay_token=name * 32), 10) for name in ("a", "b")}
+
+
 @pytest.mark.parametrize("relay", [True, False], ids=["relay", "hub"])
 def test_steps_travel_server_to_server(relay, swarm, local6):
     model = swarm.client(client_config=ClientConfig(relay=relay))
@@ -246,10 +252,7 @@ def test_sessions_relayed_to_one_server_share_one_stream_and_steps_of_a_turn_go_
         _, rec2 = _first_two_records(swarm, client)
 
         async def scenario():
-            targets = {}
-            for name in ("a", "b"):
-                targets[name] = await SessionStream.open(client.transport, rec2, OpenSession(
-                    f"s2{name}", SPANS[1], 16, 1, relay_token=name * 32), 10)
+            targets = await _open_targets(client, rec2)
             links = RelayLinks(client.transport, 10)  # this client stands in for the first server of both chains
             relays = {name: Relays(links) for name in targets}
             route = {name: [NextHop(rec2.peer_id, f"s2{name}", name * 32, "float32", tuple(rec2.maddrs))]
@@ -296,10 +299,7 @@ def test_a_shared_relay_stream_refuses_what_is_not_its_own_and_keeps_serving(swa
         _, rec2 = _first_two_records(swarm, client)
 
         async def scenario():
-            targets = {}
-            for name in ("a", "b"):
-                targets[name] = await SessionStream.open(client.transport, rec2, OpenSession(
-                    f"s2{name}", SPANS[1], 16, 1, relay_token=name * 32), 10)
+            targets = await _open_targets(client, rec2)
             _, reader, writer, _ = await open_exchange(client.transport, rec2.peer_id, rec2.maddrs,
                                                        RelayOpen("s2a", "a" * 32), 10)
             try:
