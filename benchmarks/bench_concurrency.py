@@ -165,6 +165,9 @@ def _run_count(swarm, model: str, count: int, new_tokens: int, expected: dict) -
         "per_session": statistics.median(len(r["tokens"]) / (r["end"] - r["start"]) for r in results),
         "batch": statistics.mean((a.steps_run - b.steps_run) / max(1, a.step_batches - b.step_batches)
                                  for a, b in zip(after, before)),
+        # each server's compute thread: the share of the span it spent running steps, and waiting for company
+        "busy": statistics.mean((a.step_wall_s - b.step_wall_s) / span for a, b in zip(after, before)),
+        "gather": statistics.mean((a.step_gather_s - b.step_gather_s) / span for a, b in zip(after, before)),
         "same": sum(r["tokens"] == expected[c["prompt"]] for r, c in zip(results, configs)),
         "servers_python": sum(everything for everything, _ in server_cpu) - servers_daemon,
         "servers_daemon": servers_daemon,
@@ -231,6 +234,8 @@ def main() -> int:
             print(f"      core-ms per token: servers {cpu['servers_python']:.1f} + their libp2p daemons "
                   f"{cpu['servers_daemon']:.1f}; clients {cpu['clients_python']:.1f} + their daemons "
                   f"{cpu['clients_daemon']:.1f}; total {sum(cpu.values()):.1f} of {available:.1f} available", flush=True)
+            print(f"      each server's compute thread: running steps {statistics.mean(r['busy'] for r in each):.0%} "
+                  f"of the time, waiting for company {statistics.mean(r['gather'] for r in each):.0%}", flush=True)
 
         print("\nmemory: 16 sessions declaring max_length 2048, each filled with 200 tokens")
         before = [_pss_mb(server.process.pid) for server in swarm.servers]

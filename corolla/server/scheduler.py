@@ -78,6 +78,8 @@ class Scheduler:
         self.batched_calls = 0
         self.batched_jobs = 0
         self.batched_cpu_s = 0.0  # compute-thread CPU time the batched calls took
+        self.batched_wall_s = 0.0  # wall time the batched calls took (the compute thread busy with steps)
+        self.gather_s = 0.0  # time batches waited for company before their call (the compute thread idle, on purpose)
 
     async def run(self, priority: Priority, fn: Callable[..., Any], *args) -> Any:
         """``fn(*args)`` on the compute thread, after every job of a higher priority queued before it runs."""
@@ -161,7 +163,9 @@ class Scheduler:
                 await self._ready.wait()
             jobs = self._take()
             if jobs[0].company is not None:
+                waited_from = loop.time()
                 jobs = await self._gather(jobs)
+                self.gather_s += loop.time() - waited_from
             jobs = [job for job in jobs if not job.future.cancelled()]  # requesters that gave up
             if not jobs:
                 continue
@@ -173,6 +177,7 @@ class Scheduler:
                     results, cpu_s = await loop.run_in_executor(self.executor, _timed, jobs[0].fn,
                                                                 [job.args[0] for job in jobs])
                     self._last_call_s[jobs[0].key] = loop.time() - started
+                    self.batched_wall_s += self._last_call_s[jobs[0].key]
                     self.batched_cpu_s += cpu_s
                     self.batched_calls += 1
                     self.batched_jobs += len(jobs)

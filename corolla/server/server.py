@@ -252,6 +252,8 @@ class Server:
             steps_run=self.scheduler.batched_jobs,
             step_batches=self.scheduler.batched_calls,
             step_compute_s=self.scheduler.batched_cpu_s,
+            step_wall_s=self.scheduler.batched_wall_s,
+            step_gather_s=self.scheduler.gather_s,
             tokens_run=self.tokens_run,
         )
 

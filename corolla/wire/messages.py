@@ -152,6 +152,8 @@ class InfoReply(Message, wire_name="info.reply"):
     steps_run: int = 0  # inference steps run since start
     step_batches: int = 0  # calls those steps ran in (steps_run / step_batches: the mean batch)
     step_compute_s: float = 0.0  # compute-thread CPU seconds those calls took
+    step_wall_s: float = 0.0  # wall seconds those calls took (the compute thread busy with inference steps)
+    step_gather_s: float = 0.0  # seconds batches waited for company that was due before their call
     tokens_run: int = 0  # tokens (rows x new tokens) those steps carried
 
 

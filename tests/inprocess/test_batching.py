@@ -10,13 +10,13 @@ import torch
 from transformers import LlamaForCausalLM
 
 from corolla.client.config import ClientConfig
-from corolla.client.rpc import SessionStream
+from corolla.client.rpc import SessionStream, call
 from corolla.core.blocks import BlockRange
 from corolla.core.errors import RemoteError
 from corolla.models.stack import BlockStack
 from corolla.server.scheduler import Priority
 from corolla.testing.inprocess import InProcessSwarm
-from corolla.wire.messages import OpenSession, SessionStep
+from corolla.wire.messages import InfoRequest, OpenSession, SessionStep
 
 PROMPTS = ["The capital of France is", "Once upon a time, in a land far away,", "def fibonacci(n):",
            "The three laws of robotics are", "My favourite recipe for pancakes", "In 1969, the first humans",
@@ -67,6 +67,11 @@ def test_concurrent_sessions_are_batched_and_each_equals_local(embedded_dir, lla
                 assert result.tolist() == expected.tolist(), prompt
             for server in swarm.servers:  # the held-up first steps ran as one batch on every server
                 assert server.scheduler.largest_batch >= 4, server.scheduler.largest_batch
+            view = clients[0].swarm  # what each server reports of its steps, over the protocol
+            for record in view.run(view.refresh()):
+                info = view.run(call(view.transport, record, InfoRequest(), 30))
+                assert info.steps_run >= len(PROMPTS) and info.step_batches < info.steps_run, info
+                assert 0 < info.step_compute_s <= info.step_wall_s and info.step_gather_s >= 0, info
         finally:
             for client in clients:
                 client.close()

@@ -70,6 +70,7 @@ def test_batches_take_every_queued_step_and_wait_only_for_company_that_is_due():
         started = time.monotonic()
         assert await scheduler.run_batched(Priority.INFERENCE, "k", 1, batch, alone) == 10
         assert time.monotonic() - started < 0.1  # a lone step never waits
+        assert scheduler.gather_s < 0.005 and scheduler.batched_wall_s >= 0.02 > scheduler.batched_cpu_s  # it slept
         # while the thread is busy, three steps queue: they run as one call
         gate = threading.Event()
         busy = asyncio.create_task(scheduler.run(Priority.TRAINING, gate.wait, 5))
@@ -86,6 +87,8 @@ def test_batches_take_every_queued_step_and_wait_only_for_company_that_is_due():
         await asyncio.sleep(0.03)
         second = asyncio.create_task(scheduler.run_batched(Priority.INFERENCE, "k", 6, batch, expecting))
         assert await asyncio.gather(first, second) == [50, 60] and calls[-1] == [5, 6]
+        assert 0.02 <= scheduler.gather_s < 0.08  # the ~0.03 s the first step waited for the second is counted
+        assert scheduler.batched_wall_s >= 0.02 * scheduler.batched_calls  # each call slept 0.02 s
         # company that never comes costs at most the bound: 4 x the last call (~0.02 s), well under max_gather_s
         started = time.monotonic()
         assert await scheduler.run_batched(Priority.INFERENCE, "k", 7, batch, lambda items, window: 1) == 70
