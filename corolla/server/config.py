@@ -41,7 +41,6 @@ class ServerConfig:
     max_sessions_per_peer: int = 64  # sessions one peer may hold here
     max_cache_share: float = 0.5  # the part of --cache-tokens one peer's sessions may hold
     relay_timeout_s: float = 10.0  # opening a relay stream to the next server of a chain, or pushing a step into it
-    relay_idle_s: float = 30.0  # a relay stream whose last session left stays open this long for the next session
     announce_period_s: float = 10.0  # how often DHT records are refreshed
     record_ttl_s: float = 30.0  # how long a record lives without refresh
     throughput: Optional[float] = None  # tokens/s to announce; None measures it at start-up

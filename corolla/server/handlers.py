@@ -52,8 +52,7 @@ class RequestHandlers:
         # session steps, by where they came from; and the step replies sent
         self.counts = {"client_steps": 0, "relayed_in": 0, "relayed_out": 0, "answered": 0}
         self.scheduler = scheduler
-        self.relay_links = RelayLinks(transport, config.relay_timeout_s, self.swarm_key,  # to the next servers
-                                      idle_s=config.relay_idle_s)
+        self.relay_links = RelayLinks(transport, config.relay_timeout_s, self.swarm_key)  # to the next servers
         self._info = info
         self.replace_stack(stack, budget, adapters or {})
 

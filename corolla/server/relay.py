@@ -8,7 +8,7 @@ A server keeps one push stream to each server it relays to (``RelayLink``), shar
 there. The stream opens with the first session's ``RelayOpen`` (its relay token, as the client gave it); each
 further session joins with a ``RelayOpen`` of its own on the same stream, and the receiver answers each join
 (``RelayOpened``, or why not) before any step of that session goes. The receiver runs a step only in a session that
-joined the stream with its token. A stream without sessions stays open a while for the next one (``RelayLinks``).
+joined the stream with its token.
 
 Steps that leave for the same server in the same turn of the event loop (the sessions of one batched call, which
 resume together) go out in one write: each its own frame, but one message through the libp2p daemons. And since a
@@ -48,7 +48,6 @@ class RelayLink:
         self._written: list[Optional[asyncio.Future]] = []  # per frame of the outbox: resolved once written
         self.writes = 0  # writes to the stream, and the steps they carried
         self.frames = 0
-        self.idle_timer: Optional[asyncio.TimerHandle] = None  # closes the stream if no session joins (RelayLinks)
         self._reader = asyncio.create_task(self._read_answers(reader))
 
     @classmethod
@@ -146,21 +145,16 @@ class RelayLink:
 
 
 class RelayLinks:
-    """A server's relay streams, one per server it relays to. A stream whose last session leaves stays open for
-    ``idle_s`` more: the next session relayed there (a chat's next turn, say) joins it with one round trip instead
-    of opening a new stream, which through libp2p costs another (the protocol's negotiation)."""
+    """A server's relay streams, one per server it relays to; a stream closes when its last session leaves."""
 
-    def __init__(self, transport: Transport, timeout_s: float, swarm_key: Optional[bytes] = None,
-                 idle_s: float = 30.0):
+    def __init__(self, transport: Transport, timeout_s: float, swarm_key: Optional[bytes] = None):
         self.transport = transport
         self.timeout_s = timeout_s
         self.swarm_key = swarm_key
-        self.idle_s = idle_s
         self._links: dict[str, RelayLink] = {}
         self._opening: dict[str, asyncio.Future] = {}
         self.writes = 0  # of links closed since (the open ones count their own)
         self.frames = 0
-        self.opened = 0  # streams opened so far
 
     @property
     def open_links(self) -> int:
@@ -174,14 +168,7 @@ class RelayLinks:
                 self.drop(link)
                 link = None
             if link is not None:
-                if link.idle_timer is not None:  # an idle stream: kept for this session
-                    link.idle_timer.cancel()
-                    link.idle_timer = None
-                try:
-                    await link.join(hop)
-                finally:
-                    if not link.sessions:  # refused (or the stream broke): idle again
-                        self._leave_idle(link)
+                await link.join(hop)
                 return link
             opening = self._opening.get(hop.peer_id)
             if opening is None:
@@ -195,7 +182,6 @@ class RelayLinks:
     async def _open(self, hop: NextHop) -> RelayLink:
         try:
             link = self._links[hop.peer_id] = await RelayLink.open(self.transport, hop, self.timeout_s, self.swarm_key)
-            self.opened += 1
             return link
         finally:
             self._opening.pop(hop.peer_id, None)
@@ -203,27 +189,12 @@ class RelayLinks:
     def leave(self, link: RelayLink, session_id: str) -> None:
         link.leave(session_id)
         if not link.sessions:
-            self._leave_idle(link)
-
-    def _leave_idle(self, link: RelayLink) -> None:
-        """``link`` has no session: close it ``idle_s`` from now unless one joins (now if it is broken or replaced)."""
-        if link.closed or self._links.get(link.peer_id) is not link or self.idle_s <= 0:
-            self.drop(link)
-        elif link.idle_timer is None:
-            link.idle_timer = asyncio.get_running_loop().call_later(self.idle_s, self._close_idle, link)
-
-    def _close_idle(self, link: RelayLink) -> None:
-        link.idle_timer = None
-        if not link.sessions:
             self.drop(link)
 
     def drop(self, link: RelayLink) -> None:
-        """Close ``link`` (broken, or idle too long); later relays to its server open a new one."""
+        """Close ``link`` (broken, or its last session left); later relays to its server open a new one."""
         if self._links.get(link.peer_id) is link:
             del self._links[link.peer_id]
-        if link.idle_timer is not None:
-            link.idle_timer.cancel()
-            link.idle_timer = None
         link.close()
         self.writes += link.writes
         self.frames += link.frames

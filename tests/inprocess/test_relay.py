@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import threading
-import time
 
 import pytest
 import torch
@@ -254,7 +253,7 @@ def test_sessions_relayed_to_one_server_share_one_stream_and_steps_of_a_turn_go_
 
         async def scenario():
             targets = await _open_targets(client, rec2)
-            links = RelayLinks(client.transport, 10, idle_s=0.3)  # this client stands in for the first server
+            links = RelayLinks(client.transport, 10)  # this client stands in for the first server of both chains
             relays = {name: Relays(links) for name in targets}
             route = {name: [NextHop(rec2.peer_id, f"s2{name}", name * 32, "float32", tuple(rec2.maddrs))]
                      for name in targets}
@@ -279,18 +278,7 @@ def test_sessions_relayed_to_one_server_share_one_stream_and_steps_of_a_turn_go_
                 relays["a"].close()
                 assert links.open_links == 1  # s2b still relays on it
                 relays["b"].close()
-                assert links.open_links == 1 and links.opened == 1  # no session on it: kept a while for the next
-                again = Relays(links)  # s2a's next relayed step joins the idle stream rather than opening one
-                third = step(3)
-                assert await again.forward(third, third.hidden_states, route["a"]) is None
-                assert (await targets["a"].receive(10, 3, 1)).position == 3 and links.opened == 1
-                again.close()
-                await asyncio.sleep(0.6)
-                assert links.open_links == 0  # idle past idle_s: closed
-                fourth = step(4)  # and the next one opens a new stream
-                assert await again.forward(fourth, fourth.hidden_states, route["a"]) is None
-                assert (await targets["a"].receive(10, 4, 1)).position == 4 and links.opened == 2
-                again.close()
+                assert links.open_links == 0  # the last session left: the stream is closed
             finally:
                 links.close()
                 for target in targets.values():
@@ -354,8 +342,7 @@ def test_sessions_stepping_together_are_relayed_in_shared_writes_and_equal_local
     prompts = [torch.tensor([[5, 6, 7, 8, 9]]), torch.tensor([[11, 3, 7]]), torch.tensor([[2, 9, 4, 4, 8, 1]]),
                torch.tensor([[30, 31]]), torch.tensor([[17, 2, 40]]), torch.tensor([[8, 8, 1, 50]])]
     results: dict[int, object] = {}
-    with InProcessSwarm(str(tiny_llama6_dir), SPANS, dht_prefix="relay-cap", max_streams_per_peer=3,
-                        relay_idle_s=0.5) as swarm:
+    with InProcessSwarm(str(tiny_llama6_dir), SPANS, dht_prefix="relay-cap", max_streams_per_peer=3) as swarm:
         models = [swarm.client() for _ in prompts]
 
         def run(index):
@@ -382,7 +369,4 @@ def test_sessions_stepping_together_are_relayed_in_shared_writes_and_equal_local
             writes, frames = server.handler.relay_links.totals()
             assert frames == server.handler.counts["relayed_out"]
             assert server.scheduler.largest_batch > 1 and writes < frames  # batched steps left together
-            assert server.handler.relay_links.opened == 1  # every session to the next server on one stream
-        time.sleep(1.0)
-        for server in swarm.servers[:2]:
-            assert server.handler.relay_links.open_links == 0  # every session closed, and then so did the streams
+            assert server.handler.relay_links.open_links == 0  # every session closed: so did the streams
