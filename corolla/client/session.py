@@ -722,7 +722,8 @@ class InferenceSession:
     async def _open_chain(self, blocks: BlockRange, history: _History, max_age_s: Optional[float] = None) -> list[_Hop]:
         """Open this session on a chain of servers for ``blocks`` and replay ``history`` (inputs of ``blocks``)
         through it; retries other servers on failure. Planned on a view of the swarm at most ``max_age_s`` old
-        (default: the refresh period)."""
+        (default: the refresh period). With no history to replay, the servers open at once: one round trip for the
+        chain, not one per server."""
         attempts: list[tuple[str, str]] = []
         for _ in range(self.swarm.config.max_retries + 1):
             chain = await self.swarm.plan_inference(blocks, self.active_adapter, frozenset(self._avoid),
@@ -732,16 +733,29 @@ class InferenceSession:
             replay = history.joined() if history.length else None
             current = None
             try:
-                for record, span in chain:
+                if replay is None and len(chain) > 1:  # nothing to replay: no server waits for another to open
+                    opened = await asyncio.gather(*(self._open_hop(record, span) for record, span in chain),
+                                                  return_exceptions=True)
+                    hops = [hop for hop in opened if isinstance(hop, _Hop)]
+                    failed = [(record, exc) for (record, _), exc in zip(chain, opened) if not isinstance(exc, _Hop)]
+                    for record, exc in failed[1:]:  # every server that failed is at fault, not only the first
+                        if isinstance(exc, Exception) and is_server_failure(exc):
+                            attempts.append((record.peer_id, f"{type(exc).__name__}: {exc}"))
+                            self.swarm.report_failure(record.peer_id)
+                    if failed:
+                        current = failed[0][0]
+                        raise failed[0][1]
+                for record, span in chain[len(hops):]:
                     current = record
                     hop = await self._open_hop(record, span)
-                    hop.joined_at = history.length
                     hops.append(hop)
                     if replay is not None:
                         hidden, mask, positions = replay
                         outputs = await self._replay(hop, hidden, mask, positions)
                         hop.history = _History(((hidden.to(hop.dtype), mask, positions),))
                         replay = (outputs, mask, positions)
+                for hop in hops:
+                    hop.joined_at = history.length
                 return hops
             except Exception as exc:
                 for hop in hops:

@@ -15,6 +15,7 @@ from transformers import LlamaForCausalLM, LogitsProcessor, LogitsProcessorList
 from transformers.generation.streamers import BaseStreamer
 
 from corolla.client.config import ClientConfig
+from corolla.client.session import InferenceSession
 from corolla.core.blocks import BlockRange
 from corolla.core.errors import BlocksNotServedError
 from corolla.testing.inprocess import InProcessSwarm
@@ -282,3 +283,47 @@ def test_speculative_generation_survives_a_kill(swarm, local6):
         assert model.last_speculation["rounds"] >= 5
     finally:
         model.close()
+
+
+def test_a_new_session_opens_on_every_server_at_once_and_one_that_fails_is_replaced(swarm, local6, monkeypatch):
+    """With nothing to replay, a session asks every server of its chain at once: the opens overlap (one round trip
+    for the chain, not one per server). When one of them fails, the sessions the others opened are closed, it is
+    banned, and the session opens on a chain around it, with local's tokens."""
+    swarm.network.set_default_delay(0.05)  # each open takes a round trip of at least 0.1 s
+    opens = []
+    original = InferenceSession._open_hop
+
+    async def recorded(self, record, span, in_chain=True):
+        started = time.monotonic()
+        try:
+            return await original(self, record, span, in_chain)
+        finally:
+            if in_chain:  # not the checking servers' sessions
+                opens.append((started, time.monotonic(), record.peer_id))
+
+    monkeypatch.setattr(InferenceSession, "_open_hop", recorded)
+    model = swarm.client(client_config=dataclasses.replace(FAST, step_timeout_s=5.0, verify_fraction=0.0))
+    try:
+        expected = local6.generate(IDS, max_new_tokens=3, do_sample=False).tolist()
+        assert model.generate(IDS, max_new_tokens=3, do_sample=False).tolist() == expected
+        assert len(opens) == 3 and max(s for s, _, _ in opens) < min(e for _, e, _ in opens)  # all at once
+        dead = swarm.servers[1]  # the primary for 2:4
+        swarm.kill(dead)
+        opens.clear()
+        assert model.generate(IDS, max_new_tokens=3, do_sample=False).tolist() == expected
+        assert dead.peer.peer_id in {peer for _, _, peer in opens[:3]}  # it was asked first, with the others
+        assert dead.peer.peer_id not in {peer for _, _, peer in opens[3:]}  # then left out
+        for server in swarm.servers:
+            if server is not dead:  # the sessions opened beside the failed one were closed, like every other
+                assert _wait_until(lambda: not server.handler.sessions), server.blocks
+    finally:
+        model.close()
+
+
+def _wait_until(condition, timeout_s: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
