@@ -60,6 +60,20 @@ def proof_header(transport: Transport, peer_id: str, swarm_key: Optional[bytes])
     return None if swarm_key is None else {FIELD: stream_proof(swarm_key, transport.peer_id, peer_id)}
 
 
+async def start_exchange(transport: Transport, peer_id: str, maddrs: Sequence[str], request: Message,
+                         timeout_s: float, version: int = PROTOCOL_VERSION, swarm_key: Optional[bytes] = None):
+    """Open a push exchange and send its opening request, without waiting for the opening reply (the caller reads
+    it with what follows): returns ``(reader, writer)``."""
+    service_of(request, Exchange.PUSH)
+    reader, writer = await asyncio.wait_for(transport.open_stream(peer_id, RPC_PROTOCOL, maddrs), timeout_s)
+    try:
+        await write_message(writer, request, version, extra=proof_header(transport, peer_id, swarm_key))
+    except BaseException:
+        writer.close()
+        raise
+    return reader, writer
+
+
 async def open_exchange(transport: Transport, peer_id: str, maddrs: Sequence[str], request: Message,
                         timeout_s: float, version: int = PROTOCOL_VERSION, swarm_key: Optional[bytes] = None):
     """Open a session or push exchange: returns ``(service, reader, writer, opening reply)``."""

@@ -6,6 +6,7 @@ Each method validates its request against what this server holds, then queues th
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hmac
 import logging
 import time
@@ -125,6 +126,7 @@ class RequestHandlers:
         session = await sessions.open(request, stack, lora, self.max_positions, owner=peer)
         channel.codec = codec
         relays = Relays(self.relay_links, codec)
+        watchers: set[asyncio.Task] = set()  # joins that relayed steps went behind, awaiting the next server's answer
         reader = asyncio.create_task(self._read_steps(channel, session.inbox))
         try:
             await channel.reply(SessionOpened(session.session_id, sessions.budget.held_by(session)))
@@ -156,23 +158,50 @@ class RequestHandlers:
                         knee=stack.rows_per_pass)
                     if relayed and step.answer_last:  # what reached this server joins the trail
                         trail[str(len(trail))] = step.hidden_states
-                    relay_error = await relays.forward(step, outputs, route, trail, tags, session.trail_key) \
-                        if route else None
+                    # a step only the last server answers need not wait for the next server to accept this
+                    # session's join: it follows the join, and a refusal is answered to the client below
+                    joins: Optional[list] = [] if step.answer_last else None
+                    relay_error = await relays.forward(step, outputs, route, trail, tags, session.trail_key,
+                                                       joins) if route else None
                     self.counts["relayed_out"] += bool(route) and relay_error is None
+                    answer = SessionStepReply(
+                        hidden_states=outputs, position=session.position, step_index=step.step_index,
+                        attempt=step.attempt, relay_error=relay_error, trail=trail or None,
+                        trail_tags=tags if step.answer_last else None)
                     if not (route and step.answer_last and relay_error is None):  # else the last server answers
                         self.counts["answered"] += 1
-                        await channel.reply(SessionStepReply(
-                            hidden_states=outputs, position=session.position, step_index=step.step_index,
-                            attempt=step.attempt, relay_error=relay_error, trail=trail or None,
-                            trail_tags=tags if step.answer_last else None))
+                        await channel.reply(answer)
+                    for next_server, join in joins or ():
+                        watchers.add(asyncio.create_task(self._join_refused(channel, answer, next_server, join)))
+                        watchers = {watcher for watcher in watchers if not watcher.done()}
                     last_valid = time.monotonic()
                 except CorollaError as exc:
                     await channel.error(exc, step.step_index, step.attempt)
         finally:
             reader.cancel()
+            for watcher in watchers:
+                watcher.cancel()
             relays.close()
             sessions.close(session)
             session.inbox = None
+
+    async def _join_refused(self, channel, answer: SessionStepReply, next_server: str, join: asyncio.Future) -> None:
+        """If the next server refuses the join a relayed step went behind, it drops the step: the client hears it
+        from this server, with the outputs, as if the relay had failed on the spot (and carries that link)."""
+        try:
+            async with asyncio.timeout(self.config.relay_timeout_s):
+                refusal = await join
+        except (asyncio.TimeoutError, asyncio.CancelledError):
+            return  # no answer: the client's own timeouts judge the silent server
+        if refusal is None:
+            return
+        self.counts["relayed_out"] -= 1
+        self.counts["answered"] += 1
+        reason = f"cannot relay to {next_server}: RemoteError: [{refusal[0]}] {refusal[1]}"
+        try:
+            await channel.reply(dataclasses.replace(answer, relay_error=reason))
+        except (ConnectionError, CorollaError):
+            pass  # the client is gone
 
     @staticmethod
     async def _read_steps(channel, inbox: asyncio.Queue) -> None:

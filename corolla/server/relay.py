@@ -25,7 +25,7 @@ import logging
 from typing import Optional
 
 from corolla.core.errors import CorollaError, RemoteError
-from corolla.net.exchange import open_exchange, read_reply
+from corolla.net.exchange import read_reply, start_exchange
 from corolla.net.transport import Transport
 from corolla.wire.codec import dtype_from_name
 from corolla.wire.compression import roundtrip
@@ -37,13 +37,20 @@ logger = logging.getLogger(__name__)
 
 
 class RelayLink:
-    """This server's push stream to one other server, shared by the sessions it relays there."""
+    """This server's push stream to one other server, shared by the sessions it relays there.
+
+    A session joins with a ``RelayOpen`` (the first one opens the stream). Its steps may follow the join at once,
+    before the receiver's answer: the receiver reads the stream in order, so it judges the join before the steps
+    behind it, and runs them only if the join holds. Each join's answer resolves its future (``pending``) with None,
+    or with the refusal ``(kind, message)``; a session is ``joined`` once the receiver accepted it."""
 
     def __init__(self, peer_id: str, reader, writer, first: NextHop):
         self.peer_id = peer_id
         self._writer = writer
-        self.sessions: dict[str, str] = {first.session_id: first.token}  # joined sessions and their tokens
-        self._joins: dict[str, asyncio.Future] = {}  # sessions waiting for the receiver's answer to their join
+        self.sessions: dict[str, str] = {}  # joined sessions and their tokens
+        self._joins: dict[str, tuple[str, asyncio.Future]] = {}  # sessions whose join awaits an answer: token, future
+        self._opening: Optional[str] = first.session_id  # the session the stream opened for, until its answer
+        self._joins[first.session_id] = (first.token, asyncio.get_running_loop().create_future())
         self._outbox: list[bytes] = []  # frames to go out in the next write
         self._written: list[Optional[asyncio.Future]] = []  # per frame of the outbox: resolved once written
         self.writes = 0  # writes to the stream, and the steps they carried
@@ -51,12 +58,11 @@ class RelayLink:
         self._reader = asyncio.create_task(self._read_answers(reader))
 
     @classmethod
-    async def open(cls, transport: Transport, hop: NextHop, timeout_s: float,
-                   swarm_key: Optional[bytes] = None) -> "RelayLink":
-        """A stream to ``hop``'s server, opened for ``hop``'s session (``RemoteError`` if the server refuses)."""
-        _, reader, writer, _ = await open_exchange(transport, hop.peer_id, hop.maddrs,
-                                                   RelayOpen(hop.session_id, hop.token), timeout_s,
-                                                   swarm_key=swarm_key)
+    async def start(cls, transport: Transport, hop: NextHop, timeout_s: float,
+                    swarm_key: Optional[bytes] = None) -> "RelayLink":
+        """A stream to ``hop``'s server, opened with ``hop``'s join (its answer: ``pending(hop)``)."""
+        reader, writer = await start_exchange(transport, hop.peer_id, hop.maddrs, RelayOpen(hop.session_id, hop.token),
+                                              timeout_s, swarm_key=swarm_key)
         return cls(hop.peer_id, reader, writer, hop)
 
     @property
@@ -67,22 +73,31 @@ class RelayLink:
         token = self.sessions.get(hop.session_id)
         return token is not None and hmac.compare_digest(token.encode(), hop.token.encode())
 
-    async def join(self, hop: NextHop) -> None:
-        """Add ``hop``'s session to the stream, unless it is on it with that token; ``RemoteError`` if the receiver
-        refuses it. (Another session with the same id but another token must join, and the receiver judges it.)"""
+    def join(self, hop: NextHop) -> Optional[asyncio.Future]:
+        """Send ``hop``'s join unless it is on the stream (or joining) with that token: the future of the receiver's
+        answer, or None if the session is on the stream already. (Another session with the same id but another
+        token must join, and the receiver judges it.)"""
         if self.joined(hop):
-            return
-        future = self._joins.get(hop.session_id)
-        if future is None:
-            future = self._joins[hop.session_id] = asyncio.get_running_loop().create_future()
-            self._send(encode_message(RelayOpen(hop.session_id, hop.token)), tracked=False)
-        refused = await asyncio.shield(future)
-        if refused is not None:
-            raise RemoteError("BadRequestError", refused[:500], self.peer_id)  # the receiver's words, bounded
-        self.sessions[hop.session_id] = hop.token
+            return None
+        waiting = self._joins.get(hop.session_id)
+        if waiting is not None and hmac.compare_digest(waiting[0].encode(), hop.token.encode()):
+            return waiting[1]
+        if waiting is not None:  # a join with another token is under way: answers come by session id, so wait
+            return waiting[1]
+        future = asyncio.get_running_loop().create_future()
+        self._joins[hop.session_id] = (hop.token, future)
+        self._send(encode_message(RelayOpen(hop.session_id, hop.token)), tracked=False)
+        return future
+
+    def may_push(self, hop: NextHop) -> bool:
+        """Whether steps of ``hop``'s session may go: it joined, or its join (with this token) is on its way."""
+        waiting = self._joins.get(hop.session_id)
+        return self.joined(hop) or (waiting is not None and hmac.compare_digest(waiting[0].encode(),
+                                                                                 hop.token.encode()))
 
     async def push(self, step: SessionStep, codec=None) -> None:
-        """Send ``step`` (of a joined session): written with the other frames of this turn of the loop."""
+        """Send ``step`` (of a session that joined, or is joining): written with the other frames of this turn of
+        the loop."""
         await self._send(encode_message(step, codec=codec))
         await self._writer.drain()
 
@@ -116,28 +131,50 @@ class RelayLink:
             else:
                 future.set_exception(error)
 
+    def _answer(self, session_id: str, refusal: Optional[tuple[str, str]]) -> None:
+        token, future = self._joins.pop(session_id, (None, None))
+        if future is None:
+            return
+        if refusal is None:
+            self.sessions[session_id] = token
+        if not future.done():
+            future.set_result(refusal)
+
     async def _read_answers(self, reader) -> None:
         """The receiver answers joins; anything else it sends refuses something (its client hears of it too)."""
+        ended = "the relay stream closed"
         try:
             while True:
                 reply = await read_reply(reader, self.peer_id, None)
                 if reply is None:
                     return
-                waiting = self._joins.pop(reply.session_id, None) if isinstance(reply, RelayOpened) else None
-                if waiting is not None and not waiting.done():
-                    waiting.set_result(reply.refused)
+                if isinstance(reply, RelayOpened):
+                    if reply.session_id == self._opening:
+                        self._opening = None
+                    self._answer(reply.session_id, None if reply.refused is None
+                                 else ("BadRequestError", reply.refused[:500]))  # the receiver's words, bounded
+                elif isinstance(reply, ErrorReply) and self._opening is not None:  # the stream itself was refused
+                    ended = f"{reply.kind}: {reply.message[:500]}"
+                    self._answer(self._opening, (reply.kind, reply.message[:500]))
+                    self._opening = None
                 elif isinstance(reply, ErrorReply):
                     logger.info("relay to %s: %s: %s", self.peer_id, reply.kind, reply.message)
         except (CorollaError, ConnectionError, asyncio.CancelledError):
             return
         finally:
-            for waiting in self._joins.values():
-                if not waiting.done():
-                    waiting.set_result(f"the relay stream to {self.peer_id} closed")
-            self._joins.clear()
+            for session_id in list(self._joins):
+                self._answer(session_id, ("ConnectionClosed", f"the relay stream to {self.peer_id} closed ({ended})"))
 
     def leave(self, session_id: str) -> None:
         self.sessions.pop(session_id, None)
+        _, future = self._joins.pop(session_id, (None, None))
+        if future is not None:  # its answer no longer matters
+            future.cancel()
+
+    @property
+    def idle(self) -> bool:
+        """No session on the stream, nor joining it."""
+        return not self.sessions and not self._joins
 
     def close(self) -> None:
         self._reader.cancel()
@@ -160,35 +197,49 @@ class RelayLinks:
     def open_links(self) -> int:
         return sum(not link.closed for link in self._links.values())
 
-    async def link(self, hop: NextHop) -> RelayLink:
-        """The stream to ``hop``'s server with ``hop``'s session on it: opened for it, or joined."""
+    async def link(self, hop: NextHop, wait: bool = True) -> tuple[RelayLink, Optional[asyncio.Future]]:
+        """The stream to ``hop``'s server with ``hop``'s session on it (opened for it, or joined), and the future
+        of the receiver's answer to the join if ``wait`` is False and it has not come (``RelayLink``); with
+        ``wait``, the answer has come and a refusal raised ``RemoteError``."""
         while True:
             link = self._links.get(hop.peer_id)
             if link is not None and link.closed:
                 self.drop(link)
                 link = None
-            if link is not None:
-                await link.join(hop)
-                return link
-            opening = self._opening.get(hop.peer_id)
-            if opening is None:
-                opening = self._opening[hop.peer_id] = asyncio.ensure_future(self._open(hop))
-                return await asyncio.shield(opening)
-            try:  # another session is opening it: join once it is open (or open it ourselves if it was refused)
-                await asyncio.shield(opening)
-            except Exception:  # noqa: BLE001 - that session's failure, not ours
-                pass
+            if link is None:
+                opening = self._opening.get(hop.peer_id)
+                if opening is None:  # ours to open (unreachable: raised)
+                    opening = self._opening[hop.peer_id] = asyncio.ensure_future(self._open(hop))
+                    await asyncio.shield(opening)
+                else:
+                    try:  # another session is opening it: join once it is open (or open it ourselves)
+                        await asyncio.shield(opening)
+                    except Exception:  # noqa: BLE001 - that session's failure, not ours
+                        pass
+                continue
+            pending = link.join(hop)
+            if pending is not None and (wait or not link.may_push(hop)):
+                refusal = await asyncio.shield(pending)
+                if refusal is not None:
+                    if link.idle:
+                        self.drop(link)
+                    raise RemoteError(refusal[0], refusal[1], link.peer_id)
+                if not link.joined(hop):  # another token's join was answered: ours goes now
+                    continue
+                pending = None
+            return link, pending
 
     async def _open(self, hop: NextHop) -> RelayLink:
         try:
-            link = self._links[hop.peer_id] = await RelayLink.open(self.transport, hop, self.timeout_s, self.swarm_key)
+            link = self._links[hop.peer_id] = await RelayLink.start(self.transport, hop, self.timeout_s,
+                                                                    self.swarm_key)
             return link
         finally:
             self._opening.pop(hop.peer_id, None)
 
     def leave(self, link: RelayLink, session_id: str) -> None:
         link.leave(session_id)
-        if not link.sessions:
+        if link.idle:
             self.drop(link)
 
     def drop(self, link: RelayLink) -> None:
@@ -225,9 +276,12 @@ class Relays:
         return self.links.transport
 
     async def forward(self, step: SessionStep, outputs, route: list[NextHop], trail: Optional[dict] = None,
-                      tags: Optional[list] = None, trail_key: Optional[str] = None) -> Optional[str]:
+                      tags: Optional[list] = None, trail_key: Optional[str] = None,
+                      pending: Optional[list] = None) -> Optional[str]:
         """Push ``outputs`` of ``step`` to ``route[0]`` with the rest of the route (and, for an ``answer_last``
-        step, the trail with these outputs' tag); None, or why it failed."""
+        step, the trail with these outputs' tag); None, or why it failed. A session's first step there waits for
+        the receiver to accept its join, unless ``pending`` is given: then the step follows the join at once and
+        ``(next server, future of the answer)`` is appended to ``pending`` (see ``RelayLink``)."""
         hop, rest = route[0], route[1:]
         sent = outputs.to(dtype_from_name(hop.dtype))
         if step.answer_last:  # sign the outputs as the next server will decode them
@@ -243,12 +297,14 @@ class Relays:
         link = None
         try:
             async with asyncio.timeout(self.links.timeout_s):
-                link = await self.links.link(hop)
+                link, joining = await self.links.link(hop, wait=pending is None)
                 previous = self._used.get(key)
                 if previous is not None and previous is not link:
                     self.links.leave(previous, hop.session_id)
                 self._used[key] = link
                 await link.push(relayed, self.codec)
+            if joining is not None:
+                pending.append((hop.peer_id, joining))
             return None
         except Exception as exc:  # unreachable, refused, broken: the client hears why and takes over
             if link is not None and not isinstance(exc, RemoteError):  # a stream in an unknown state: a new one

@@ -14,7 +14,7 @@ from corolla.client.config import ClientConfig
 from corolla.client.session import TRAIL_MAX_ROWS
 from corolla.client.rpc import SessionStream
 from corolla.core.blocks import BlockRange
-from corolla.core.errors import RemoteError
+from corolla.core.errors import BadRequestError, RemoteError
 from corolla.net.exchange import open_exchange
 from corolla.server.relay import RelayLinks, Relays
 from corolla.testing.inprocess import InProcessSwarm
@@ -178,10 +178,10 @@ def test_a_trail_altered_on_the_way_is_caught_and_every_server_answers_from_then
     forger = swarm.servers[1]
     forward = relay_module.Relays.forward
 
-    async def altering(self, step, outputs, route, trail=None, tags=None, trail_key=None):
+    async def altering(self, step, outputs, route, trail=None, tags=None, trail_key=None, pending=None):
         if self.transport is forger.handler.transport and trail:  # change the first server's outputs it carries
             trail = {name: tensor + 0.5 for name, tensor in trail.items()}
-        return await forward(self, step, outputs, route, trail, tags, trail_key)
+        return await forward(self, step, outputs, route, trail, tags, trail_key, pending)
 
     monkeypatch.setattr(relay_module.Relays, "forward", altering)
     model = swarm.client()
@@ -370,3 +370,59 @@ def test_sessions_stepping_together_are_relayed_in_shared_writes_and_equal_local
             assert frames == server.handler.counts["relayed_out"]
             assert server.scheduler.largest_batch > 1 and writes < frames  # batched steps left together
             assert server.handler.relay_links.open_links == 0  # every session closed: so did the streams
+
+
+def test_a_first_relayed_step_goes_right_behind_its_join(swarm):
+    """A session's first step to a server goes in the same write as its join, without waiting for the answer; the
+    receiver judges the join first, runs the step, and the join's answer arrives after."""
+    model = swarm.client()
+    client = model.swarm
+    try:
+        _, rec2 = _first_two_records(swarm, client)
+
+        async def scenario():
+            targets = await _open_targets(client, rec2)
+            links = RelayLinks(client.transport, 10)
+            try:
+                joins: list = []
+                for name in ("a", "b"):
+                    hop = [NextHop(rec2.peer_id, f"s2{name}", name * 32, "float32", tuple(rec2.maddrs))]
+                    step = SessionStep("s1", torch.randn(1, 1, HIDDEN), step_index=1, attempt=1)
+                    assert await Relays(links).forward(step, step.hidden_states, hop, pending=joins) is None
+                # a's step opened the stream (its join is the stream's opening request); b's join and step: one write
+                assert links.totals() == (2, 2) and [peer for peer, _ in joins] == [rec2.peer_id] * 2
+                for name in ("a", "b"):
+                    assert (await targets[name].receive(10, 1, 1)).position == 1  # each ran in its own session
+                assert [await join for _, join in joins] == [None, None]  # both joins accepted
+            finally:
+                links.close()
+                for target in targets.values():
+                    target.close()
+
+        client.run(scenario(), 60)
+    finally:
+        model.close()
+
+
+def test_a_refused_join_is_answered_by_the_relaying_server_and_the_client_carries_that_link(swarm, local6):
+    """The second server refuses the first's relay stream (as a server that lost the session would): the first
+    server hears it after its step went, and answers the client itself with its outputs and the relay error, at
+    once; the client carries that link and its tokens equal local ones, with no failover and trails still on."""
+    first, second, _ = swarm.servers
+
+    def refuse(request):
+        raise BadRequestError(f"no session {request.session_id!r} here accepts relays with that token")
+
+    second.handler._relay_target = refuse
+    model = swarm.client(client_config=ClientConfig(step_timeout_s=3.0))  # a silent step would show within 3 s
+    try:
+        with model.inference_session(max_length=32) as session:
+            got = model.generate(IDS, max_new_tokens=6, do_sample=False)
+            assert [hop.relay_ok for hop in session._hops] == [False, True, True]
+            assert session.failovers == 0 and session._trails  # answered, not silent: nothing timed out
+        assert got.tolist() == local6.generate(IDS, max_new_tokens=6, do_sample=False).tolist()
+    finally:
+        model.close()
+    counts = _counts(swarm)
+    assert counts[0]["relayed_out"] == 0 and counts[1]["relayed_in"] == 0  # the refused step did not count
+    assert counts[1]["client_steps"] == counts[0]["client_steps"]  # the client sent each step to the second itself
