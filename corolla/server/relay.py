@@ -60,7 +60,7 @@ class RelayLink:
     @classmethod
     async def start(cls, transport: Transport, hop: NextHop, timeout_s: float,
                     swarm_key: Optional[bytes] = None) -> "RelayLink":
-        """A stream to ``hop``'s server, opened with ``hop``'s join (its answer: ``pending(hop)``)."""
+        """A stream to ``hop``'s server, opened with ``hop``'s join (the future of its answer: ``join(hop)``)."""
         reader, writer = await start_exchange(transport, hop.peer_id, hop.maddrs, RelayOpen(hop.session_id, hop.token),
                                               timeout_s, swarm_key=swarm_key)
         return cls(hop.peer_id, reader, writer, hop)
@@ -80,9 +80,7 @@ class RelayLink:
         if self.joined(hop):
             return None
         waiting = self._joins.get(hop.session_id)
-        if waiting is not None and hmac.compare_digest(waiting[0].encode(), hop.token.encode()):
-            return waiting[1]
-        if waiting is not None:  # a join with another token is under way: answers come by session id, so wait
+        if waiting is not None:  # under way (with another token: answers come by session id, so that one first)
             return waiting[1]
         future = asyncio.get_running_loop().create_future()
         self._joins[hop.session_id] = (hop.token, future)
