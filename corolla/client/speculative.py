@@ -83,7 +83,8 @@ class DraftLength:
     draft_tokens: float = 0.0
     _verify: tuple = (0.0, 0.0, 0.0, 0.0, 0.0)
     rounds: int = 0
-    probe_every: int = 8  # while drafting does not pay, draft one token every this many rounds
+    probe_every: int = 8  # while drafting does not pay (but could, were more drafts accepted), draft one token
+    #                       every this many rounds
     _plain_rounds: int = 0
 
     def update(self, offered: int, accepted: int, draft_s: float, verify_s: float) -> None:
@@ -128,9 +129,16 @@ class DraftLength:
         best = max(range(0, limit + 1), key=rate)
         if best == 0:
             self._plain_rounds += 1
-            if self._plain_rounds % self.probe_every == 0:
+            if self._plain_rounds % self.probe_every == 0 and self._could_pay(per_draft_s, limit):
                 return 1
         return best
+
+    def _could_pay(self, per_draft_s: float, limit: int) -> bool:
+        """Whether drafting would pay if every draft were accepted: if not, no acceptance rate a probe could measure
+        makes it pay (a draft token costs more than the step it saves), and probes only cost time. Plain steps keep
+        measuring the step; once it grows (a slower or farther swarm), probes resume."""
+        plain = 1.0 / self.verify_cost_s(1)
+        return any((k + 1) / (k * per_draft_s + self.verify_cost_s(k + 1)) > plain for k in range(1, limit + 1))
 
 
 class SpeculativeRun:

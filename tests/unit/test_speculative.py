@@ -72,4 +72,13 @@ def test_draft_length_follows_acceptance_and_costs():
     for _ in range(10):  # drafts half accepted and as slow as verification: few drafts pay
         costly.update(offered=3, accepted=1, draft_s=0.3, verify_s=0.1)
     assert costly.next(100) <= 2
+    futile = DraftLength(max_tokens=12)
+    for _ in range(10):  # a draft token costs more than a whole step (a fast swarm, a slow draft model)
+        futile.update(offered=1, accepted=1, draft_s=0.06, verify_s=0.02)
+    for _ in range(10):
+        futile.update(offered=0, accepted=0, draft_s=0.0, verify_s=0.02)
+    assert [futile.next(100) for _ in range(64)] == [0] * 64  # no acceptance could make it pay: no probes
+    for _ in range(10):  # the steps grow dearer (the swarm got farther): drafting pays again, and resumes
+        futile.update(offered=0, accepted=0, draft_s=0.0, verify_s=0.3)
+    assert futile.next(100) > 0
     assert DraftLength().next(0) == 0
