@@ -65,6 +65,11 @@ async def start_exchange(transport: Transport, peer_id: str, maddrs: Sequence[st
     """Open a push exchange and send its opening request, without waiting for the opening reply (the caller reads
     it with what follows): returns ``(reader, writer)``."""
     service_of(request, Exchange.PUSH)
+    return await _send_opening(transport, peer_id, maddrs, request, timeout_s, version, swarm_key)
+
+
+async def _send_opening(transport: Transport, peer_id: str, maddrs: Sequence[str], request: Message,
+                        timeout_s: float, version: int, swarm_key: Optional[bytes]):
     reader, writer = await asyncio.wait_for(transport.open_stream(peer_id, RPC_PROTOCOL, maddrs), timeout_s)
     try:
         await write_message(writer, request, version, extra=proof_header(transport, peer_id, swarm_key))
@@ -78,9 +83,8 @@ async def open_exchange(transport: Transport, peer_id: str, maddrs: Sequence[str
                         timeout_s: float, version: int = PROTOCOL_VERSION, swarm_key: Optional[bytes] = None):
     """Open a session or push exchange: returns ``(service, reader, writer, opening reply)``."""
     service = service_of(request, Exchange.SESSION, Exchange.PUSH)
-    reader, writer = await asyncio.wait_for(transport.open_stream(peer_id, RPC_PROTOCOL, maddrs), timeout_s)
+    reader, writer = await _send_opening(transport, peer_id, maddrs, request, timeout_s, version, swarm_key)
     try:
-        await write_message(writer, request, version, extra=proof_header(transport, peer_id, swarm_key))
         opened = check_reply(await read_reply(reader, peer_id, timeout_s), service.reply, peer_id)
     except BaseException:
         writer.close()

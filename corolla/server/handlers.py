@@ -18,7 +18,7 @@ from corolla.server.activations import ActivationStore
 from corolla.server.cache import CacheBudget
 from corolla.server.compute import BlockCompute
 from corolla.server.config import ServerConfig
-from corolla.server.relay import RelayLinks, Relays
+from corolla.server.relay import RelayLinks, Relays, relay_failure
 from corolla.server.scheduler import Priority, Scheduler
 from corolla.server.sessions import SessionTable
 from corolla.wire.validation import check_blocks, check_hidden, check_mask, check_positions, check_prompts, \
@@ -171,9 +171,9 @@ class RequestHandlers:
                     if not (route and step.answer_last and relay_error is None):  # else the last server answers
                         self.counts["answered"] += 1
                         await channel.reply(answer)
+                    watchers = {watcher for watcher in watchers if not watcher.done()}
                     for next_server, join in joins or ():
                         watchers.add(asyncio.create_task(self._join_refused(channel, answer, next_server, join)))
-                        watchers = {watcher for watcher in watchers if not watcher.done()}
                     last_valid = time.monotonic()
                 except CorollaError as exc:
                     await channel.error(exc, step.step_index, step.attempt)
@@ -197,11 +197,10 @@ class RequestHandlers:
             return
         self.counts["relayed_out"] -= 1
         self.counts["answered"] += 1
-        reason = f"cannot relay to {next_server}: RemoteError: [{refusal[0]}] {refusal[1]}"
         try:
-            await channel.reply(dataclasses.replace(answer, relay_error=reason))
-        except (ConnectionError, CorollaError):
-            pass  # the client is gone
+            await channel.reply(dataclasses.replace(answer, relay_error=relay_failure(next_server, refusal)))
+        except (ConnectionError, CorollaError) as exc:  # the client is gone: nobody to tell
+            logger.debug("session %s: the refused relay could not be reported: %s", answer.step_index, exc)
 
     @staticmethod
     async def _read_steps(channel, inbox: asyncio.Queue) -> None:

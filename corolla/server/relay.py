@@ -36,13 +36,18 @@ from corolla.wire.relay import NextHop, encode_route, trail_tag
 logger = logging.getLogger(__name__)
 
 
+def relay_failure(peer_id: str, exc: BaseException) -> str:
+    """What a client is told when its step could not be relayed to ``peer_id`` (``SessionStepReply.relay_error``)."""
+    return f"cannot relay to {peer_id}: {type(exc).__name__}: {exc}"
+
+
 class RelayLink:
     """This server's push stream to one other server, shared by the sessions it relays there.
 
     A session joins with a ``RelayOpen`` (the first one opens the stream). Its steps may follow the join at once,
     before the receiver's answer: the receiver reads the stream in order, so it judges the join before the steps
     behind it, and runs them only if the join holds. Each join's answer resolves its future (``pending``) with None,
-    or with the refusal ``(kind, message)``; a session is ``joined`` once the receiver accepted it."""
+    or with the refusal as the receiver's ``RemoteError``; a session is ``joined`` once the receiver accepted it."""
 
     def __init__(self, peer_id: str, reader, writer, first: NextHop):
         self.peer_id = peer_id
@@ -129,7 +134,7 @@ class RelayLink:
             else:
                 future.set_exception(error)
 
-    def _answer(self, session_id: str, refusal: Optional[tuple[str, str]]) -> None:
+    def _answer(self, session_id: str, refusal: Optional[RemoteError]) -> None:
         token, future = self._joins.pop(session_id, (None, None))
         if future is None:
             return
@@ -149,11 +154,12 @@ class RelayLink:
                 if isinstance(reply, RelayOpened):
                     if reply.session_id == self._opening:
                         self._opening = None
-                    self._answer(reply.session_id, None if reply.refused is None
-                                 else ("BadRequestError", reply.refused[:500]))  # the receiver's words, bounded
+                    self._answer(reply.session_id, None if reply.refused is None else RemoteError.from_reply(
+                        "BadRequestError", reply.refused[:500], self.peer_id))  # the receiver's words, bounded
                 elif isinstance(reply, ErrorReply) and self._opening is not None:  # the stream itself was refused
-                    ended = f"{reply.kind}: {reply.message[:500]}"
-                    self._answer(self._opening, (reply.kind, reply.message[:500]))
+                    refusal = RemoteError.from_reply(reply.kind[:100], reply.message[:500], self.peer_id)
+                    ended = f"{refusal.kind}: {refusal.remote_message}"
+                    self._answer(self._opening, refusal)
                     self._opening = None
                 elif isinstance(reply, ErrorReply):
                     logger.info("relay to %s: %s: %s", self.peer_id, reply.kind, reply.message)
@@ -161,7 +167,8 @@ class RelayLink:
             return
         finally:
             for session_id in list(self._joins):
-                self._answer(session_id, ("ConnectionClosed", f"the relay stream to {self.peer_id} closed ({ended})"))
+                self._answer(session_id, RemoteError("ConnectionClosed", f"the relay stream closed ({ended})",
+                                                     self.peer_id))
 
     def leave(self, session_id: str) -> None:
         self.sessions.pop(session_id, None)
@@ -221,7 +228,7 @@ class RelayLinks:
                 if refusal is not None:
                     if link.idle:
                         self.drop(link)
-                    raise RemoteError(refusal[0], refusal[1], link.peer_id)
+                    raise refusal
                 if not link.joined(hop):  # another token's join was answered: ours goes now
                     continue
                 pending = None
@@ -307,7 +314,7 @@ class Relays:
         except Exception as exc:  # unreachable, refused, broken: the client hears why and takes over
             if link is not None and not isinstance(exc, RemoteError):  # a stream in an unknown state: a new one
                 self.links.drop(link)
-            return f"cannot relay to {hop.peer_id}: {type(exc).__name__}: {exc}"
+            return relay_failure(hop.peer_id, exc)
 
     def close(self) -> None:
         for (_, session_id), link in self._used.items():

@@ -57,6 +57,33 @@ async def _open_pair(client, rec1, rec2, token: str, trail_key=None):
     return source, target
 
 
+def _relay_to_targets(swarm, scenario) -> None:
+    """Run ``scenario(links, targets, hop)`` on a client standing in for the first server of two chains: ``links``
+    its relay streams, ``targets`` sessions "s2a" and "s2b" at the second server (``_open_targets``), ``hop(name)``
+    the route to one of them."""
+    model = swarm.client()
+    client = model.swarm
+    try:
+        _, rec2 = _first_two_records(swarm, client)
+
+        def hop(name):
+            return [NextHop(rec2.peer_id, f"s2{name}", name * 32, "float32", tuple(rec2.maddrs))]
+
+        async def run():
+            targets = await _open_targets(client, rec2)
+            links = RelayLinks(client.transport, 10)
+            try:
+                await scenario(links, targets, hop)
+            finally:
+                links.close()
+                for target in targets.values():
+                    target.close()
+
+        client.run(run(), 60)
+    finally:
+        model.close()
+
+
 async def _open_targets(client, rec2):
     """Sessions "s2a" and "s2b" at the second server, accepting relays with tokens "a" * 32 and "b" * 32."""
     return {name: await SessionStream.open(client.transport, rec2, OpenSession(
@@ -246,47 +273,33 @@ def test_malformed_trails_are_refused_and_the_server_keeps_serving(swarm):
 
 
 def test_sessions_relayed_to_one_server_share_one_stream_and_steps_of_a_turn_go_in_one_write(swarm):
-    model = swarm.client()
-    client = model.swarm
-    try:
-        _, rec2 = _first_two_records(swarm, client)
+    async def scenario(links, targets, hop):  # the client stands in for the first server of both chains
+        relays = {name: Relays(links) for name in targets}
+        route = {name: hop(name) for name in targets}
 
-        async def scenario():
-            targets = await _open_targets(client, rec2)
-            links = RelayLinks(client.transport, 10)  # this client stands in for the first server of both chains
-            relays = {name: Relays(links) for name in targets}
-            route = {name: [NextHop(rec2.peer_id, f"s2{name}", name * 32, "float32", tuple(rec2.maddrs))]
-                     for name in targets}
-            try:
-                def step(index, new=1):
-                    return SessionStep("s1", torch.randn(1, new, HIDDEN), step_index=index, attempt=1)
+        def step(index, new=1):
+            return SessionStep("s1", torch.randn(1, new, HIDDEN), step_index=index, attempt=1)
 
-                first = step(1)  # opens the stream for s2a
-                assert await relays["a"].forward(first, first.hidden_states, route["a"]) is None
-                second = step(1, new=2)  # s2b joins the same stream
-                assert await relays["b"].forward(second, second.hidden_states, route["b"]) is None
-                assert links.open_links == 1 and links.totals() == (3, 2)  # (writes, steps): s2b's join was a write
-                # two sessions' steps of one turn of the loop (one batched call's outputs): one write, two frames
-                a, b = step(2), step(2)
-                assert await asyncio.gather(relays["a"].forward(a, a.hidden_states, route["a"]),
-                                            relays["b"].forward(b, b.hidden_states, route["b"])) == [None, None]
-                assert links.totals() == (4, 4)
-                for name, positions in (("a", (1, 2)), ("b", (2, 3))):  # each ran in its own session, in order
-                    for index, position in zip((1, 2), positions):
-                        reply = await targets[name].receive(10, index, 1)
-                        assert reply.position == position
-                relays["a"].close()
-                assert links.open_links == 1  # s2b still relays on it
-                relays["b"].close()
-                assert links.open_links == 0  # the last session left: the stream is closed
-            finally:
-                links.close()
-                for target in targets.values():
-                    target.close()
+        first = step(1)  # opens the stream for s2a
+        assert await relays["a"].forward(first, first.hidden_states, route["a"]) is None
+        second = step(1, new=2)  # s2b joins the same stream
+        assert await relays["b"].forward(second, second.hidden_states, route["b"]) is None
+        assert links.open_links == 1 and links.totals() == (3, 2)  # (writes, steps): s2b's join was a write
+        # two sessions' steps of one turn of the loop (one batched call's outputs): one write, two frames
+        a, b = step(2), step(2)
+        assert await asyncio.gather(relays["a"].forward(a, a.hidden_states, route["a"]),
+                                    relays["b"].forward(b, b.hidden_states, route["b"])) == [None, None]
+        assert links.totals() == (4, 4)
+        for name, positions in (("a", (1, 2)), ("b", (2, 3))):  # each ran in its own session, in order
+            for index, position in zip((1, 2), positions):
+                reply = await targets[name].receive(10, index, 1)
+                assert reply.position == position
+        relays["a"].close()
+        assert links.open_links == 1  # s2b still relays on it
+        relays["b"].close()
+        assert links.open_links == 0  # the last session left: the stream is closed
 
-        client.run(scenario(), 60)
-    finally:
-        model.close()
+    _relay_to_targets(swarm, scenario)
 
 
 def test_a_shared_relay_stream_refuses_what_is_not_its_own_and_keeps_serving(swarm):
@@ -375,33 +388,18 @@ def test_sessions_stepping_together_are_relayed_in_shared_writes_and_equal_local
 def test_a_first_relayed_step_goes_right_behind_its_join(swarm):
     """A session's first step to a server goes in the same write as its join, without waiting for the answer; the
     receiver judges the join first, runs the step, and the join's answer arrives after."""
-    model = swarm.client()
-    client = model.swarm
-    try:
-        _, rec2 = _first_two_records(swarm, client)
+    async def scenario(links, targets, hop):
+        joins: list = []
+        for name in ("a", "b"):
+            step = SessionStep("s1", torch.randn(1, 1, HIDDEN), step_index=1, attempt=1)
+            assert await Relays(links).forward(step, step.hidden_states, hop(name), pending=joins) is None
+        # a's step opened the stream (its join is the stream's opening request); b's join and step: one write
+        assert links.totals() == (2, 2) and [peer for peer, _ in joins] == [hop("a")[0].peer_id] * 2
+        for name in ("a", "b"):
+            assert (await targets[name].receive(10, 1, 1)).position == 1  # each ran in its own session
+        assert [await join for _, join in joins] == [None, None]  # both joins accepted
 
-        async def scenario():
-            targets = await _open_targets(client, rec2)
-            links = RelayLinks(client.transport, 10)
-            try:
-                joins: list = []
-                for name in ("a", "b"):
-                    hop = [NextHop(rec2.peer_id, f"s2{name}", name * 32, "float32", tuple(rec2.maddrs))]
-                    step = SessionStep("s1", torch.randn(1, 1, HIDDEN), step_index=1, attempt=1)
-                    assert await Relays(links).forward(step, step.hidden_states, hop, pending=joins) is None
-                # a's step opened the stream (its join is the stream's opening request); b's join and step: one write
-                assert links.totals() == (2, 2) and [peer for peer, _ in joins] == [rec2.peer_id] * 2
-                for name in ("a", "b"):
-                    assert (await targets[name].receive(10, 1, 1)).position == 1  # each ran in its own session
-                assert [await join for _, join in joins] == [None, None]  # both joins accepted
-            finally:
-                links.close()
-                for target in targets.values():
-                    target.close()
-
-        client.run(scenario(), 60)
-    finally:
-        model.close()
+    _relay_to_targets(swarm, scenario)
 
 
 def test_a_refused_join_is_answered_by_the_relaying_server_and_the_client_carries_that_link(swarm, local6):
