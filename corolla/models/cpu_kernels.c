@@ -5,7 +5,8 @@
  *
  * w is row-major [out, in], float32 or int8 (then scale is its per-output-channel scale; for float32 scale is NULL).
  * x and y are float32 with row strides. Sums run in float32. Built by corolla/models/cpu_kernels.py with
- * -O3 -march=native on the machine that runs it; without AVX-512 a plain loop (vectorized by the compiler) runs.
+ * -O3 -march=native on the machine that runs it: AVX-512 or AVX2 with FMA kernels where the CPU has them, else a plain
+ * loop (vectorized by the compiler as it can; packed weights are then slow to rebuild: see packing_pays() in Python).
  *
  * Packed float32 weights (corolla/models/packing.py): float32 values that lie exactly on a grid, stored as the grid's
  * codes. Each weight is rebuilt exactly (the products below are exact in float32), then summed as the float32 kernel
@@ -21,10 +22,32 @@
 #include <stdint.h>
 
 #if defined(__AVX512F__)
+#define SIMD_512 1
+#elif defined(__AVX2__) && defined(__FMA__)
+#define SIMD_256 1
+#endif
+#if defined(SIMD_512) || defined(SIMD_256)
 #include <immintrin.h>
+
+/* Every row of x against output channel o, in blocks of ROWS_PER_PASS rows and one block of the rest: BLOCK(WTYPE,
+ * LOAD, R) is ROW_BLOCK or a macro of its shape. Each block reads (and rebuilds) the weights again, so a call costs
+ * about the same per row as separate calls once it has more rows than one block. A row's sums run in the same order
+ * whatever block it is in, so a session's results do not depend on the sessions batched with it. */
+#define ROWS_PER_PASS 4
+#define FOR_ROW_BLOCKS(BLOCK, WTYPE, LOAD)                                                                        \
+    do {                                                                                                          \
+        int64_t block = 0;                                                                                        \
+        for (; block + ROWS_PER_PASS <= rows; block += ROWS_PER_PASS) BLOCK(WTYPE, LOAD, ROWS_PER_PASS);          \
+        switch (rows - block) {                                                                                   \
+        case 3: BLOCK(WTYPE, LOAD, 3); break;                                                                     \
+        case 2: BLOCK(WTYPE, LOAD, 2); break;                                                                     \
+        case 1: BLOCK(WTYPE, LOAD, 1); break;                                                                     \
+        default: break;                                                                                           \
+        }                                                                                                         \
+    } while (0)
 #endif
 
-#if defined(__AVX512F__)
+#if defined(SIMD_512)
 static inline __m512 load_weights_f32(const float *w, int64_t i, __mmask16 mask) {
     return _mm512_maskz_loadu_ps(mask, w + i);
 }
@@ -67,22 +90,6 @@ static inline __m512 load_weights_i8(const int8_t *w, int64_t i, __mmask16 mask)
                 _mm512_add_ps(_mm512_add_ps(acc[r][0], acc[r][1]), _mm512_add_ps(acc[r][2], acc[r][3])));         \
             v = scale ? v * scale[o] : v;                                                                         \
             y[(block + r) * y_stride + o] = bias ? v + bias[o] : v;                                               \
-        }                                                                                                         \
-    } while (0)
-
-/* Every row of x against output channel o, in blocks of ROWS_PER_PASS rows and one block of the rest: BLOCK(WTYPE,
- * LOAD, R) is ROW_BLOCK or a macro of its shape. Each block reads (and rebuilds) the weights again, so a call costs
- * about the same per row as separate calls once it has more rows than one block. */
-#define ROWS_PER_PASS 4
-#define FOR_ROW_BLOCKS(BLOCK, WTYPE, LOAD)                                                                        \
-    do {                                                                                                          \
-        int64_t block = 0;                                                                                        \
-        for (; block + ROWS_PER_PASS <= rows; block += ROWS_PER_PASS) BLOCK(WTYPE, LOAD, ROWS_PER_PASS);          \
-        switch (rows - block) {                                                                                   \
-        case 3: BLOCK(WTYPE, LOAD, 3); break;                                                                     \
-        case 2: BLOCK(WTYPE, LOAD, 2); break;                                                                     \
-        case 1: BLOCK(WTYPE, LOAD, 1); break;                                                                     \
-        default: break;                                                                                           \
         }                                                                                                         \
     } while (0)
 
@@ -180,6 +187,120 @@ static void linear_q4a_impl(const float *x, int64_t x_stride, const uint8_t *w, 
         }                                                                                                         \
     }
 
+#elif defined(SIMD_256) /* AVX2 and FMA (no AVX-512): the same kernels eight lanes wide */
+/* One output channel at a time (one sequential stream of weights); each 32 weights are loaded (and converted or
+ * rebuilt) once as four vectors of eight and multiplied with up to four rows of x, into two sums of eight lanes per
+ * row (four rows' sums and the weights fit the sixteen registers). */
+static inline __m256 load_weights_f32(const float *w, int64_t i) { return _mm256_loadu_ps(w + i); }
+static inline __m256 load_weights_i8(const int8_t *w, int64_t i) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(w + i))));
+}
+static inline float sum_lanes(__m256 v) {
+    __m128 half = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    half = _mm_add_ps(half, _mm_movehl_ps(half, half));
+    return _mm_cvtss_f32(_mm_add_ss(half, _mm_movehdup_ps(half)));
+}
+#define CHUNK_FMAS(R)                                                                                             \
+    for (int r = 0; r < R; r++) {                                                                                 \
+        const float *xr = x + (block + r) * x_stride + i;                                                         \
+        acc[r][0] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xr), acc[r][0]);                                          \
+        acc[r][1] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xr + 8), acc[r][1]);                                      \
+        acc[r][0] = _mm256_fmadd_ps(w2, _mm256_loadu_ps(xr + 16), acc[r][0]);                                     \
+        acc[r][1] = _mm256_fmadd_ps(w3, _mm256_loadu_ps(xr + 24), acc[r][1]);                                     \
+    }
+/* the weights' tail (in % 32 columns; packed weights have none): eight at a time into the first sum, then one by one */
+#define ROW_BLOCK(WTYPE, LOAD, R)                                                                                  \
+    do {                                                                                                          \
+        __m256 acc[R][2];                                                                                         \
+        for (int r = 0; r < R; r++) acc[r][0] = acc[r][1] = _mm256_setzero_ps();                                  \
+        int64_t i = 0;                                                                                            \
+        for (; i < main_end; i += 32) {                                                                           \
+            __m256 w0 = LOAD(wo, i), w1 = LOAD(wo, i + 8), w2 = LOAD(wo, i + 16), w3 = LOAD(wo, i + 24);          \
+            CHUNK_FMAS(R)                                                                                         \
+        }                                                                                                         \
+        for (; i + 8 <= in; i += 8) {                                                                             \
+            __m256 w0 = LOAD(wo, i);                                                                              \
+            for (int r = 0; r < R; r++)                                                                           \
+                acc[r][0] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x + (block + r) * x_stride + i), acc[r][0]);      \
+        }                                                                                                         \
+        for (int r = 0; r < R; r++) {                                                                             \
+            const float *xr = x + (block + r) * x_stride;                                                         \
+            float v = sum_lanes(_mm256_add_ps(acc[r][0], acc[r][1]));                                             \
+            for (int64_t t = i; t < in; t++) v += (float)wo[t] * xr[t];                                           \
+            v = scale ? v * scale[o] : v;                                                                         \
+            y[(block + r) * y_stride + o] = bias ? v + bias[o] : v;                                               \
+        }                                                                                                         \
+    } while (0)
+
+#define DEFINE_KERNEL(NAME, WTYPE, LOAD)                                                                          \
+    static void NAME(const float *x, int64_t x_stride, const WTYPE *w, int64_t in, int64_t out, const float *scale, \
+                     const float *bias, float *y, int64_t y_stride, int64_t rows) {                                \
+        const int64_t main_end = in - in % 32;                                                                    \
+        for (int64_t o = 0; o < out; o++) {                                                                       \
+            const WTYPE *wo = w + o * in;                                                                         \
+            FOR_ROW_BLOCKS(ROW_BLOCK, WTYPE, LOAD);                                                               \
+        }                                                                                                         \
+    }
+DEFINE_KERNEL(linear_f32_impl, float, load_weights_f32)
+DEFINE_KERNEL(linear_i8_impl, int8_t, load_weights_i8)
+
+/* Packed weights, rebuilt exactly eight at a time and summed as ROW_BLOCK sums float32 weights (in % 32 == 0).
+ * q4a: a block of 32 is two runs of eight bytes; their low four bits are weights 0-15 and their high four 16-31,
+ * each d * code + m in one fused multiply-add (d * code is exact, so it rounds once, as the unpacked weights did). */
+static inline __m256 q4a_weights(__m256i codes, __m256 d, __m256 m) {
+    return _mm256_fmadd_ps(_mm256_cvtepi32_ps(codes), d, m);
+}
+#define ROW_BLOCK_Q4A(WTYPE, LOAD, R)                                                                             \
+    do {                                                                                                          \
+        __m256 acc[R][2];                                                                                         \
+        for (int r = 0; r < R; r++) acc[r][0] = acc[r][1] = _mm256_setzero_ps();                                  \
+        const __m256i low_bits = _mm256_set1_epi32(15);                                                           \
+        for (int64_t i = 0; i < in; i += 32) {                                                                    \
+            const uint8_t *q = wo + (i >> 5) * 16;                                                                \
+            const __m256 d = _mm256_set1_ps(d_o[i >> 5]), m = _mm256_set1_ps(m_o[i >> 5]);                        \
+            __m256i b0 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)q));                               \
+            __m256i b1 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(q + 8)));                         \
+            __m256 w0 = q4a_weights(_mm256_and_si256(b0, low_bits), d, m);                                        \
+            __m256 w1 = q4a_weights(_mm256_and_si256(b1, low_bits), d, m);                                        \
+            __m256 w2 = q4a_weights(_mm256_srli_epi32(b0, 4), d, m), w3 = q4a_weights(_mm256_srli_epi32(b1, 4), d, m); \
+            CHUNK_FMAS(R)                                                                                         \
+        }                                                                                                         \
+        for (int r = 0; r < R; r++) {                                                                             \
+            float v = sum_lanes(_mm256_add_ps(acc[r][0], acc[r][1]));                                             \
+            y[(block + r) * y_stride + o] = bias ? v + bias[o] : v;                                               \
+        }                                                                                                         \
+    } while (0)
+static void linear_q4a_impl(const float *x, int64_t x_stride, const uint8_t *w, const float *ds, const float *ms,
+                            int64_t in, int64_t out, const float *bias, float *y, int64_t y_stride, int64_t rows) {
+    for (int64_t o = 0; o < out; o++) {
+        const uint8_t *wo = w + o * (in / 2);
+        const float *d_o = ds + o * (in / 32), *m_o = ms + o * (in / 32);
+        FOR_ROW_BLOCKS(ROW_BLOCK_Q4A, uint8_t, none);
+    }
+}
+#define HAVE_Q4A_IMPL
+static inline __m256 load_q8s(const int8_t *q, const float *d, int64_t i) {
+    return _mm256_mul_ps(load_weights_i8(q, i), _mm256_set1_ps(d[i >> 5]));  // exact
+}
+static inline __m256 load_bf16(const uint16_t *w, int64_t i) {
+    __m256i halves = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(w + i)));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(halves, 16));
+}
+#define LOAD_Q8S(wo, i) load_q8s(wo, d_o, i)
+#define LOAD_BF16(wo, i) load_bf16(wo, i)
+#define DEFINE_PACKED_KERNEL(NAME, QTYPE, QROW, LOAD)                                                             \
+    static void NAME(const float *x, int64_t x_stride, const QTYPE *w, const float *ds, const float *ms,          \
+                     int64_t in, int64_t out, const float *bias, float *y, int64_t y_stride, int64_t rows) {      \
+        const int64_t main_end = in;                                                                              \
+        const float *scale = NULL;                                                                                \
+        for (int64_t o = 0; o < out; o++) {                                                                       \
+            const QTYPE *wo = w + o * (QROW);                                                                     \
+            const float *d_o = ds ? ds + o * (in / 32) : NULL, *m_o = ms ? ms + o * (in / 32) : NULL;             \
+            (void)d_o, (void)m_o;                                                                                 \
+            FOR_ROW_BLOCKS(ROW_BLOCK, QTYPE, LOAD);                                                               \
+        }                                                                                                         \
+    }
+
 #else /* no AVX-512: sixteen partial sums per output, which the compiler vectorizes for the CPU it builds for */
 #define ROWS_PER_PASS 0 /* each row is its own pass over weights in cache: no batch size is known to be best */
 
@@ -247,7 +368,7 @@ DEFINE_PACKED_KERNEL(linear_q4a_impl, uint8_t, in / 2, LOAD_Q4A)
 DEFINE_PACKED_KERNEL(linear_q8s_impl, int8_t, in, LOAD_Q8S)
 DEFINE_PACKED_KERNEL(linear_bf16_impl, uint16_t, in, LOAD_BF16)
 
-int corolla_kernels_version(void) { return 7; }
+int corolla_kernels_version(void) { return 8; }
 
 /* Rows one pass over the weights serves (FOR_ROW_BLOCKS): batches beyond it gain nothing per row (0: unknown). */
 int corolla_rows_per_pass(void) { return ROWS_PER_PASS; }
@@ -358,11 +479,18 @@ void corolla_linear_packed(int kind, const float *x, int64_t x_stride, int64_t i
  * key/value head h / (heads / kv_heads)): softmax(scale * q.k) over them, weighting the values, in float32.
  * out[s * out_stride + h * d] receives each head's result. scratch: threads x (longest positions[s] + 1) floats. */
 static inline float dot(const float *a, const float *b, int64_t n) {
-#if defined(__AVX512F__)
+#if defined(SIMD_512)
     __m512 acc = _mm512_setzero_ps();
     int64_t i = 0;
     for (; i + 16 <= n; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc);
     float sum = _mm512_reduce_add_ps(acc);
+    for (; i < n; i++) sum += a[i] * b[i];
+    return sum;
+#elif defined(SIMD_256)
+    __m256 acc = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
+    float sum = sum_lanes(acc);
     for (; i < n; i++) sum += a[i] * b[i];
     return sum;
 #else

@@ -51,7 +51,7 @@ INT8_MAX_ROWS = 32
 # packed weights: the alternative is rebuilding the float32 weights for PyTorch's product, so the kernels stay ahead
 # for longer (measured by benchmarks/bench_fastpath.py --rows)
 PACKED_MAX_ROWS = 32
-KERNELS_VERSION = 7  # corolla_kernels_version() of the C file
+KERNELS_VERSION = 8  # corolla_kernels_version() of the C file
 
 _lock = threading.Lock()
 _library: Optional[ctypes.CDLL] = None
@@ -145,6 +145,14 @@ def rows_per_pass() -> Optional[int]:
     library = _load()
     rows = library.corolla_rows_per_pass() if library is not None else 0
     return rows or None
+
+
+def packing_pays() -> bool:
+    """True where the kernels rebuild packed weights with vector instructions (AVX-512, or AVX2 with FMA): a packed
+    product then costs about what the float32 one does while reading a quarter to half the bytes. The portable build
+    rebuilds each weight on its own: on an AVX2 machine, before it had AVX2 kernels, a packed q4a product of the
+    embedded model took 2.29 ms against 0.14 ms for float32, so where it runs weights stay float32."""
+    return rows_per_pass() is not None
 
 
 def unavailable_reason() -> Optional[str]:
@@ -380,7 +388,7 @@ class KernelLinear(nn.Linear):
         key = (weight.data_ptr(), weight._version, None if bias is None else bias.data_ptr(), tuple(weight.shape))
         if self._group_key != key:  # the weights were replaced or changed (tied, loaded, moved, trained)
             packed = None
-            if not self._packing_tried:  # the weights as loaded only: changed weights are off any grid
+            if not self._packing_tried and packing_pays():  # the weights as loaded only: changed ones are off any grid
                 self._packing_tried = True
                 from corolla.models.packing import pack
 

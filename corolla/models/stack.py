@@ -273,7 +273,8 @@ def load_block_stack(
     ``quant`` (``corolla.models.quant``), each block is read and quantized before the next is read, so the float
     weights of one block at a time are held. ``fast_path``: see ``corolla.models.fused``. ``pack_weights`` (with
     ``fast_path``, float32 on CPU, no ``quant``): float32 weights that lie exactly on a grid are held packed
-    (``corolla.models.packing``; the same outputs, fewer bytes read per step)."""
+    (``corolla.models.packing``; the same outputs, fewer bytes read per step) where the kernels rebuild them with
+    vector instructions (``cpu_kernels.packing_pays``)."""
     family = family_for(config)
     num_layers = config.num_hidden_layers
     if blocks.end > num_layers:
@@ -294,7 +295,7 @@ def load_block_stack(
         return states
 
     packing = (pack_weights and fast_path and quant == "none" and dtype == torch.float32
-               and torch.device(device).type == "cpu" and cpu_kernels.available())
+               and torch.device(device).type == "cpu" and cpu_kernels.available() and cpu_kernels.packing_pays())
     # quantized or packed: one block's float tensors at a time; otherwise all at once (each shard opened once)
     one_at_a_time = quant != "none" or packing
     states = {} if one_at_a_time else block_states(blocks)

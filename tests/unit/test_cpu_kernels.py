@@ -122,62 +122,77 @@ def test_without_a_compiler_the_kernels_are_off_and_layers_still_run(tmp_path):
     assert "no-such-compiler" in result.stdout
 
 
-def test_portable_build_without_avx512_computes_the_same(tmp_path):
-    """The C file's plain loops (what a CPU without AVX-512 builds) give the same products: built here for the
-    baseline x86-64 instruction set and called directly."""
+@pytest.mark.parametrize("march,rows_per_pass", [("x86-64", 0), ("x86-64-v3", 4)])
+def test_each_instruction_set_computes_the_same(tmp_path, march, rows_per_pass):
+    """Each of the C file's paths gives the same products, built here for an instruction set and called directly:
+    ``x86-64``, the plain loops (what a CPU without AVX2 builds); ``x86-64-v3``, the AVX2 and FMA kernels (what a CPU
+    without AVX-512 builds). Seven rows: a block of four and one of three; 90 features: whole runs of 32, three of
+    eight, then two one by one."""
     import ctypes
     import shutil
 
     compiler = shutil.which("cc") or shutil.which("gcc")
     if compiler is None or not cpu_kernels._cpu_signature().startswith("x86_64"):
         pytest.skip("needs an x86-64 C compiler")
-    library_path = tmp_path / "portable.so"
-    subprocess.run([compiler, "-O2", "-march=x86-64", "-shared", "-fPIC", "-std=gnu11", "-o", str(library_path),
+    flags = cpu_kernels._cpu_signature().split()
+    if march == "x86-64-v3" and not {"avx2", "fma"} <= set(flags):
+        pytest.skip("this CPU cannot run AVX2 code")
+    library_path = tmp_path / f"{march}.so"
+    subprocess.run([compiler, "-O2", f"-march={march}", "-shared", "-fPIC", "-std=gnu11", "-o", str(library_path),
                     str(cpu_kernels.SOURCE), "-lm"], check=True, capture_output=True)
     library = ctypes.CDLL(str(library_path))
     generator = torch.Generator().manual_seed(7)
-    x = torch.randn(3, 70, generator=generator)
-    weights = [torch.randn(5, 70, generator=generator), torch.randn(9, 70, generator=generator)]
-    quantized = [torch.randint(-127, 128, (5, 70), generator=generator, dtype=torch.int8)]
+    rows, features = 7, 90
+    x = torch.randn(rows, features, generator=generator)
+    weights = [torch.randn(5, features, generator=generator), torch.randn(9, features, generator=generator)]
+    quantized = [torch.randint(-127, 128, (5, features), generator=generator, dtype=torch.int8)]
     scales = [torch.rand(5, generator=generator)]
     bias = torch.randn(9, generator=generator)
 
     def pointers(tensors):
         return (ctypes.c_void_p * len(tensors))(*[None if t is None else t.data_ptr() for t in tensors])
 
-    y = torch.empty(3, 14)
-    library.corolla_linear_f32(ctypes.c_void_p(x.data_ptr()), ctypes.c_int64(70), ctypes.c_int64(70),
-                               ctypes.c_int64(3), ctypes.c_int64(2), pointers(weights),
+    y = torch.empty(rows, 14)
+    library.corolla_linear_f32(ctypes.c_void_p(x.data_ptr()), ctypes.c_int64(features), ctypes.c_int64(features),
+                               ctypes.c_int64(rows), ctypes.c_int64(2), pointers(weights),
                                (ctypes.c_int64 * 2)(5, 9), pointers([None, bias]), ctypes.c_void_p(y.data_ptr()),
                                ctypes.c_int64(14), ctypes.c_int(1))
     expected = torch.cat([x @ weights[0].t(), x @ weights[1].t() + bias], dim=1)
     torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-4)
-    y8 = torch.empty(3, 5)
-    library.corolla_linear_i8(ctypes.c_void_p(x.data_ptr()), ctypes.c_int64(70), ctypes.c_int64(70),
-                              ctypes.c_int64(3), ctypes.c_int64(1), pointers(quantized), (ctypes.c_int64 * 1)(5),
+    y8 = torch.empty(rows, 5)
+    library.corolla_linear_i8(ctypes.c_void_p(x.data_ptr()), ctypes.c_int64(features), ctypes.c_int64(features),
+                              ctypes.c_int64(rows), ctypes.c_int64(1), pointers(quantized), (ctypes.c_int64 * 1)(5),
                               pointers(scales), None, ctypes.c_void_p(y8.data_ptr()), ctypes.c_int64(5),
                               ctypes.c_int(1))
     torch.testing.assert_close(y8, x @ (quantized[0].float() * scales[0][:, None]).t(), rtol=1e-5, atol=1e-4)
-    # packed weights: the same bits as the portable float32 loop on the unpacked weights
+    # packed weights: the same bits as this build's float32 kernel on the unpacked weights
     from corolla.models.packing import pack
     from corolla.testing.tiny import on_grid
 
-    x96 = torch.randn(3, 96, generator=generator)
+    x96 = torch.randn(rows, 96, generator=generator)
     for grid in ("Q4_1", "Q8_0", "bf16"):
         weight = on_grid(torch.randn(6, 96, generator=generator), grid)
         packed = pack(weight)
-        dense, got = torch.empty(3, 6), torch.empty(3, 6)
+        dense, got = torch.empty(rows, 6), torch.empty(rows, 6)
         library.corolla_linear_f32(ctypes.c_void_p(x96.data_ptr()), ctypes.c_int64(96), ctypes.c_int64(96),
-                                   ctypes.c_int64(3), ctypes.c_int64(1), pointers([weight]), (ctypes.c_int64 * 1)(6),
-                                   None, ctypes.c_void_p(dense.data_ptr()), ctypes.c_int64(6), ctypes.c_int(1))
+                                   ctypes.c_int64(rows), ctypes.c_int64(1), pointers([weight]),
+                                   (ctypes.c_int64 * 1)(6), None, ctypes.c_void_p(dense.data_ptr()),
+                                   ctypes.c_int64(6), ctypes.c_int(1))
         library.corolla_linear_packed(ctypes.c_int(cpu_kernels.PACKED_KINDS[packed.kind][0]),
                                       ctypes.c_void_p(x96.data_ptr()), ctypes.c_int64(96), ctypes.c_int64(96),
-                                      ctypes.c_int64(3), ctypes.c_int64(1), pointers([packed.codes]),
+                                      ctypes.c_int64(rows), ctypes.c_int64(1), pointers([packed.codes]),
                                       pointers([packed.d]), pointers([packed.m]), (ctypes.c_int64 * 1)(6), None,
                                       ctypes.c_void_p(got.data_ptr()), ctypes.c_int64(6), ctypes.c_int(1))
         assert torch.equal(got, dense), grid
         torch.testing.assert_close(dense, x96 @ weight.t(), rtol=1e-5, atol=1e-4)
-    # decode attention: the portable loops against PyTorch's attention
+        for row in range(rows):  # a row alone: the same bits as among the others
+            alone = torch.empty(1, 6)
+            library.corolla_linear_f32(ctypes.c_void_p(x96[row].data_ptr()), ctypes.c_int64(96),
+                                       ctypes.c_int64(96), ctypes.c_int64(1), ctypes.c_int64(1), pointers([weight]),
+                                       (ctypes.c_int64 * 1)(6), None, ctypes.c_void_p(alone.data_ptr()),
+                                       ctypes.c_int64(6), ctypes.c_int(1))
+            assert torch.equal(alone[0], dense[row]), (grid, row)
+    # decode attention: this build's loops against PyTorch's attention
     heads, kv_heads, d, length = 4, 2, 16, 9
     q = torch.randn(1, heads * d, generator=generator)
     new = torch.randn(2, 1, kv_heads, d, generator=generator)  # the new key and value
@@ -196,7 +211,8 @@ def test_portable_build_without_avx512_computes_the_same(tmp_path):
         q.view(1, heads, 1, d), caches[0][:, :, : length + 1], caches[1][:, :, : length + 1], scale=0.25,
         enable_gqa=True)
     torch.testing.assert_close(out, expected.reshape(1, heads * d), rtol=1e-5, atol=1e-5)
-    assert library.corolla_rows_per_pass() == 0  # one row per pass: no batch size is best (the scheduler's knee)
+    # the plain loops: one row per pass, no batch size is best (the scheduler's knee); the AVX2 kernels: four
+    assert library.corolla_rows_per_pass() == rows_per_pass
 
 
 @pytest.mark.parametrize("threads", [1, 2])

@@ -129,6 +129,23 @@ def test_off_grid_checkpoints_are_not_packed(tmp_path):
     assert not any(isinstance(module, PackedLinear) for module in stack.modules())
 
 
+def test_where_the_kernels_rebuild_packed_weights_one_by_one_weights_stay_float32(tmp_path, monkeypatch):
+    """The portable build (no AVX2, no AVX-512: ``rows_per_pass`` None) rebuilds each packed weight on its own, ~16x
+    slower than its float32 loop: stacks and LM heads then keep float32 weights, and compute the same."""
+    save_tiny_model("llama", tmp_path, num_layers=2, grid="Q4_1")
+    config = load_config(tmp_path)
+    assert cpu_kernels.packing_pays()  # this build (AVX-512 or AVX2) packs
+    monkeypatch.setattr(cpu_kernels, "rows_per_pass", lambda: None)  # as the portable build answers
+    assert not cpu_kernels.packing_pays()
+    stack = load_block_stack(tmp_path, config, BlockRange(0, 2), torch.float32, "cpu")
+    assert stack.packed == {} and not any(isinstance(module, PackedLinear) for module in stack.modules())
+    head = cpu_kernels.KernelLinear(64, 100, bias=False)
+    with torch.no_grad():
+        head.weight.copy_(on_grid(head.weight, "Q8_0"))
+    head.prepare()
+    assert head._group.packing is None
+
+
 def test_kernel_linear_packs_its_weights_as_loaded_and_follows_changes():
     head = cpu_kernels.KernelLinear(64, 100, bias=False)
     with torch.no_grad():
