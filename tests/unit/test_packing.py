@@ -120,6 +120,17 @@ def test_a_stack_on_a_grid_packs_and_computes_the_same(tmp_path, grid):
             outs = [stack(step, None, None, cache) for stack, cache in zip((packed, dense, slow), caches)]
             assert torch.equal(outs[0], outs[1])  # packed and dense fast path: the same bits
             torch.testing.assert_close(outs[0], outs[2], rtol=1e-5, atol=1e-5)
+    # a training pass (autograd, 2 x 6 rows: within the kernels' reach): the same bits as the unpacked layers, outputs
+    # and gradients, as PyTorch's products compute them (the kernels' sums would differ in their last bits)
+    x = torch.randn(2, 6, config.hidden_size, generator=generator)
+    weights = torch.randn(2, 6, config.hidden_size, generator=generator)
+    results = []
+    for stack in (packed, dense):
+        leaf = x.clone().requires_grad_(True)
+        out = stack(leaf, None, None, None)
+        (out * weights).sum().backward()
+        results.append((out.detach(), leaf.grad))
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
 
 
 def test_off_grid_checkpoints_are_not_packed(tmp_path):
