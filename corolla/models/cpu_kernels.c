@@ -48,6 +48,7 @@
 #endif
 
 #if defined(SIMD_512)
+#define CHUNK 64 /* columns per step of the main loop: four vectors of sixteen */
 static inline __m512 load_weights_f32(const float *w, int64_t i, __mmask16 mask) {
     return _mm512_maskz_loadu_ps(mask, w + i);
 }
@@ -67,7 +68,7 @@ static inline __m512 load_weights_i8(const int8_t *w, int64_t i, __mmask16 mask)
         for (int r = 0; r < R; r++)                                                                               \
             for (int k = 0; k < 4; k++) acc[r][k] = _mm512_setzero_ps();                                          \
         int64_t i = 0;                                                                                            \
-        for (; i < main_end; i += 64) {                                                                           \
+        for (; i < main_end; i += CHUNK) {                                                                        \
             __m512 w0 = LOAD(wo, i, FULL), w1 = LOAD(wo, i + 16, FULL);                                            \
             __m512 w2 = LOAD(wo, i + 32, FULL), w3 = LOAD(wo, i + 48, FULL);                                       \
             for (int r = 0; r < R; r++) {                                                                         \
@@ -92,18 +93,6 @@ static inline __m512 load_weights_i8(const int8_t *w, int64_t i, __mmask16 mask)
             y[(block + r) * y_stride + o] = bias ? v + bias[o] : v;                                               \
         }                                                                                                         \
     } while (0)
-
-#define DEFINE_KERNEL(NAME, WTYPE, LOAD)                                                                          \
-    static void NAME(const float *x, int64_t x_stride, const WTYPE *w, int64_t in, int64_t out, const float *scale, \
-                     const float *bias, float *y, int64_t y_stride, int64_t rows) {                                \
-        const int64_t main_end = in - in % 64;                                                                    \
-        for (int64_t o = 0; o < out; o++) {                                                                       \
-            const WTYPE *wo = w + o * in;                                                                         \
-            FOR_ROW_BLOCKS(ROW_BLOCK, WTYPE, LOAD);                                                               \
-        }                                                                                                         \
-    }
-DEFINE_KERNEL(linear_f32_impl, float, load_weights_f32)
-DEFINE_KERNEL(linear_i8_impl, int8_t, load_weights_i8)
 
 /* Packed weights: sixteen weights at a multiple of 16, rebuilt exactly; in % 32 == 0, so no load needs a mask.
  * q4a: the 16 values a block can hold are built once per block (d * code + m for codes 0..15, one fused multiply-add:
@@ -135,7 +124,7 @@ static inline __m512 load_bf16(const uint16_t *w, int64_t i) {
         for (int r = 0; r < R; r++)                                                                               \
             for (int k = 0; k < 4; k++) acc[r][k] = _mm512_setzero_ps();                                          \
         int64_t i = 0;                                                                                            \
-        for (; i < main_end; i += 64) {                                                                           \
+        for (; i < main_end; i += CHUNK) {                                                                        \
             __m512 w0, w1, w2, w3;                                                                                \
             load_q4a_block(wo, d_o, m_o, i >> 5, &w0, &w1);                                                       \
             load_q4a_block(wo, d_o, m_o, (i >> 5) + 1, &w2, &w3);                                                 \
@@ -162,35 +151,12 @@ static inline __m512 load_bf16(const uint16_t *w, int64_t i) {
             y[(block + r) * y_stride + o] = bias ? v + bias[o] : v;                                               \
         }                                                                                                         \
     } while (0)
-static void linear_q4a_impl(const float *x, int64_t x_stride, const uint8_t *w, const float *ds, const float *ms,
-                            int64_t in, int64_t out, const float *bias, float *y, int64_t y_stride, int64_t rows) {
-    const int64_t main_end = in - in % 64;
-    for (int64_t o = 0; o < out; o++) {
-        const uint8_t *wo = w + o * (in / 2);
-        const float *d_o = ds + o * (in / 32), *m_o = ms + o * (in / 32);
-        FOR_ROW_BLOCKS(ROW_BLOCK_Q4A, uint8_t, none);
-    }
-}
-#define HAVE_Q4A_IMPL
-
-/* QROW: codes per output row, in QTYPE units */
-#define DEFINE_PACKED_KERNEL(NAME, QTYPE, QROW, LOAD)                                                             \
-    static void NAME(const float *x, int64_t x_stride, const QTYPE *w, const float *ds, const float *ms,          \
-                     int64_t in, int64_t out, const float *bias, float *y, int64_t y_stride, int64_t rows) {      \
-        const int64_t main_end = in - in % 64;                                                                    \
-        const float *scale = NULL;                                                                                \
-        for (int64_t o = 0; o < out; o++) {                                                                       \
-            const QTYPE *wo = w + o * (QROW);                                                                     \
-            const float *d_o = ds ? ds + o * (in / 32) : NULL, *m_o = ms ? ms + o * (in / 32) : NULL;             \
-            (void)d_o, (void)m_o;                                                                                 \
-            FOR_ROW_BLOCKS(ROW_BLOCK, QTYPE, LOAD);                                                               \
-        }                                                                                                         \
-    }
 
 #elif defined(SIMD_256) /* AVX2 and FMA (no AVX-512): the same kernels eight lanes wide */
 /* One output channel at a time (one sequential stream of weights); each 32 weights are loaded (and converted or
  * rebuilt) once as four vectors of eight and multiplied with up to four rows of x, into two sums of eight lanes per
  * row (four rows' sums and the weights fit the sixteen registers). */
+#define CHUNK 32 /* four vectors of eight */
 static inline __m256 load_weights_f32(const float *w, int64_t i) { return _mm256_loadu_ps(w + i); }
 static inline __m256 load_weights_i8(const int8_t *w, int64_t i) {
     return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(w + i))));
@@ -214,7 +180,7 @@ static inline float sum_lanes(__m256 v) {
         __m256 acc[R][2];                                                                                         \
         for (int r = 0; r < R; r++) acc[r][0] = acc[r][1] = _mm256_setzero_ps();                                  \
         int64_t i = 0;                                                                                            \
-        for (; i < main_end; i += 32) {                                                                           \
+        for (; i < main_end; i += CHUNK) {                                                                        \
             __m256 w0 = LOAD(wo, i), w1 = LOAD(wo, i + 8), w2 = LOAD(wo, i + 16), w3 = LOAD(wo, i + 24);          \
             CHUNK_FMAS(R)                                                                                         \
         }                                                                                                         \
@@ -232,18 +198,6 @@ static inline float sum_lanes(__m256 v) {
         }                                                                                                         \
     } while (0)
 
-#define DEFINE_KERNEL(NAME, WTYPE, LOAD)                                                                          \
-    static void NAME(const float *x, int64_t x_stride, const WTYPE *w, int64_t in, int64_t out, const float *scale, \
-                     const float *bias, float *y, int64_t y_stride, int64_t rows) {                                \
-        const int64_t main_end = in - in % 32;                                                                    \
-        for (int64_t o = 0; o < out; o++) {                                                                       \
-            const WTYPE *wo = w + o * in;                                                                         \
-            FOR_ROW_BLOCKS(ROW_BLOCK, WTYPE, LOAD);                                                               \
-        }                                                                                                         \
-    }
-DEFINE_KERNEL(linear_f32_impl, float, load_weights_f32)
-DEFINE_KERNEL(linear_i8_impl, int8_t, load_weights_i8)
-
 /* Packed weights, rebuilt exactly eight at a time and summed as ROW_BLOCK sums float32 weights (in % 32 == 0).
  * q4a: a block of 32 is two runs of eight bytes; their low four bits are weights 0-15 and their high four 16-31,
  * each d * code + m in one fused multiply-add (d * code is exact, so it rounds once, as the unpacked weights did). */
@@ -255,7 +209,7 @@ static inline __m256 q4a_weights(__m256i codes, __m256 d, __m256 m) {
         __m256 acc[R][2];                                                                                         \
         for (int r = 0; r < R; r++) acc[r][0] = acc[r][1] = _mm256_setzero_ps();                                  \
         const __m256i low_bits = _mm256_set1_epi32(15);                                                           \
-        for (int64_t i = 0; i < in; i += 32) {                                                                    \
+        for (int64_t i = 0; i < in; i += CHUNK) { /* in % 32 == 0: no tail */                             \
             const uint8_t *q = wo + (i >> 5) * 16;                                                                \
             const __m256 d = _mm256_set1_ps(d_o[i >> 5]), m = _mm256_set1_ps(m_o[i >> 5]);                        \
             __m256i b0 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)q));                               \
@@ -270,15 +224,6 @@ static inline __m256 q4a_weights(__m256i codes, __m256 d, __m256 m) {
             y[(block + r) * y_stride + o] = bias ? v + bias[o] : v;                                               \
         }                                                                                                         \
     } while (0)
-static void linear_q4a_impl(const float *x, int64_t x_stride, const uint8_t *w, const float *ds, const float *ms,
-                            int64_t in, int64_t out, const float *bias, float *y, int64_t y_stride, int64_t rows) {
-    for (int64_t o = 0; o < out; o++) {
-        const uint8_t *wo = w + o * (in / 2);
-        const float *d_o = ds + o * (in / 32), *m_o = ms + o * (in / 32);
-        FOR_ROW_BLOCKS(ROW_BLOCK_Q4A, uint8_t, none);
-    }
-}
-#define HAVE_Q4A_IMPL
 static inline __m256 load_q8s(const int8_t *q, const float *d, int64_t i) {
     return _mm256_mul_ps(load_weights_i8(q, i), _mm256_set1_ps(d[i >> 5]));  // exact
 }
@@ -288,19 +233,6 @@ static inline __m256 load_bf16(const uint16_t *w, int64_t i) {
 }
 #define LOAD_Q8S(wo, i) load_q8s(wo, d_o, i)
 #define LOAD_BF16(wo, i) load_bf16(wo, i)
-#define DEFINE_PACKED_KERNEL(NAME, QTYPE, QROW, LOAD)                                                             \
-    static void NAME(const float *x, int64_t x_stride, const QTYPE *w, const float *ds, const float *ms,          \
-                     int64_t in, int64_t out, const float *bias, float *y, int64_t y_stride, int64_t rows) {      \
-        const int64_t main_end = in;                                                                              \
-        const float *scale = NULL;                                                                                \
-        for (int64_t o = 0; o < out; o++) {                                                                       \
-            const QTYPE *wo = w + o * (QROW);                                                                     \
-            const float *d_o = ds ? ds + o * (in / 32) : NULL, *m_o = ms ? ms + o * (in / 32) : NULL;             \
-            (void)d_o, (void)m_o;                                                                                 \
-            FOR_ROW_BLOCKS(ROW_BLOCK, QTYPE, LOAD);                                                               \
-        }                                                                                                         \
-    }
-
 #else /* no AVX-512: sixteen partial sums per output, which the compiler vectorizes for the CPU it builds for */
 #define ROWS_PER_PASS 0 /* each row is its own pass over weights in cache: no batch size is known to be best */
 
@@ -360,6 +292,47 @@ static inline float bf16_value(uint16_t bits) {
 #define LOAD_Q4A VALUE_Q4A
 #define LOAD_Q8S VALUE_Q8S
 #define LOAD_BF16 VALUE_BF16
+#endif
+
+#if defined(SIMD_512) || defined(SIMD_256)
+/* Both vector paths' kernels: ROW_BLOCK (and ROW_BLOCK_Q4A) over whole chunks of CHUNK columns, then the tail */
+#define DEFINE_KERNEL(NAME, WTYPE, LOAD)                                                                          \
+    static void NAME(const float *x, int64_t x_stride, const WTYPE *w, int64_t in, int64_t out, const float *scale, \
+                     const float *bias, float *y, int64_t y_stride, int64_t rows) {                                \
+        const int64_t main_end = in - in % CHUNK;                                                                 \
+        for (int64_t o = 0; o < out; o++) {                                                                       \
+            const WTYPE *wo = w + o * in;                                                                         \
+            FOR_ROW_BLOCKS(ROW_BLOCK, WTYPE, LOAD);                                                               \
+        }                                                                                                         \
+    }
+DEFINE_KERNEL(linear_f32_impl, float, load_weights_f32)
+DEFINE_KERNEL(linear_i8_impl, int8_t, load_weights_i8)
+
+static void linear_q4a_impl(const float *x, int64_t x_stride, const uint8_t *w, const float *ds, const float *ms,
+                            int64_t in, int64_t out, const float *bias, float *y, int64_t y_stride, int64_t rows) {
+    const int64_t main_end = in - in % CHUNK;  /* (the AVX2 block, having no tail, reads in instead) */
+    (void)main_end;
+    for (int64_t o = 0; o < out; o++) {
+        const uint8_t *wo = w + o * (in / 2);
+        const float *d_o = ds + o * (in / 32), *m_o = ms + o * (in / 32);
+        FOR_ROW_BLOCKS(ROW_BLOCK_Q4A, uint8_t, none);
+    }
+}
+#define HAVE_Q4A_IMPL
+
+/* QROW: codes per output row, in QTYPE units */
+#define DEFINE_PACKED_KERNEL(NAME, QTYPE, QROW, LOAD)                                                             \
+    static void NAME(const float *x, int64_t x_stride, const QTYPE *w, const float *ds, const float *ms,          \
+                     int64_t in, int64_t out, const float *bias, float *y, int64_t y_stride, int64_t rows) {      \
+        const int64_t main_end = in - in % CHUNK;                                                                 \
+        const float *scale = NULL;                                                                                \
+        for (int64_t o = 0; o < out; o++) {                                                                       \
+            const QTYPE *wo = w + o * (QROW);                                                                     \
+            const float *d_o = ds ? ds + o * (in / 32) : NULL, *m_o = ms ? ms + o * (in / 32) : NULL;             \
+            (void)d_o, (void)m_o;                                                                                 \
+            FOR_ROW_BLOCKS(ROW_BLOCK, QTYPE, LOAD);                                                               \
+        }                                                                                                         \
+    }
 #endif
 
 #ifndef HAVE_Q4A_IMPL
