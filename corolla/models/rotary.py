@@ -64,7 +64,11 @@ class RotaryRunner(nn.Module):
         cache: transformers.Cache | None,
     ) -> RotaryInputs:
         masks, embeddings = {}, {}
+        unmasked_decode = self._unmasked_decode(hidden_states, attention_mask)
         for kind in self.attention_types:
+            if unmasked_decode and kind == "full_attention":
+                masks[kind] = None  # what create_causal_mask returns here, without its ~80 us per session step
+                continue
             make_mask = create_sliding_window_causal_mask if kind == "sliding_attention" else create_causal_mask
             masks[kind] = make_mask(config=self.config, inputs_embeds=hidden_states, attention_mask=attention_mask,
                                     cache=cache, position_ids=position_ids)
@@ -74,6 +78,13 @@ class RotaryRunner(nn.Module):
             shared = self.rotary_emb(hidden_states, position_ids=position_ids)
             embeddings = {kind: shared for kind in self.attention_types}
         return RotaryInputs(masks, embeddings, position_ids)
+
+    def _unmasked_decode(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor) -> bool:
+        """True for one new token per row, no padding, causal SDPA attention: then transformers' full-attention mask
+        is None (SDPA needs no mask for a single query that sees every key), and ``prepare`` says so without asking."""
+        return (hidden_states.shape[1] == 1 and self.config._attn_implementation == "sdpa"
+                and getattr(self.config, "is_causal", True) and attention_mask is not None and attention_mask.dim() == 2
+                and not attention_mask.is_floating_point() and bool(attention_mask.all()))
 
     def run_layer(
         self,

@@ -177,3 +177,49 @@ def test_decode_steps_of_one_row_sessions_use_the_kernels_attention(tiny_path, m
                 torch.testing.assert_close(out, slow(h, None, None, ref), rtol=1e-5, atol=1e-5)
     assert calls, "the kernels' decode attention never ran"
     assert all(cache.get_seq_length() == ref.get_seq_length() for cache, ref in zip(caches, reference))
+
+
+def test_prepared_masks_are_transformers_own(tiny_path, monkeypatch):
+    """``RotaryRunner.prepare`` answers an unpadded decode step's full-attention mask itself (None, as SDPA needs no
+    mask there); in every case its masks are the ones transformers' mask functions build (padding, prefill, beams,
+    the tiny Mistral's sliding window past its 8 tokens)."""
+    from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+
+    from corolla.models import rotary
+
+    built = []  # (new, kind) of each mask prepare asked transformers for (a spy around the real functions)
+    for name in ("create_causal_mask", "create_sliding_window_causal_mask"):
+        original = getattr(rotary, name)
+        monkeypatch.setattr(rotary, name, lambda *a, _o=original, _n=name, **k: built.append(
+            (k["inputs_embeds"].shape[1], _n)) or _o(*a, **k))
+    fast, _ = _stacks(tiny_path)
+    runner = fast.runner
+    generator = torch.Generator().manual_seed(3)
+    padded = torch.ones(2, 12, dtype=torch.long)
+    padded[1, :3] = 0
+    cases = [(1, 1, torch.ones(1, 12, dtype=torch.long)), (2, 1, torch.ones(2, 12, dtype=torch.long)),
+             (2, 1, padded), (1, 3, torch.ones(1, 12, dtype=torch.long)), (1, 1, torch.ones(1, 4, dtype=torch.long))]
+    unmasked = 0
+    for batch, new, mask in cases:
+        cache = fast.new_cache()
+        past = mask.shape[1] - new
+        with torch.inference_mode():
+            if past:
+                fast(torch.randn(batch, past, fast.hidden_size, generator=generator), mask[:, :past], None, cache)
+            hidden = torch.randn(batch, new, fast.hidden_size, generator=generator)
+            positions = torch.arange(past, past + new).expand(batch, new)
+            built.clear()
+            prepared = runner.prepare(hidden, mask, positions, cache)
+            if new == 1 and bool(mask.all()):
+                assert ("create_causal_mask" not in [name for _, name in built]), "an unpadded decode step built a mask"
+            for kind in runner.attention_types:
+                make = create_sliding_window_causal_mask if kind == "sliding_attention" else create_causal_mask
+                expected = make(config=runner.config, inputs_embeds=hidden, attention_mask=mask, cache=cache,
+                                position_ids=positions)
+                got = prepared.masks[kind]
+                assert (got is None) == (expected is None), (batch, new, kind)
+                if expected is not None:
+                    assert torch.equal(got, expected)
+                unmasked += got is None and new == 1 and kind == "full_attention"
+    # the unpadded decode steps went without a full-attention mask (the tiny Mistral's layers all slide)
+    assert unmasked >= 3 or "full_attention" not in runner.attention_types
