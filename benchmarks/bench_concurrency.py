@@ -168,6 +168,7 @@ def _run_count(swarm, model: str, count: int, new_tokens: int, expected: dict) -
         # each server's compute thread: the share of the span it spent running steps, and waiting for company
         "busy": statistics.mean((a.step_wall_s - b.step_wall_s) / span for a, b in zip(after, before)),
         "gather": statistics.mean((a.step_gather_s - b.step_gather_s) / span for a, b in zip(after, before)),
+        "servers_compute": sum(a.step_compute_s - b.step_compute_s for a, b in zip(after, before)),  # compute threads' CPU
         "same": sum(r["tokens"] == expected[c["prompt"]] for r, c in zip(results, configs)),
         "servers_python": sum(everything for everything, _ in server_cpu) - servers_daemon,
         "servers_daemon": servers_daemon,
@@ -231,7 +232,9 @@ def main() -> int:
             cpu = {key: sum(r[key] for r in each) * per for key in
                    ("servers_python", "servers_daemon", "clients_python", "clients_daemon")}
             available = os.cpu_count() * sum(r["span"] for r in each) * per
-            print(f"      core-ms per token: servers {cpu['servers_python']:.1f} + their libp2p daemons "
+            compute = sum(r["servers_compute"] for r in each) * per
+            print(f"      core-ms per token: servers {cpu['servers_python']:.1f} (their compute threads' steps "
+                  f"{compute:.1f}) + their libp2p daemons "
                   f"{cpu['servers_daemon']:.1f}; clients {cpu['clients_python']:.1f} + their daemons "
                   f"{cpu['clients_daemon']:.1f}; total {sum(cpu.values()):.1f} of {available:.1f} available", flush=True)
             print(f"      each server's compute thread: running steps {statistics.mean(r['busy'] for r in each):.0%} "
