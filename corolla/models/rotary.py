@@ -68,10 +68,10 @@ class RotaryRunner(nn.Module):
         for kind in self.attention_types:
             if unmasked_decode and kind == "full_attention":
                 masks[kind] = None  # what create_causal_mask returns here, without its ~80 us per session step
-                continue
-            make_mask = create_sliding_window_causal_mask if kind == "sliding_attention" else create_causal_mask
-            masks[kind] = make_mask(config=self.config, inputs_embeds=hidden_states, attention_mask=attention_mask,
-                                    cache=cache, position_ids=position_ids)
+            else:
+                make_mask = create_sliding_window_causal_mask if kind == "sliding_attention" else create_causal_mask
+                masks[kind] = make_mask(config=self.config, inputs_embeds=hidden_states, attention_mask=attention_mask,
+                                        cache=cache, position_ids=position_ids)
             if self.rotary_per_type:
                 embeddings[kind] = self.rotary_emb(hidden_states, position_ids, kind)
         if not self.rotary_per_type:

@@ -179,10 +179,9 @@ def test_decode_steps_of_one_row_sessions_use_the_kernels_attention(tiny_path, m
     assert all(cache.get_seq_length() == ref.get_seq_length() for cache, ref in zip(caches, reference))
 
 
-def test_prepared_masks_are_transformers_own(tiny_path, monkeypatch):
-    """``RotaryRunner.prepare`` answers an unpadded decode step's full-attention mask itself (None, as SDPA needs no
-    mask there); in every case its masks are the ones transformers' mask functions build (padding, prefill, beams,
-    the tiny Mistral's sliding window past its 8 tokens)."""
+def _check_prepared_masks(fast, monkeypatch) -> int:
+    """Checks ``fast.runner.prepare``'s masks against transformers' own over padded, prefill, beam and decode steps;
+    returns how many unpadded decode steps went without a full-attention mask."""
     from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
     from corolla.models import rotary
@@ -192,7 +191,6 @@ def test_prepared_masks_are_transformers_own(tiny_path, monkeypatch):
         original = getattr(rotary, name)
         monkeypatch.setattr(rotary, name, lambda *a, _o=original, _n=name, **k: built.append(
             (k["inputs_embeds"].shape[1], _n)) or _o(*a, **k))
-    fast, _ = _stacks(tiny_path)
     runner = fast.runner
     generator = torch.Generator().manual_seed(3)
     padded = torch.ones(2, 12, dtype=torch.long)
@@ -210,8 +208,9 @@ def test_prepared_masks_are_transformers_own(tiny_path, monkeypatch):
             positions = torch.arange(past, past + new).expand(batch, new)
             built.clear()
             prepared = runner.prepare(hidden, mask, positions, cache)
-            if new == 1 and bool(mask.all()):
-                assert ("create_causal_mask" not in [name for _, name in built]), "an unpadded decode step built a mask"
+            assert set(prepared.masks) == set(prepared.position_embeddings) == set(runner.attention_types)
+            if new == 1 and bool(mask.all()) and runner.config._attn_implementation == "sdpa":
+                assert "create_causal_mask" not in [name for _, name in built], "an unpadded decode step built a mask"
             for kind in runner.attention_types:
                 make = create_sliding_window_causal_mask if kind == "sliding_attention" else create_causal_mask
                 expected = make(config=runner.config, inputs_embeds=hidden, attention_mask=mask, cache=cache,
@@ -221,5 +220,26 @@ def test_prepared_masks_are_transformers_own(tiny_path, monkeypatch):
                 if expected is not None:
                     assert torch.equal(got, expected)
                 unmasked += got is None and new == 1 and kind == "full_attention"
+    return unmasked
+
+
+def test_prepared_masks_are_transformers_own(tiny_path, monkeypatch):
+    """``RotaryRunner.prepare`` answers an unpadded decode step's full-attention mask itself (None, as SDPA needs no
+    mask there); in every case its masks are the ones transformers' mask functions build (padding, prefill, beams,
+    the tiny Mistral's sliding window past its 8 tokens)."""
+    fast, _ = _stacks(tiny_path)
+    unmasked = _check_prepared_masks(fast, monkeypatch)
     # the unpadded decode steps went without a full-attention mask (the tiny Mistral's layers all slide)
-    assert unmasked >= 3 or "full_attention" not in runner.attention_types
+    assert unmasked >= 3 or "full_attention" not in fast.runner.attention_types
+
+
+@pytest.mark.parametrize("name", ["gemma3_text", "gemma2", "phi3", "mixtral"])
+def test_prepared_masks_of_other_rotary_families(tmp_path, monkeypatch, name):
+    """The same for rotary families off the fast path: Gemma 3 (sliding and full layers, a rotary embedding per
+    kind), Gemma 2 (eager attention: its masks are always built), Phi-3 and Mixtral."""
+    layers = 6 if name == "gemma3_text" else 2  # Gemma 3's sixth layer is its first full-attention one
+    save_tiny_model(name, tmp_path, num_layers=layers)
+    stack = load_block_stack(tmp_path, load_config(tmp_path), BlockRange(0, layers), torch.float32, "cpu")
+    unmasked = _check_prepared_masks(stack, monkeypatch)
+    sdpa_full = "full_attention" in stack.runner.attention_types and stack.runner.config._attn_implementation == "sdpa"
+    assert (unmasked >= 3) == sdpa_full
