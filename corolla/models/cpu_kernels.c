@@ -160,9 +160,9 @@ static inline __m512 load_bf16(const uint16_t *w, int64_t i) {
  * row (four rows' sums and the weights fit the sixteen registers). */
 #define CHUNK 32 /* four vectors of eight */
 /* The weights of the output channel PREFETCH_BYTES ahead (and its scales) are asked for before each channel: with
- * the hardware prefetcher alone, one row times the embedded model's packed head (49152 x 576, Q8_0) took 4.4-5.2 ms
- * here (AMD EPYC, Zen 3) where reading its bytes takes 3.1; asking 4 KB ahead, 3.1-4.1 ms. Prefetches change no
- * result. */
+ * the hardware prefetcher alone, one row times the embedded model's packed head (49152 x 576, Q8_0) took 5.1 ms
+ * here (AMD EPYC, Zen 3; median of five runs) where reading its bytes takes 3.1; asking 4 KB ahead, 3.5 ms.
+ * Prefetches change no result. */
 #define PREFETCH_BYTES 4096
 static inline void prefetch_bytes(const void *start, int64_t bytes) {
     for (int64_t b = 0; b < bytes; b += 64) _mm_prefetch((const char *)start + b, _MM_HINT_T0);
