@@ -192,7 +192,8 @@ def main() -> None:
     parser.add_argument("--device", default="cuda", help="where the servers and the local reference run")
     parser.add_argument("--small", action="store_true", help="tiny models (a CPU smoke test of this script)")
     parser.add_argument("--models-dir", default="/tmp/model")
-    parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=sorted(DTYPES))
+    parser.add_argument("--dtypes", nargs="*", default=["float32", "bfloat16"], choices=sorted(DTYPES),
+                        help="dtypes of the full-precision cases (none: only the --quant cases)")
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--bench-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
