@@ -2,9 +2,9 @@
 CPU, sessions batched on the GPU, 16-bit compute, bitsandbytes' LLM.int8() and NF4 layers, and a real server process
 on CUDA behind the real DHT.
 
-CI has no GPU: there every test here is skipped. They run on a machine with a CUDA device (how this project ran them
-is in the README's Status). ``COROLLA_GPU_TEST_DEVICE=cpu`` runs the device-independent ones on the CPU, to check
-the tests themselves before spending GPU time."""
+CI has no GPU: there every test here is skipped. They run on a machine with a CUDA device (how this project ran
+them: the README, Performance, On a GPU). ``COROLLA_GPU_TEST_DEVICE=cpu`` runs the device-independent ones on the
+CPU, to check the tests themselves before spending GPU time."""
 from __future__ import annotations
 
 import asyncio
