@@ -146,9 +146,7 @@ def test_bitsandbytes_servers_on_cuda(mode, tmp_path):
     """``--quant int8`` and ``--quant nf4`` on CUDA: bitsandbytes' layers hold the weights, records announce the
     quantization, logits stay near the float model's, a session's steps equal the same swarm's one pass, and
     gradients flow through to the client."""
-    import bitsandbytes as bnb
-
-    pytest.importorskip("bitsandbytes")
+    bnb = pytest.importorskip("bitsandbytes")
     local = save_tiny_model("llama", tmp_path, seed=13)
     spans = [BlockRange(0, 3), BlockRange(3, 6)]
     with InProcessSwarm(str(tmp_path), spans, dht_prefix=f"cuda-{mode}", device=DEVICE, quant=mode) as swarm:
