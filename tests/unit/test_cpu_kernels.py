@@ -216,12 +216,14 @@ def test_each_instruction_set_computes_the_same(tmp_path, march, rows_per_pass):
 
 
 @pytest.mark.parametrize("threads", [1, 2])
-def test_decode_attention_matches_pytorch(threads):
+@pytest.mark.parametrize("d", [64, 96, 20])
+def test_decode_attention_matches_pytorch(threads, d):
     """Several sessions, one new token each, caches of different lengths and capacities, grouped-query heads, keys
     and values read from strided rows: the new keys/values land in the caches and each head's attention equals
-    PyTorch's scaled_dot_product_attention over the cache."""
+    PyTorch's scaled_dot_product_attention over the cache. Head sizes: 64 (the AVX2 loops' blocks of 64 columns),
+    96 (a block of 64, then of 8) and 20 (blocks of 8, then single columns; scores one position at a time)."""
     generator = torch.Generator().manual_seed(11)
-    heads, kv_heads, d = 6, 2, 64
+    heads, kv_heads = 6, 2
     lengths = [0, 5, 63, 64, 200]  # tokens already cached
     sessions = len(lengths)
     keys = [torch.randn(1, kv_heads, n + 1 + extra, d, generator=generator) for n, extra in zip(lengths, [0, 3, 1, 60, 7])]
