@@ -6,11 +6,14 @@ through the same network. ``kill(server)`` and ``freeze(server)`` stand in for S
 """
 from __future__ import annotations
 
+import asyncio
+import time
 from typing import Optional, Sequence
 
 from corolla.core.blocks import BlockRange
 from corolla.net.loop import LoopThread
 from corolla.server.config import ServerConfig
+from corolla.server.scheduler import Priority
 from corolla.server.server import Server
 from corolla.testing.memory import MemoryNetwork
 
@@ -60,6 +63,11 @@ class InProcessSwarm:
             if server.peer.peer_id == peer_id:
                 return server
         raise KeyError(f"no server of this swarm has peer id {peer_id}")
+
+    def hold_compute(self, server: Server, seconds: float) -> None:
+        """Keep ``server``'s compute thread busy for ``seconds`` (a training-priority job), without waiting for it:
+        steps arriving meanwhile queue up, and run as batches once it frees."""
+        asyncio.run_coroutine_threadsafe(server.scheduler.run(Priority.TRAINING, time.sleep, seconds), self.loop.loop)
 
     def kill(self, server: Server) -> None:
         """Like SIGKILL: the server's streams break and nobody can reach it (its records expire)."""

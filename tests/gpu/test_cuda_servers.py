@@ -7,17 +7,14 @@ them: the README, Performance, On a GPU). ``COROLLA_GPU_TEST_DEVICE=cpu`` runs t
 CPU, to check the tests themselves before spending GPU time."""
 from __future__ import annotations
 
-import asyncio
 import os
 import threading
-import time
 
 import pytest
 import torch
 
 from corolla.client.config import ClientConfig
 from corolla.core.blocks import BlockRange
-from corolla.server.scheduler import Priority
 from corolla.testing.inprocess import InProcessSwarm
 from corolla.testing.tiny import TINY_CONFIGS, save_tiny_model
 
@@ -97,9 +94,7 @@ def test_sessions_are_batched_on_cuda(tmp_path):
                 except Exception as exc:  # reported below
                     errors.append(exc)
 
-            # the server's compute thread is held a second (a training-priority job), so that the first steps queue up
-            asyncio.run_coroutine_threadsafe(swarm.servers[0].scheduler.run(Priority.TRAINING, time.sleep, 1.0),
-                                             swarm.loop.loop)
+            swarm.hold_compute(swarm.servers[0], 1.0)  # so that the sessions' first steps queue up together
             threads = [threading.Thread(target=run, args=(i,)) for i in range(6)]
             for thread in threads:
                 thread.start()

@@ -14,18 +14,12 @@ from corolla.client.rpc import SessionStream, call
 from corolla.core.blocks import BlockRange
 from corolla.core.errors import RemoteError
 from corolla.models.stack import BlockStack
-from corolla.server.scheduler import Priority
 from corolla.testing.inprocess import InProcessSwarm
 from corolla.wire.messages import InfoRequest, OpenSession, SessionStep
 
 PROMPTS = ["The capital of France is", "Once upon a time, in a land far away,", "def fibonacci(n):",
            "The three laws of robotics are", "My favourite recipe for pancakes", "In 1969, the first humans",
            "A haiku about autumn:", "The quick brown fox"]
-
-
-def _hold_compute(server, seconds: float, loop) -> None:
-    """Keep the server's compute thread busy (a training-priority job) so that steps arriving meanwhile queue up."""
-    asyncio.run_coroutine_threadsafe(server.scheduler.run(Priority.TRAINING, time.sleep, seconds), loop.loop)
 
 
 def _generate_concurrently(swarm, clients, prompts: list[torch.Tensor], lengths: list[int]) -> list[torch.Tensor]:
@@ -40,7 +34,7 @@ def _generate_concurrently(swarm, clients, prompts: list[torch.Tensor], lengths:
             errors.append(exc)
 
     for server in swarm.servers:
-        _hold_compute(server, 2.0, swarm.loop)
+        swarm.hold_compute(server, 2.0)
     threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
     for thread in threads:
         thread.start()
@@ -115,7 +109,7 @@ def test_batched_logits_equal_running_alone(tiny_llama6_dir):
                         rest = clients[index](inputs[index][:, -2:]).logits  # a second, batched decode-like step
                         got[index] = torch.cat([first, rest], dim=1)
 
-                _hold_compute(swarm.servers[0], 0.5, swarm.loop)
+                swarm.hold_compute(swarm.servers[0], 0.5)
                 threads = [threading.Thread(target=run, args=(i,)) for i in range(4)]
                 for thread in threads:
                     thread.start()
