@@ -139,9 +139,26 @@ class FusedLayer:
         rotary: list[tuple[torch.Tensor, torch.Tensor]],  # per session: ``rotary_tables(cos, sin)``
         cache_layers: list,  # per session: this layer's cache (PagedLayer), or None (no cache)
     ) -> list[torch.Tensor]:
-        sizes = [h.shape[0] * h.shape[1] for h in hiddens]
-        width = hiddens[0].shape[-1]
+        shapes = [h.shape for h in hiddens]
+        width = shapes[0][-1]
         flat = hiddens[0].reshape(-1, width) if len(hiddens) == 1 else torch.cat([h.reshape(-1, width) for h in hiddens])
+        hidden = self.run_flat(flat, shapes, masks, rotary, cache_layers)
+        if len(hiddens) == 1:
+            return [hidden.view(shapes[0])]
+        return split_rows(hidden, shapes)
+
+    def run_flat(
+        self,
+        flat: torch.Tensor,  # [tokens, hidden]: every session's tokens, one after another
+        shapes: list,  # per session: the shape of its hidden states, [batch, new, hidden]
+        masks: list[torch.Tensor | None],
+        rotary: list[tuple[torch.Tensor, torch.Tensor]],
+        cache_layers: list,
+        joined_rotary: tuple[torch.Tensor, torch.Tensor] | None = None,  # the sessions' ``rotary`` concatenated
+    ) -> torch.Tensor:  # [tokens, hidden]
+        """The layer on the sessions' tokens held as one matrix: a stack of these layers passes it from one to the
+        next, with no concatenation or split between layers (``RotaryRunner.run_fused_batched``)."""
+        sizes = [shape[0] * shape[1] for shape in shapes]
         normed = _rms_norm(flat, *self.input_norm)
         qkv = self.qkv(normed)  # [tokens, (heads + 2 kv_heads) * head_dim]
         d, heads, kv_heads = self.head_dim, self.heads, self.kv_heads
@@ -151,40 +168,38 @@ class FusedLayer:
             qk = torch.cat([_head_norm(qk[:, :heads], q_weight, q_eps), _head_norm(qk[:, heads:], k_weight, k_eps)],
                            dim=1)
         values = qkv[:, (heads + kv_heads) * d :].view(-1, kv_heads, d)
-        if self._decoding(hiddens, masks, cache_layers):
-            attended = self._decode_attention(qk, values, rotary, cache_layers)
+        if self._decoding(flat, shapes, masks, cache_layers):
+            attended = self._decode_attention(qk, values, rotary, cache_layers, joined_rotary)
         else:
-            attended = self._attention(hiddens, masks, rotary, cache_layers, sizes, qk, values)
+            attended = self._attention(shapes, masks, rotary, cache_layers, sizes, qk, values)
         hidden = flat + self.o_proj(attended)
         gate_up = self.gate_up(_rms_norm(hidden, *self.post_norm))
         gate, up = gate_up[:, : self.intermediate], gate_up[:, self.intermediate :]
-        hidden = hidden + self.down(self.act(gate) * up)
-        if len(hiddens) == 1:
-            return [hidden.view(hiddens[0].shape)]
-        return [part.view(h.shape) for part, h in zip(torch.split(hidden, sizes), hiddens)]
+        return hidden + self.down(self.act(gate) * up)
 
-    def _decoding(self, hiddens, masks, cache_layers) -> bool:
+    def _decoding(self, flat, shapes, masks, cache_layers) -> bool:
         """True for decode steps the kernels' attention takes: one new token per session, one row, no mask (all
         cached tokens visible), a float32 paged cache of one row."""
-        first = hiddens[0]
-        if not self.is_causal or first.dtype != torch.float32 or first.device.type != "cpu" or not cpu_kernels.available():
+        if not self.is_causal or flat.dtype != torch.float32 or flat.device.type != "cpu" or not cpu_kernels.available():
             return False
-        for hidden, mask, cache_layer in zip(hiddens, masks, cache_layers):
-            if hidden.shape[0] != 1 or hidden.shape[1] != 1 or mask is not None or type(cache_layer) is not PagedLayer:
+        for shape, mask, cache_layer in zip(shapes, masks, cache_layers):
+            if shape[0] != 1 or shape[1] != 1 or mask is not None or type(cache_layer) is not PagedLayer:
                 return False
             keys = cache_layer._keys
             if keys is not None and (keys.shape[0] != 1 or keys.dtype != torch.float32):
                 return False
         return True
 
-    def _decode_attention(self, qk, values, rotary, cache_layers) -> torch.Tensor:  # [sessions, heads * d]
+    def _decode_attention(self, qk, values, rotary, cache_layers, joined_rotary=None) -> torch.Tensor:
         """Every session's new token: rotary on all of them at once, then one kernel call writes their keys and
         values into their caches and attends (``cpu_kernels.decode_attention``)."""
         d, heads, half = self.head_dim, self.heads, self.head_dim // 2
-        if len(rotary) == 1:
+        if joined_rotary is not None:
+            cos, signed_sin = joined_rotary
+        elif len(rotary) == 1:
             cos, signed_sin = rotary[0]
         else:
-            cos, signed_sin = torch.cat([r[0] for r in rotary]), torch.cat([r[1] for r in rotary])
+            cos, signed_sin = join_rotary(rotary)
         rotated = qk * cos + torch.cat((qk[..., half:], qk[..., :half]), dim=-1) * signed_sin  # [sessions, h+kv, d]
         positions = [layer.append_slot(self.kv_heads, d, torch.float32) for layer in cache_layers]
         return cpu_kernels.decode_attention(
@@ -192,13 +207,13 @@ class FusedLayer:
             [layer._keys for layer in cache_layers], [layer._values for layer in cache_layers], positions,
             self.scaling)
 
-    def _attention(self, hiddens, masks, rotary, cache_layers, sizes, qk, values) -> torch.Tensor:
+    def _attention(self, shapes, masks, rotary, cache_layers, sizes, qk, values) -> torch.Tensor:
         """Each session's attention with PyTorch's (any shape, mask and cache): [tokens, heads * d]."""
         d, heads, kv_heads, half = self.head_dim, self.heads, self.kv_heads, self.head_dim // 2
         outputs, start = [], 0
-        for hidden, mask, (cos, signed_sin), cache_layer, size in zip(hiddens, masks, rotary, cache_layers, sizes):
-            batch, new = hidden.shape[:2]
-            part = qk if len(hiddens) == 1 else qk[start : start + size]
+        for shape, mask, (cos, signed_sin), cache_layer, size in zip(shapes, masks, rotary, cache_layers, sizes):
+            batch, new = shape[0], shape[1]
+            part = qk if len(shapes) == 1 else qk[start : start + size]
             start += size
             rotated = part * cos + torch.cat((part[..., half:], part[..., :half]), dim=-1) * signed_sin
             q = rotated[:, :heads].view(batch, new, heads, d).transpose(1, 2)  # [batch, heads, new, d]
@@ -211,6 +226,16 @@ class FusedLayer:
                                                  enable_gqa=heads != kv_heads)  # [batch, heads, new, d]
             outputs.append(out.transpose(1, 2).reshape(size, heads * d))
         return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
+
+
+def split_rows(flat: torch.Tensor, shapes: list) -> list[torch.Tensor]:
+    """``flat`` [tokens, hidden] back into the sessions' hidden states of ``shapes``."""
+    return [part.view(shape) for part, shape in zip(torch.split(flat, [s[0] * s[1] for s in shapes]), shapes)]
+
+
+def join_rotary(rotary: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The sessions' ``rotary_tables`` as one pair, rows in the sessions' order."""
+    return torch.cat([r[0] for r in rotary]), torch.cat([r[1] for r in rotary])
 
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

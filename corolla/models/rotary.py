@@ -13,7 +13,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
 
 from corolla.models.family import attention_type
-from corolla.models.fused import rotary_tables
+from corolla.models.fused import join_rotary, rotary_tables, split_rows
 
 
 @dataclass(frozen=True)
@@ -107,6 +107,31 @@ class RotaryRunner(nn.Module):
             position_embeddings=prepared.position_embeddings[kind],
             **{self.cache_argument: cache},
         )
+
+    def run_fused_batched(
+        self,
+        layers: list[nn.Module],  # each with a usable ``corolla_fused`` (``FusedLayer``)
+        hiddens: list[torch.Tensor],  # per session: [batch, new, hidden]
+        prepared: list[RotaryInputs],
+        caches: list,  # per session: its cache (its layers line up with ``layers``)
+    ) -> list[torch.Tensor]:
+        """Several sessions' steps through Llama-built layers, the sessions' tokens held as one matrix from the
+        first layer to the last: what ``run_layer_batched`` computes layer by layer, without concatenating and
+        splitting the sessions' states at every layer, and with each attention type's masks and rotary tables
+        gathered once for all layers."""
+        shapes = [h.shape for h in hiddens]
+        flat = torch.cat([h.reshape(-1, h.shape[-1]) for h in hiddens])
+        per_kind: dict[str, tuple] = {}
+        for index, layer in enumerate(layers):
+            kind = layer.corolla_attention
+            inputs = per_kind.get(kind)
+            if inputs is None:
+                rotary = [session.fused_rotary(kind, flat.dtype) for session in prepared]
+                inputs = per_kind[kind] = ([session.masks[kind] for session in prepared], rotary, join_rotary(rotary))
+            masks, rotary, joined = inputs
+            flat = layer.corolla_fused.run_flat(flat, shapes, masks, rotary, [cache.layers[index] for cache in caches],
+                                                joined)
+        return split_rows(flat, shapes)
 
     def run_layer_batched(
         self,

@@ -37,15 +37,16 @@ def _stacks(path, quant="none"):
 
 @pytest.fixture
 def fused_calls(monkeypatch):
-    """Counts the fused layers' calls (a spy around the real method)."""
+    """Counts the fused layers' calls and the tokens of each (a spy around the real method, which both a layer's
+    own call and the batched stack's run)."""
     calls = []
-    original = FusedLayer.__call__
+    original = FusedLayer.run_flat
 
-    def spy(self, hiddens, *args, **kwargs):
-        calls.append(sum(h.shape[0] * h.shape[1] for h in hiddens))
-        return original(self, hiddens, *args, **kwargs)
+    def spy(self, flat, *args, **kwargs):
+        calls.append(flat.shape[0])
+        return original(self, flat, *args, **kwargs)
 
-    monkeypatch.setattr(FusedLayer, "__call__", spy)
+    monkeypatch.setattr(FusedLayer, "run_flat", spy)
     return calls
 
 
@@ -120,6 +121,35 @@ def test_batched_sessions_equal_each_alone(tiny_path, fused_calls):
             assert fused_calls and fused_calls[0] == 3  # the three sessions' tokens in one fused call per layer
             for h, ref, out in zip(steps, reference, together):
                 torch.testing.assert_close(out, slow(h, None, None, ref), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("decode", [True, False])
+def test_batched_stack_holds_the_tokens_as_one_matrix_with_the_same_bits(tiny_path, decode):
+    """``forward_batch`` passes the sessions' tokens from layer to layer as one matrix (rotary tables joined once):
+    the same bits as each layer's own batched call, which concatenates and splits them at every layer; in decode
+    steps (the kernels' attention) and in steps of several tokens (PyTorch's)."""
+    fast, _ = _stacks(tiny_path)
+    generator = torch.Generator().manual_seed(5)
+    lengths = [4, 2, 6]
+    new = 1 if decode else 3
+    flat_caches = [fast.new_cache() for _ in lengths]
+    layer_caches = [fast.new_cache() for _ in lengths]
+    with torch.inference_mode():
+        for length, a, b in zip(lengths, flat_caches, layer_caches):
+            prompt = torch.randn(1, length, fast.hidden_size, generator=generator)
+            fast(prompt, None, None, a)
+            fast(prompt, None, None, b)
+        for _ in range(3):
+            steps = [torch.randn(1, new, fast.hidden_size, generator=generator) for _ in lengths]
+            together = fast.forward_batch([(h, None, None, c) for h, c in zip(steps, flat_caches)])
+            prepared = [fast.runner.prepare(h, torch.ones(1, c.get_seq_length() + new, dtype=torch.long),
+                                            torch.arange(c.get_seq_length(), c.get_seq_length() + new).unsqueeze(0), c)
+                        for h, c in zip(steps, layer_caches)]
+            hiddens = steps
+            for index, layer in enumerate(fast.layers):
+                hiddens = fast.runner.run_layer_batched(layer, hiddens, prepared, [c.layers[index] for c in layer_caches])
+            for a, b in zip(together, hiddens):
+                assert torch.equal(a, b)
 
 
 def test_lora_and_autograd_take_the_layers_path(tiny_path, fused_calls):
