@@ -126,11 +126,26 @@ def _infos(swarm_peers, model) -> list:
     from corolla.client.rpc import call
     from corolla.wire.messages import InfoRequest
 
+    from corolla.core.errors import RemoteError
+
     client = AutoDistributedModelForCausalLM.from_pretrained(model, initial_peers=swarm_peers, torch_dtype=torch.float32)
     try:
         swarm = client.swarm
         records = sorted(swarm.run(swarm.refresh()), key=lambda r: r.blocks.start)
-        return [swarm.run(call(swarm.transport, r, InfoRequest(), 30)) for r in records]
+        infos = []
+        for record in records:
+            for attempt in range(3):
+                try:
+                    infos.append(swarm.run(call(swarm.transport, record, InfoRequest(), 30)))
+                    break
+                except RemoteError as exc:  # once, a fresh client's stream closed unanswered right after 8 clients
+                    #                         left (the benchmark's own bookkeeping: said, then asked again)
+                    print(f"      (info request to {record.peer_id[-8:]} failed, try {attempt + 1} of 3: {exc})",
+                          flush=True)
+                    if attempt == 2:
+                        raise
+                    time.sleep(1.0)
+        return infos
     finally:
         client.close()
 
