@@ -404,11 +404,10 @@ class InferenceSession:
 
     async def _check(self, hop: _Hop, history: _History, claimed: torch.Tensor, extras: dict, dtype: str,
                      new: int) -> Verdict:
-        hidden, mask, positions = history.joined()
         lock = self._check_locks.setdefault(hop.span, asyncio.Lock())
         async with lock:  # one check of a span at a time: its check session runs the steps in order
             try:
-                second = await self._run_check_session(hop, history, hidden, mask, positions, new)
+                second, (hidden, mask, positions) = await self._run_check_session(hop, history, new)
             except BlocksNotServedError:
                 return Verdict(False, detail=f"no other server holds blocks {hop.span}")
             except Exception as exc:  # the checkers failed: nothing learned about the suspect
@@ -416,12 +415,12 @@ class InferenceSession:
         return await check(self.swarm, hop.span, hop.record.peer_id, claimed, hidden, mask, positions, extras, dtype,
                            new, frozenset(self._avoid), like=hop.record, second=second)
 
-    async def _run_check_session(self, hop: _Hop, history: _History, hidden, mask, positions,
-                                 new: int) -> tuple[torch.Tensor, frozenset]:
-        """``hop``'s outputs of its last ``new`` positions, from its span's check session (opened on servers other
-        than it, as like it as failover's replacements, the first time or when the last one is unusable), fed
-        the inputs it has not seen yet (from where its history and ``history`` part, at most ``new`` from the end);
-        and who computed them."""
+    async def _run_check_session(self, hop: _Hop, history: _History, new: int) -> tuple[tuple, tuple]:
+        """``(hop``'s outputs of its last ``new`` positions, who computed them``)``, from its span's check session
+        (opened on servers other than it, as like it as failover's replacements, the first time or when the last
+        one is unusable), fed the inputs it has not seen yet (from where its history and ``history`` part, at most
+        ``new`` from the end); and ``history`` joined (hidden, mask, positions). Where no other server holds the
+        span, ``BlocksNotServedError`` comes before ``history`` is joined (a copy of the whole history)."""
         span, suspect = hop.span, hop.record.peer_id
         excluded = self._avoid | {suspect}
         checking = self._check_sessions.pop(span, None)
@@ -435,6 +434,7 @@ class InferenceSession:
                 checking = _CheckSession(span, suspect, [])
                 for record, part in chain:
                     checking.hops.append(await self._open_hop(record, part, in_chain=False))
+            hidden, mask, positions = history.joined()
             total = hidden.shape[1]
             start = min(_tokens_in_common(checking.fed, history.steps), total - new)
             piece = max(1, self.swarm.config.max_request_tokens // max(1, hidden.shape[0]))
@@ -460,7 +460,7 @@ class InferenceSession:
             checking.close()
         else:
             self._check_sessions[span] = checking
-        return torch.cat(outputs, dim=1)[:, -new:], checking.peers
+        return (torch.cat(outputs, dim=1)[:, -new:], checking.peers), (hidden, mask, positions)
 
     def settle(self) -> None:
         """Wait for the checks still running; raises ``OutputsRejected`` (the session gone back) if one caught a lie."""
