@@ -126,6 +126,10 @@ def test_frozen_server_is_noticed_at_the_step_timeout(position, swarm, local6):
     try:
         with model.inference_session(max_length=32) as session:
             def freeze():
+                # (once in a CI run the chain had fewer than three servers here: say what had happened to it)
+                assert len(session.chain) == 3 and session.failovers == 0, (
+                    f"before the freeze the chain was {session.chain} after {session.failovers} failovers; "
+                    f"checks {session.checks}")
                 frozen.append(swarm.server_by_peer(session.chain[position][0]))
                 swarm.freeze(frozen[0])
 
