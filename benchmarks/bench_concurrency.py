@@ -124,9 +124,8 @@ def _infos(swarm_peers, model) -> list:
 
     from corolla import AutoDistributedModelForCausalLM
     from corolla.client.rpc import call
-    from corolla.wire.messages import InfoRequest
-
     from corolla.core.errors import RemoteError
+    from corolla.wire.messages import InfoRequest
 
     client = AutoDistributedModelForCausalLM.from_pretrained(model, initial_peers=swarm_peers, torch_dtype=torch.float32)
     try:

@@ -205,7 +205,7 @@ class BlockStack(nn.Module):
             hiddens.append(hidden)
             prepared.append(self.runner.prepare(hidden, mask, positions, cache))
             caches.append(cache)
-        if fused and len(parts) > 1 and hasattr(self.runner, "run_fused_batched"):
+        if fused and hasattr(self.runner, "run_fused_batched"):
             return self.runner.run_fused_batched(list(layers), hiddens, prepared, caches)
         for index, layer in enumerate(layers):
             hiddens = batched(layer, hiddens, prepared, [cache.layers[index] for cache in caches])
