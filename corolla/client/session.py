@@ -44,6 +44,7 @@ from corolla.wire.codec import dtype_from_name, dtype_name
 from corolla.wire.compression import recodes_exactly
 from corolla.wire.messages import InfoRequest, OpenSession, SessionStep, SessionStepReply
 from corolla.wire.relay import NextHop, encode_route, trail_tag
+from corolla.wire.validation import all_finite
 
 logger = logging.getLogger(__name__)
 
@@ -93,6 +94,21 @@ class _History:
 
 TRAIL_MAX_ROWS = 32  # relayed steps of at most this many rows (batch x new tokens) are answered with a trail
 PROBE_TIMEOUT_S = 2.0  # the most a liveness probe of a silent chain waits for each server
+
+
+def _defaults_dropped(mask: torch.Tensor, positions: torch.Tensor, past: int) -> tuple:
+    """A step's mask and positions as they travel: None where they are what a server assumes without them (every
+    token real; positions past, past + 1, ... in every row), so a decode step's frames carry its hidden states alone
+    (two tensors fewer to encode, check and decode at every server of the chain)."""
+    batch, new = mask.shape
+    if batch * new <= 64:  # (a small step: Python lists cost less than tensor ops)
+        all_real = all(value == 1 for value in mask.view(-1).tolist())
+        expected = list(range(past, past + new))
+        default_positions = all(row == expected for row in positions.tolist())
+    else:
+        all_real = bool(mask.eq(1).all())
+        default_positions = bool(positions.eq(torch.arange(past, past + new)).all())
+    return (None if all_real else mask), (None if default_positions else positions)
 
 
 @dataclass
@@ -542,8 +558,10 @@ class InferenceSession:
         trail = length > 1 and self._trails and hidden.shape[0] * hidden.shape[1] <= TRAIL_MAX_ROWS \
             and all(recodes_exactly(hop.codec) for hop in hops)
         route = [NextHop(h.record.peer_id, h.session_id, h.token, h.record.dtype, tuple(h.record.maddrs)) for h in hops[1:]]
-        step = SessionStep(first.session_id, hidden.to(first.dtype), attention_mask=mask, position_ids=positions,
-                           hypo_ids=hypo_ids, prompts=self._hop_prompts(first, past), start_from_position=past,
+        wire_mask, wire_positions = _defaults_dropped(mask, positions, past)
+        step = SessionStep(first.session_id, hidden.to(first.dtype), attention_mask=wire_mask,
+                           position_ids=wire_positions, hypo_ids=hypo_ids, prompts=self._hop_prompts(first, past),
+                           start_from_position=past,
                            step_index=self._step_index, attempt=attempt, next_hops=encode_route(route),
                            answer_last=trail)
         timeout_s = self.swarm.config.step_timeout_s + hidden.shape[1] * self.swarm.config.token_timeout_s
@@ -656,7 +674,7 @@ class InferenceSession:
         for i, hop in enumerate(hops[:-1]):
             entry, following = trail[str(i)], hops[i + 1]
             if entry.dtype != following.dtype or entry.shape != step.hidden_states.shape \
-                    or not bool(torch.isfinite(entry).all()):
+                    or not all_finite(entry):
                 raise RemoteError("ForgedTrail", f"trail entry {i} is {entry.dtype} {list(entry.shape)} or not finite",
                                   sender)
             expected = trail_tag(hop.trail_key, hop.session_id, step.step_index, step.attempt, entry)

@@ -60,18 +60,18 @@ def encode_frame(header: dict[str, Any], tensors: dict[str, torch.Tensor],
     """A frame of ``header`` and ``tensors``; ``codecs`` names a wire codec for some floating-point tensors."""
     descriptors, chunks = [], []
     for name, tensor in tensors.items():
-        tensor = tensor.detach()
+        if tensor.requires_grad:
+            tensor = tensor.detach()
         if tensor.device.type != "cpu":
             tensor = tensor.cpu()
-        tensor = tensor.contiguous()
         descriptor = {"name": name, "dtype": dtype_name(tensor.dtype), "shape": list(tensor.shape)}
-        codec = (codecs or {}).get(name, WireCodec.NONE)
+        codec = codecs.get(name, WireCodec.NONE) if codecs else WireCodec.NONE
         if codec is not WireCodec.NONE and tensor.is_floating_point() and tensor.numel():
-            body, fields = compress(tensor, codec)
+            body, fields = compress(tensor.contiguous(), codec)
             descriptor.update(codec=codec.value, **fields)
             chunks.append(body)
-        elif tensor.numel():
-            chunks.append(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+        elif tensor.numel():  # the tensor's own bytes (a view; join copies them once, into the frame)
+            chunks.append(tensor.contiguous().reshape(-1).view(torch.uint8).numpy())
         descriptors.append(descriptor)
     header_bytes = json.dumps({**header, "tensors": descriptors}, separators=(",", ":")).encode()
     body = b"".join(chunks)
@@ -98,54 +98,71 @@ def parse_header(header_bytes: bytes) -> dict[str, Any]:
     return header
 
 
-def _describe(desc: dict) -> tuple[str, torch.dtype, list[int], int, WireCodec, int]:
-    """(name, dtype, shape, numel, codec, outliers) of a tensor descriptor, checked."""
+@dataclass(frozen=True)
+class Described:
+    """A checked tensor descriptor of a frame header, and the bytes its tensor takes in the body."""
+
+    name: str
+    dtype: torch.dtype
+    shape: list[int]
+    numel: int
+    codec: WireCodec
+    outliers: int
+    size: int
+
+
+def _describe(desc: dict) -> Described:
+    """A tensor descriptor, checked."""
     name = desc.get("name")
-    if not isinstance(name, str) or len(name) > 256:
+    if type(name) is not str or len(name) > 256:
         raise BadRequestError("a tensor descriptor needs a name (a string of at most 256 characters)")
     dtype = dtype_from_name(desc.get("dtype"))
     shape = desc.get("shape")
-    if not isinstance(shape, list) or len(shape) > 8 or not all(isinstance(d, int) and not isinstance(d, bool)
-                                                               for d in shape):
+    # (type(d) is int: a JSON true or false is a bool, which is not a shape)
+    if type(shape) is not list or len(shape) > 8 or not all(type(d) is int for d in shape):
         raise BadRequestError(f"tensor {name!r}: shape must be a list of at most 8 integers")
-    if any(d < 0 for d in shape):
-        raise BadRequestError(f"tensor {name!r} has a negative dimension: {shape}")
     numel = 1
     for d in shape:
+        if d < 0:
+            raise BadRequestError(f"tensor {name!r} has a negative dimension: {shape}")
         numel *= d
     codec = parse_codec(desc.get("codec"))
     if codec is not WireCodec.NONE and not dtype.is_floating_point:
         raise BadRequestError(f"tensor {name!r}: codec {codec.value} is for floating-point tensors only")
     outliers = desc.get("outliers", 0)
-    if not isinstance(outliers, int) or isinstance(outliers, bool) or not 0 <= outliers <= numel:
+    if type(outliers) is not int or not 0 <= outliers <= numel:
         raise BadRequestError(f"tensor {name!r}: outliers must be a count of at most its {numel} values")
-    return name, dtype, shape, numel, codec, outliers
+    return Described(name, dtype, shape, numel, codec, outliers, encoded_size(codec, numel, dtype, outliers))
+
+
+def describe_tensors(header: dict[str, Any]) -> list[Described]:
+    """The checked descriptors of a parsed header's tensors, in body order."""
+    return [_describe(desc) for desc in header.get("tensors", [])]
 
 
 def body_sizes(header: dict[str, Any]) -> list[int]:
     """Bytes each tensor of a parsed header takes in the body, in order."""
-    sizes = []
-    for desc in header.get("tensors", []):
-        _, dtype, _, numel, codec, outliers = _describe(desc)
-        sizes.append(encoded_size(codec, numel, dtype, outliers))
-    return sizes
+    return [described.size for described in describe_tensors(header)]
 
 
-def decode_tensors(header: dict[str, Any], chunks: list) -> Frame:
-    """The frame a parsed header and its tensors' bytes (one buffer each) make."""
+def decode_tensors(header: dict[str, Any], chunks: list, described: Optional[list[Described]] = None) -> Frame:
+    """The frame a parsed header and its tensors' bytes (one buffer each) make; ``described``: the header's
+    ``describe_tensors`` if the caller has them already."""
     header = dict(header)
     descriptors = header.pop("tensors", [])
-    if len(chunks) != len(descriptors):
+    if described is None:
+        described = [_describe(desc) for desc in descriptors]
+    if len(chunks) != len(described):
         raise BadRequestError("the frame's body does not match its descriptors")
     tensors: dict[str, torch.Tensor] = {}
-    for desc, chunk in zip(descriptors, chunks):
-        name, dtype, shape, numel, codec, outliers = _describe(desc)
-        if len(chunk) != encoded_size(codec, numel, dtype, outliers):
+    for desc, chunk in zip(described, chunks):
+        name, dtype, shape, numel, codec = desc.name, desc.dtype, desc.shape, desc.numel, desc.codec
+        if len(chunk) != desc.size:
             raise BadRequestError(f"tensor {name!r} ({shape}, {dtype}) does not match its bytes")
         if numel and codec is not WireCodec.NONE:
-            tensors[name] = decompress(chunk, 0, numel, dtype, codec, name, outliers).reshape(shape)
+            tensors[name] = decompress(chunk, 0, numel, dtype, codec, name, desc.outliers).reshape(shape)
         elif numel:
-            tensors[name] = torch.frombuffer(chunk, dtype=torch.uint8, count=len(chunk)).view(dtype).reshape(shape)
+            tensors[name] = torch.frombuffer(chunk, dtype=dtype, count=numel).reshape(shape)
         else:
             tensors[name] = torch.empty(shape, dtype=dtype)
     return Frame(header, tensors)
@@ -154,7 +171,8 @@ def decode_tensors(header: dict[str, Any], chunks: list) -> Frame:
 def decode_frame(header_bytes: bytes, body: bytes) -> Frame:
     """A whole frame's header and body, decoded (tensors copied out of ``body`` into buffers of their own)."""
     header = parse_header(header_bytes)
-    sizes = body_sizes(header)
+    described = describe_tensors(header)
+    sizes = [desc.size for desc in described]
     if sum(sizes) > len(body):
         raise BadRequestError("a tensor runs past the frame body")
     if sum(sizes) != len(body):
@@ -163,4 +181,4 @@ def decode_frame(header_bytes: bytes, body: bytes) -> Frame:
     for size in sizes:
         chunks.append(bytearray(body[offset:offset + size]))
         offset += size
-    return decode_tensors(header, chunks)
+    return decode_tensors(header, chunks, described)

@@ -56,7 +56,7 @@ def recodes_exactly(codec) -> bool:
 def encoded_size(codec: WireCodec, numel: int, dtype: torch.dtype, outliers: int = 0) -> int:
     """Bytes the body of a tensor of ``numel`` values (``outliers`` of them sent exactly) takes with ``codec``."""
     if codec is WireCodec.NONE:
-        return numel * torch.empty((), dtype=dtype).element_size()
+        return numel * dtype.itemsize
     if codec in _HALF:
         return 2 * numel
     return 4 * _blocks(numel) + numel + 8 * outliers

@@ -6,7 +6,7 @@ import asyncio
 from typing import Callable, Optional
 
 from corolla.core.errors import BadRequestError, CorollaError, FrameTimeoutError, MessageTooLargeError
-from corolla.wire.codec import PREFIX, body_sizes, decode_prefix, decode_tensors, encode_frame, parse_header
+from corolla.wire.codec import PREFIX, decode_prefix, decode_tensors, describe_tensors, encode_frame, parse_header
 from corolla.wire.compression import WireCodec, parse_codec, recodes_exactly
 from corolla.wire.messages import PROTOCOL_VERSION, Message, message_from_frame
 
@@ -80,12 +80,13 @@ async def _read_frame(reader: asyncio.StreamReader, header_len: int, body_len: i
     header = parse_header(await reader.readexactly(header_len))
     if header_out is not None:
         header_out.update(header)
-    sizes = body_sizes(header)
+    described = describe_tensors(header)
+    sizes = [desc.size for desc in described]
     if sum(sizes) != body_len:
         await _discard(reader, body_len)
         raise BadRequestError(f"the frame's tensors take {sum(sizes)} bytes, its body {body_len}")
     chunks = [bytearray(await reader.readexactly(size)) if size else bytearray() for size in sizes]
-    return message_from_frame(decode_tensors(header, chunks))
+    return message_from_frame(decode_tensors(header, chunks, described))
 
 
 async def _with_timeout(awaitable, timeout_s: Optional[float]):

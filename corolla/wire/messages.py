@@ -46,17 +46,18 @@ class Message:
     def to_parts(self, version: int = PROTOCOL_VERSION) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         header: dict[str, Any] = {"type": self.WIRE_NAME, "version": version}
         tensors: dict[str, torch.Tensor] = {}
-        for field in dataclasses.fields(self):
-            value = getattr(self, field.name)
-            if isinstance(value, torch.Tensor):
-                tensors[field.name] = value
-            elif isinstance(value, dict) and value and all(isinstance(v, torch.Tensor) for v in value.values()):
+        for name, kind in _wire_kinds(type(self)):  # (by each field's declared type: no isinstance chain)
+            value = getattr(self, name)
+            if kind == _TENSOR and isinstance(value, torch.Tensor):
+                tensors[name] = value
+            elif kind == _TENSORS and value and isinstance(value, dict) and \
+                    all(isinstance(v, torch.Tensor) for v in value.values()):
                 for key, tensor in value.items():
-                    tensors[f"{field.name}/{key}"] = tensor
-            elif isinstance(value, BlockRange):
-                header[field.name] = str(value)
+                    tensors[f"{name}/{key}"] = tensor
+            elif kind == _BLOCKS and isinstance(value, BlockRange):
+                header[name] = str(value)
             else:
-                header[field.name] = value
+                header[name] = value
         return header, tensors
 
 
@@ -93,6 +94,18 @@ def _field_kinds(cls: type) -> tuple[tuple[dataclasses.Field, Any, bool], ...]:
     """Each field of a message class with its base type and whether it is optional (computed once per class)."""
     hints = typing.get_type_hints(cls)
     return tuple((f, _strip_optional(hints[f.name]), _is_optional(hints[f.name])) for f in dataclasses.fields(cls))
+
+
+_PLAIN, _TENSOR, _TENSORS, _BLOCKS = range(4)  # how a field travels: in the header as it is, as a tensor, as
+#                                              named tensors, as "start:end"
+
+
+@functools.lru_cache(maxsize=None)
+def _wire_kinds(cls: type) -> tuple[tuple[str, int], ...]:
+    """Each field of a message class by name, with how it travels (``_PLAIN`` ... ``_BLOCKS``)."""
+    kinds = {torch.Tensor: _TENSOR, BlockRange: _BLOCKS}
+    return tuple((field.name, _TENSORS if base == TensorDict else kinds.get(base, _PLAIN))
+                 for field, base, _ in _field_kinds(cls))
 
 
 def _is_optional(hint) -> bool:

@@ -181,3 +181,37 @@ def test_decoded_tensors_do_not_pin_the_rest_of_the_frame():
     first, _ = _roundtrip(data)
     assert first.prompts.untyped_storage().nbytes() == small.numel() * 4
     assert first.hidden_states.untyped_storage().nbytes() == big.numel() * 4
+
+
+def test_all_finite_answers_as_isfinite_does():
+    from corolla.wire.validation import all_finite
+
+    big = torch.full((4, 8), 3e38)  # finite values whose sum overflows: checked value by value
+    assert all_finite(big) and not torch.isfinite(big.sum())
+    assert all_finite(torch.full((3,), 6e4, dtype=torch.float16))  # the same in half precision
+    assert all_finite(torch.empty(0, 5)) and all_finite(torch.arange(10))
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        x = torch.randn(2, 3, 16)
+        x[1, 2, 7] = bad
+        assert not all_finite(x), bad
+    both = torch.zeros(6)
+    both[0], both[5] = float("inf"), -float("inf")  # sums to NaN: not finite either way
+    assert not all_finite(both)
+
+
+@pytest.mark.parametrize("batch,new", [(1, 1), (2, 3), (4, 40)])  # (4 x 40: past the small-step shortcut)
+def test_steps_carry_mask_and_positions_only_when_not_the_default(batch, new):
+    from corolla.client.session import _defaults_dropped
+
+    past = 17
+    mask = torch.ones(batch, new, dtype=torch.long)
+    positions = torch.arange(past, past + new).unsqueeze(0).expand(batch, new)
+    assert _defaults_dropped(mask, positions, past) == (None, None)
+    padded = mask.clone()
+    padded[-1, 0] = 0
+    kept_mask, dropped = _defaults_dropped(padded, positions, past)
+    assert kept_mask is padded and dropped is None
+    shifted = positions.clone()
+    shifted[-1] -= 1  # a left-padded row's positions lag behind the cache length
+    assert _defaults_dropped(mask, shifted, past)[1] is shifted
+    assert _defaults_dropped(mask, positions, past + 1)[1] is positions
