@@ -102,7 +102,7 @@ def _defaults_dropped(mask: torch.Tensor, positions: torch.Tensor, past: int) ->
     (two tensors fewer to encode, check and decode at every server of the chain)."""
     batch, new = mask.shape
     if batch * new <= 64:  # (a small step: Python lists cost less than tensor ops)
-        all_real = all(value == 1 for value in mask.view(-1).tolist())
+        all_real = all(value == 1 for value in mask.reshape(-1).tolist())
         expected = list(range(past, past + new))
         default_positions = all(row == expected for row in positions.tolist())
     else:

@@ -215,3 +215,8 @@ def test_steps_carry_mask_and_positions_only_when_not_the_default(batch, new):
     shifted[-1] -= 1  # a left-padded row's positions lag behind the cache length
     assert _defaults_dropped(mask, shifted, past)[1] is shifted
     assert _defaults_dropped(mask, positions, past + 1)[1] is positions
+    # the new tokens' columns of a longer mask, as the model's forward slices them (not contiguous with batch > 1)
+    wide = torch.ones(batch, past + new, dtype=torch.long)
+    assert _defaults_dropped(wide[:, past:], positions, past) == (None, None)
+    wide[0, -1] = 0
+    assert _defaults_dropped(wide[:, past:], positions, past)[0] is not None
