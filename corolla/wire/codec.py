@@ -140,18 +140,11 @@ def describe_tensors(header: dict[str, Any]) -> list[Described]:
     return [_describe(desc) for desc in header.get("tensors", [])]
 
 
-def body_sizes(header: dict[str, Any]) -> list[int]:
-    """Bytes each tensor of a parsed header takes in the body, in order."""
-    return [described.size for described in describe_tensors(header)]
-
-
-def decode_tensors(header: dict[str, Any], chunks: list, described: Optional[list[Described]] = None) -> Frame:
-    """The frame a parsed header and its tensors' bytes (one buffer each) make; ``described``: the header's
-    ``describe_tensors`` if the caller has them already."""
+def decode_tensors(header: dict[str, Any], chunks: list, described: list[Described]) -> Frame:
+    """The frame a parsed header (its ``describe_tensors``: ``described``) and its tensors' bytes (one buffer each)
+    make."""
     header = dict(header)
-    descriptors = header.pop("tensors", [])
-    if described is None:
-        described = [_describe(desc) for desc in descriptors]
+    header.pop("tensors", None)
     if len(chunks) != len(described):
         raise BadRequestError("the frame's body does not match its descriptors")
     tensors: dict[str, torch.Tensor] = {}
