@@ -13,7 +13,8 @@ The counts run in ``--rounds`` rounds (1, 4, 8, 16, then again): this machine's 
 minutes (same code, same count: 83.5 and 102.0 tokens/s in two runs ten minutes apart), and a single short run of
 each count turned that drift into the ratio. Each count's figure is the median of its rounds, and the ratio is
 against the median of N = 1 in the same run; each round's own ratios are printed as they come. Every client's
-tokens are checked against local transformers.
+tokens are checked against local transformers. With each count: where its tokens' CPU time went, and the whole
+machine's steal time (its cores waiting for the host) and kernel time over its runs, from /proc/stat.
 
 Memory: 16 clients each open a session declaring max_length 2048 and fill 200 tokens; while they hold them, the
 servers' memory (PSS of each server process and its libp2p daemon) and the cache tokens the servers hold are
@@ -161,10 +162,12 @@ def _run_count(swarm, model: str, count: int, new_tokens: int, expected: dict) -
         before = _infos(swarm.initial_peers, model)
         server_cpu = [(_cpu_s(server.process.pid), _cpu_s(server.process.pid, children_only=True))
                       for server in swarm.servers]
+        machine = _machine_times()
         for client in clients:
             client.stdin.write("go\n")
             client.stdin.flush()
         results = [_read_json(client) for client in clients]
+        machine = {key: value - machine[key] for key, value in _machine_times().items()}
         server_cpu = [(_cpu_s(server.process.pid) - everything, _cpu_s(server.process.pid, True) - daemon)
                       for server, (everything, daemon) in zip(swarm.servers, server_cpu)]
     finally:
@@ -188,7 +191,19 @@ def _run_count(swarm, model: str, count: int, new_tokens: int, expected: dict) -
         "servers_daemon": servers_daemon,
         "clients_python": sum(r["cpu_s"] for r in results),
         "clients_daemon": sum(r["daemon_cpu_s"] for r in results),
+        "machine": machine,  # the whole machine's CPU seconds over the run, by kind (steal: taken by the host)
     }
+
+
+def _machine_times() -> dict:
+    """The machine's CPU seconds since boot, all cores: ``steal`` (time the hypervisor ran something else while
+    this machine's cores had work), ``system`` and ``total``."""
+    import psutil
+
+    times = psutil.cpu_times()
+    total = sum(getattr(times, name, 0.0) for name in
+                ("user", "nice", "system", "idle", "iowait", "irq", "softirq", "steal"))
+    return {"steal": getattr(times, "steal", 0.0), "system": times.system, "total": total}
 
 
 def main() -> int:
@@ -253,6 +268,10 @@ def main() -> int:
                   f"{cpu['clients_daemon']:.1f}; total {sum(cpu.values()):.1f} of {available:.1f} available", flush=True)
             print(f"      each server's compute thread: running steps {statistics.mean(r['busy'] for r in each):.0%} "
                   f"of the time, waiting for company {statistics.mean(r['gather'] for r in each):.0%}", flush=True)
+            machine = {key: sum(r["machine"][key] for r in each) for key in ("steal", "system", "total")}
+            share = {key: machine[key] / max(machine["total"], 1e-9) for key in ("steal", "system")}
+            print(f"      the machine over these runs: steal time {share['steal']:.1%} of its cores' time (taken by "
+                  f"the host), kernel time {share['system']:.1%}", flush=True)
 
         print("\nmemory: 16 sessions declaring max_length 2048, each filled with 200 tokens")
         before = [_pss_mb(server.process.pid) for server in swarm.servers]
