@@ -1,6 +1,7 @@
 """Many users at once: aggregate decode speed of concurrent sessions, and what their caches cost the servers.
 
 Run: .venv/bin/python benchmarks/bench_concurrency.py [--sessions 1 4 8 16] [--new-tokens 64] [--rounds 3]
+     [--min-tokens 512]
 
 A local swarm of three servers (the embedded model, blocks 0:10, 10:20, 20:30, float32, one torch thread each) on
 loopback. For each count N, N client processes (each its own process, like N users) load the model, warm up, wait
@@ -8,6 +9,13 @@ at a barrier, then each generates ``--new-tokens`` greedy tokens after its own s
 every session runs its full length, past an end of sequence, as the local reference does; ``min_new_tokens`` would do
 the same through transformers' length processors, which cost each client ~0.8 ms of CPU per token, a tenth of its
 own share of the CPU this benchmark measures). Aggregate tokens/s = all tokens / (last finish - first start).
+
+Every count is timed over about as many tokens (``--min-tokens``, default 512: eight sessions' worth): a count with
+fewer sessions runs in waves, each a fresh set of N clients started once the last has gone, until it has that many,
+and its tokens/s is all the waves' tokens over the sum of their spans (one session: eight sessions one after
+another, the eight prompts the eight-session run uses). One session's 64 tokens take ~3 s here, and this machine's
+speed swings within seconds: timed over one such run, one session's rate ranged 19.1-27.1 tokens/s across three
+rounds of one benchmark (the eight sessions' run, ~9 s, ranged less), and that noise went straight into the ratio.
 
 The counts run in ``--rounds`` rounds (1, 4, 8, 16, then again): this machine's speed drifts by 10-20% over
 minutes (same code, same count: 83.5 and 102.0 tokens/s in two runs ten minutes apart), and a single short run of
@@ -150,11 +158,37 @@ def _infos(swarm_peers, model) -> list:
         client.close()
 
 
-def _run_count(swarm, model: str, count: int, new_tokens: int, expected: dict) -> dict:
-    """``count`` client processes generating at once: tokens/s of all, per session, the servers' mean batch, how
-    many equalled local, and the CPU seconds of servers, clients and their daemons."""
-    configs = [{"mode": "generate", "model": model, "initial_peers": swarm.initial_peers, "prompt": PROMPTS[i],
-                "new_tokens": new_tokens} for i in range(count)]
+def _run_count(swarm, model: str, count: int, new_tokens: int, expected: dict, min_tokens: int = 0) -> dict:
+    """``count`` client processes generating at once, in as many waves as it takes to generate ``min_tokens``
+    (each wave a fresh set of ``count`` clients, started when the last one has gone): tokens/s of all (all waves'
+    tokens over the sum of their spans), per session, the servers' mean batch, how many equalled local, and the CPU
+    seconds of servers, clients and their daemons."""
+    waves = [_run_wave(swarm, model, [PROMPTS[(wave * count + i) % len(PROMPTS)] for i in range(count)], new_tokens,
+                       expected)
+             for wave in range(max(1, -(-min_tokens // (count * new_tokens))))]
+    span = sum(w["span"] for w in waves)
+    total = {key: sum(w[key] for w in waves) for key in
+             ("tokens", "steps", "batches", "step_wall_s", "step_gather_s", "servers_compute", "same",
+              "servers_python", "servers_daemon", "clients_python", "clients_daemon")}
+    return {
+        "tokens_s": total["tokens"] / span, "tokens": total["tokens"], "span": span, "waves": len(waves),
+        "per_session": statistics.median(rate for w in waves for rate in w["rates"]),
+        "batch": total["steps"] / max(1, total["batches"]),
+        # each server's compute thread: the share of the spans it spent running steps, and waiting for company
+        "busy": total["step_wall_s"] / len(swarm.servers) / span,
+        "gather": total["step_gather_s"] / len(swarm.servers) / span,
+        "sessions": count * len(waves),
+        **{key: total[key] for key in ("servers_compute", "same", "servers_python", "servers_daemon",
+                                       "clients_python", "clients_daemon")},
+        # the whole machine's CPU seconds over the waves, by kind (steal: taken by the host)
+        "machine": {key: sum(w["machine"][key] for w in waves) for key in waves[0]["machine"]},
+    }
+
+
+def _run_wave(swarm, model: str, prompts: list[str], new_tokens: int, expected: dict) -> dict:
+    """One client process per prompt, released at once; what ``_run_count`` adds up."""
+    configs = [{"mode": "generate", "model": model, "initial_peers": swarm.initial_peers, "prompt": prompt,
+                "new_tokens": new_tokens} for prompt in prompts]
     clients = _spawn_clients(configs)
     try:
         for client in clients:
@@ -174,24 +208,22 @@ def _run_count(swarm, model: str, count: int, new_tokens: int, expected: dict) -
         for client in clients:
             client.wait(60)
     after = _infos(swarm.initial_peers, model)
-    span = max(r["end"] for r in results) - min(r["start"] for r in results)
-    tokens = sum(len(r["tokens"]) for r in results)
     servers_daemon = sum(daemon for _, daemon in server_cpu)
     return {
-        "tokens_s": tokens / span, "tokens": tokens, "span": span,
-        "per_session": statistics.median(len(r["tokens"]) / (r["end"] - r["start"]) for r in results),
-        "batch": statistics.mean((a.steps_run - b.steps_run) / max(1, a.step_batches - b.step_batches)
-                                 for a, b in zip(after, before)),
-        # each server's compute thread: the share of the span it spent running steps, and waiting for company
-        "busy": statistics.mean((a.step_wall_s - b.step_wall_s) / span for a, b in zip(after, before)),
-        "gather": statistics.mean((a.step_gather_s - b.step_gather_s) / span for a, b in zip(after, before)),
-        "servers_compute": sum(a.step_compute_s - b.step_compute_s for a, b in zip(after, before)),  # compute threads' CPU
+        "span": max(r["end"] for r in results) - min(r["start"] for r in results),
+        "tokens": sum(len(r["tokens"]) for r in results),
+        "rates": [len(r["tokens"]) / (r["end"] - r["start"]) for r in results],
+        "steps": sum(a.steps_run - b.steps_run for a, b in zip(after, before)),
+        "batches": sum(a.step_batches - b.step_batches for a, b in zip(after, before)),
+        "step_wall_s": sum(a.step_wall_s - b.step_wall_s for a, b in zip(after, before)),
+        "step_gather_s": sum(a.step_gather_s - b.step_gather_s for a, b in zip(after, before)),
+        "servers_compute": sum(a.step_compute_s - b.step_compute_s for a, b in zip(after, before)),  # their CPU
         "same": sum(r["tokens"] == expected[c["prompt"]] for r, c in zip(results, configs)),
         "servers_python": sum(everything for everything, _ in server_cpu) - servers_daemon,
         "servers_daemon": servers_daemon,
         "clients_python": sum(r["cpu_s"] for r in results),
         "clients_daemon": sum(r["daemon_cpu_s"] for r in results),
-        "machine": machine,  # the whole machine's CPU seconds over the run, by kind (steal: taken by the host)
+        "machine": machine,
     }
 
 
@@ -212,6 +244,9 @@ def main() -> int:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=3, help="rounds over the counts; medians are reported")
     parser.add_argument("--server-args", default="", help="extra `corolla serve` flags for the three servers")
+    parser.add_argument("--min-tokens", type=int, default=512,
+                        help="a count's run repeats in waves of fresh clients until it has generated this many tokens "
+                             "(default: eight sessions' worth), so that every count is timed over about as long")
     args = parser.parse_args()
 
     import torch
@@ -225,7 +260,8 @@ def main() -> int:
     tokenizer = AutoTokenizer.from_pretrained(model)
     local = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
     expected = {}
-    for prompt in PROMPTS[: max(args.sessions)]:
+    used = max(count * max(1, -(-args.min_tokens // (count * args.new_tokens))) for count in args.sessions)
+    for prompt in PROMPTS[: min(len(PROMPTS), used)]:
         ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
         out = local.generate(ids, max_new_tokens=args.new_tokens, eos_token_id=None, do_sample=False)
         expected[prompt] = out[0, ids.shape[1]:].tolist()
@@ -236,10 +272,11 @@ def main() -> int:
         runs: dict[int, list[dict]] = {count: [] for count in args.sessions}
         for round_ in range(args.rounds):  # the counts alternate, so a drift of the machine's speed hits them alike
             for count in args.sessions:
-                run = _run_count(swarm, model, count, args.new_tokens, expected)
+                run = _run_count(swarm, model, count, args.new_tokens, expected, args.min_tokens)
                 runs[count].append(run)
                 first = runs[args.sessions[0]][round_]
-                print(f"  round {round_ + 1}: {count:2d} session(s) {run['tokens_s']:6.1f} tokens/s, x"
+                print(f"  round {round_ + 1}: {count:2d} session(s) {run['tokens_s']:6.1f} tokens/s "
+                      f"({run['waves']} wave(s), {run['span']:.1f} s), x"
                       f"{run['tokens_s'] / first['tokens_s']:.2f} of this round's {args.sessions[0]}", flush=True)
         print(f"\nmedian of {args.rounds} round(s); x = median tokens/s against the median of "
               f"{args.sessions[0]} session(s):")
@@ -253,7 +290,7 @@ def main() -> int:
                   f"{statistics.median(r['per_session'] for r in each):5.1f} "
                   f"per session (median), x{speed / base:.2f} of one session; mean batch "
                   f"{statistics.mean(r['batch'] for r in each):.1f} steps; tokens equal local in {same}/"
-                  f"{count * len(each)}", flush=True)
+                  f"{sum(run['sessions'] for run in each)}", flush=True)
             # where the CPU time of a token goes (core-milliseconds per generated token, all rounds together; the
             # machine's cores x the spans is what there was)
             tokens = sum(r["tokens"] for r in each)

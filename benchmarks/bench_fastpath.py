@@ -10,7 +10,8 @@ gets), and checks that both give the same bits.
 Run: .venv/bin/python benchmarks/bench_fastpath.py [--threads 1] [--steps 64] [--text-tokens 200]
 
 Speed: a 16-token prefill, then ``--steps`` decode steps of one token through ``BlockStack`` (the server's compute,
-without the network), median step time; ``--no-fast-path`` is the slow row. Exactness: the first ``--text-tokens``
+without the network), median step time; ``--no-fast-path`` is the slow row. Then sessions batched in one pass, and
+the decode attention alone against PyTorch's at contexts of 64 to 2048 tokens. Exactness: the first ``--text-tokens``
 tokens of Python's documentation topics, an 8-token prefill then one token per step (as a session runs), the
 stack's outputs through the model's final norm and head, against the float64 model; transformers' float32 model on
 the same text for scale.
@@ -59,6 +60,38 @@ def batch_times(stack, hidden_size: int, sessions: int, steps: int) -> float:
             stack.forward_batch(parts)
             times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def attention_times(config, sessions: int, length: int, calls: int) -> tuple[float, float]:
+    """Median time of one decode attention of ``sessions`` sessions (one new token each, ``length`` tokens cached):
+    PyTorch's scaled_dot_product_attention per session, as transformers' layers run it, and the kernel's one call
+    for all of them (``cpu_kernels.decode_attention``, which also writes the new keys and values)."""
+    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
+    d = getattr(config, "head_dim", None) or config.hidden_size // heads
+    generator = torch.Generator().manual_seed(2)
+    keys = [torch.randn(1, kv_heads, length + 1, d, generator=generator) for _ in range(sessions)]
+    values = [torch.randn(1, kv_heads, length + 1, d, generator=generator) for _ in range(sessions)]
+    q = torch.randn(sessions, heads * d, generator=generator)
+    k, v = (torch.randn(sessions, kv_heads, d, generator=generator) for _ in range(2))
+    scale = d ** -0.5
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def pytorch():
+        for s in range(sessions):
+            sdpa(q[s].view(1, heads, 1, d), keys[s], values[s], scale=scale, enable_gqa=True)
+
+    def kernel():
+        cpu_kernels.decode_attention(q, k, v, keys, values, [length] * sessions, scale)
+
+    medians = []
+    for run in (pytorch, kernel):
+        times = []
+        for _ in range(calls):
+            start = time.perf_counter()
+            run()
+            times.append(time.perf_counter() - start)
+        medians.append(statistics.median(times))
+    return medians[0], medians[1]
 
 
 def session_logits(stack, model, ids: torch.Tensor, prefill: int = 8) -> torch.Tensor:
@@ -118,6 +151,14 @@ def main() -> None:
                             for fast in (False, True))
         print(f"| {sessions} | {slow_ms:.1f} ms | {fast_ms:.1f} ms | {fast_ms / sessions:.2f} ms |")
     del stacks
+
+    if cpu_kernels.available():
+        print("\ndecode attention alone, 4 sessions (one new token each; this model's heads; median of 200 calls):")
+        print("| tokens cached | PyTorch's attention, per session | the kernel, all at once | x |")
+        print("|---|---|---|---|")
+        for length in (64, 256, 1024, 2048):
+            pytorch_s, kernel_s = attention_times(config, 4, length, 200)
+            print(f"| {length} | {pytorch_s * 1e6:.0f} us | {kernel_s * 1e6:.0f} us | {pytorch_s / kernel_s:.2f} |")
 
     from pydoc_data.topics import topics
 

@@ -370,7 +370,7 @@ DEFINE_PACKED_KERNEL(linear_q4a_impl, uint8_t, in / 2, LOAD_Q4A)
 DEFINE_PACKED_KERNEL(linear_q8s_impl, int8_t, in, LOAD_Q8S)
 DEFINE_PACKED_KERNEL(linear_bf16_impl, uint16_t, in, LOAD_BF16)
 
-int corolla_kernels_version(void) { return 10; }
+int corolla_kernels_version(void) { return 11; }
 
 /* Rows one pass over the weights serves (FOR_ROW_BLOCKS): batches beyond it gain nothing per row (0: unknown). */
 int corolla_rows_per_pass(void) { return ROWS_PER_PASS; }
@@ -565,9 +565,61 @@ static void weigh_values(const float *weights, const float *values, int64_t leng
 }
 #endif
 
-static void attend_one(const float *q, const float *keys, const float *values, int64_t length, int64_t d, float scale,
-                       float *scores, float *out) {
-    scores_of(q, keys, length, d, scale, scores);
+#if defined(SIMD_512) || defined(SIMD_256)
+/* e^x for x <= 0, eight lanes: x = n ln2 + r with n an integer and |r| <= ln2/2 (ln2 in two parts, so that n ln2 is
+ * exact enough), e^r by its Taylor series to r^7 (the next term is below 5e-9, a tenth of float32's rounding step),
+ * times 2^n built in the exponent bits: within 1 ulp of expf (11 million points of [-87.3, 0] checked). Below
+ * -87.33, where e^x is no longer a normal float, it gives 0 where expf gives a subnormal: a softmax weight under
+ * 1e-38 beside a largest one of 1. NaN stays NaN. (AVX-512 builds use it too: their CPUs have AVX2.) */
+static inline __m256 exp_nonpositive(__m256 x) {
+    const __m256 lowest = _mm256_set1_ps(-87.33f);
+    const __m256 under = _mm256_cmp_ps(x, lowest, _CMP_LT_OQ);
+    x = _mm256_max_ps(lowest, x); /* maxps returns its second operand when either is NaN: a NaN x stays NaN */
+    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693145751953125f), x); /* ln2's first 16 bits: n * it is exact */
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.4286068203094172e-06f), r);  /* and the rest of ln2 */
+    __m256 p = _mm256_set1_ps(1.0f / 5040.0f);                           /* 1/7!, then Horner down to 1/2! */
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 720.0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 120.0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24.0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6.0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+    p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f))); /* 1 + r + r^2 (...) */
+    const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_andnot_ps(under, _mm256_mul_ps(p, _mm256_castsi256_ps(bits)));
+}
+
+/* scores[j] = e^(scores[j] - their largest), eight at a time; returns their sum */
+static float softmax_weights(float *scores, int64_t length) {
+    float top = -INFINITY;
+    int64_t j = 0;
+    if (length >= 8) {
+        __m256 most = _mm256_loadu_ps(scores);
+        for (j = 8; j + 8 <= length; j += 8) most = _mm256_max_ps(most, _mm256_loadu_ps(scores + j));
+        __m128 half = _mm_max_ps(_mm256_castps256_ps128(most), _mm256_extractf128_ps(most, 1));
+        half = _mm_max_ps(half, _mm_movehl_ps(half, half));
+        top = _mm_cvtss_f32(_mm_max_ss(half, _mm_movehdup_ps(half)));
+    }
+    for (; j < length; j++) top = scores[j] > top ? scores[j] : top;
+    const __m256 shift = _mm256_set1_ps(top);
+    __m256 sums = _mm256_setzero_ps();
+    for (j = 0; j + 8 <= length; j += 8) {
+        const __m256 w = exp_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(scores + j), shift));
+        _mm256_storeu_ps(scores + j, w);
+        sums = _mm256_add_ps(sums, w);
+    }
+    __m128 pair = _mm_add_ps(_mm256_castps256_ps128(sums), _mm256_extractf128_ps(sums, 1));
+    pair = _mm_add_ps(pair, _mm_movehl_ps(pair, pair));
+    float total = _mm_cvtss_f32(_mm_add_ss(pair, _mm_movehdup_ps(pair)));
+    for (; j < length; j++) {
+        scores[j] = expf(scores[j] - top);
+        total += scores[j];
+    }
+    return total;
+}
+#else
+static float softmax_weights(float *scores, int64_t length) {
     float top = -INFINITY;
     for (int64_t j = 0; j < length; j++) top = scores[j] > top ? scores[j] : top;
     float total = 0.0f;
@@ -575,6 +627,14 @@ static void attend_one(const float *q, const float *keys, const float *values, i
         scores[j] = expf(scores[j] - top);
         total += scores[j];
     }
+    return total;
+}
+#endif
+
+static void attend_one(const float *q, const float *keys, const float *values, int64_t length, int64_t d, float scale,
+                       float *scores, float *out) {
+    scores_of(q, keys, length, d, scale, scores);
+    const float total = softmax_weights(scores, length);
     weigh_values(scores, values, length, d, out);
     const float inverse = 1.0f / total;
     for (int64_t i = 0; i < d; i++) out[i] *= inverse;

@@ -51,7 +51,7 @@ INT8_MAX_ROWS = 32
 # packed weights: the alternative is rebuilding the float32 weights for PyTorch's product, so the kernels stay ahead
 # for longer (measured by benchmarks/bench_fastpath.py --rows)
 PACKED_MAX_ROWS = 32
-KERNELS_VERSION = 10  # corolla_kernels_version() of the C file
+KERNELS_VERSION = 11  # corolla_kernels_version() of the C file
 
 _lock = threading.Lock()
 _library: Optional[ctypes.CDLL] = None
