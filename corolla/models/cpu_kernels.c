@@ -370,7 +370,7 @@ DEFINE_PACKED_KERNEL(linear_q4a_impl, uint8_t, in / 2, LOAD_Q4A)
 DEFINE_PACKED_KERNEL(linear_q8s_impl, int8_t, in, LOAD_Q8S)
 DEFINE_PACKED_KERNEL(linear_bf16_impl, uint16_t, in, LOAD_BF16)
 
-int corolla_kernels_version(void) { return 11; }
+int corolla_kernels_version(void) { return 12; }
 
 /* Rows one pass over the weights serves (FOR_ROW_BLOCKS): batches beyond it gain nothing per row (0: unknown). */
 int corolla_rows_per_pass(void) { return ROWS_PER_PASS; }
@@ -479,7 +479,8 @@ void corolla_linear_packed(int kind, const float *x, int64_t x_stride, int64_t i
  * is keys[s] and values[s], each [kv_heads, capacities[s], d] float32, with room at position positions[s]: the new
  * key and value are written there, then each head attends to positions 0..positions[s] (query head h reads
  * key/value head h / (heads / kv_heads)): softmax(scale * q.k) over them, weighting the values, in float32.
- * out[s * out_stride + h * d] receives each head's result. scratch: threads x (longest positions[s] + 1) floats. */
+ * out[s * out_stride + h * d] receives each head's result. scratch: threads x heads / kv_heads x (longest
+ * positions[s] + 1) floats. */
 static inline float dot(const float *a, const float *b, int64_t n) {
 #if defined(SIMD_512)
     __m512 acc = _mm512_setzero_ps();
@@ -524,13 +525,15 @@ static void scores_of(const float *q, const float *keys, int64_t length, int64_t
     for (; j < length; j++) scores[j] = scale * dot(q, keys + j * d, d);
 }
 
-/* out[i] = sum over j of weights[j] * values[j][i], in order of j (one fused multiply-add per term, as the compiler
- * makes of the plain loop): 64 columns at a time held in eight registers across all positions, then eight, then one. */
+/* out[i] += sum over j of weights[j] * values[j][i], in order of j (one fused multiply-add per term, as the compiler
+ * makes of the plain loop): 64 columns at a time held in eight registers across all positions, then eight, then one.
+ * The sums start from out as it is (zeros, or the sums of the positions before), so weighing the positions in runs
+ * gives the same bits as weighing them all at once. */
 static void weigh_values(const float *weights, const float *values, int64_t length, int64_t d, float *out) {
     int64_t c = 0;
     for (; c + 64 <= d; c += 64) {
         __m256 acc[8];
-        for (int u = 0; u < 8; u++) acc[u] = _mm256_setzero_ps();
+        for (int u = 0; u < 8; u++) acc[u] = _mm256_loadu_ps(out + c + 8 * u);
         for (int64_t j = 0; j < length; j++) {
             const __m256 w = _mm256_set1_ps(weights[j]);
             const float *vj = values + j * d + c;
@@ -539,13 +542,13 @@ static void weigh_values(const float *weights, const float *values, int64_t leng
         for (int u = 0; u < 8; u++) _mm256_storeu_ps(out + c + 8 * u, acc[u]);
     }
     for (; c + 8 <= d; c += 8) {
-        __m256 acc = _mm256_setzero_ps();
+        __m256 acc = _mm256_loadu_ps(out + c);
         for (int64_t j = 0; j < length; j++)
             acc = _mm256_fmadd_ps(_mm256_set1_ps(weights[j]), _mm256_loadu_ps(values + j * d + c), acc);
         _mm256_storeu_ps(out + c, acc);
     }
     for (; c < d; c++) {
-        float sum = 0.0f;
+        float sum = out[c];
         for (int64_t j = 0; j < length; j++) sum = fmaf(weights[j], values[j * d + c], sum);
         out[c] = sum;
     }
@@ -556,7 +559,6 @@ static void scores_of(const float *q, const float *keys, int64_t length, int64_t
 }
 
 static void weigh_values(const float *weights, const float *values, int64_t length, int64_t d, float *out) {
-    for (int64_t i = 0; i < d; i++) out[i] = 0.0f;
     for (int64_t j = 0; j < length; j++) {
         const float weight = weights[j];
         const float *vj = values + j * d;
@@ -631,13 +633,31 @@ static float softmax_weights(float *scores, int64_t length) {
 }
 #endif
 
-static void attend_one(const float *q, const float *keys, const float *values, int64_t length, int64_t d, float scale,
-                       float *scores, float *out) {
-    scores_of(q, keys, length, d, scale, scores);
-    const float total = softmax_weights(scores, length);
-    weigh_values(scores, values, length, d, out);
-    const float inverse = 1.0f / total;
-    for (int64_t i = 0; i < d; i++) out[i] *= inverse;
+/* Positions a group's heads go through together: their keys (or values) stay in the first-level cache from the first
+ * head to the last, so the grouped heads read each key and value from further away once instead of once each. */
+#define POSITIONS_PER_RUN 16
+
+/* The group query heads q, q + d, ... that share one key/value head (grouped-query attention), over its keys and
+ * values at positions 0..length-1: each head's scores, softmax and weighted values, exactly as a head alone (every
+ * score, weight and sum is computed in the same order), writing head h's result to out + h * d. scores: group x
+ * length floats. */
+static void attend_group(const float *q, int64_t group, const float *keys, const float *values, int64_t length,
+                         int64_t d, float scale, float *scores, float *out) {
+    for (int64_t j = 0; j < length; j += POSITIONS_PER_RUN) { /* a multiple of four: scores_of's blocks stay put */
+        const int64_t run = length - j < POSITIONS_PER_RUN ? length - j : POSITIONS_PER_RUN;
+        for (int64_t h = 0; h < group; h++) scores_of(q + h * d, keys + j * d, run, d, scale, scores + h * length + j);
+    }
+    float inverses[group];
+    for (int64_t h = 0; h < group; h++) {
+        inverses[h] = 1.0f / softmax_weights(scores + h * length, length);
+        for (int64_t i = 0; i < d; i++) out[h * d + i] = 0.0f;
+    }
+    for (int64_t j = 0; j < length; j += POSITIONS_PER_RUN) {
+        const int64_t run = length - j < POSITIONS_PER_RUN ? length - j : POSITIONS_PER_RUN;
+        for (int64_t h = 0; h < group; h++) weigh_values(scores + h * length + j, values + j * d, run, d, out + h * d);
+    }
+    for (int64_t h = 0; h < group; h++)
+        for (int64_t i = 0; i < d; i++) out[h * d + i] *= inverses[h];
 }
 
 void corolla_decode_attention(int64_t sessions, int64_t heads, int64_t kv_heads, int64_t d, const float *q,
@@ -654,7 +674,7 @@ void corolla_decode_attention(int64_t sessions, int64_t heads, int64_t kv_heads,
             }
         }
     const int64_t group = heads / kv_heads;
-    int64_t longest = 0, work = 0;  // scores of one head: scratch + thread * longest
+    int64_t longest = 0, work = 0;  // scores of one group of heads: scratch + thread * group * longest
     for (int64_t s = 0; s < sessions; s++) {
         longest = positions[s] + 1 > longest ? positions[s] + 1 : longest;
         work += (positions[s] + 1) * heads * d;
@@ -665,16 +685,16 @@ void corolla_decode_attention(int64_t sessions, int64_t heads, int64_t kv_heads,
 #endif
     {
 #ifdef _OPENMP
-        float *scores = scratch + omp_get_thread_num() * longest;
+        float *scores = scratch + omp_get_thread_num() * group * longest;
 #pragma omp for schedule(static)
 #else
         float *scores = scratch;
 #endif
-        for (int64_t task = 0; task < sessions * heads; task++) {
-            const int64_t s = task / heads, h = task % heads, g = h / group;
+        for (int64_t task = 0; task < sessions * kv_heads; task++) {
+            const int64_t s = task / kv_heads, g = task % kv_heads;
             const int64_t offset = g * capacities[s] * d;
-            attend_one(q + s * q_stride + h * d, keys[s] + offset, values[s] + offset, positions[s] + 1, d, scale,
-                       scores, out + s * out_stride + h * d);
+            attend_group(q + s * q_stride + g * group * d, group, keys[s] + offset, values[s] + offset,
+                         positions[s] + 1, d, scale, scores, out + s * out_stride + g * group * d);
         }
     }
 }

@@ -51,7 +51,7 @@ INT8_MAX_ROWS = 32
 # packed weights: the alternative is rebuilding the float32 weights for PyTorch's product, so the kernels stay ahead
 # for longer (measured by benchmarks/bench_fastpath.py --rows)
 PACKED_MAX_ROWS = 32
-KERNELS_VERSION = 11  # corolla_kernels_version() of the C file
+KERNELS_VERSION = 12  # corolla_kernels_version() of the C file
 
 _lock = threading.Lock()
 _library: Optional[ctypes.CDLL] = None
@@ -357,7 +357,7 @@ def decode_attention(
         capacities.append(key.shape[2])
     threads = torch.get_num_threads()
     out = torch.empty(sessions, heads * d, dtype=torch.float32)
-    scratch = torch.empty(threads * (max(positions) + 1), dtype=torch.float32)
+    scratch = torch.empty(threads * (heads // kv_heads) * (max(positions) + 1), dtype=torch.float32)  # scores
     _library.corolla_decode_attention(
         sessions, heads, kv_heads, d, q.data_ptr(), q.stride(0), k.data_ptr(), k.stride(0), v.data_ptr(), v.stride(0),
         _pointers(keys), _pointers(values), (ctypes.c_int64 * sessions)(*capacities),

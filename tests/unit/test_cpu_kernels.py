@@ -198,7 +198,7 @@ def test_each_instruction_set_computes_the_same(tmp_path, march, rows_per_pass):
     new = torch.randn(2, 1, kv_heads, d, generator=generator)  # the new key and value
     caches = [torch.randn(1, kv_heads, length + 3, d, generator=generator) for _ in range(2)]
     out = torch.empty(1, heads * d)
-    scratch = torch.empty(length + 1)
+    scratch = torch.empty(heads // kv_heads * (length + 1))  # one group of heads' scores
     library.corolla_decode_attention(
         ctypes.c_int64(1), ctypes.c_int64(heads), ctypes.c_int64(kv_heads), ctypes.c_int64(d),
         ctypes.c_void_p(q.data_ptr()), ctypes.c_int64(heads * d), ctypes.c_void_p(new[0].data_ptr()),
