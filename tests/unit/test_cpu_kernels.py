@@ -250,6 +250,49 @@ def test_decode_attention_matches_pytorch(threads, d):
         torch.testing.assert_close(out[s], expected.reshape(heads * d), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("d", [64, 20])
+def test_grouped_heads_give_the_bits_of_heads_alone(d):
+    """Heads that share a key/value head go through its positions together (16 at a time): each head's output must
+    be the bits it gets when it has the key/value head to itself (the same cache repeated once per query head), at
+    lengths on and off the 16- and 4-position boundaries."""
+    generator = torch.Generator().manual_seed(12)
+    heads, kv_heads = 6, 2
+    lengths = [0, 3, 15, 16, 17, 47, 300]
+    keys = [torch.randn(1, kv_heads, n + 2, d, generator=generator) for n in lengths]
+    values = [torch.randn(k.shape, generator=generator) for k in keys]
+    q = torch.randn(len(lengths), heads * d, generator=generator)
+    k = torch.randn(len(lengths), kv_heads, d, generator=generator)
+    v = torch.randn(len(lengths), kv_heads, d, generator=generator)
+    group = heads // kv_heads
+    alone_keys = [key.repeat_interleave(group, dim=1).contiguous() for key in keys]  # [1, heads, capacity, d]
+    alone_values = [value.repeat_interleave(group, dim=1).contiguous() for value in values]
+    grouped = cpu_kernels.decode_attention(q, k, v, keys, values, lengths, 0.2)
+    alone = cpu_kernels.decode_attention(q, k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1),
+                                         alone_keys, alone_values, lengths, 0.2)
+    assert torch.equal(grouped, alone)
+
+
+def test_decode_attention_softmax_over_wide_score_ranges():
+    """The softmax's vector exponentials: scores that span far more than float32's exponent range (weights that
+    underflow to zero) still match PyTorch; a NaN query gives NaN outputs for its session, not numbers."""
+    generator = torch.Generator().manual_seed(13)
+    heads, kv_heads, d, length = 4, 2, 64, 100
+    keys = [torch.randn(1, kv_heads, length + 1, d, generator=generator) * 30 for _ in range(2)]
+    values = [torch.randn(key.shape, generator=generator) for key in keys]
+    q = torch.randn(2, heads * d, generator=generator) * 30  # scores of magnitude ~10^4
+    k = torch.randn(2, kv_heads, d, generator=generator)
+    v = torch.randn(2, kv_heads, d, generator=generator)
+    out = cpu_kernels.decode_attention(q, k, v, keys, values, [length, length], 0.125)
+    for s in range(2):
+        expected = torch.nn.functional.scaled_dot_product_attention(
+            q[s].view(1, heads, 1, d), keys[s][:, :, : length + 1], values[s][:, :, : length + 1], scale=0.125,
+            enable_gqa=True)
+        torch.testing.assert_close(out[s], expected.reshape(heads * d), rtol=1e-5, atol=1e-5)
+    q[0, :d] = float("nan")
+    out = cpu_kernels.decode_attention(q, k, v, keys, values, [length, length], 0.125)
+    assert out[0, :d].isnan().all() and out[1].isfinite().all()
+
+
 def test_decode_attention_refuses_what_does_not_fit():
     k = torch.randn(1, 2, 64)
     cache = torch.zeros(1, 2, 4, 64)
