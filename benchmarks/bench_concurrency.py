@@ -158,14 +158,14 @@ def _infos(swarm_peers, model) -> list:
         client.close()
 
 
-def _run_count(swarm, model: str, count: int, new_tokens: int, expected: dict, min_tokens: int = 0) -> dict:
+def _run_count(swarm, model: str, count: int, new_tokens: int, expected: dict, min_tokens: int) -> dict:
     """``count`` client processes generating at once, in as many waves as it takes to generate ``min_tokens``
     (each wave a fresh set of ``count`` clients, started when the last one has gone): tokens/s of all (all waves'
     tokens over the sum of their spans), per session, the servers' mean batch, how many equalled local, and the CPU
     seconds of servers, clients and their daemons."""
     waves = [_run_wave(swarm, model, [PROMPTS[(wave * count + i) % len(PROMPTS)] for i in range(count)], new_tokens,
                        expected)
-             for wave in range(max(1, -(-min_tokens // (count * new_tokens))))]
+             for wave in range(_waves(count, new_tokens, min_tokens))]
     span = sum(w["span"] for w in waves)
     total = {key: sum(w[key] for w in waves) for key in
              ("tokens", "steps", "batches", "step_wall_s", "step_gather_s", "servers_compute", "same",
@@ -183,6 +183,11 @@ def _run_count(swarm, model: str, count: int, new_tokens: int, expected: dict, m
         # the whole machine's CPU seconds over the waves, by kind (steal: taken by the host)
         "machine": {key: sum(w["machine"][key] for w in waves) for key in waves[0]["machine"]},
     }
+
+
+def _waves(count: int, new_tokens: int, min_tokens: int) -> int:
+    """Waves of ``count`` sessions of ``new_tokens`` each it takes to generate ``min_tokens`` (at least one)."""
+    return max(1, -(-min_tokens // (count * new_tokens)))
 
 
 def _run_wave(swarm, model: str, prompts: list[str], new_tokens: int, expected: dict) -> dict:
@@ -260,7 +265,7 @@ def main() -> int:
     tokenizer = AutoTokenizer.from_pretrained(model)
     local = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
     expected = {}
-    used = max(count * max(1, -(-args.min_tokens // (count * args.new_tokens))) for count in args.sessions)
+    used = max(count * _waves(count, args.new_tokens, args.min_tokens) for count in args.sessions)
     for prompt in PROMPTS[: min(len(PROMPTS), used)]:
         ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
         out = local.generate(ids, max_new_tokens=args.new_tokens, eos_token_id=None, do_sample=False)

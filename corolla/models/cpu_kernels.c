@@ -29,6 +29,13 @@
 #if defined(SIMD_512) || defined(SIMD_256)
 #include <immintrin.h>
 
+/* the sum of eight lanes (AVX, which AVX-512 CPUs have too) */
+static inline float sum_lanes(__m256 v) {
+    __m128 half = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    half = _mm_add_ps(half, _mm_movehl_ps(half, half));
+    return _mm_cvtss_f32(_mm_add_ss(half, _mm_movehdup_ps(half)));
+}
+
 /* Every row of x against output channel o, in blocks of ROWS_PER_PASS rows and one block of the rest: BLOCK(WTYPE,
  * LOAD, R) is ROW_BLOCK or a macro of its shape. Each block reads (and rebuilds) the weights again, so a call costs
  * about the same per row as separate calls once it has more rows than one block. A row's sums run in the same order
@@ -180,11 +187,6 @@ static inline void prefetch_bytes(const void *start, int64_t bytes) {
 static inline __m256 load_weights_f32(const float *w, int64_t i) { return _mm256_loadu_ps(w + i); }
 static inline __m256 load_weights_i8(const int8_t *w, int64_t i) {
     return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(w + i))));
-}
-static inline float sum_lanes(__m256 v) {
-    __m128 half = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    half = _mm_add_ps(half, _mm_movehl_ps(half, half));
-    return _mm_cvtss_f32(_mm_add_ss(half, _mm_movehdup_ps(half)));
 }
 #define CHUNK_FMAS(R)                                                                                             \
     for (int r = 0; r < R; r++) {                                                                                 \
@@ -611,9 +613,7 @@ static float softmax_weights(float *scores, int64_t length) {
         _mm256_storeu_ps(scores + j, w);
         sums = _mm256_add_ps(sums, w);
     }
-    __m128 pair = _mm_add_ps(_mm256_castps256_ps128(sums), _mm256_extractf128_ps(sums, 1));
-    pair = _mm_add_ps(pair, _mm_movehl_ps(pair, pair));
-    float total = _mm_cvtss_f32(_mm_add_ss(pair, _mm_movehdup_ps(pair)));
+    float total = sum_lanes(sums);
     for (; j < length; j++) {
         scores[j] = expf(scores[j] - top);
         total += scores[j];
