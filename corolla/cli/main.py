@@ -115,6 +115,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="seconds between checks whether to move to weaker blocks (only without --blocks)")
     serve.add_argument("--balance-quality", type=float, default=0.75,
                        help="move only if the swarm's throughput would exceed current / this (default 0.75)")
+    serve.add_argument("--announce-period", type=float, default=10.0, metavar="SECONDS",
+                       help="seconds between refreshes of this server's DHT record (10)")
+    serve.add_argument("--record-ttl", type=float, default=30.0, metavar="SECONDS",
+                       help="seconds this server's record lives unrefreshed: how long a server that died unannounced "
+                            "stays listed (30; more than --announce-period)")
     _add_peer_args(serve, "write this server's multiaddrs here once it serves")
 
     swarm = commands.add_parser("swarm", help="run a local swarm: a DHT node and N servers splitting the model")
@@ -234,6 +239,10 @@ def serve_config(args):
 
     if args.max_batch < 1 or args.batch_gather < 0:
         raise SystemExit("corolla serve: --max-batch must be at least 1 and --batch-gather at least 0")
+    if not 0 < args.announce_period < args.record_ttl:
+        raise SystemExit(f"corolla serve: --announce-period must be positive and below --record-ttl "
+                         f"(got {args.announce_period:g} and {args.record_ttl:g}): a record must be refreshed before it "
+                         f"expires")
     return ServerConfig(
         model=args.model, dht_prefix=args.dht_prefix, blocks=args.blocks, num_blocks=args.num_blocks,
         initial_peers=tuple(args.initial_peers), new_swarm=args.new_swarm, host=args.host, port=args.port,
@@ -243,7 +252,7 @@ def serve_config(args):
         batch_gather_s=args.batch_gather, max_batch=args.max_batch, session_idle_timeout_s=args.session_idle_timeout,
         max_message_bytes=int(args.max_message_mb * 2**20), frame_budget_bytes=int(args.frame_budget_mb * 2**20),
         throughput=args.throughput, rebalance_period_s=args.rebalance_period, balance_quality=args.balance_quality,
-        adapters=tuple(args.adapters),
+        adapters=tuple(args.adapters), announce_period_s=args.announce_period, record_ttl_s=args.record_ttl,
     )
 
 

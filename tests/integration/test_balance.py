@@ -41,7 +41,9 @@ def test_over_served_server_moves_to_uncovered_blocks(tiny_llama_dir):
     from corolla.client.config import ClientConfig
 
     spans = [BlockRange(0, 2), BlockRange(2, 4)]  # fixed spans: these servers never move
-    with LocalSwarm(model=str(tiny_llama_dir), spans=spans, dht_prefix="move") as swarm:
+    # short-lived records: the killed holder's lingers 6 s, not the default 30 s
+    with LocalSwarm(model=str(tiny_llama_dir), spans=spans, dht_prefix="move",
+                    extra_server_args=["--announce-period", "2", "--record-ttl", "6"]) as swarm:
         mover = swarm.start_server(extra_args=["--num-blocks", "2", "--rebalance-period", "1"])
         before = _online_spans(swarm.initial_peers, "move", 4)[mover.peer_id]
         lost = BlockRange(2, 4) if before.start < 2 else BlockRange(0, 2)  # the blocks the mover does not hold

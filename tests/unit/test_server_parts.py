@@ -83,3 +83,10 @@ def test_serve_flags_reach_the_server_config():
     assert not config.pack_weights and not config.fast_path and config.max_batch == 4 and config.batch_gather_s == 0
     with pytest.raises(SystemExit, match="--max-batch"):
         serve_config(build_parser().parse_args(["serve", "smollm2", "--max-batch", "0"]))
+    assert (defaults.announce_period_s, defaults.record_ttl_s) == (10.0, 30.0)
+    config = serve_config(build_parser().parse_args(["serve", "smollm2", "--announce-period", "2", "--record-ttl", "6"]))
+    assert (config.announce_period_s, config.record_ttl_s) == (2.0, 6.0)
+    for period, ttl in (("0", "6"), ("6", "6"), ("10", "5")):  # a record must be refreshed before it expires
+        with pytest.raises(SystemExit, match="--announce-period must be positive and below --record-ttl"):
+            serve_config(build_parser().parse_args(["serve", "smollm2", "--announce-period", period,
+                                                    "--record-ttl", ttl]))
