@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import signal
 import sys
@@ -239,10 +240,10 @@ def serve_config(args):
 
     if args.max_batch < 1 or args.batch_gather < 0:
         raise SystemExit("corolla serve: --max-batch must be at least 1 and --batch-gather at least 0")
-    if not 0 < args.announce_period < args.record_ttl:
-        raise SystemExit(f"corolla serve: --announce-period must be positive and below --record-ttl "
-                         f"(got {args.announce_period:g} and {args.record_ttl:g}): a record must be refreshed before it "
-                         f"expires")
+    if not 0 < args.announce_period < args.record_ttl < math.inf:
+        raise SystemExit(f"corolla serve: --announce-period must be positive and below --record-ttl, which must be "
+                         f"finite (got {args.announce_period:g} and {args.record_ttl:g}): a record must be refreshed "
+                         f"before it expires, and expire once its server is gone")
     return ServerConfig(
         model=args.model, dht_prefix=args.dht_prefix, blocks=args.blocks, num_blocks=args.num_blocks,
         initial_peers=tuple(args.initial_peers), new_swarm=args.new_swarm, host=args.host, port=args.port,

@@ -86,7 +86,8 @@ def test_serve_flags_reach_the_server_config():
     assert (defaults.announce_period_s, defaults.record_ttl_s) == (10.0, 30.0)
     config = serve_config(build_parser().parse_args(["serve", "smollm2", "--announce-period", "2", "--record-ttl", "6"]))
     assert (config.announce_period_s, config.record_ttl_s) == (2.0, 6.0)
-    for period, ttl in (("0", "6"), ("6", "6"), ("10", "5")):  # a record must be refreshed before it expires
+    # a record must be refreshed before it expires, and expire once its server is gone
+    for period, ttl in (("0", "6"), ("6", "6"), ("10", "5"), ("nan", "6"), ("2", "inf")):
         with pytest.raises(SystemExit, match="--announce-period must be positive and below --record-ttl"):
             serve_config(build_parser().parse_args(["serve", "smollm2", "--announce-period", period,
                                                     "--record-ttl", ttl]))
