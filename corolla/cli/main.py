@@ -121,6 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--record-ttl", type=float, default=30.0, metavar="SECONDS",
                        help="seconds this server's record lives unrefreshed: how long a server that died unannounced "
                             "stays listed (30; more than --announce-period)")
+    serve.add_argument("--close-wait", type=float, default=10.0, metavar="SECONDS",
+                       help="seconds an answered stream waits for its requester to close it before this server "
+                            "closes it (10; 0 closes at once, which loses about one reply in 3,000 in hivemind)")
     _add_peer_args(serve, "write this server's multiaddrs here once it serves")
 
     swarm = commands.add_parser("swarm", help="run a local swarm: a DHT node and N servers splitting the model")
@@ -240,6 +243,8 @@ def serve_config(args):
 
     if args.max_batch < 1 or args.batch_gather < 0:
         raise SystemExit("corolla serve: --max-batch must be at least 1 and --batch-gather at least 0")
+    if not 0 <= args.close_wait < math.inf:
+        raise SystemExit(f"corolla serve: --close-wait must be finite and at least 0 (got {args.close_wait:g})")
     if not 0 < args.announce_period < args.record_ttl < math.inf:
         raise SystemExit(f"corolla serve: --announce-period must be positive and below --record-ttl, which must be "
                          f"finite (got {args.announce_period:g} and {args.record_ttl:g}): a record must be refreshed "
@@ -254,6 +259,7 @@ def serve_config(args):
         max_message_bytes=int(args.max_message_mb * 2**20), frame_budget_bytes=int(args.frame_budget_mb * 2**20),
         throughput=args.throughput, rebalance_period_s=args.rebalance_period, balance_quality=args.balance_quality,
         adapters=tuple(args.adapters), announce_period_s=args.announce_period, record_ttl_s=args.record_ttl,
+        close_wait_s=args.close_wait,
     )
 
 

@@ -37,6 +37,7 @@ class ServerConfig:
     first_frame_timeout_s: float = 30.0  # a stream whose request does not begin within this is closed
     frame_timeout_s: float = 60.0  # a frame begun must arrive whole within this (a stalled sender holds nothing)
     max_streams_per_peer: int = 256  # streams one peer may have open here at once
+    close_wait_s: float = 10.0  # an answered stream waits this long for its requester to close it (dispatch.py)
     frame_budget_bytes: int = 2**30  # request frames held at once, all streams together (corolla.server.frames)
     max_sessions_per_peer: int = 64  # sessions one peer may hold here
     max_cache_share: float = 0.5  # the part of --cache-tokens one peer's sessions may hold

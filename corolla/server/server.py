@@ -123,7 +123,8 @@ class Server:
         self.handler = RequestHandlers(self.stack, config, self.budget, self.scheduler, self.info, self.peer, adapters)
         self.dispatcher = Dispatcher(self.handler, config.max_message_bytes, config.session_idle_timeout_s,
                                      config.first_frame_timeout_s, config.frame_timeout_s, config.max_streams_per_peer,
-                                     self.handler.swarm_key, self.peer.peer_id, config.frame_budget_bytes)
+                                     self.handler.swarm_key, self.peer.peer_id, config.frame_budget_bytes,
+                                     config.close_wait_s)
         await self.peer.serve(RPC_PROTOCOL, self.dispatcher.handle_stream)
         self.state = ServerState.ONLINE
         await self.announcer.announce_now()

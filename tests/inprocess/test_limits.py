@@ -81,6 +81,49 @@ def test_silent_stalled_and_oversized_streams_are_cut_off(swarm):
         model.close()
 
 
+def test_an_answered_stream_stays_open_until_its_requester_closes_it(swarm):
+    """The requester ends an exchange: a server that closed its end right after replying lost about one reply in
+    3,000 inside hivemind's daemons (see ``requester_closed``). The server waits for the client, a bounded time."""
+    (model,), record = _clients(swarm, 1)
+    client = model.swarm
+    dispatcher = swarm.servers[0].dispatcher
+    dispatcher.close_wait_s = 1.0
+    try:
+        async def exchange(request):
+            reader, writer = await client.transport.open_stream(record.peer_id, RPC_PROTOCOL)
+            writer.write(encode_message(request))
+            return reader, writer, await asyncio.wait_for(read_message(reader), 5)
+
+        async def scenario():
+            peer = client.transport.peer_id
+            # a reply, then the stream stays open (and counted) until the client closes it
+            reader, writer, reply = await exchange(ForwardRequest(SPAN, torch.randn(1, 2, HIDDEN)))
+            assert reply.hidden_states.shape == (1, 2, HIDDEN)
+            await asyncio.sleep(0.2)
+            assert dispatcher.streams_by_peer.get(peer) == 1 and not reader.at_eof()
+            writer.write(b"anything after the reply is read and dropped")
+            writer.close()
+            await asyncio.sleep(0.2)
+            assert dispatcher.streams_by_peer.get(peer, 0) == 0
+            assert await reader.read() == b""  # the server closed its end too, having sent nothing more
+            # an error answered to a whole request waits the same way
+            reader, writer, error = await exchange(ForwardRequest(BlockRange(0, 9), torch.randn(1, 2, HIDDEN)))
+            assert isinstance(error, ErrorReply)
+            await asyncio.sleep(0.2)
+            assert dispatcher.streams_by_peer.get(peer) == 1
+            # a requester that never closes is cut off after close_wait_s
+            started = time.monotonic()
+            assert await asyncio.wait_for(reader.read(), 5) == b""
+            assert 0.5 < time.monotonic() - started < 2.0
+            await asyncio.sleep(0.1)
+            assert dispatcher.streams_by_peer.get(peer, 0) == 0
+
+        client.run(scenario(), 30)
+        _still_serves(client, record)
+    finally:
+        model.close()
+
+
 def test_one_peer_keeps_to_its_share_while_others_wait(swarm):
     (first, second), record = _clients(swarm, 2)
     a, b = first.swarm, second.swarm

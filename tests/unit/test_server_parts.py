@@ -86,6 +86,11 @@ def test_serve_flags_reach_the_server_config():
     assert (defaults.announce_period_s, defaults.record_ttl_s) == (10.0, 30.0)
     config = serve_config(build_parser().parse_args(["serve", "smollm2", "--announce-period", "2", "--record-ttl", "6"]))
     assert (config.announce_period_s, config.record_ttl_s) == (2.0, 6.0)
+    assert defaults.close_wait_s == 10.0
+    assert serve_config(build_parser().parse_args(["serve", "smollm2", "--close-wait", "0"])).close_wait_s == 0.0
+    for wait in ("-1", "inf", "nan"):
+        with pytest.raises(SystemExit, match="--close-wait must be finite and at least 0"):
+            serve_config(build_parser().parse_args(["serve", "smollm2", "--close-wait", wait]))
     # a record must be refreshed before it expires, and expire once its server is gone
     for period, ttl in (("0", "6"), ("6", "6"), ("10", "5"), ("nan", "6"), ("2", "inf")):
         with pytest.raises(SystemExit, match="--announce-period must be positive and below --record-ttl"):
