@@ -123,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "stays listed (30; more than --announce-period)")
     serve.add_argument("--close-wait", type=float, default=10.0, metavar="SECONDS",
                        help="seconds an answered stream waits for its requester to close it before this server "
-                            "closes it (10; 0 closes at once, which loses about one reply in 3,000 in hivemind)")
+                            "closes it (10; 0 closes at once, which loses about one reply in 5,000 in hivemind)")
     _add_peer_args(serve, "write this server's multiaddrs here once it serves")
 
     swarm = commands.add_parser("swarm", help="run a local swarm: a DHT node and N servers splitting the model")
