@@ -97,6 +97,9 @@ class Dispatcher:
                         await self.methods[service.request](request, channel, peer)
                     finally:
                         self._channels.discard(channel)
+                        # a session or push stream that opened and ends here (idle, out of step, shutting down) is
+                        # closed at once: its end is what tells the peer, which may not be reading for an answer
+                        in_step = not channel.opened
             except CorollaError as exc:
                 await reply_error(writer, exc)
         except (ConnectionError, asyncio.IncompleteReadError) as exc:
@@ -162,6 +165,11 @@ class SessionChannel:
         _check_type(expected, message)
         self._opened = True
         await write_message(self._writer, message, codec=self.codec)
+
+    @property
+    def opened(self) -> bool:
+        """Whether the opening reply went out (the session or push stream is open)."""
+        return self._opened
 
     async def answer_join(self, message: Message) -> None:
         """On a push stream: the answer to a ``join`` message (the opening reply's type)."""
@@ -230,12 +238,13 @@ def _check_type(expected: type[Message], reply: Optional[Message]) -> None:
 async def requester_closed(reader: asyncio.StreamReader, timeout_s: float) -> None:
     """Wait (at most ``timeout_s``) until the peer that opened a stream closes it, discarding anything it still sends.
 
-    The requester ends an exchange, not the side that answers it. When the server closed first, about one reply in
-    5,000 was lost on the way (stress tests of fresh clients on loopback: the server had written the reply, the
-    client read only the end of the stream): hivemind's daemon ends a stream that one side closed with a reset,
-    which can overtake the last bytes still on their way. With the server waiting for the client, which closes
-    as soon as it has read the reply, none of 35,000 was lost. A requester that does not close is cut off after
-    ``timeout_s``; until then its stream counts towards its limit of open streams."""
+    The requester ends an exchange (a single exchange, or the refused opening of a session), not the side that
+    answers it. When the server closed first, about one reply in 5,000 was lost on the way (stress tests of fresh
+    clients on loopback: the server had written the reply, the client read only the end of the stream): hivemind's
+    daemon ends a stream that one side closed with a reset, which can overtake the last bytes still on their way.
+    With the server waiting for the client, which closes as soon as it has read the reply, none of 35,000 was
+    lost. A requester that does not close is cut off after ``timeout_s``; until then its stream counts towards its
+    limit of open streams."""
     try:
         async with asyncio.timeout(timeout_s):
             while await reader.read(2**16):

@@ -161,11 +161,13 @@ class RelayLink:
                     ended = f"{refusal.kind}: {refusal.remote_message}"
                     self._answer(self._opening, refusal)
                     self._opening = None
+                    return  # the link is closed: its sender ends the exchange (the receiver waits for that)
                 elif isinstance(reply, ErrorReply):
                     logger.info("relay to %s: %s: %s", self.peer_id, reply.kind, reply.message)
         except (CorollaError, ConnectionError, asyncio.CancelledError):
             return
         finally:
+            self._writer.close()
             for session_id in list(self._joins):
                 self._answer(session_id, RemoteError("ConnectionClosed", f"the relay stream closed ({ended})",
                                                      self.peer_id))

@@ -83,7 +83,8 @@ def test_silent_stalled_and_oversized_streams_are_cut_off(swarm):
 
 def test_an_answered_stream_stays_open_until_its_requester_closes_it(swarm):
     """The requester ends an exchange: a server that closed its end right after replying lost about one reply in
-    5,000 inside hivemind's daemons (see ``requester_closed``). The server waits for the client, a bounded time."""
+    5,000 inside hivemind's daemons (see ``requester_closed``). The server waits for the client, a bounded time; a
+    session it ends itself is closed at once."""
     (model,), record = _clients(swarm, 1)
     client = model.swarm
     dispatcher = swarm.servers[0].dispatcher
@@ -117,6 +118,17 @@ def test_an_answered_stream_stays_open_until_its_requester_closes_it(swarm):
             assert 0.5 < time.monotonic() - started < 2.0
             await asyncio.sleep(0.1)
             assert dispatcher.streams_by_peer.get(peer, 0) == 0
+            # but a session that opened and that the server ends (idle here) is closed at once: the end is the news
+            dispatcher.close_wait_s = 10.0
+            reader, writer = await client.transport.open_stream(record.peer_id, RPC_PROTOCOL)
+            writer.write(encode_message(OpenSession("ended", SPAN, 16, 1)))
+            assert not isinstance(await asyncio.wait_for(read_message(reader), 5), ErrorReply)
+            evicted = await asyncio.wait_for(read_message(reader), 5)  # after the 1 s idle limit
+            assert isinstance(evicted, ErrorReply) and "idle" in evicted.message
+            assert await asyncio.wait_for(reader.read(), 1) == b""
+            await asyncio.sleep(0.1)
+            assert dispatcher.streams_by_peer.get(peer, 0) == 0
+            writer.close()
 
         client.run(scenario(), 30)
         _still_serves(client, record)

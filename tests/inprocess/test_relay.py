@@ -302,6 +302,29 @@ def test_sessions_relayed_to_one_server_share_one_stream_and_steps_of_a_turn_go_
     _relay_to_targets(swarm, scenario)
 
 
+def test_a_relay_stream_refused_at_its_opening_is_closed_at_once_by_its_sender(swarm):
+    """The receiver of a refused opening waits for the sender to end the exchange (``requester_closed``): the sending
+    server closes the link as soon as it reads the refusal, and the joins sent behind the opening hear of it then,
+    not after the relay timeout."""
+    server = swarm.servers[1]
+
+    async def scenario(links, targets, hop):
+        nowhere = NextHop(hop("a")[0].peer_id, "nope", "n" * 32, "float32", hop("a")[0].maddrs)
+        link, opening = await links.link(nowhere, wait=False)
+        _, behind = await links.link(hop("a")[0], wait=False)  # a join sent behind the refused opening
+        started = asyncio.get_running_loop().time()
+        refusal = await asyncio.wait_for(opening, 5)
+        assert isinstance(refusal, RemoteError) and "no session 'nope' here accepts relays" in str(refusal)
+        closed = await asyncio.wait_for(behind, 5)
+        assert isinstance(closed, RemoteError) and "the relay stream closed" in str(closed)
+        assert asyncio.get_running_loop().time() - started < 2.0
+        assert link.closed
+        await asyncio.sleep(0.3)  # the receiver saw the end: only the two target sessions' streams are left
+        assert sum(server.dispatcher.streams_by_peer.values()) == 2
+
+    _relay_to_targets(swarm, scenario)
+
+
 def test_a_shared_relay_stream_refuses_what_is_not_its_own_and_keeps_serving(swarm):
     """On a relay stream opened for s2a: a join with a wrong token is refused (and the stream serves on), a step of a
     session that has not joined is refused, a session that joins with its token is served, and a session's fifth
