@@ -22,7 +22,8 @@ minutes (same code, same count: 83.5 and 102.0 tokens/s in two runs ten minutes 
 each count turned that drift into the ratio. Each count's figure is the median of its rounds, and the ratio is
 against the median of N = 1 in the same run; each round's own ratios are printed as they come. Every client's
 tokens are checked against local transformers. With each count: where its tokens' CPU time went, and the whole
-machine's steal time (its cores waiting for the host) and kernel time over its runs, from /proc/stat.
+machine's steal time (its cores waiting for the host), kernel time and idle time over its runs, from /proc/stat
+(idle: what no process had work for, the slack a better schedule could still use).
 
 Memory: 16 clients each open a session declaring max_length 2048 and fill 200 tokens; while they hold them, the
 servers' memory (PSS of each server process and its libp2p daemon) and the cache tokens the servers hold are
@@ -234,13 +235,14 @@ def _run_wave(swarm, model: str, prompts: list[str], new_tokens: int, expected: 
 
 def _machine_times() -> dict:
     """The machine's CPU seconds since boot, all cores: ``steal`` (time the hypervisor ran something else while
-    this machine's cores had work), ``system`` and ``total``."""
+    this machine's cores had work), ``system``, ``idle`` (with I/O wait) and ``total``."""
     import psutil
 
     times = psutil.cpu_times()
     total = sum(getattr(times, name, 0.0) for name in
                 ("user", "nice", "system", "idle", "iowait", "irq", "softirq", "steal"))
-    return {"steal": getattr(times, "steal", 0.0), "system": times.system, "total": total}
+    idle = times.idle + getattr(times, "iowait", 0.0)
+    return {"steal": getattr(times, "steal", 0.0), "system": times.system, "idle": idle, "total": total}
 
 
 def main() -> int:
@@ -310,10 +312,10 @@ def main() -> int:
                   f"{cpu['clients_daemon']:.1f}; total {sum(cpu.values()):.1f} of {available:.1f} available", flush=True)
             print(f"      each server's compute thread: running steps {statistics.mean(r['busy'] for r in each):.0%} "
                   f"of the time, waiting for company {statistics.mean(r['gather'] for r in each):.0%}", flush=True)
-            machine = {key: sum(r["machine"][key] for r in each) for key in ("steal", "system", "total")}
-            share = {key: machine[key] / max(machine["total"], 1e-9) for key in ("steal", "system")}
+            machine = {key: sum(r["machine"][key] for r in each) for key in ("steal", "system", "idle", "total")}
+            share = {key: machine[key] / max(machine["total"], 1e-9) for key in ("steal", "system", "idle")}
             print(f"      the machine over these runs: steal time {share['steal']:.1%} of its cores' time (taken by "
-                  f"the host), kernel time {share['system']:.1%}", flush=True)
+                  f"the host), kernel time {share['system']:.1%}, idle {share['idle']:.1%}", flush=True)
 
         print("\nmemory: 16 sessions declaring max_length 2048, each filled with 200 tokens")
         before = [_pss_mb(server.process.pid) for server in swarm.servers]
