@@ -36,6 +36,26 @@ static inline float sum_lanes(__m256 v) {
     return _mm_cvtss_f32(_mm_add_ss(half, _mm_movehdup_ps(half)));
 }
 
+/* The weights of the output channel PREFETCH_BYTES ahead (and its scales) are asked for before each channel: with
+ * the hardware prefetcher alone, one row times the embedded model's packed head (49152 x 576, Q8_0) took 5.1 ms
+ * with the AVX2 kernels (AMD EPYC, Zen 3; median of five runs) where reading its bytes takes 3.1; asking 4 KB
+ * ahead, 3.5 ms. With the AVX-512 kernels (Zen 4, median of 200 calls): 1.69-1.71 ms without, 1.52-1.57 with.
+ * Prefetches change no result. */
+#define PREFETCH_BYTES 4096
+static inline void prefetch_bytes(const void *start, int64_t bytes) {
+    for (int64_t b = 0; b < bytes; b += 64) _mm_prefetch((const char *)start + b, _MM_HINT_T0);
+}
+/* channel o + ahead's weights (row_bytes each, from w) and scales (scale_bytes each, from ds and ms, either NULL) */
+#define PREFETCH_CHANNEL(w, row_bytes, ds, ms, scale_bytes, ahead)                                                 \
+    do {                                                                                                          \
+        if (o + (ahead) < out) {                                                                                  \
+            prefetch_bytes((const char *)(w) + (o + (ahead)) * (row_bytes), row_bytes);                           \
+            if (ds) prefetch_bytes((const char *)(ds) + (o + (ahead)) * (scale_bytes), scale_bytes);              \
+            if (ms) prefetch_bytes((const char *)(ms) + (o + (ahead)) * (scale_bytes), scale_bytes);              \
+        }                                                                                                         \
+    } while (0)
+#define CHANNELS_AHEAD(row_bytes) ((row_bytes) <= 0 || (row_bytes) >= PREFETCH_BYTES ? 1 : (PREFETCH_BYTES + (row_bytes) - 1) / (row_bytes))
+
 /* Every row of x against output channel o, in blocks of ROWS_PER_PASS rows and one block of the rest: BLOCK(WTYPE,
  * LOAD, R) is ROW_BLOCK or a macro of its shape. Each block reads (and rebuilds) the weights again, so a call costs
  * about the same per row as separate calls once it has more rows than one block. A row's sums run in the same order
@@ -56,8 +76,12 @@ static inline float sum_lanes(__m256 v) {
 
 #if defined(SIMD_512)
 #define CHUNK 64 /* columns per step of the main loop: four vectors of sixteen */
-#define PREFETCH_CHANNEL(w, row_bytes, ds, ms, scale_bytes, ahead) ((void)0) /* measured at memory speed without */
-#define CHANNELS_AHEAD(row_bytes) 1
+/* Only packed q8s and bf16 weights are asked for ahead here (one row times the head: 1.64-1.92 ms with, 1.92-2.48
+ * without, three alternating runs). q4a weights are rebuilt at about the multiply-add peak, and asking for them ahead
+ * made those products 3-6% slower (the embedded model's projections, one and four rows); int8 weights took twice
+ * as long with (one row times 49152 x 576: 2.4-2.7 ms against 1.2-1.4), float32 the same either way. */
+#define PREFETCH_DENSE_CHANNEL(w, row_bytes, ds, ms, scale_bytes, ahead) ((void)0)
+#define PREFETCH_Q4A_CHANNEL(w, row_bytes, ds, ms, scale_bytes, ahead) ((void)0)
 static inline __m512 load_weights_f32(const float *w, int64_t i, __mmask16 mask) {
     return _mm512_maskz_loadu_ps(mask, w + i);
 }
@@ -166,24 +190,8 @@ static inline __m512 load_bf16(const uint16_t *w, int64_t i) {
  * rebuilt) once as four vectors of eight and multiplied with up to four rows of x, into two sums of eight lanes per
  * row (four rows' sums and the weights fit the sixteen registers). */
 #define CHUNK 32 /* four vectors of eight */
-/* The weights of the output channel PREFETCH_BYTES ahead (and its scales) are asked for before each channel: with
- * the hardware prefetcher alone, one row times the embedded model's packed head (49152 x 576, Q8_0) took 5.1 ms
- * here (AMD EPYC, Zen 3; median of five runs) where reading its bytes takes 3.1; asking 4 KB ahead, 3.5 ms.
- * Prefetches change no result. */
-#define PREFETCH_BYTES 4096
-static inline void prefetch_bytes(const void *start, int64_t bytes) {
-    for (int64_t b = 0; b < bytes; b += 64) _mm_prefetch((const char *)start + b, _MM_HINT_T0);
-}
-/* channel o + ahead's weights (row_bytes each, from w) and scales (scale_bytes each, from ds and ms, either NULL) */
-#define PREFETCH_CHANNEL(w, row_bytes, ds, ms, scale_bytes, ahead)                                                 \
-    do {                                                                                                          \
-        if (o + (ahead) < out) {                                                                                  \
-            prefetch_bytes((const char *)(w) + (o + (ahead)) * (row_bytes), row_bytes);                           \
-            if (ds) prefetch_bytes((const char *)(ds) + (o + (ahead)) * (scale_bytes), scale_bytes);              \
-            if (ms) prefetch_bytes((const char *)(ms) + (o + (ahead)) * (scale_bytes), scale_bytes);              \
-        }                                                                                                         \
-    } while (0)
-#define CHANNELS_AHEAD(row_bytes) ((row_bytes) <= 0 || (row_bytes) >= PREFETCH_BYTES ? 1 : (PREFETCH_BYTES + (row_bytes) - 1) / (row_bytes))
+#define PREFETCH_DENSE_CHANNEL PREFETCH_CHANNEL
+#define PREFETCH_Q4A_CHANNEL PREFETCH_CHANNEL
 static inline __m256 load_weights_f32(const float *w, int64_t i) { return _mm256_loadu_ps(w + i); }
 static inline __m256 load_weights_i8(const int8_t *w, int64_t i) {
     return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(w + i))));
@@ -326,7 +334,7 @@ static inline float bf16_value(uint16_t bits) {
         (void)row_bytes, (void)ahead;                                                                             \
         for (int64_t o = 0; o < out; o++) {                                                                       \
             const WTYPE *wo = w + o * in;                                                                         \
-            PREFETCH_CHANNEL(w, row_bytes, (const float *)NULL, (const float *)NULL, 0, ahead);                   \
+            PREFETCH_DENSE_CHANNEL(w, row_bytes, (const float *)NULL, (const float *)NULL, 0, ahead);             \
             FOR_ROW_BLOCKS(ROW_BLOCK, WTYPE, LOAD);                                                               \
         }                                                                                                         \
     }
@@ -342,7 +350,7 @@ static void linear_q4a_impl(const float *x, int64_t x_stride, const uint8_t *w, 
     for (int64_t o = 0; o < out; o++) {
         const uint8_t *wo = w + o * (in / 2);
         const float *d_o = ds + o * (in / 32), *m_o = ms + o * (in / 32);
-        PREFETCH_CHANNEL(w, in / 2, ds, ms, in / 32 * 4, ahead);
+        PREFETCH_Q4A_CHANNEL(w, in / 2, ds, ms, in / 32 * 4, ahead);
         FOR_ROW_BLOCKS(ROW_BLOCK_Q4A, uint8_t, none);
     }
 }
