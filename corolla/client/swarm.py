@@ -30,6 +30,7 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 LATENCY_SMOOTHING = 0.3  # weight of a new round-trip sample in the moving average
+PINGS_PER_REFRESH = 16  # new servers one refresh measures at most (all at once); a flood of records waits its turn
 
 
 def hivemind_client(config: ClientConfig) -> TransportFactory:
@@ -88,9 +89,11 @@ class RemoteSwarm:
             await asyncio.sleep(self.config.refresh_period_s)
 
     async def refresh(self) -> list[ServerRecord]:
-        """Read every server's record for this model's blocks, and measure round trips to new servers."""
+        """Read every server's record for this model's blocks, and measure round trips to new servers (at most
+        ``PINGS_PER_REFRESH`` of them, chosen at random)."""
+        known = set(self.latency_s)  # servers that answered: under a flood they stay read, the rest re-drawn each time
         found = await fetch_records(self.transport, self.model_prefix, range(self.num_blocks), self.num_blocks,
-                                    self.config.swarm_key)
+                                    self.config.swarm_key, known)
         if self.config.allowed_servers is not None:
             found = [r for r in found if r.peer_id in self.config.allowed_servers]
         found = [r for r in found if QUANT_BITS[r.quant] >= QUANT_BITS[self.config.min_quant]]
@@ -102,6 +105,8 @@ class RemoteSwarm:
         self._records = found
         self._records_time = time.monotonic()
         unmeasured = [r for r in self._records if r.peer_id not in self.latency_s and not self.bans.is_banned(r.peer_id)]
+        if len(unmeasured) > PINGS_PER_REFRESH:  # a flood of records: the rest are measured by later refreshes
+            unmeasured = self._rng.sample(unmeasured, PINGS_PER_REFRESH)
         if unmeasured:
             await asyncio.gather(*(self.ping(r) for r in unmeasured))
         return self._records

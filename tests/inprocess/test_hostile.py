@@ -6,6 +6,7 @@ Also here: where records live (one directory key per model), which the forged re
 """
 from __future__ import annotations
 
+import threading
 import time
 
 import pytest
@@ -110,6 +111,56 @@ def test_forged_and_implausible_records_do_not_disturb_the_swarm(tiny_llama_dir,
             started = time.monotonic()
             chooser = swarm.start_server(num_blocks=2)  # reads the same records to choose its span
             assert time.monotonic() - started < 30 and len(chooser.blocks) == 2
+        finally:
+            model.close()
+
+
+def test_a_flood_of_records_costs_a_reader_a_bounded_amount_of_work(tiny_llama_dir, local, monkeypatch):
+    """A Sybil flood: 60 well-signed records of servers that do not exist, each under its own key pair, in the
+    model's directory. A reader decodes at most ``MAX_RECORDS_READ`` of them per read (20 here), keeping the servers
+    that answered it before; a client measures at most ``PINGS_PER_REFRESH`` new servers per refresh (the rest wait
+    for later refreshes, and those that do not answer are banned); the honest server keeps serving its tokens."""
+    from corolla.client import swarm as swarm_module
+    from corolla.net import records as records_module
+    from corolla.wire.identity import Identity
+
+    with InProcessSwarm(str(tiny_llama_dir), [BlockRange(0, 4)], dht_prefix="flood") as swarm:
+        honest = swarm.servers[0]
+        model = swarm.client(client_config=FAST)
+        try:
+            assert [r.peer_id for r in model.swarm.run(model.swarm.refresh())] == [honest.peer.peer_id]
+            attacker = swarm.loop.run(swarm.network.create_transport("attacker"))
+            expires = attacker.now() + 600
+            items = []
+            for _ in range(60):
+                identity = Identity.generate()
+                record = ServerRecord(identity.peer_id, BlockRange(0, 4), ServerState.ONLINE, 1.0, "float32",
+                                      PROTOCOL_VERSION, 100)
+                items.append((servers_key("flood"), identity.peer_id, encode_record(record, identity, "flood", expires)))
+            assert swarm.loop.run(attacker.announce_many(items, expires))
+
+            monkeypatch.setattr(records_module, "MAX_RECORDS_READ", 20)
+            decoded, pinged = [], []
+            decode = records_module.decode_record
+            client_thread = model.swarm.loop._thread  # the servers here read records on their own thread
+            monkeypatch.setattr(records_module, "decode_record", lambda *args: decoded.append(
+                threading.current_thread() is client_thread) or decode(*args))
+            ping = model.swarm.ping
+
+            async def counted_ping(record):
+                pinged.append(record.peer_id)
+                return await ping(record)
+
+            monkeypatch.setattr(model.swarm, "ping", counted_ping)
+            for _ in range(3):
+                decoded.clear()
+                pinged.clear()
+                records = model.swarm.run(model.swarm.refresh())
+                assert decoded.count(True) == 20 and len(records) == 20
+                assert honest.peer.peer_id in [r.peer_id for r in records]  # it answered before: always read
+                assert 0 < len(pinged) <= swarm_module.PINGS_PER_REFRESH and honest.peer.peer_id not in pinged
+            assert all(model.swarm.bans.is_banned(peer) for peer in pinged)  # nobody answered for them
+            assert model.generate(IDS, max_new_tokens=8, do_sample=False).tolist() == _expected(local).tolist()
         finally:
             model.close()
 
