@@ -97,9 +97,10 @@ class Dispatcher:
                         await self.methods[service.request](request, channel, peer)
                     finally:
                         self._channels.discard(channel)
-                        # a session or push stream that opened and ends here (idle, out of step, shutting down) is
-                        # closed at once: its end is what tells the peer, which may not be reading for an answer
-                        in_step = not channel.opened
+                        # a session or push stream that opened and ends here (out of step, shutting down) is closed
+                        # at once: its end is what tells the peer, which may not be reading for an answer; unless
+                        # the handler ended it with a last word the peer must read (``SessionChannel.end``)
+                        in_step = not channel.opened or channel.last_word
             except CorollaError as exc:
                 await reply_error(writer, exc)
         except (ConnectionError, asyncio.IncompleteReadError) as exc:
@@ -156,6 +157,7 @@ class SessionChannel:
         self._writer = writer
         self._opened = False
         self.codec = None  # the wire codec of step replies (the session's)
+        self.last_word = False  # the handler ended the stream with an error its peer must read (``end``)
 
     async def reply(self, message: Message) -> None:
         """The opening reply first, then (in a session) one step reply per step."""
@@ -178,6 +180,13 @@ class SessionChannel:
 
     async def error(self, exc: BaseException, step_index: Optional[int] = None, attempt: Optional[int] = None) -> None:
         await reply_error(self._writer, exc, step_index, attempt)
+
+    async def end(self, exc: BaseException) -> None:
+        """End the stream with ``exc`` (the handler returns next): an error its peer must read, not learn from the
+        stream closing (an idle session evicted, which its client reopens without blaming the server). The stream
+        then waits for its peer to close it, as a single exchange does, at most the dispatcher's ``close_wait_s``."""
+        await self.error(exc)
+        self.last_word = True
 
     async def steps(self, idle_timeout_s: Optional[float] = -1.0) -> AsyncIterator[Message]:
         """The steps (and, on a push stream, the join messages) sent on this stream until its sender closes it. A

@@ -137,7 +137,7 @@ class RequestHandlers:
                     async with asyncio.timeout(max(0.0, left)):
                         step = await session.inbox.get()
                 except asyncio.TimeoutError:
-                    await channel.error(SessionEvictedError(
+                    await channel.end(SessionEvictedError(
                         f"session {session.session_id} idle for {self.config.session_idle_timeout_s:.0f} s: closed"))
                     return
                 if step is None:  # the client closed its stream
@@ -184,6 +184,7 @@ class RequestHandlers:
             relays.close()
             sessions.close(session)
             session.inbox = None
+            await asyncio.wait([reader])  # its read has ended before the dispatcher reads the stream again
 
     async def _join_refused(self, channel, answer: SessionStepReply, next_server: str, join: asyncio.Future) -> None:
         """If the next server refuses the join a relayed step went behind, it drops the step: the client hears it

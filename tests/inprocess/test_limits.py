@@ -118,13 +118,29 @@ def test_an_answered_stream_stays_open_until_its_requester_closes_it(swarm):
             assert 0.5 < time.monotonic() - started < 2.0
             await asyncio.sleep(0.1)
             assert dispatcher.streams_by_peer.get(peer, 0) == 0
-            # but a session that opened and that the server ends (idle here) is closed at once: the end is the news
+            # a session that opened and that the server evicts for idling ends with an error its client must read:
+            # that stream waits for the client as well (which reads the error whenever it comes back)
             dispatcher.close_wait_s = 10.0
+            reader, writer = await client.transport.open_stream(record.peer_id, RPC_PROTOCOL)
+            writer.write(encode_message(OpenSession("evicted", SPAN, 16, 1)))
+            assert not isinstance(await asyncio.wait_for(read_message(reader), 5), ErrorReply)
+            evicted = await asyncio.wait_for(read_message(reader), 5)  # after the 1 s idle limit
+            assert isinstance(evicted, ErrorReply) and evicted.kind == "SessionEvictedError"
+            await asyncio.sleep(0.3)
+            assert dispatcher.streams_by_peer.get(peer) == 1 and not reader.at_eof()
+            writer.write(encode_message(SessionStep("evicted", torch.randn(1, 1, HIDDEN))))  # read and dropped
+            writer.close()
+            assert await asyncio.wait_for(reader.read(), 2) == b""
+            await asyncio.sleep(0.1)
+            assert dispatcher.streams_by_peer.get(peer, 0) == 0
+            # but a session that opened and that the server ends otherwise (out of step here: a frame stalled
+            # midway) is closed at once: the end is the news
             reader, writer = await client.transport.open_stream(record.peer_id, RPC_PROTOCOL)
             writer.write(encode_message(OpenSession("ended", SPAN, 16, 1)))
             assert not isinstance(await asyncio.wait_for(read_message(reader), 5), ErrorReply)
-            evicted = await asyncio.wait_for(read_message(reader), 5)  # after the 1 s idle limit
-            assert isinstance(evicted, ErrorReply) and "idle" in evicted.message
+            writer.write(encode_message(SessionStep("ended", torch.randn(1, 1, HIDDEN)))[:20])
+            ended = await asyncio.wait_for(read_message(reader), 5)  # after the frame timeout
+            assert isinstance(ended, ErrorReply)
             assert await asyncio.wait_for(reader.read(), 1) == b""
             await asyncio.sleep(0.1)
             assert dispatcher.streams_by_peer.get(peer, 0) == 0
