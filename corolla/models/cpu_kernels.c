@@ -39,8 +39,8 @@ static inline float sum_lanes(__m256 v) {
 /* The weights of the output channel PREFETCH_BYTES ahead (and its scales) are asked for before each channel: with
  * the hardware prefetcher alone, one row times the embedded model's packed head (49152 x 576, Q8_0) took 5.1 ms
  * with the AVX2 kernels (AMD EPYC, Zen 3; median of five runs) where reading its bytes takes 3.1; asking 4 KB
- * ahead, 3.5 ms. With the AVX-512 kernels (Zen 4, median of 200 calls): 1.69-1.71 ms without, 1.52-1.57 with.
- * Prefetches change no result. */
+ * ahead, 3.5 ms. With the AVX-512 kernels (Zen 4, median of 200 calls, alternating runs): 2.33-2.62 ms without,
+ * 1.69-1.75 with. Prefetches change no result. */
 #define PREFETCH_BYTES 4096
 static inline void prefetch_bytes(const void *start, int64_t bytes) {
     for (int64_t b = 0; b < bytes; b += 64) _mm_prefetch((const char *)start + b, _MM_HINT_T0);
@@ -76,10 +76,10 @@ static inline void prefetch_bytes(const void *start, int64_t bytes) {
 
 #if defined(SIMD_512)
 #define CHUNK 64 /* columns per step of the main loop: four vectors of sixteen */
-/* Only packed q8s and bf16 weights are asked for ahead here (one row times the head: 1.64-1.92 ms with, 1.92-2.48
- * without, three alternating runs). q4a weights are rebuilt at about the multiply-add peak, and asking for them ahead
- * made those products 3-6% slower (the embedded model's projections, one and four rows); int8 weights took twice
- * as long with (one row times 49152 x 576: 2.4-2.7 ms against 1.2-1.4), float32 the same either way. */
+/* Only packed q8s and bf16 weights are asked for ahead here (the head, above). q4a weights are rebuilt at about the
+ * multiply-add peak, and asking for them ahead made those products 3-6% slower (the embedded model's projections,
+ * one and four rows); int8 weights took twice as long with (one row times 49152 x 576: 2.4-2.7 ms against 1.2-1.4),
+ * float32 the same either way. */
 #define PREFETCH_DENSE_CHANNEL(w, row_bytes, ds, ms, scale_bytes, ahead) ((void)0)
 #define PREFETCH_Q4A_CHANNEL(w, row_bytes, ds, ms, scale_bytes, ahead) ((void)0)
 static inline __m512 load_weights_f32(const float *w, int64_t i, __mmask16 mask) {

@@ -14,10 +14,10 @@ from corolla.net.transport import Transport
 MAX_RECORDS_READ = 1024
 
 
-def _bounded(entries: list, known: Collection[str], limit: Optional[int] = None) -> list:
-    """At most ``limit`` (default ``MAX_RECORDS_READ``) of ``entries`` ``[(subkey, value), ...]``: those of peers in
-    ``known`` first, then a random sample of the others (which an attacker filing records cannot steer)."""
-    limit = MAX_RECORDS_READ if limit is None else limit
+def _bounded(entries: list, known: Collection[str]) -> list:
+    """At most ``MAX_RECORDS_READ`` of ``entries`` ``[(subkey, value), ...]``: those of peers in ``known`` first, then
+    a random sample of the others (which an attacker filing records cannot steer)."""
+    limit = MAX_RECORDS_READ
     if len(entries) <= limit:
         return entries
     first = [entry for entry in entries if entry[0] in known][:limit]
