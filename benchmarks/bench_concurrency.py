@@ -23,7 +23,9 @@ each count turned that drift into the ratio. Each count's figure is the median o
 against the median of N = 1 in the same run; each round's own ratios are printed as they come. Every client's
 tokens are checked against local transformers. With each count: where its tokens' CPU time went, and the whole
 machine's steal time (its cores waiting for the host), kernel time and idle time over its runs, from /proc/stat
-(idle: what no process had work for, the slack a better schedule could still use).
+(idle: what no process had work for, the slack a better schedule could still use), and how long the
+processes' threads were runnable but waited for a core (Linux's scheduler statistics): where a token's wall time
+went to the queue for the machine's cores.
 
 Memory: 16 clients each open a session declaring max_length 2048 and fill 200 tokens; while they hold them, the
 servers' memory (PSS of each server process and its libp2p daemon) and the cache tokens the servers hold are
@@ -37,6 +39,7 @@ os.environ.setdefault("GOMP_SPINCOUNT", "50000")
 
 import argparse
 import json
+import math
 import statistics
 import subprocess
 import sys
@@ -73,12 +76,14 @@ def client_main(config: dict) -> None:
     print(json.dumps({"ready": True}), flush=True)
     sys.stdin.readline()  # the barrier
     own, daemon = time.process_time(), _cpu_s(os.getpid(), children_only=True)
+    waited, daemon_waited = _wait_s(os.getpid()), _wait_s(os.getpid(), children_only=True)
     started = time.time()
     out = model.generate(ids, max_new_tokens=config["new_tokens"], eos_token_id=None, do_sample=False)
     finished = time.time()
     own, daemon = time.process_time() - own, _cpu_s(os.getpid(), children_only=True) - daemon
+    waited, daemon_waited = _wait_s(os.getpid()) - waited, _wait_s(os.getpid(), children_only=True) - daemon_waited
     print(json.dumps({"start": started, "end": finished, "tokens": out[0, ids.shape[1]:].tolist(), "cpu_s": own,
-                      "daemon_cpu_s": daemon}), flush=True)
+                      "daemon_cpu_s": daemon, "wait_s": waited, "daemon_wait_s": daemon_waited}), flush=True)
     model.close()
 
 
@@ -112,6 +117,30 @@ def _cpu_s(pid: int, children_only: bool = False) -> float:
             total += times.user + times.system
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             pass
+    return total
+
+
+def _wait_s(pid: int, children_only: bool = False) -> float:
+    """Seconds the threads of a process (or of its descendants only) spent runnable but waiting for a core, from
+    Linux's per-thread scheduler statistics (/proc/PID/task/TID/schedstat, its second field); NaN where the kernel
+    keeps none. A thread that has exited takes its share with it."""
+    import psutil
+
+    if not os.path.exists("/proc/self/schedstat"):
+        return math.nan
+    process = psutil.Process(pid)
+    total = 0.0
+    for proc in process.children(recursive=True) + ([] if children_only else [process]):
+        try:
+            tasks = os.listdir(f"/proc/{proc.pid}/task")
+        except OSError:  # gone
+            continue
+        for task in tasks:
+            try:
+                with open(f"/proc/{proc.pid}/task/{task}/schedstat") as stats:
+                    total += int(stats.read().split()[1]) / 1e9
+            except (OSError, IndexError, ValueError):
+                pass
     return total
 
 
@@ -202,6 +231,8 @@ def _run_wave(swarm, model: str, prompts: list[str], new_tokens: int, expected: 
         before = _infos(swarm.initial_peers, model)
         server_cpu = [(_cpu_s(server.process.pid), _cpu_s(server.process.pid, children_only=True))
                       for server in swarm.servers]
+        server_wait = [(_wait_s(server.process.pid), _wait_s(server.process.pid, children_only=True))
+                       for server in swarm.servers]
         machine = _machine_times()
         for client in clients:
             client.stdin.write("go\n")
@@ -210,6 +241,8 @@ def _run_wave(swarm, model: str, prompts: list[str], new_tokens: int, expected: 
         machine = {key: value - machine[key] for key, value in _machine_times().items()}
         server_cpu = [(_cpu_s(server.process.pid) - everything, _cpu_s(server.process.pid, True) - daemon)
                       for server, (everything, daemon) in zip(swarm.servers, server_cpu)]
+        server_wait = [(_wait_s(server.process.pid) - own, _wait_s(server.process.pid, True) - daemon)
+                       for server, (own, daemon) in zip(swarm.servers, server_wait)]
     finally:
         for client in clients:
             client.wait(60)
@@ -229,6 +262,10 @@ def _run_wave(swarm, model: str, prompts: list[str], new_tokens: int, expected: 
         "servers_daemon": servers_daemon,
         "clients_python": sum(r["cpu_s"] for r in results),
         "clients_daemon": sum(r["daemon_cpu_s"] for r in results),
+        "wait": {"servers_python": sum(own for own, _ in server_wait),
+                 "servers_daemon": sum(daemon for _, daemon in server_wait),
+                 "clients_python": sum(r["wait_s"] for r in results),
+                 "clients_daemon": sum(r["daemon_wait_s"] for r in results)},
         "machine": machine,
     }
 
@@ -310,6 +347,10 @@ def main() -> int:
                   f"{compute:.1f}) + their libp2p daemons "
                   f"{cpu['servers_daemon']:.1f}; clients {cpu['clients_python']:.1f} + their daemons "
                   f"{cpu['clients_daemon']:.1f}; total {sum(cpu.values()):.1f} of {available:.1f} available", flush=True)
+            waited = {key: sum(r["wait"][key] for r in each) * per for key in cpu}
+            print(f"      core-ms per token runnable but waiting for a core: servers {waited['servers_python']:.1f} + "
+                  f"their daemons {waited['servers_daemon']:.1f}; clients {waited['clients_python']:.1f} + their "
+                  f"daemons {waited['clients_daemon']:.1f}", flush=True)
             print(f"      each server's compute thread: running steps {statistics.mean(r['busy'] for r in each):.0%} "
                   f"of the time, waiting for company {statistics.mean(r['gather'] for r in each):.0%}", flush=True)
             machine = {key: sum(r["machine"][key] for r in each) for key in ("steal", "system", "idle", "total")}
