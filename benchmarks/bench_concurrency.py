@@ -212,6 +212,8 @@ def _run_count(swarm, model: str, count: int, new_tokens: int, expected: dict, m
                                        "clients_python", "clients_daemon")},
         # the whole machine's CPU seconds over the waves, by kind (steal: taken by the host)
         "machine": {key: sum(w["machine"][key] for w in waves) for key in waves[0]["machine"]},
+        # seconds the threads of each kind were runnable but waited for a core, over the waves
+        "wait": {key: sum(w["wait"][key] for w in waves) for key in waves[0]["wait"]},
     }
 
 
@@ -241,8 +243,8 @@ def _run_wave(swarm, model: str, prompts: list[str], new_tokens: int, expected: 
         machine = {key: value - machine[key] for key, value in _machine_times().items()}
         server_cpu = [(_cpu_s(server.process.pid) - everything, _cpu_s(server.process.pid, True) - daemon)
                       for server, (everything, daemon) in zip(swarm.servers, server_cpu)]
-        server_wait = [(_wait_s(server.process.pid) - own, _wait_s(server.process.pid, True) - daemon)
-                       for server, (own, daemon) in zip(swarm.servers, server_wait)]
+        server_wait = [(_wait_s(server.process.pid) - everything, _wait_s(server.process.pid, True) - daemon)
+                       for server, (everything, daemon) in zip(swarm.servers, server_wait)]
     finally:
         for client in clients:
             client.wait(60)
@@ -262,7 +264,7 @@ def _run_wave(swarm, model: str, prompts: list[str], new_tokens: int, expected: 
         "servers_daemon": servers_daemon,
         "clients_python": sum(r["cpu_s"] for r in results),
         "clients_daemon": sum(r["daemon_cpu_s"] for r in results),
-        "wait": {"servers_python": sum(own for own, _ in server_wait),
+        "wait": {"servers_python": sum(everything - daemon for everything, daemon in server_wait),
                  "servers_daemon": sum(daemon for _, daemon in server_wait),
                  "clients_python": sum(r["wait_s"] for r in results),
                  "clients_daemon": sum(r["daemon_wait_s"] for r in results)},
