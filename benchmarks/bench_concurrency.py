@@ -76,12 +76,13 @@ def client_main(config: dict) -> None:
     print(json.dumps({"ready": True}), flush=True)
     sys.stdin.readline()  # the barrier
     own, daemon = time.process_time(), _cpu_s(os.getpid(), children_only=True)
-    waited, daemon_waited = _wait_s(os.getpid()), _wait_s(os.getpid(), children_only=True)
+    waited, daemon_waited = _wait_s(os.getpid(), own_only=True), _wait_s(os.getpid(), children_only=True)
     started = time.time()
     out = model.generate(ids, max_new_tokens=config["new_tokens"], eos_token_id=None, do_sample=False)
     finished = time.time()
     own, daemon = time.process_time() - own, _cpu_s(os.getpid(), children_only=True) - daemon
-    waited, daemon_waited = _wait_s(os.getpid()) - waited, _wait_s(os.getpid(), children_only=True) - daemon_waited
+    waited = _wait_s(os.getpid(), own_only=True) - waited
+    daemon_waited = _wait_s(os.getpid(), children_only=True) - daemon_waited
     print(json.dumps({"start": started, "end": finished, "tokens": out[0, ids.shape[1]:].tolist(), "cpu_s": own,
                       "daemon_cpu_s": daemon, "wait_s": waited, "daemon_wait_s": daemon_waited}), flush=True)
     model.close()
@@ -120,17 +121,18 @@ def _cpu_s(pid: int, children_only: bool = False) -> float:
     return total
 
 
-def _wait_s(pid: int, children_only: bool = False) -> float:
-    """Seconds the threads of a process (or of its descendants only) spent runnable but waiting for a core, from
-    Linux's per-thread scheduler statistics (/proc/PID/task/TID/schedstat, its second field); NaN where the kernel
-    keeps none. A thread that has exited takes its share with it."""
+def _wait_s(pid: int, children_only: bool = False, own_only: bool = False) -> float:
+    """Seconds the threads of a process and its descendants (or of its descendants only, or of its own threads
+    only) spent runnable but waiting for a core, from Linux's per-thread scheduler statistics
+    (/proc/PID/task/TID/schedstat, its second field); NaN where the kernel keeps none. A thread that has exited
+    takes its share with it."""
     import psutil
 
     if not os.path.exists("/proc/self/schedstat"):
         return math.nan
     process = psutil.Process(pid)
     total = 0.0
-    for proc in process.children(recursive=True) + ([] if children_only else [process]):
+    for proc in ([] if own_only else process.children(recursive=True)) + ([] if children_only else [process]):
         try:
             tasks = os.listdir(f"/proc/{proc.pid}/task")
         except OSError:  # gone
