@@ -106,13 +106,20 @@ def _read_json(process: subprocess.Popen, timeout_s: float = 600) -> dict:
     raise TimeoutError("client gave no answer")
 
 
-def _cpu_s(pid: int, children_only: bool = False) -> float:
-    """CPU seconds (user + system) of a process, or of its descendants only (its libp2p daemon)."""
+def _family(pid: int, children_only: bool = False, own_only: bool = False) -> list:
+    """A process and its descendants (its libp2p daemon), or its descendants only, or the process only."""
     import psutil
 
     process = psutil.Process(pid)
+    return ([] if own_only else process.children(recursive=True)) + ([] if children_only else [process])
+
+
+def _cpu_s(pid: int, children_only: bool = False) -> float:
+    """CPU seconds (user + system) of a process and its descendants, or of its descendants only."""
+    import psutil
+
     total = 0.0
-    for proc in process.children(recursive=True) + ([] if children_only else [process]):
+    for proc in _family(pid, children_only):
         try:
             times = proc.cpu_times()
             total += times.user + times.system
@@ -122,17 +129,13 @@ def _cpu_s(pid: int, children_only: bool = False) -> float:
 
 
 def _wait_s(pid: int, children_only: bool = False, own_only: bool = False) -> float:
-    """Seconds the threads of a process and its descendants (or of its descendants only, or of its own threads
-    only) spent runnable but waiting for a core, from Linux's per-thread scheduler statistics
-    (/proc/PID/task/TID/schedstat, its second field); NaN where the kernel keeps none. A thread that has exited
-    takes its share with it."""
-    import psutil
-
+    """Seconds the threads of ``_family(pid, children_only, own_only)`` spent runnable but waiting for a core, from
+    Linux's per-thread scheduler statistics (/proc/PID/task/TID/schedstat, its second field); NaN where the kernel
+    keeps none. A thread that has exited takes its share with it."""
     if not os.path.exists("/proc/self/schedstat"):
         return math.nan
-    process = psutil.Process(pid)
     total = 0.0
-    for proc in ([] if own_only else process.children(recursive=True)) + ([] if children_only else [process]):
+    for proc in _family(pid, children_only, own_only):
         try:
             tasks = os.listdir(f"/proc/{proc.pid}/task")
         except OSError:  # gone
@@ -149,9 +152,8 @@ def _wait_s(pid: int, children_only: bool = False, own_only: bool = False) -> fl
 def _pss_mb(pid: int) -> float:
     import psutil
 
-    process = psutil.Process(pid)
     total = 0
-    for proc in [process, *process.children(recursive=True)]:
+    for proc in _family(pid):
         try:
             total += proc.memory_full_info().pss
         except (psutil.NoSuchProcess, psutil.AccessDenied):
