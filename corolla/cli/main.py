@@ -104,6 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--batch-gather", type=float, default=0.2, metavar="SECONDS",
                        help="the longest a batch of sessions' steps waits for other sessions due to step, 0.2 "
                             "(0: run whatever is queued at once)")
+    serve.add_argument("--compute-nice", type=int, default=5, metavar="N",
+                       help="run the compute thread N nice steps below the server's other threads, 0-19 (5: its "
+                            "event loop and libp2p daemon relay messages first; 0: all alike). Linux only")
     serve.add_argument("--session-idle-timeout", type=float, default=600.0,
                        help="seconds after which a session that sends nothing is closed (600)")
     serve.add_argument("--max-message-mb", type=float, default=256, help="largest request accepted, MiB")
@@ -243,6 +246,8 @@ def serve_config(args):
 
     if args.max_batch < 1 or args.batch_gather < 0:
         raise SystemExit("corolla serve: --max-batch must be at least 1 and --batch-gather at least 0")
+    if not 0 <= args.compute_nice <= 19:
+        raise SystemExit(f"corolla serve: --compute-nice must lie in 0..19 (got {args.compute_nice})")
     if not 0 <= args.close_wait < math.inf:
         raise SystemExit(f"corolla serve: --close-wait must be finite and at least 0 (got {args.close_wait:g})")
     if not 0 < args.announce_period < args.record_ttl < math.inf:
@@ -255,7 +260,7 @@ def serve_config(args):
         address_file=args.address_file, identity_path=args.identity, swarm_key_path=args.swarm_key, dtype=args.dtype,
         quant=args.quant, device=args.device, fast_path=args.fast_path, pack_weights=args.pack_weights,
         num_threads=args.num_threads, cache_tokens=args.cache_tokens, cache_wait_s=args.cache_wait,
-        batch_gather_s=args.batch_gather, max_batch=args.max_batch, session_idle_timeout_s=args.session_idle_timeout,
+        batch_gather_s=args.batch_gather, max_batch=args.max_batch, compute_nice=args.compute_nice, session_idle_timeout_s=args.session_idle_timeout,
         max_message_bytes=int(args.max_message_mb * 2**20), frame_budget_bytes=int(args.frame_budget_mb * 2**20),
         throughput=args.throughput, rebalance_period_s=args.rebalance_period, balance_quality=args.balance_quality,
         adapters=tuple(args.adapters), announce_period_s=args.announce_period, record_ttl_s=args.record_ttl,

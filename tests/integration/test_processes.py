@@ -68,6 +68,35 @@ def _stop(process: subprocess.Popen, sig=signal.SIGTERM, timeout_s: float = 30) 
             pass
 
 
+def _daemon_policies(config: PeerConfig) -> tuple[set[int], int]:
+    """(the scheduling policies of every thread of a new peer's libp2p daemon, the creating thread's policy after)."""
+    loop = LoopThread()
+    try:
+        peer = loop.run(Peer.create(config), 30)
+        try:
+            pid = peer.daemon_pid
+            threads = os.listdir(f"/proc/{pid}/task")
+            assert threads, "the daemon has no threads"
+            policies = {os.sched_getscheduler(int(thread)) for thread in threads}
+            return policies, loop.run(_own_policy(), 5)
+        finally:
+            loop.run(peer.shutdown(), 10)
+    finally:
+        loop.stop()
+
+
+async def _own_policy() -> int:
+    return os.sched_getscheduler(0)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or not hasattr(os, "SCHED_BATCH"),
+                    reason="SCHED_BATCH is Linux's")
+def test_the_libp2p_daemon_runs_under_sched_batch_and_the_peer_thread_keeps_its_policy():
+    """Every daemon thread inherits SCHED_BATCH from the thread that started it; that thread is restored."""
+    assert _daemon_policies(PeerConfig()) == ({os.SCHED_BATCH}, os.SCHED_OTHER)
+    assert _daemon_policies(PeerConfig(daemon_batch=False)) == ({os.SCHED_OTHER}, os.SCHED_OTHER)
+
+
 def test_serve_announces_then_leaves_cleanly(tiny_llama_dir, tmp_path):
     """`corolla dht` + `corolla serve --blocks`: online records per block; SIGTERM -> offline record, exit 0."""
     dht = _spawn(["dht", "--address-file", str(tmp_path / "dht.addr")], tmp_path / "dht.log")

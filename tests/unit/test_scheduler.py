@@ -2,8 +2,12 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import sys
 import threading
 import time
+
+import pytest
 
 from corolla.server.scheduler import Priority, Scheduler
 
@@ -157,3 +161,28 @@ def test_batches_stop_growing_at_the_knee():
         await scheduler.close()
 
     asyncio.run(scenario())
+
+
+def _thread_nice(scheduler: Scheduler) -> tuple[int, int]:
+    """(the compute thread's nice, this thread's nice)."""
+    def nice() -> int:
+        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    async def scenario():
+        compute = await scheduler.run(Priority.INFERENCE, nice)
+        await scheduler.close()
+        return compute
+
+    return asyncio.run(scenario()), nice()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread priorities are Linux's")
+def test_the_compute_thread_runs_its_nice_steps_below_the_rest_of_the_process():
+    compute, own = _thread_nice(Scheduler(nice=5))
+    assert compute == min(own + 5, 19)
+    compute, own = _thread_nice(Scheduler(nice=0))
+    assert compute == own
+    with pytest.raises(ValueError, match="nice must lie in 0..19, not 20"):
+        Scheduler(nice=20)
+    with pytest.raises(ValueError, match="nice must lie in 0..19, not -1"):
+        Scheduler(nice=-1)
