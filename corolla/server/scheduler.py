@@ -66,7 +66,7 @@ def _start_compute_thread(num_threads: Optional[int], nice: int) -> None:
     (threads torch starts from it inherit that). Steps of a chain wait on the messages between servers: a lower
     compute priority lets the server's event loop and its libp2p daemon read, check and relay them as soon as they
     can run, while the compute thread keeps the cores whenever nobody else needs them. On two cores shared by three
-    servers and eight clients, eight sessions gained ~5% with the libp2p daemons under ``SCHED_BATCH`` and the
+    servers and eight clients, eight sessions gained 5-12% with the libp2p daemons under ``SCHED_BATCH`` and the
     compute threads at nice 5 (README, Performance, Many sessions at once). Elsewhere ``setpriority`` would apply to
     the whole process, so it is only done on Linux, where it applies to one thread."""
     if num_threads:
