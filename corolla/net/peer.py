@@ -41,15 +41,13 @@ def _batch_children(enabled: bool):
     the compute threads' lower priority (README, Performance, Many sessions at once), and one session did not lose.
     Only a switch from the default policy is made (it needs no privilege); any other policy, or a platform without
     ``SCHED_BATCH``, is left alone."""
-    batch = getattr(os, "SCHED_BATCH", None)
-    other = getattr(os, "SCHED_OTHER", None)
-    if not enabled or batch is None:
+    if not enabled or not hasattr(os, "SCHED_BATCH"):
         yield
         return
     try:
-        switched = os.sched_getscheduler(0) == other
+        switched = os.sched_getscheduler(0) == os.SCHED_OTHER
         if switched:
-            os.sched_setscheduler(0, batch, os.sched_param(0))
+            os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
     except OSError as error:
         logger.debug(f"libp2p daemon keeps the default scheduling policy: {error}")
         switched = False
@@ -57,7 +55,7 @@ def _batch_children(enabled: bool):
         yield
     finally:
         if switched:
-            os.sched_setscheduler(0, other, os.sched_param(0))
+            os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
 
 
 class RememberingValidator(RSASignatureValidator):
