@@ -243,6 +243,7 @@ def _dht(args) -> int:
 def serve_config(args):
     """The ``ServerConfig`` of parsed ``corolla serve`` arguments."""
     from corolla.server.config import ServerConfig
+    from corolla.wire.records import MAX_RECORD_TTL_S
 
     if args.max_batch < 1 or args.batch_gather < 0:
         raise SystemExit("corolla serve: --max-batch must be at least 1 and --batch-gather at least 0")
@@ -250,10 +251,11 @@ def serve_config(args):
         raise SystemExit(f"corolla serve: --compute-nice must lie in 0..19 (got {args.compute_nice})")
     if not 0 <= args.close_wait < math.inf:
         raise SystemExit(f"corolla serve: --close-wait must be finite and at least 0 (got {args.close_wait:g})")
-    if not 0 < args.announce_period < args.record_ttl < math.inf:
-        raise SystemExit(f"corolla serve: --announce-period must be positive and below --record-ttl, which must be "
-                         f"finite (got {args.announce_period:g} and {args.record_ttl:g}): a record must be refreshed "
-                         f"before it expires, and expire once its server is gone")
+    if not 0 < args.announce_period < args.record_ttl <= MAX_RECORD_TTL_S:
+        raise SystemExit(f"corolla serve: --announce-period must be positive and below --record-ttl, which must be at "
+                         f"most {MAX_RECORD_TTL_S:g} (got {args.announce_period:g} and {args.record_ttl:g}): a record "
+                         f"must be refreshed before it expires, and expire once its server is gone; DHT nodes refuse "
+                         f"records that expire later")
     return ServerConfig(
         model=args.model, dht_prefix=args.dht_prefix, blocks=args.blocks, num_blocks=args.num_blocks,
         initial_peers=tuple(args.initial_peers), new_swarm=args.new_swarm, host=args.host, port=args.port,

@@ -20,6 +20,7 @@ from hivemind.utils.multiaddr import Multiaddr
 from hivemind.utils.timed_storage import get_dht_time
 
 from corolla.net.addresses import listen_maddrs
+from corolla.net.dht_storage import DHTLimits, bound_node_storage
 from corolla.net.swarm_auth import SwarmKeyAuthorizer
 from corolla.net.transport import StreamHandler, Transport
 from corolla.wire.identity import Identity
@@ -91,6 +92,7 @@ class PeerConfig:
     identity: Optional[Identity] = None  # the libp2p identity (a server's key, which signs its records); None: new
     swarm_key: Optional[bytes] = None  # a private swarm's secret: DHT requests and replies must prove it
     daemon_batch: bool = True  # start the libp2p daemon under Linux's SCHED_BATCH (see _batch_children)
+    dht_limits: DHTLimits = DHTLimits()  # what this peer's DHT node keeps for others (see corolla.net.dht_storage)
 
 
 class Peer(Transport):
@@ -142,6 +144,7 @@ class Peer(Transport):
                 record_validator=validator,
                 authorizer=SwarmKeyAuthorizer(config.swarm_key) if config.swarm_key is not None else None,
             )
+            bound_node_storage(dht, config.dht_limits)
         except BaseException as error:
             await p2p.shutdown()
             if isinstance(error, RuntimeError) and "bootstrap failed" in str(error):

@@ -8,7 +8,7 @@ from typing import Callable, Optional
 
 from corolla.core.records import ServerRecord
 from corolla.wire.identity import Identity
-from corolla.wire.records import MODELS_KEY, encode_record, servers_key
+from corolla.wire.records import MAX_RECORD_TTL_S, MODELS_KEY, encode_record, servers_key
 from corolla.net.transport import Transport
 
 logger = logging.getLogger(__name__)
@@ -17,6 +17,9 @@ logger = logging.getLogger(__name__)
 class Announcer:
     def __init__(self, peer: Transport, model_prefix: str, record: Callable[[], ServerRecord], period_s: float,
                  ttl_s: float, identity: Identity, swarm_key: Optional[bytes] = None):
+        if not 0 < period_s < ttl_s <= MAX_RECORD_TTL_S:
+            raise ValueError(f"announcing every {period_s:g} s records that live {ttl_s:g} s: the period must be "
+                             f"positive and below the lifetime, which DHT nodes take up to {MAX_RECORD_TTL_S:g} s")
         self.peer = peer
         self.identity = identity  # signs the records: readers accept only records signed by the peer they name
         self.swarm_key = swarm_key  # a private swarm's: proves the records belong to it

@@ -33,6 +33,7 @@ MAX_MADDRS = 16  # addresses one record may list
 MAX_MADDR = 300  # characters of one address
 MAX_THROUGHPUT = 1e7  # tokens/s through a server's blocks: no hardware comes near; a bigger claim is a lie
 MAX_CACHE_TOKENS = 2**40
+MAX_RECORD_TTL_S = 3600.0  # how far ahead a record may expire: DHT nodes refuse later ones (corolla.net.dht_storage)
 DTYPES = ("float32", "float16", "bfloat16")  # what a server may compute in
 
 

@@ -109,3 +109,69 @@ def test_a_private_swarm_refuses_strangers_at_the_dht(tiny_llama_dir, tmp_path):
             assert model.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=4, do_sample=False).shape == (1, 7)
         finally:
             model.close()
+
+
+def test_a_dht_node_keeps_a_bounded_number_of_records_per_key_and_its_incumbents_through_a_flood():
+    """A stranger files signed records under a model's key, each under a key pair of its own (the owner rule holds),
+    straight at the swarm's DHT node: past the node's bound per key it refuses them, the servers already there keep
+    refreshing theirs, a reader gets at most the bound, and plain values and cache writes are refused outright."""
+    from hivemind.dht.crypto import RSASignatureValidator
+    from hivemind.dht.routing import DHTID
+    from hivemind.dht.validation import DHTRecord
+    from hivemind.p2p import PeerID
+    from hivemind.utils.crypto import RSAPrivateKey
+    from hivemind.utils.serializer import MSGPackSerializer
+
+    from corolla.net.dht_storage import DHTLimits, subkey_of
+
+    def signed(identity: Identity, key: str, value, expires: float, subkey: str = "") -> bytes:
+        """``value`` signed by ``identity`` for ``key`` and ``subkey`` (by default, its own subkey)."""
+        private = RSAPrivateKey.__new__(RSAPrivateKey)
+        private.__setstate__({"_private_key": identity.private_der()})
+        record = DHTRecord(DHTID.generate(source=key).to_bytes(), MSGPackSerializer.dumps(subkey or subkey_of(identity)),
+                           MSGPackSerializer.dumps(value), expires)
+        return RSASignatureValidator(private).sign_value(record)
+
+    loop = LoopThread("flood")
+    peers = []
+    try:
+        node = loop.run(Peer.create(PeerConfig(dht_limits=DHTLimits(max_subkeys=3))), 60)
+        peers.append(node)
+        initial = tuple(loop.run(node.visible_maddrs(), 30))
+        honest = loop.run(Peer.create(PeerConfig(initial_peers=initial, client_mode=True)), 60)
+        stranger = loop.run(Peer.create(PeerConfig(initial_peers=initial, client_mode=True)), 60)
+        peers += [honest, stranger]
+        key = servers_key("flood")
+        assert loop.run(honest.announce_many([(key, honest.peer_id, {"honest": 1})], honest.now() + 30), 30)
+        node_id = PeerID.from_base58(node.peer_id)
+        protocol = stranger._dht.protocol
+        flooders = [Identity.generate() for _ in range(5)]
+        stored = []
+        for identity in flooders:
+            expires = stranger.now() + 30
+            result = loop.run(protocol.call_store(node_id, [DHTID.generate(source=key)],
+                                                  [signed(identity, key, {"flood": 1}, expires)], [expires],
+                                                  subkeys=[subkey_of(identity)]), 30)
+            stored.append(result)
+        assert stored == [[True], [True], [False], [False], [False]]  # the honest record and two of the flood
+        assert loop.run(honest.announce_many([(key, honest.peer_id, {"honest": 2})], honest.now() + 40), 30)
+        seen = loop.run(honest.lookup_many([key]), 30)[key]
+        assert len(seen) == 3 and seen[honest.peer_id] == {"honest": 2}
+        # a plain value, a validly signed subkey naming another peer's id, and a write to the cache area: refused
+        plain_key = DHTID.generate(source="plain")
+        assert loop.run(protocol.call_store(node_id, [plain_key], [MSGPackSerializer.dumps("x")],
+                                            [stranger.now() + 30]), 30) == [False]
+        flooder, expires = flooders[0], stranger.now() + 30
+        foreign = honest.peer_id + subkey_of(flooder)[len(flooder.peer_id):]
+        assert loop.run(protocol.call_store(node_id, [DHTID.generate(source="other")],
+                                            [signed(flooder, "other", {"x": 1}, expires, foreign)], [expires],
+                                            subkeys=[foreign]), 30) == [False]
+        assert loop.run(protocol.call_store(node_id, [DHTID.generate(source="cached")],
+                                            [signed(flooder, "cached", {"x": 1}, expires)], [expires],
+                                            subkeys=[subkey_of(flooder)], in_cache=True), 30) == [False]
+        assert node._dht.protocol.storage.refused >= 5
+        assert len(loop.run(honest.lookup_many([key]), 30)[key]) == 3  # and the node still answers
+    finally:
+        for peer in peers:
+            loop.run(peer.shutdown(), 30)
+        loop.stop()

@@ -91,8 +91,18 @@ def test_serve_flags_reach_the_server_config():
     for wait in ("-1", "inf", "nan"):
         with pytest.raises(SystemExit, match="--close-wait must be finite and at least 0"):
             serve_config(build_parser().parse_args(["serve", "smollm2", "--close-wait", wait]))
-    # a record must be refreshed before it expires, and expire once its server is gone
-    for period, ttl in (("0", "6"), ("6", "6"), ("10", "5"), ("nan", "6"), ("2", "inf")):
+    # a record must be refreshed before it expires, and expire once its server is gone (DHT nodes refuse later ones)
+    assert serve_config(build_parser().parse_args(["serve", "smollm2", "--record-ttl", "3600"])).record_ttl_s == 3600
+    for period, ttl in (("0", "6"), ("6", "6"), ("10", "5"), ("nan", "6"), ("2", "inf"), ("10", "3601")):
         with pytest.raises(SystemExit, match="--announce-period must be positive and below --record-ttl"):
             serve_config(build_parser().parse_args(["serve", "smollm2", "--announce-period", period,
                                                     "--record-ttl", ttl]))
+
+
+def test_an_announcer_refuses_record_lifetimes_the_dht_nodes_would_refuse():
+    from corolla.server.announcer import Announcer
+
+    for period, ttl in ((10.0, 3601.0), (10.0, 10.0), (0.0, 30.0)):
+        with pytest.raises(ValueError, match="DHT nodes take up to 3600 s"):
+            Announcer(None, "model", lambda: None, period, ttl, identity=None)
+    assert Announcer(None, "model", lambda: None, 10.0, 3600.0, identity=None).ttl_s == 3600.0

@@ -1,0 +1,190 @@
+"""What a DHT node of ours agrees to keep for others: signed records only, each under its owner's own subkey, for a
+bounded time, and a bounded number of them.
+
+hivemind's DHT node keeps whatever any peer asks it to store: plain values under any key, any number of subkeys
+under one key, expirations years ahead, and a "cache" area any peer may write to. Anyone could then fill a node's
+memory, or file thousands of subkeys under a model's key so that every reader downloads them all at every refresh.
+Corolla itself only ever files one kind of record: under a key, a subkey that is the filing peer's id followed by
+its owner marker (``<peer id>[owner:<its RSA key>]``), whose value hivemind's validator has checked to be signed by
+that key. ``BoundedRecordStorage`` takes hivemind's storage's place in a node and refuses everything else:
+
+- a plain value (no subkey), or a subkey that is not ``<peer id>[owner:<key>]`` with the peer id that key's own
+  (so each subkey costs a key pair of its own, and only its owner can write it: the validator checks the signature);
+- a value over ``max_value_bytes``; an expiration more than ``max_ttl_s`` ahead;
+- a new subkey under a key that holds ``max_subkeys`` live ones, a new key past ``max_keys``, a new entry past
+  ``max_entries`` in all. When full, the records already held stay and keep being refreshed by their owners
+  (the servers of the swarm before a flood keep their places); a newcomer is refused until one expires;
+- a write that does not extend its subkey's expiration (a replay), without the bookkeeping hivemind would add.
+
+The node's cache area, which only hivemind's caching options write to and which Corolla turns off, refuses every
+write (``RefusingStorage``). Readers bound what they decode separately (``corolla.net.records``).
+"""
+from __future__ import annotations
+
+import functools
+import heapq
+import re
+import time
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+from hivemind.dht.storage import DHTLocalStorage, DictionaryDHTValue
+from hivemind.utils import timed_storage
+
+from corolla.wire.identity import Identity, peer_id_of
+from corolla.wire.records import MAX_RECORD_TTL_S
+
+_OWNED_SUBKEY = re.compile(r"([1-9A-HJ-NP-Za-km-z]{1,128})\[owner:(ssh-rsa [A-Za-z0-9+/=]{1,2048})\]")
+
+
+@dataclass(frozen=True)
+class DHTLimits:
+    """What one DHT node keeps for others (see the module docstring). The defaults hold a swarm of thousands of
+    servers (a record is ~1.5 KB, one per server under its model's key and one under the list of models) and bound a
+    node's memory for records to ~250 MB whatever is sent to it."""
+
+    max_keys: int = 4096
+    max_subkeys: int = 2048  # live subkeys under one key
+    max_entries: int = 16384  # live subkeys under all keys together
+    max_value_bytes: int = 16384
+    max_ttl_s: float = MAX_RECORD_TTL_S  # how far ahead an expiration may be
+
+    def __post_init__(self):
+        for name in ("max_keys", "max_subkeys", "max_entries", "max_value_bytes"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"DHTLimits.{name} must be a positive integer, got {value!r}")
+        if not 0 < self.max_ttl_s < float("inf"):
+            raise ValueError(f"DHTLimits.max_ttl_s must be positive and finite, got {self.max_ttl_s!r}")
+
+
+@functools.lru_cache(maxsize=4096)
+def _peer_id_of_ssh_key(ssh_key: str) -> Optional[str]:
+    try:
+        key = serialization.load_ssh_public_key(ssh_key.encode())
+    except (ValueError, TypeError, UnsupportedAlgorithm):
+        return None
+    if not isinstance(key, rsa.RSAPublicKey):
+        return None
+    der = key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    return peer_id_of(der)
+
+
+def owned_subkey(subkey: Any) -> bool:
+    """Whether ``subkey`` is ``<peer id>[owner:<RSA key>]`` naming the peer id of that very key."""
+    if not isinstance(subkey, str):
+        return False
+    match = _OWNED_SUBKEY.fullmatch(subkey)
+    return match is not None and _peer_id_of_ssh_key(match.group(2)) == match.group(1)
+
+
+def subkey_of(identity: Identity) -> str:
+    """The subkey a peer with ``identity`` files its records under: its peer id, then its owner marker."""
+    key = serialization.load_der_private_key(identity.private_der(), None).public_key()
+    ssh = key.public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH).decode()
+    return f"{identity.peer_id}[owner:{ssh}]"
+
+
+def _compact(storage) -> None:
+    """Drop the stale heap entries hivemind's ``TimedStorage`` leaves behind on every refresh (they would otherwise
+    stay until their old expiration comes round): rebuild the heap from the live entries once it is 4x their size."""
+    if len(storage.expiration_heap) > 4 * len(storage.key_to_heap) + 64:
+        storage.expiration_heap = list(storage.key_to_heap.values())
+        heapq.heapify(storage.expiration_heap)
+
+
+class BoundedRecordStorage(DHTLocalStorage):
+    """A DHT node's storage under ``DHTLimits`` (see the module docstring). Every refusal returns False, which the
+    node reports to the peer that asked, as hivemind does for a record it would not keep."""
+
+    RECOUNT_INTERVAL_S = 1.0  # when full, the entries are counted again at most this often
+
+    def __init__(self, limits: DHTLimits = DHTLimits()):
+        super().__init__()
+        self.limits = limits
+        self._entries_bound = 0  # an upper bound on the live entries, made exact whenever it reaches the limit
+        self._recounted_at = float("-inf")
+        self.refused = 0  # writes refused so far (for tests and logs)
+
+    def store(self, key, value, expiration_time, subkey=None) -> bool:
+        if subkey is None:  # a plain value: Corolla files none
+            self.refused += 1
+            return False
+        return self.store_subkey(key, subkey, value, expiration_time)
+
+    def store_subkey(self, key, subkey, value, expiration_time) -> bool:
+        limits = self.limits
+        now = timed_storage.get_dht_time()
+        if (not owned_subkey(subkey) or not isinstance(value, bytes) or len(value) > limits.max_value_bytes
+                or not isinstance(expiration_time, (int, float)) or not now <= expiration_time <= now + limits.max_ttl_s):
+            self.refused += 1
+            return False
+        current = self.get(key)
+        held = current.value if current is not None else None
+        if isinstance(held, DictionaryDHTValue):
+            previous = held.get(subkey)
+            if previous is not None:
+                if expiration_time <= previous.expiration_time:  # a replay or an older write
+                    self.refused += 1
+                    return False
+                return self._stored(key, subkey, value, expiration_time, new=False)
+            if len(held) >= limits.max_subkeys or not self._room_for_an_entry():
+                self.refused += 1
+                return False
+        elif held is not None or len(self) >= limits.max_keys or not self._room_for_an_entry():
+            # a plain value cannot be here (store refuses them); a new key needs room for it and its entry
+            self.refused += 1
+            return False
+        return self._stored(key, subkey, value, expiration_time, new=True)
+
+    def _stored(self, key, subkey, value, expiration_time, new: bool) -> bool:
+        stored = super().store_subkey(key, subkey, value, expiration_time)
+        if stored and new:
+            self._entries_bound += 1
+        _compact(self)
+        held = self.get(key)
+        if held is not None and isinstance(held.value, DictionaryDHTValue):
+            _compact(held.value)
+        return stored
+
+    def _room_for_an_entry(self) -> bool:
+        if self._entries_bound < self.limits.max_entries:
+            return True
+        now = time.monotonic()
+        if now - self._recounted_at >= self.RECOUNT_INTERVAL_S:
+            self._recounted_at = now
+            self._entries_bound = self.live_entries()
+        return self._entries_bound < self.limits.max_entries
+
+    def live_entries(self) -> int:
+        """Live subkeys under all keys (counted: O(keys))."""
+        return sum(len(item.value) for _, item in self.items() if isinstance(item.value, DictionaryDHTValue))
+
+
+class RefusingStorage(DHTLocalStorage):
+    """The DHT node's cache area: every write is refused (Corolla's nodes cache nothing, so nothing is lost), and a
+    lookup finds nothing there."""
+
+    def store(self, key, value, expiration_time, subkey=None) -> bool:
+        return False
+
+    def store_subkey(self, key, subkey, value, expiration_time) -> bool:
+        return False
+
+
+def bound_node_storage(node, limits: DHTLimits) -> None:
+    """Put ``BoundedRecordStorage`` and ``RefusingStorage`` in place of a fresh hivemind ``DHTNode``'s storage and
+    cache (hivemind 1.1.12 builds both in ``DHTProtocol.__init__`` and reaches them as ``node.protocol.storage`` and
+    ``.cache`` on every use). Whatever the node already keeps (its own records filed while it joined) moves over
+    under the same rules."""
+    protocol = node.protocol
+    bounded = BoundedRecordStorage(limits)
+    for key, item in list(protocol.storage.items()):
+        if isinstance(item.value, DictionaryDHTValue):
+            for subkey, entry in list(item.value.items()):
+                bounded.store_subkey(key, subkey, entry.value, entry.expiration_time)
+    protocol.storage = bounded
+    protocol.cache = RefusingStorage()
