@@ -15,8 +15,10 @@ import time
 os.environ.setdefault("GOMP_SPINCOUNT", "50000")
 
 from corolla.core.blocks import BlockRange
+from corolla.server.config import ServerConfig
 from corolla.wire.compression import SUPPORTED_CODECS
 
+_SERVER = ServerConfig()  # the serve flags' defaults are its settings' defaults
 DEFAULT_PROMPT = "What is the capital of France? Answer in one sentence."
 
 
@@ -77,11 +79,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--blocks", type=BlockRange.parse, default=None, metavar="START:END", help="blocks to serve")
     serve.add_argument("--num-blocks", type=int, default=None, help="without --blocks: serve N blocks nobody serves")
     serve.add_argument("--dht-prefix", default=None, help="DHT name of the model (default: derived from the model)")
-    serve.add_argument("--dtype", default="float32", help="float32 (default), bfloat16, float16 or auto")
-    serve.add_argument("--quant", default="none", choices=("none", "int8", "int4", "nf4", "auto"),
+    serve.add_argument("--dtype", default=_SERVER.dtype, help="float32 (default), bfloat16, float16 or auto")
+    serve.add_argument("--quant", default=_SERVER.quant, choices=("none", "int8", "int4", "nf4", "auto"),
                        help="weights: none (default), int8 or int4 on CPU, int8 or nf4 on CUDA (bitsandbytes), "
                             "auto (int8 on CPU, nf4 on CUDA)")
-    serve.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N")
+    serve.add_argument("--device", default=_SERVER.device, help="cpu (default), cuda, cuda:N")
     serve.add_argument("--no-fast-path", dest="fast_path", action="store_false",
                        help="run every layer through transformers' modules and PyTorch's kernels (the fast path "
                             "fuses Llama-built layers and runs decode steps on Corolla's CPU kernels)")
@@ -90,43 +92,48 @@ def build_parser() -> argparse.ArgumentParser:
                             "converted from GGUF, bfloat16 values), which the fast path otherwise reads packed, "
                             "with the same results")
     serve.add_argument("--num-threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    serve.add_argument("--cache-tokens", type=int, default=32768,
-                       help="session cache budget: tokens held (per batch row, in pages), 32768")
+    serve.add_argument("--cache-tokens", type=int, default=_SERVER.cache_tokens,
+                       help="session cache budget: tokens held (per batch row, in pages), %(default)s")
     serve.add_argument("--swarm-key", default=None, metavar="FILE",
                        help="a private swarm's secret: streams and records without it are refused")
     serve.add_argument("--identity", default=None, metavar="FILE",
                        help="the server's key (its peer id, which signs its records); created there if missing "
                             "(default: a new key each run)")
-    serve.add_argument("--cache-wait", type=float, default=10.0,
-                       help="seconds a session waits for cache when the budget is full before failing (10)")
-    serve.add_argument("--max-batch", type=int, default=64,
-                       help="the most sessions' steps one pass through the blocks takes, 64")
-    serve.add_argument("--batch-gather", type=float, default=0.2, metavar="SECONDS",
-                       help="the longest a batch of sessions' steps waits for other sessions due to step, 0.2 "
+    serve.add_argument("--cache-wait", type=float, default=_SERVER.cache_wait_s,
+                       help="seconds a session waits for cache when the budget is full before failing (%(default)g)")
+    serve.add_argument("--max-batch", type=int, default=_SERVER.max_batch,
+                       help="the most sessions' steps one pass through the blocks takes, %(default)s")
+    serve.add_argument("--batch-gather", type=float, default=_SERVER.batch_gather_s, metavar="SECONDS",
+                       help="the longest a batch of sessions' steps waits for other sessions due to step, %(default)g "
                             "(0: run whatever is queued at once)")
-    serve.add_argument("--compute-nice", type=int, default=5, metavar="N",
-                       help="run the compute thread N nice steps below the server's other threads, 0-19 (5: its "
+    serve.add_argument("--compute-nice", type=int, default=_SERVER.compute_nice, metavar="N",
+                       help="run the compute thread N nice steps below the server's other threads, 0-19 (%(default)s: "
+                            "its "
                             "event loop and libp2p daemon relay messages first; 0: all alike). Linux only")
-    serve.add_argument("--session-idle-timeout", type=float, default=600.0,
-                       help="seconds after which a session that sends nothing is closed (600)")
-    serve.add_argument("--max-message-mb", type=float, default=256, help="largest request accepted, MiB")
-    serve.add_argument("--frame-budget-mb", type=float, default=1024,
-                       help="request frames held at once, all streams together, MiB (one peer: half while others wait)")
+    serve.add_argument("--session-idle-timeout", type=float, default=_SERVER.session_idle_timeout_s,
+                       help="seconds after which a session that sends nothing is closed (%(default)g)")
+    serve.add_argument("--max-message-mb", type=float, default=_SERVER.max_message_bytes / 2**20,
+                       help="largest request accepted, MiB (%(default)g)")
+    serve.add_argument("--frame-budget-mb", type=float, default=_SERVER.frame_budget_bytes / 2**20,
+                       help="request frames held at once, all streams together, MiB (%(default)g; one peer: half while "
+                            "others wait)")
     serve.add_argument("--throughput", type=float, default=None, help="tokens/s to announce instead of measuring")
     serve.add_argument("--adapters", nargs="+", default=[], metavar="PATH_OR_ID",
                        help="PEFT LoRA adapters to load; clients choose one per request by this name (active_adapter)")
-    serve.add_argument("--rebalance-period", type=float, default=60.0,
-                       help="seconds between checks whether to move to weaker blocks (only without --blocks)")
-    serve.add_argument("--balance-quality", type=float, default=0.75,
-                       help="move only if the swarm's throughput would exceed current / this (default 0.75)")
-    serve.add_argument("--announce-period", type=float, default=10.0, metavar="SECONDS",
-                       help="seconds between refreshes of this server's DHT record (10)")
-    serve.add_argument("--record-ttl", type=float, default=30.0, metavar="SECONDS",
+    serve.add_argument("--rebalance-period", type=float, default=_SERVER.rebalance_period_s,
+                       help="seconds between checks whether to move to weaker blocks (%(default)g; only without "
+                            "--blocks)")
+    serve.add_argument("--balance-quality", type=float, default=_SERVER.balance_quality,
+                       help="move only if the swarm's throughput would exceed current / this (default %(default)g)")
+    serve.add_argument("--announce-period", type=float, default=_SERVER.announce_period_s, metavar="SECONDS",
+                       help="seconds between refreshes of this server's DHT record (%(default)g)")
+    serve.add_argument("--record-ttl", type=float, default=_SERVER.record_ttl_s, metavar="SECONDS",
                        help="seconds this server's record lives unrefreshed: how long a server that died unannounced "
-                            "stays listed (30; more than --announce-period)")
-    serve.add_argument("--close-wait", type=float, default=10.0, metavar="SECONDS",
+                            "stays listed (%(default)g; more than --announce-period, at most an hour)")
+    serve.add_argument("--close-wait", type=float, default=_SERVER.close_wait_s, metavar="SECONDS",
                        help="seconds an answered stream waits for its requester to close it before this server "
-                            "closes it (10; 0 closes at once, which loses about one reply in 5,000 in hivemind)")
+                            "closes it (%(default)g; 0 closes at once, which loses about one reply in 5,000 in "
+                            "hivemind)")
     _add_peer_args(serve, "write this server's multiaddrs here once it serves")
 
     swarm = commands.add_parser("swarm", help="run a local swarm: a DHT node and N servers splitting the model")
@@ -242,7 +249,6 @@ def _dht(args) -> int:
 
 def serve_config(args):
     """The ``ServerConfig`` of parsed ``corolla serve`` arguments."""
-    from corolla.server.config import ServerConfig
     from corolla.wire.records import MAX_RECORD_TTL_S
 
     if args.max_batch < 1 or args.batch_gather < 0:

@@ -119,7 +119,8 @@ class BoundedRecordStorage(DHTLocalStorage):
         limits = self.limits
         now = timed_storage.get_dht_time()
         if (not owned_subkey(subkey) or not isinstance(value, bytes) or len(value) > limits.max_value_bytes
-                or not isinstance(expiration_time, (int, float)) or not now <= expiration_time <= now + limits.max_ttl_s):
+                or not isinstance(expiration_time, (int, float))
+                or not now <= expiration_time <= now + limits.max_ttl_s):
             self.refused += 1
             return False
         current = self.get(key)

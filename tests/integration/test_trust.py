@@ -128,8 +128,9 @@ def test_a_dht_node_keeps_a_bounded_number_of_records_per_key_and_its_incumbents
         """``value`` signed by ``identity`` for ``key`` and ``subkey`` (by default, its own subkey)."""
         private = RSAPrivateKey.__new__(RSAPrivateKey)
         private.__setstate__({"_private_key": identity.private_der()})
-        record = DHTRecord(DHTID.generate(source=key).to_bytes(), MSGPackSerializer.dumps(subkey or subkey_of(identity)),
-                           MSGPackSerializer.dumps(value), expires)
+        record = DHTRecord(DHTID.generate(source=key).to_bytes(),
+                           MSGPackSerializer.dumps(subkey or subkey_of(identity)), MSGPackSerializer.dumps(value),
+                           expires)
         return RSASignatureValidator(private).sign_value(record)
 
     loop = LoopThread("flood")

@@ -63,7 +63,8 @@ def test_a_full_key_keeps_its_records_refreshing_and_refuses_newcomers_until_one
     assert storage.store_subkey(OTHER_KEY, subkeys[3], b"v", now + 30)  # the bound is per key
     clock[0] = now + 11.5  # subkeys[1] has expired
     assert storage.store_subkey(KEY, subkeys[3], b"v", now + 30)
-    assert sorted(subkey for subkey, _ in storage.get(KEY).value.items()) == sorted([subkeys[0], subkeys[2], subkeys[3]])
+    held = sorted(subkey for subkey, _ in storage.get(KEY).value.items())
+    assert held == sorted([subkeys[0], subkeys[2], subkeys[3]])
 
 
 def test_new_keys_and_entries_stop_at_their_limits(clock, monkeypatch):

@@ -106,3 +106,16 @@ def test_an_announcer_refuses_record_lifetimes_the_dht_nodes_would_refuse():
         with pytest.raises(ValueError, match="DHT nodes take up to 3600 s"):
             Announcer(None, "model", lambda: None, period, ttl, identity=None)
     assert Announcer(None, "model", lambda: None, 10.0, 3600.0, identity=None).ttl_s == 3600.0
+
+
+def test_corolla_serve_without_flags_gives_the_default_server_config():
+    import dataclasses
+
+    from corolla.cli.main import build_parser, serve_config
+    from corolla.server.config import ServerConfig
+
+    parsed, default = serve_config(build_parser().parse_args(["serve"])), ServerConfig()
+    differing = {field.name: (getattr(parsed, field.name), getattr(default, field.name))
+                 for field in dataclasses.fields(ServerConfig)
+                 if getattr(parsed, field.name) != getattr(default, field.name)}
+    assert differing == {}  # the flags take their defaults from ServerConfig (cli/main.py's _SERVER)
