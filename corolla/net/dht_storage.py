@@ -10,7 +10,7 @@ that key. ``BoundedRecordStorage`` takes hivemind's storage's place in a node an
 
 - a plain value (no subkey), or a subkey that is not ``<peer id>[owner:<key>]`` with the peer id that key's own
   (so each subkey costs a key pair of its own, and only its owner can write it: the validator checks the signature);
-- a value over ``max_value_bytes``; an expiration more than ``max_ttl_s`` ahead;
+- a value over ``max_value_bytes``; an expiration more than ``max_ttl_s`` ahead (and ``CLOCK_SLACK_S``);
 - a new subkey under a key that holds ``max_subkeys`` live ones, a new key past ``max_keys``, a new entry past
   ``max_entries`` in all. When full, the records already held stay and keep being refreshed by their owners
   (the servers of the swarm before a flood keep their places); a newcomer is refused until one expires;
@@ -37,6 +37,7 @@ from hivemind.utils import timed_storage
 from corolla.wire.identity import Identity, peer_id_of
 from corolla.wire.records import MAX_RECORD_TTL_S
 
+CLOCK_SLACK_S = 60.0  # a writer's clock may run ahead of ours: its records may expire this much past the horizon
 _OWNED_SUBKEY = re.compile(r"([1-9A-HJ-NP-Za-km-z]{1,128})\[owner:(ssh-rsa [A-Za-z0-9+/=]{1,2048})\]")
 
 
@@ -120,7 +121,7 @@ class BoundedRecordStorage(DHTLocalStorage):
         now = timed_storage.get_dht_time()
         if (not owned_subkey(subkey) or not isinstance(value, bytes) or len(value) > limits.max_value_bytes
                 or not isinstance(expiration_time, (int, float))
-                or not now <= expiration_time <= now + limits.max_ttl_s):
+                or not now <= expiration_time <= now + limits.max_ttl_s + CLOCK_SLACK_S):
             self.refused += 1
             return False
         current = self.get(key)
