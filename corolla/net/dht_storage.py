@@ -11,8 +11,9 @@ that key. ``BoundedRecordStorage`` takes hivemind's storage's place in a node an
 - a plain value (no subkey), or a subkey that is not ``<peer id>[owner:<key>]`` with the peer id that key's own
   (so each subkey costs a key pair of its own, and only its owner can write it: the validator checks the signature);
 - a value over ``max_value_bytes``; an expiration more than ``max_ttl_s`` ahead (and ``CLOCK_SLACK_S``);
-- a new subkey under a key that holds ``max_subkeys`` live ones, a new key past ``max_keys``, a new entry past
-  ``max_entries`` in all. When full, the records already held stay and keep being refreshed by their owners
+- a new subkey under a key that holds ``max_subkeys`` live ones or whose records would pass ``max_key_bytes`` (a
+  lookup gets a key's records in one reply, which hivemind caps at 2 MiB: a key filled past that could not be read
+  at all), a new key past ``max_keys``, a new entry past ``max_entries`` or ``max_bytes`` in all. When full, the records already held stay and keep being refreshed by their owners
   (the servers of the swarm before a flood keep their places); a newcomer is refused until one expires;
 - a write that does not extend its subkey's expiration (a replay), without the bookkeeping hivemind would add.
 
@@ -44,17 +45,20 @@ _OWNED_SUBKEY = re.compile(r"([1-9A-HJ-NP-Za-km-z]{1,128})\[owner:(ssh-rsa [A-Za
 @dataclass(frozen=True)
 class DHTLimits:
     """What one DHT node keeps for others (see the module docstring). The defaults hold a swarm of thousands of
-    servers (a record is ~1.5 KB, one per server under its model's key and one under the list of models) and bound a
-    node's memory for records to ~250 MB whatever is sent to it."""
+    servers (a record and its subkey are ~2 KB, one per server under its model's key and one under the list of
+    models; a key's 1.5 MiB holds ~750 of them) and bound what a node keeps for others to 256 MiB of records
+    whatever is sent to it."""
 
     max_keys: int = 4096
     max_subkeys: int = 2048  # live subkeys under one key
     max_entries: int = 16384  # live subkeys under all keys together
-    max_value_bytes: int = 16384
+    max_value_bytes: int = 65536  # one record (a server's with many adapters is the largest)
+    max_key_bytes: int = 3 * 2**19  # one key's subkeys and values: 1.5 MiB, under hivemind's 2 MiB for a reply
+    max_bytes: int = 2**28  # all keys' subkeys and values together: 256 MiB
     max_ttl_s: float = MAX_RECORD_TTL_S  # how far ahead an expiration may be
 
     def __post_init__(self):
-        for name in ("max_keys", "max_subkeys", "max_entries", "max_value_bytes"):
+        for name in ("max_keys", "max_subkeys", "max_entries", "max_value_bytes", "max_key_bytes", "max_bytes"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"DHTLimits.{name} must be a positive integer, got {value!r}")
@@ -89,6 +93,11 @@ def subkey_of(identity: Identity) -> str:
     return f"{identity.peer_id}[owner:{ssh}]"
 
 
+def _size(subkey: str, value: bytes) -> int:
+    """What a record adds to a lookup's reply: its subkey and value (and a few bytes of framing)."""
+    return len(subkey) + len(value) + 16
+
+
 def _compact(storage) -> None:
     """Drop the stale heap entries hivemind's ``TimedStorage`` leaves behind on every refresh (they would otherwise
     stay until their old expiration comes round): rebuild the heap from the live entries once it is 4x their size."""
@@ -101,13 +110,15 @@ class BoundedRecordStorage(DHTLocalStorage):
     """A DHT node's storage under ``DHTLimits`` (see the module docstring). Every refusal returns False, which the
     node reports to the peer that asked, as hivemind does for a record it would not keep."""
 
-    RECOUNT_INTERVAL_S = 1.0  # when full, the entries are counted again at most this often
+    RECOUNT_INTERVAL_S = 1.0  # when full, the entries (or a key's bytes) are counted again at most this often
 
     def __init__(self, limits: DHTLimits = DHTLimits()):
         super().__init__()
         self.limits = limits
-        self._entries_bound = 0  # an upper bound on the live entries, made exact whenever it reaches the limit
+        self._entries_bound = 0  # upper bounds on the live entries and their bytes, made exact (at most once a
+        self._bytes_bound = 0  # RECOUNT_INTERVAL_S) whenever one reaches its limit: expired records leave them high
         self._recounted_at = float("-inf")
+        self._key_bytes: dict = {}  # key -> [an upper bound on its records' bytes, when last counted exactly]
         self.refused = 0  # writes refused so far (for tests and logs)
 
     def store(self, key, value, expiration_time, subkey=None) -> bool:
@@ -129,41 +140,81 @@ class BoundedRecordStorage(DHTLocalStorage):
         if isinstance(held, DictionaryDHTValue):
             previous = held.get(subkey)
             if previous is not None:
-                if expiration_time <= previous.expiration_time:  # a replay or an older write
-                    self.refused += 1
+                grows = len(value) - len(previous.value)
+                if (expiration_time <= previous.expiration_time or not self._room_in_key(key, held, grows)
+                        or not self._room_in_all(0, grows)):
+                    self.refused += 1  # a replay or an older write; or a bigger record than the key has room for
                     return False
-                return self._stored(key, subkey, value, expiration_time, new=False)
-            if len(held) >= limits.max_subkeys or not self._room_for_an_entry():
+                return self._stored(key, subkey, value, expiration_time, grows, new=False)
+            size = _size(subkey, value)
+            if (len(held) >= limits.max_subkeys or not self._room_in_key(key, held, size)
+                    or not self._room_in_all(1, size)):
                 self.refused += 1
                 return False
-        elif held is not None or len(self) >= limits.max_keys or not self._room_for_an_entry():
+            return self._stored(key, subkey, value, expiration_time, size, new=True)
+        size = _size(subkey, value)
+        if held is not None or len(self) >= limits.max_keys or not self._room_in_all(1, size):
             # a plain value cannot be here (store refuses them); a new key needs room for it and its entry
             self.refused += 1
             return False
-        return self._stored(key, subkey, value, expiration_time, new=True)
+        if len(self._key_bytes) > 2 * limits.max_keys:  # forget the byte counts of keys gone since
+            self._key_bytes = {k: count for k, count in self._key_bytes.items() if k in self.data}
+        self._key_bytes[key] = [0, float("-inf")]
+        return self._stored(key, subkey, value, expiration_time, size, new=True)
 
-    def _stored(self, key, subkey, value, expiration_time, new: bool) -> bool:
+    def _room_in_key(self, key, held: DictionaryDHTValue, grows: int) -> bool:
+        """Whether ``key``'s records can grow by ``grows`` bytes within ``max_key_bytes`` (counted again, at most
+        once a ``RECOUNT_INTERVAL_S``, when the running bound says no: records that expired leave it high)."""
+        count = self._key_bytes.get(key)
+        if count is None:  # (a key filed before this storage took over)
+            count = self._key_bytes[key] = [self._bytes_of(held), time.monotonic()]
+        if count[0] + grows <= self.limits.max_key_bytes:
+            return True
+        now = time.monotonic()
+        if now - count[1] >= self.RECOUNT_INTERVAL_S:
+            count[:] = [self._bytes_of(held), now]
+        return count[0] + grows <= self.limits.max_key_bytes
+
+    @staticmethod
+    def _bytes_of(held: DictionaryDHTValue) -> int:
+        return sum(_size(subkey, item.value) for subkey, item in held.items())
+
+    def _stored(self, key, subkey, value, expiration_time, grows: int, new: bool) -> bool:
         stored = super().store_subkey(key, subkey, value, expiration_time)
-        if stored and new:
-            self._entries_bound += 1
+        if stored:
+            self._key_bytes[key][0] += grows
+            self._bytes_bound += grows
+            self._entries_bound += int(new)
         _compact(self)
         held = self.get(key)
         if held is not None and isinstance(held.value, DictionaryDHTValue):
             _compact(held.value)
         return stored
 
-    def _room_for_an_entry(self) -> bool:
-        if self._entries_bound < self.limits.max_entries:
+    def _room_in_all(self, entries: int, grows: int) -> bool:
+        """Whether all keys together can take ``entries`` more entries and ``grows`` more bytes."""
+        def fits() -> bool:
+            return (self._entries_bound + entries <= self.limits.max_entries
+                    and self._bytes_bound + grows <= self.limits.max_bytes)
+
+        if fits():
             return True
         now = time.monotonic()
         if now - self._recounted_at >= self.RECOUNT_INTERVAL_S:
             self._recounted_at = now
-            self._entries_bound = self.live_entries()
-        return self._entries_bound < self.limits.max_entries
+            self._entries_bound, self._bytes_bound = self.live_entries(), self.live_bytes()
+        return fits()
+
+    def _dictionaries(self) -> list:
+        return [item.value for _, item in self.items() if isinstance(item.value, DictionaryDHTValue)]
 
     def live_entries(self) -> int:
         """Live subkeys under all keys (counted: O(keys))."""
-        return sum(len(item.value) for _, item in self.items() if isinstance(item.value, DictionaryDHTValue))
+        return sum(len(held) for held in self._dictionaries())
+
+    def live_bytes(self) -> int:
+        """Bytes of the live records under all keys, as ``max_bytes`` counts them (counted: O(entries))."""
+        return sum(self._bytes_of(held) for held in self._dictionaries())
 
 
 class RefusingStorage(DHTLocalStorage):

@@ -10,7 +10,7 @@ from hivemind.utils import timed_storage
 from corolla.net.dht_storage import CLOCK_SLACK_S, BoundedRecordStorage, DHTLimits, RefusingStorage, owned_subkey, subkey_of
 from corolla.wire.identity import Identity
 
-IDENTITIES = [Identity.generate() for _ in range(6)]
+IDENTITIES = [Identity.generate() for _ in range(30)]
 
 
 owned = subkey_of
@@ -83,6 +83,38 @@ def test_new_keys_and_entries_stop_at_their_limits(clock, monkeypatch):
     assert storage.store_subkey(OTHER_KEY, c, b"v", now + 40)
     assert storage.store_subkey(THIRD_KEY, d, b"v", now + 40) is False  # two keys again
     assert storage.live_entries() == 2
+
+
+def test_a_key_s_records_stay_within_its_byte_budget_and_all_keys_within_theirs(clock, monkeypatch):
+    monkeypatch.setattr(BoundedRecordStorage, "RECOUNT_INTERVAL_S", 0.0)
+    a, b, c = (owned(identity) for identity in IDENTITIES[:3])
+    record = len(a) + 1000 + 16  # what one record of 1000 bytes counts
+    storage = BoundedRecordStorage(DHTLimits(max_key_bytes=2 * record + 10, max_bytes=3 * record + 10))
+    now = clock[0]
+    assert storage.store_subkey(KEY, a, b"v" * 1000, now + 10)
+    assert storage.store_subkey(KEY, b, b"v" * 1000, now + 20)
+    assert not storage.store_subkey(KEY, c, b"v" * 1000, now + 20)  # past the key's budget
+    assert storage.store_subkey(KEY, a, b"w" * 1005, now + 11)  # an incumbent refreshes, a little bigger
+    assert not storage.store_subkey(KEY, a, b"w" * 1020, now + 12)  # but not past the budget
+    assert storage.store_subkey(OTHER_KEY, c, b"v" * 1000, now + 20)
+    assert not storage.store_subkey(THIRD_KEY, a, b"v" * 100, now + 20)  # past all keys' budget
+    clock[0] = now + 11.5  # a's record under KEY has expired: the counts made exact again make room
+    assert storage.store_subkey(KEY, c, b"v" * 1000, now + 30)
+    assert storage.live_bytes() == 3 * record
+
+
+def test_with_the_default_limits_a_full_key_is_read_in_one_reply(clock):
+    """A lookup gets a key's records in one reply, which hivemind caps: a key filled with the largest records a node
+    accepts must still fit in it (else the key could not be read at all from that node)."""
+    from hivemind.p2p.p2p_daemon_bindings.control import MAX_UNARY_PAYLOAD_SIZE
+    from hivemind.utils.serializer import MSGPackSerializer
+
+    storage = BoundedRecordStorage()
+    largest = b"v" * storage.limits.max_value_bytes
+    stored = [storage.store_subkey(KEY, owned(identity), largest, clock[0] + 10) for identity in IDENTITIES]
+    assert stored.count(True) >= 20 and not stored[-1]  # the key's budget ran out, not the identities
+    reply = MSGPackSerializer.dumps(storage.get(KEY).value)  # what rpc_find sends for the key
+    assert len(reply) < MAX_UNARY_PAYLOAD_SIZE - 64 * 1024  # with room for the reply's other fields
 
 
 def test_replays_are_refused_without_growing_the_node_s_bookkeeping(clock):
