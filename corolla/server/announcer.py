@@ -28,6 +28,7 @@ class Announcer:
         self.period_s = period_s
         self.ttl_s = ttl_s
         self._task: asyncio.Task | None = None
+        self._kept = True  # whether the last announcement was kept (a change is logged)
 
     async def announce_now(self, ttl_s: float | None = None) -> bool:
         record = self.record()
@@ -36,10 +37,19 @@ class Announcer:
         items = [(servers_key(self.model_prefix), record.peer_id, value),
                  (MODELS_KEY, record.peer_id, value)]  # so that a swarm page can list the models served
         try:
-            return await self.peer.announce_many(items, expires)
+            stored = await self.peer.announce_many(items, expires)
         except Exception as exc:
             logger.warning("announcing %s failed: %s", record.blocks, exc)
+            self._kept = False
             return False
+        if not stored and self._kept:
+            logger.warning("the DHT nodes refused this server's record (blocks %s): clients may not find it until one "
+                           "keeps it (its model's key full, as under a flood of records, or no DHT node reachable); "
+                           "retrying every %g s", record.blocks, self.period_s)
+        elif stored and not self._kept:
+            logger.info("the DHT nodes keep this server's record again")
+        self._kept = stored
+        return stored
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._loop())

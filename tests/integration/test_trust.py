@@ -1,14 +1,17 @@
 """Signed records on the real DHT: a stranger can neither overwrite a server's record nor plant one naming it."""
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 
 from corolla.core.blocks import BlockRange
-from corolla.core.records import ServerState
+from corolla.core.records import ServerRecord, ServerState
 from corolla.net.loop import LoopThread
 from corolla.net.peer import Peer, PeerConfig
 from corolla.net.records import fetch_records
+from corolla.server.announcer import Announcer
 from corolla.testing.local_swarm import LocalSwarm
 from corolla.wire.identity import Identity
 from corolla.wire.records import decode_record, encode_record, servers_key
@@ -111,7 +114,7 @@ def test_a_private_swarm_refuses_strangers_at_the_dht(tiny_llama_dir, tmp_path):
             model.close()
 
 
-def test_a_dht_node_keeps_a_bounded_number_of_records_per_key_and_its_incumbents_through_a_flood():
+def test_a_dht_node_keeps_a_bounded_number_of_records_per_key_and_its_incumbents_through_a_flood(caplog):
     """A stranger files signed records under a model's key, each under a key pair of its own (the owner rule holds),
     straight at the swarm's DHT node: past the node's bound per key it refuses them, the servers already there keep
     refreshing theirs, a reader gets at most the bound, and plain values and cache writes are refused outright."""
@@ -171,6 +174,17 @@ def test_a_dht_node_keeps_a_bounded_number_of_records_per_key_and_its_incumbents
                                             [signed(flooder, "cached", {"x": 1}, expires)], [expires],
                                             subkeys=[subkey_of(flooder)], in_cache=True), 30) == [False]
         assert node._dht.protocol.storage.refused >= 5
+        # a server that comes after the flood is refused too, and says so in its log
+        newcomer_identity = Identity.generate()
+        newcomer = loop.run(Peer.create(PeerConfig(initial_peers=initial, client_mode=True,
+                                                   identity=newcomer_identity)), 60)
+        peers.append(newcomer)
+        record = ServerRecord(peer_id=newcomer.peer_id, blocks=BlockRange(0, 4), state=ServerState.ONLINE,
+                              throughput=10.0, dtype="float32", protocol_version=1, cache_tokens_free=100)
+        announcer = Announcer(newcomer, "flood", lambda: record, 10.0, 30.0, newcomer_identity)
+        with caplog.at_level(logging.WARNING, logger="corolla.server.announcer"):
+            assert not loop.run(announcer.announce_now(), 30)
+        assert "the DHT nodes refused this server's record (blocks 0:4)" in caplog.text, caplog.text
         assert len(loop.run(honest.lookup_many([key]), 30)[key]) == 3  # and the node still answers
     finally:
         for peer in peers:
