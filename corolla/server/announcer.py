@@ -14,6 +14,11 @@ from corolla.net.transport import Transport
 logger = logging.getLogger(__name__)
 
 
+_WHERE = {"model": "its model's key", "list": "the list of models"}
+_CONSEQUENCE = {"model": "its model's key: clients cannot find it until one keeps it",
+                "list": "the list of models: the swarm page does not list it (clients still find it)"}
+
+
 class Announcer:
     def __init__(self, peer: Transport, model_prefix: str, record: Callable[[], ServerRecord], period_s: float,
                  ttl_s: float, identity: Identity, swarm_key: Optional[bytes] = None):
@@ -28,28 +33,30 @@ class Announcer:
         self.period_s = period_s
         self.ttl_s = ttl_s
         self._task: asyncio.Task | None = None
-        self._kept = True  # whether the last announcement was kept (a change is logged)
+        self._kept = {"model": True, "list": True}  # whether the last announcement under each key was kept
 
     async def announce_now(self, ttl_s: float | None = None) -> bool:
+        """File this server's record under its model's key and under the list of models; True if both were kept."""
         record = self.record()
         expires = self.peer.now() + (ttl_s or self.ttl_s)
         value = encode_record(record, self.identity, self.model_prefix, expires, self.swarm_key)
-        items = [(servers_key(self.model_prefix), record.peer_id, value),
-                 (MODELS_KEY, record.peer_id, value)]  # so that a swarm page can list the models served
-        try:
-            stored = await self.peer.announce_many(items, expires)
-        except Exception as exc:
-            logger.warning("announcing %s failed: %s", record.blocks, exc)
-            self._kept = False
-            return False
-        if not stored and self._kept:
-            logger.warning("the DHT nodes refused this server's record (blocks %s): clients may not find it until one "
-                           "keeps it (its model's key full, as under a flood of records, or no DHT node reachable); "
-                           "retrying every %g s", record.blocks, self.period_s)
-        elif stored and not self._kept:
-            logger.info("the DHT nodes keep this server's record again")
-        self._kept = stored
-        return stored
+        keys = {"model": servers_key(self.model_prefix), "list": MODELS_KEY}  # the list: for the swarm page
+        results = await asyncio.gather(*(self.peer.announce_many([(key, record.peer_id, value)], expires)
+                                         for key in keys.values()), return_exceptions=True)
+        for what, result in zip(keys, results):
+            if isinstance(result, BaseException) and not isinstance(result, Exception):
+                raise result
+            kept = result is True
+            if isinstance(result, Exception):
+                logger.warning("announcing %s failed: %s", record.blocks, result)
+            elif not kept and self._kept[what]:
+                logger.warning("the DHT nodes refused this server's record (blocks %s) under %s; retrying every %g s "
+                               "(a key full, as under a flood of records, or no DHT node reachable)", record.blocks,
+                               _CONSEQUENCE[what], self.period_s)
+            elif kept and not self._kept[what]:
+                logger.info("the DHT nodes keep this server's record under %s again", _WHERE[what])
+            self._kept[what] = kept
+        return all(self._kept.values())
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._loop())
