@@ -11,10 +11,11 @@ that key. ``BoundedRecordStorage`` takes hivemind's storage's place in a node an
 - a plain value (no subkey), or a subkey that is not ``<peer id>[owner:<key>]`` with the peer id that key's own
   (so each subkey costs a key pair of its own, and only its owner can write it: the validator checks the signature);
 - a value over ``max_value_bytes``; an expiration more than ``max_ttl_s`` ahead (and ``CLOCK_SLACK_S``);
-- a new subkey under a key that holds ``max_subkeys`` live ones or whose records would pass ``max_key_bytes`` (a
-  lookup gets a key's records in one reply, which hivemind caps at 2 MiB: a key filled past that could not be read
-  at all), a new key past ``max_keys``, a new entry past ``max_entries`` or ``max_bytes`` in all. When full, the records already held stay and keep being refreshed by their owners
-  (the servers of the swarm before a flood keep their places); a newcomer is refused until one expires;
+- a new subkey under a key that holds ``max_subkeys`` live ones, or a record (new or refreshed) that would take the
+  key's records past ``max_key_bytes`` (a lookup gets a key's records in one reply, which hivemind caps at 2 MiB: a
+  key filled past that could not be read at all); a new key past ``max_keys``; a new entry past ``max_entries`` or
+  ``max_bytes`` in all. When full, the records already held stay and keep being refreshed by their owners (the
+  servers of the swarm before a flood keep their places); a newcomer is refused until one expires;
 - a write that does not extend its subkey's expiration (a replay), without the bookkeeping hivemind would add.
 
 The node's cache area, which only hivemind's caching options write to and which Corolla turns off, refuses every
