@@ -166,9 +166,7 @@ class BoundedRecordStorage(DHTLocalStorage):
     def _room_in_key(self, key, held: DictionaryDHTValue, grows: int) -> bool:
         """Whether ``key``'s records can grow by ``grows`` bytes within ``max_key_bytes`` (counted again, at most
         once a ``RECOUNT_INTERVAL_S``, when the running bound says no: records that expired leave it high)."""
-        count = self._key_bytes.get(key)
-        if count is None:  # (a key filed before this storage took over)
-            count = self._key_bytes[key] = [self._bytes_of(held), time.monotonic()]
+        count = self._key_bytes[key]  # set when the key's first record was kept (kept while the key lives)
         if count[0] + grows <= self.limits.max_key_bytes:
             return True
         now = time.monotonic()

@@ -14,9 +14,9 @@ from corolla.net.transport import Transport
 logger = logging.getLogger(__name__)
 
 
-_WHERE = {"model": "its model's key", "list": "the list of models"}
-_CONSEQUENCE = {"model": "its model's key: clients cannot find it until one keeps it",
-                "list": "the list of models: the swarm page does not list it (clients still find it)"}
+# where a server files its record, and what it misses while that key refuses it
+_KEYS = {"model": ("its model's key", "clients cannot find it until one keeps it"),
+         "list": ("the list of models", "the swarm page does not list it (clients still find it)")}
 
 
 class Announcer:
@@ -40,21 +40,22 @@ class Announcer:
         record = self.record()
         expires = self.peer.now() + (ttl_s or self.ttl_s)
         value = encode_record(record, self.identity, self.model_prefix, expires, self.swarm_key)
-        keys = {"model": servers_key(self.model_prefix), "list": MODELS_KEY}  # the list: for the swarm page
+        keys = {"model": servers_key(self.model_prefix), "list": MODELS_KEY}
         results = await asyncio.gather(*(self.peer.announce_many([(key, record.peer_id, value)], expires)
                                          for key in keys.values()), return_exceptions=True)
         for what, result in zip(keys, results):
+            where, missed = _KEYS[what]
             if isinstance(result, BaseException) and not isinstance(result, Exception):
                 raise result
             kept = result is True
             if isinstance(result, Exception):
                 logger.warning("announcing %s failed: %s", record.blocks, result)
             elif not kept and self._kept[what]:
-                logger.warning("the DHT nodes refused this server's record (blocks %s) under %s; retrying every %g s "
-                               "(a key full, as under a flood of records, or no DHT node reachable)", record.blocks,
-                               _CONSEQUENCE[what], self.period_s)
+                logger.warning("the DHT nodes refused this server's record (blocks %s) under %s: %s; retrying every "
+                               "%g s (a key full, as under a flood of records, or no DHT node reachable)",
+                               record.blocks, where, missed, self.period_s)
             elif kept and not self._kept[what]:
-                logger.info("the DHT nodes keep this server's record under %s again", _WHERE[what])
+                logger.info("the DHT nodes keep this server's record under %s again", where)
             self._kept[what] = kept
         return all(self._kept.values())
 
