@@ -39,7 +39,7 @@ from corolla.testing.local_swarm import LocalSwarm
 from corolla.wire.codec import MAGIC, PREFIX
 from corolla.wire.identity import Identity
 from corolla.wire.messages import PROTOCOL_VERSION, RPC_PROTOCOL
-from corolla.wire.records import MODELS_KEY, encode_record, servers_key
+from corolla.wire.records import encode_record, models_key, servers_key
 
 PROMPTS = ["The capital of France is", "Once upon a time, in a land far away,", "The three laws of robotics are",
            "My favourite recipe for pancakes", "In 1969, the first humans", "Water boils at",
@@ -91,7 +91,7 @@ async def pester(peer: Peer, targets: list[str], prefix: str, identity: Identity
                            100),
               ServerRecord(identity.peer_id, BlockRange(0, 10**9), ServerState.ONLINE, 1e3, "float32", version, 100)]
     items = [(servers_key(prefix), identity.peer_id, encode_record(forged[0])),
-             (MODELS_KEY, identity.peer_id, encode_record(forged[1]))]
+             (models_key(identity.peer_id), identity.peer_id, encode_record(forged[1]))]
     if targets:
         fake = encode_record(ServerRecord(targets[0], BlockRange(0, 30), ServerState.ONLINE, 1e6, "float16", version,
                                           1))

@@ -5,19 +5,19 @@ import random
 from typing import Collection, Iterable, Optional
 
 from corolla.core.records import ServerRecord
-from corolla.wire.records import MODELS_KEY, decode_record, servers_key
+from corolla.wire.records import MODELS_KEYS, decode_record, servers_key
 from corolla.net.transport import Transport
 
 # Records of one directory key a read decodes (each checks a signature): anyone can file a record under a model's key
 # with a key pair of their own, so a flood of them (a Sybil attack) must not cost every reader in proportion. Far
 # above any swarm of one model; past it a reader keeps the peers it already knows, then a random choice of the rest.
 MAX_RECORDS_READ = 1024
+MAX_MODEL_RECORDS_READ = 8192  # records the list of models' keys (all of them together) may give one read
 
 
-def _bounded(entries: list, known: Collection[str]) -> list:
-    """At most ``MAX_RECORDS_READ`` of ``entries`` ``[(subkey, value), ...]``: those of peers in ``known`` first, then
-    a random sample of the others (which an attacker filing records cannot steer)."""
-    limit = MAX_RECORDS_READ
+def _bounded(entries: list, known: Collection[str], limit: int = MAX_RECORDS_READ) -> list:
+    """At most ``limit`` of ``entries`` ``[(subkey, value), ...]``: those of peers in ``known`` first, then a random
+    sample of the others (which an attacker filing records cannot steer)."""
     if len(entries) <= limit:
         return entries
     first = [entry for entry in entries if entry[0] in known][:limit]
@@ -48,11 +48,16 @@ async def fetch_records(peer: Transport, model_prefix: str, blocks: Iterable[int
 
 async def fetch_models(peer: Transport, swarm_key: Optional[bytes] = None) -> dict[str, list[ServerRecord]]:
     """The models servers announce, each with its servers' records (signed for that model, live, under their own
-    peer's subkey; anything else is skipped); at most ``MAX_RECORDS_READ`` records are decoded."""
-    found = await peer.lookup_many([MODELS_KEY])
+    peer's subkey; anything else is skipped), read from every key of the list of models in one lookup; at most
+    ``MAX_MODEL_RECORDS_READ`` records are decoded."""
+    found = await peer.lookup_many(list(MODELS_KEYS))
     now = peer.now()
+    entries = {}  # a peer's record once, even if it was found under more than one key
+    for key in MODELS_KEYS:
+        for subkey, value in found.get(key, {}).items():
+            entries.setdefault(subkey, value)
     models: dict[str, list[ServerRecord]] = {}
-    for subkey, value in _bounded(list(found.get(MODELS_KEY, {}).items()), ()):
+    for subkey, value in _bounded(list(entries.items()), (), MAX_MODEL_RECORDS_READ):
         model = value.get("model") if isinstance(value, dict) else None
         if not isinstance(model, str) or not 0 < len(model) <= 256:
             continue

@@ -8,7 +8,7 @@ from typing import Callable, Optional
 
 from corolla.core.records import ServerRecord
 from corolla.wire.identity import Identity
-from corolla.wire.records import MAX_RECORD_TTL_S, MODELS_KEY, encode_record, servers_key
+from corolla.wire.records import MAX_RECORD_TTL_S, encode_record, models_key, servers_key
 from corolla.net.transport import Transport
 
 logger = logging.getLogger(__name__)
@@ -40,7 +40,7 @@ class Announcer:
         record = self.record()
         expires = self.peer.now() + (ttl_s or self.ttl_s)
         value = encode_record(record, self.identity, self.model_prefix, expires, self.swarm_key)
-        keys = {"model": servers_key(self.model_prefix), "list": MODELS_KEY}
+        keys = {"model": servers_key(self.model_prefix), "list": models_key(record.peer_id)}
         results = await asyncio.gather(*(self.peer.announce_many([(key, record.peer_id, value)], expires)
                                          for key in keys.values()), return_exceptions=True)
         for what, result in zip(keys, results):

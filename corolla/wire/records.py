@@ -14,6 +14,7 @@ unsigned, mis-signed or implausible, instead of raising.
 from __future__ import annotations
 
 import base64
+import hashlib
 import hmac
 import json
 from dataclasses import asdict
@@ -37,7 +38,16 @@ MAX_RECORD_TTL_S = 3600.0  # how far ahead a record may expire: DHT nodes refuse
 DTYPES = ("float32", "float16", "bfloat16")  # what a server may compute in
 
 
-MODELS_KEY = "corolla-models"  # every server also files its record here: what lists the models a swarm serves
+MODELS_KEY = "corolla-models"  # every server also files its record under one of these keys: the models a swarm serves
+# The list of models is spread over this many keys by peer id: a DHT node holds ~750 servers' records per key (see
+# corolla.net.dht_storage), and this list holds every server of every model. Sharded, a swarm page sees ~6,000.
+MODELS_KEY_SHARDS = 8
+MODELS_KEYS = tuple(f"{MODELS_KEY}.{shard}" for shard in range(MODELS_KEY_SHARDS))
+
+
+def models_key(peer_id: str) -> str:
+    """The key of the list of models under which server ``peer_id`` files its record (the same in every process)."""
+    return MODELS_KEYS[hashlib.sha256(peer_id.encode()).digest()[0] % MODELS_KEY_SHARDS]
 
 
 def servers_key(model_prefix: str) -> str:

@@ -119,3 +119,38 @@ def test_corolla_serve_without_flags_gives_the_default_server_config():
                  for field in dataclasses.fields(ServerConfig)
                  if getattr(parsed, field.name) != getattr(default, field.name)}
     assert differing == {}  # the flags take their defaults from ServerConfig (cli/main.py's _SERVER)
+
+
+def test_the_list_of_models_is_spread_over_its_keys_and_read_whole():
+    """Every server files its record under one key of the list of models (by its peer id, the same in every
+    process), so that the list holds ~8x what one DHT node keeps under a key; the swarm page reads all of them."""
+    from corolla.core.records import ServerRecord, ServerState
+    from corolla.net.records import fetch_models
+    from corolla.server.announcer import Announcer
+    from corolla.testing.memory import MemoryNetwork
+    from corolla.wire.identity import Identity
+    from corolla.wire.messages import PROTOCOL_VERSION
+    from corolla.wire.records import MODELS_KEYS, models_key
+
+    identities = [Identity.generate() for _ in range(12)]
+    assert len({models_key(identity.peer_id) for identity in identities}) > 1  # 12 peers land on several keys
+    assert all(models_key(identity.peer_id) == models_key(identity.peer_id) in MODELS_KEYS for identity in identities)
+
+    async def scenario():
+        network = MemoryNetwork()
+        transport = await network.create_transport("page")
+        for index, identity in enumerate(identities):
+            model = f"model-{index % 3}"
+            record = ServerRecord(identity.peer_id, BlockRange(0, 10), ServerState.ONLINE, 50.0, "float32",
+                                  PROTOCOL_VERSION, 4096)
+            announcer = Announcer(transport, model, lambda record=record: record, 10.0, 60.0, identity)
+            assert await announcer.announce_now()
+        filed = {key: network.lookup(key) for key in MODELS_KEYS}
+        assert sum(len(entries) for entries in filed.values()) == 12
+        assert sum(bool(entries) for entries in filed.values()) > 1
+        return await fetch_models(transport)
+
+    models = asyncio.run(scenario())
+    assert sorted(models) == ["model-0", "model-1", "model-2"]
+    assert sorted(r.peer_id for found in models.values() for r in found) == sorted(i.peer_id for i in identities)
+    assert all(len(found) == 4 for found in models.values())
