@@ -152,10 +152,13 @@ class RequestHandlers:
                         raise BadRequestError("answer_last needs a session opened with a trail_key")
                     await sessions.grow(session, step)
                     sessions.arrived(session)
+                    # a step from a client waits briefly for other sessions due to step (groups form where the
+                    # clients' steps come in, each at its own time); a relayed one does not: it came in one write with
+                    # its group, and the company it could wait for is still upstream
                     outputs = await self.scheduler.run_batched(
                         Priority.INFERENCE, ("steps", id(compute)), (session, step), compute.session_steps,
-                        sessions.company, rows=step.hidden_states.shape[0] * step.hidden_states.shape[1],
-                        knee=stack.rows_per_pass)
+                        None if relayed else sessions.company,
+                        rows=step.hidden_states.shape[0] * step.hidden_states.shape[1], knee=stack.rows_per_pass)
                     if relayed and step.answer_last:  # what reached this server joins the trail
                         trail[str(len(trail))] = step.hidden_states
                     # a step only the last server answers need not wait for the next server to accept this

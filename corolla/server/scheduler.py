@@ -8,7 +8,8 @@ Batching: jobs submitted with ``run_batched`` under the same key (inference step
 forward pass) are taken together: when the thread frees up, the jobs of that key waiting at that moment run in one
 call of the batch function. A job alone never waits for company. When the submitter can tell that more jobs of its key
 are due within a moment (``company``: sessions whose next step, by their own rhythm, is due), the thread waits for
-them, at most four times what the last call of that key took and never more than ``max_gather_s``.
+them, at most four times what the last call of that key took and never more than ``max_gather_s``. (Servers pass a
+``company`` only for steps that come from clients: see ``RequestHandlers``.)
 
 How large a batch pays: ``knee`` (the block stack's ``rows_per_pass``) is the number of rows up to which a call costs
 about the same as one row (memory-bound matrix products: the CPU kernels serve four rows per read of the weights),

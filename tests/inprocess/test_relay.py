@@ -373,8 +373,8 @@ def test_a_shared_relay_stream_refuses_what_is_not_its_own_and_keeps_serving(swa
 
 def test_sessions_stepping_together_are_relayed_in_shared_writes_and_equal_local(tiny_llama6_dir, local6):
     """Six clients at once through servers that allow each peer three streams: every step is relayed (a stream per
-    relayed session would pass that cap), batched steps leave in shared writes, and every client gets local's
-    tokens."""
+    relayed session would pass that cap), batched steps leave in shared writes, relayed steps never wait for company,
+    and every client gets local's tokens."""
     prompts = [torch.tensor([[5, 6, 7, 8, 9]]), torch.tensor([[11, 3, 7]]), torch.tensor([[2, 9, 4, 4, 8, 1]]),
                torch.tensor([[30, 31]]), torch.tensor([[17, 2, 40]]), torch.tensor([[8, 8, 1, 50]])]
     results: dict[int, object] = {}
@@ -401,6 +401,8 @@ def test_sessions_stepping_together_are_relayed_in_shared_writes_and_equal_local
         first, second, third = _counts(swarm)
         assert second["client_steps"] == third["client_steps"] == 0  # no link fell back to the client
         assert second["relayed_in"] == third["relayed_in"] == first["client_steps"]
+        # groups form at the first server; the others run what is relayed to them without waiting for company
+        assert swarm.servers[1].scheduler.gather_s == swarm.servers[2].scheduler.gather_s == 0
         for server in swarm.servers[:2]:
             writes, frames = server.handler.relay_links.totals()
             assert frames == server.handler.counts["relayed_out"]
