@@ -22,6 +22,38 @@ _SERVER = ServerConfig()  # the serve flags' defaults are its settings' defaults
 DEFAULT_PROMPT = "What is the capital of France? Answer in one sentence."
 
 
+def _number(kind, low=None, high=None, above=None, what=None):
+    """An argparse type: a ``kind`` (int or float) within bounds, refused with a message naming the bound."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{what or kind.__name__} expected, got {text!r}") from None
+        if kind is float and not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"a finite number expected, got {text!r}")
+        if low is not None and value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {text}")
+        if above is not None and value <= above:
+            raise argparse.ArgumentTypeError(f"must be above {above}, got {text}")
+        if high is not None and value > high:
+            raise argparse.ArgumentTypeError(f"must be at most {high}, got {text}")
+        return value
+
+    parse.__name__ = what or kind.__name__  # what argparse names in its own messages
+    return parse
+
+
+_COUNT = _number(int, low=1)  # a count of things: at least one
+_PORT = _number(int, low=0, high=65535, what="port")
+
+
+def _blocks(text: str) -> BlockRange:
+    try:
+        return BlockRange.parse(text)
+    except ValueError as exc:  # argparse shows a ValueError's type only, not its message
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _add_model(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "model", nargs="?", default=None,
@@ -31,7 +63,7 @@ def _add_model(parser: argparse.ArgumentParser) -> None:
 
 def _add_peer_args(parser: argparse.ArgumentParser, address_help: str) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="IP address to listen on and announce (default 127.0.0.1)")
-    parser.add_argument("--port", type=int, default=0, help="TCP port (default 0: any free port)")
+    parser.add_argument("--port", type=_PORT, default=0, help="TCP port (default 0: any free port)")
     parser.add_argument("--address-file", default=None, help=address_help)
 
 
@@ -39,7 +71,7 @@ def _add_client_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--initial-peers", nargs="+", required=True, metavar="ADDR", help="multiaddrs of the swarm")
     parser.add_argument("--dht-prefix", default=None, help="DHT name of the model (default: derived from the model)")
     parser.add_argument("--dtype", default="float32", help="client dtype: float32, bfloat16, float16 or auto")
-    parser.add_argument("--num-threads", type=int, default=None, help="torch threads of this process")
+    parser.add_argument("--num-threads", type=_COUNT, default=None, help="torch threads of this process")
     parser.add_argument("--wire-codec", default="none", choices=SUPPORTED_CODECS,
                         help="how hidden states travel: none (exact), float16, bfloat16 or int8-block64")
     parser.add_argument("--swarm-key", default=None, metavar="FILE", help="a private swarm's secret")
@@ -51,20 +83,42 @@ def _add_client_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_sampling_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--max-new-tokens", type=int, default=128)
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    parser.add_argument("--top-k", type=int, default=50)
-    parser.add_argument("--top-p", type=float, default=1.0)
-    parser.add_argument("--repetition-penalty", type=float, default=1.0)
+    parser.add_argument("--max-new-tokens", type=_COUNT, default=128, help="(default %(default)s)")
+    parser.add_argument("--temperature", type=_number(float, low=0.0), default=0.0, help="0 = greedy (default)")
+    parser.add_argument("--top-k", type=_number(int, low=0), default=50,
+                        help="sample among the k likeliest tokens (default %(default)s; 0: all)")
+    parser.add_argument("--top-p", type=_number(float, above=0.0, high=1.0), default=1.0,
+                        help="sample among the likeliest tokens whose probabilities sum to p, 0 < p <= 1 "
+                             "(default %(default)g: all)")
+    parser.add_argument("--repetition-penalty", type=_number(float, above=0.0), default=1.0,
+                        help="(default %(default)g: none)")
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--system", default=None, help="system prompt for the chat template")
 
 
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+def _log_level(text: str) -> str:
+    if text.upper() not in LOG_LEVELS:
+        raise argparse.ArgumentTypeError(f"one of {', '.join(LOG_LEVELS)} expected, got {text!r}")
+    return text.upper()
+
+
+def _add_logging(parser: argparse.ArgumentParser, defaults: bool) -> None:
+    """``--log-level`` and ``--log-format``: before the subcommand (with the defaults) or after it."""
+    def default(value):
+        return value if defaults else argparse.SUPPRESS  # after the subcommand: only if given
+
+    parser.add_argument("--log-level", type=_log_level, default=default("WARNING"),
+                        help="DEBUG, INFO, WARNING (default) or ERROR")
+    parser.add_argument("--log-format", default=default("text"), choices=("text", "json"),
+                        help="text (a live status line on a terminal) or json (one JSON object per line)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="corolla", description="Run and fine-tune LLMs collaboratively.")
-    parser.add_argument("--log-level", default="WARNING", help="DEBUG, INFO, WARNING (default) or ERROR")
-    parser.add_argument("--log-format", default="text", choices=("text", "json"),
-                        help="text (a live status line on a terminal) or json (one JSON object per line)")
+    _add_logging(parser, defaults=True)
     commands = parser.add_subparsers(dest="command", required=True)
 
     dht = commands.add_parser("dht", help="start a DHT bootstrap node")
@@ -76,8 +130,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model(serve)
     serve.add_argument("--initial-peers", nargs="+", default=[], metavar="ADDR", help="multiaddrs of the swarm")
     serve.add_argument("--new-swarm", action="store_true", help="start a new swarm with this server as bootstrap")
-    serve.add_argument("--blocks", type=BlockRange.parse, default=None, metavar="START:END", help="blocks to serve")
-    serve.add_argument("--num-blocks", type=int, default=None, help="without --blocks: serve N blocks nobody serves")
+    serve.add_argument("--blocks", type=_blocks, default=None, metavar="START:END", help="blocks to serve")
+    serve.add_argument("--num-blocks", type=_COUNT, default=None, metavar="N",
+                       help="without --blocks: serve N blocks (at most the model's) where the swarm is weakest "
+                            "(default: all)")
     serve.add_argument("--dht-prefix", default=None, help="DHT name of the model (default: derived from the model)")
     serve.add_argument("--dtype", default=_SERVER.dtype, help="float32 (default), bfloat16, float16 or auto")
     serve.add_argument("--quant", default=_SERVER.quant, choices=("none", "int8", "int4", "nf4", "auto"),
@@ -91,8 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="hold float32 weights as they are, even where they lie exactly on a grid (a model "
                             "converted from GGUF, bfloat16 values), which the fast path otherwise reads packed, "
                             "with the same results")
-    serve.add_argument("--num-threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    serve.add_argument("--cache-tokens", type=int, default=_SERVER.cache_tokens,
+    serve.add_argument("--num-threads", type=_COUNT, default=None, help="torch threads (default: torch's choice)")
+    serve.add_argument("--cache-tokens", type=_COUNT, default=_SERVER.cache_tokens,
                        help="session cache budget: tokens held (per batch row, in pages), %(default)s")
     serve.add_argument("--swarm-key", default=None, metavar="FILE",
                        help="a private swarm's secret: streams and records without it are refused")
@@ -138,12 +194,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     swarm = commands.add_parser("swarm", help="run a local swarm: a DHT node and N servers splitting the model")
     _add_model(swarm)
-    swarm.add_argument("--servers", type=int, default=3, help="number of servers (default 3)")
-    swarm.add_argument("--num-threads", type=int, default=1, help="torch threads per server (default 1)")
-    swarm.add_argument("--dtype", default="float32")
-    swarm.add_argument("--device", default="cpu")
-    swarm.add_argument("--address-file", default=None, help="write the initial peers here")
-    swarm.add_argument("--api", type=int, default=None, metavar="PORT",
+    swarm.add_argument("--servers", type=_COUNT, default=3, help="number of servers (default 3)")
+    swarm.add_argument("--num-threads", type=_COUNT, default=1, help="torch threads per server (default 1)")
+    swarm.add_argument("--dtype", default="float32",
+                       help="the servers' compute dtype: float32 (default), bfloat16, float16 or auto")
+    swarm.add_argument("--device", default="cpu", help="the servers' torch device: cpu (default), cuda, cuda:N")
+    swarm.add_argument("--address-file", default=None,
+                       help="write the initial peers here once every server serves (the file appears only then)")
+    swarm.add_argument("--api", type=_PORT, default=None, metavar="PORT",
                        help="also serve the OpenAI-compatible API and the swarm page on this port")
 
     generate = commands.add_parser("generate", help="complete a prompt with a model served by a swarm")
@@ -155,28 +213,28 @@ def build_parser() -> argparse.ArgumentParser:
     chat = commands.add_parser("chat", help="chat with a model served by a swarm")
     _add_model(chat)
     _add_client_args(chat)
-    chat.add_argument("--max-context", type=int, default=2048,
+    chat.add_argument("--max-context", type=_COUNT, default=2048,
                       help="tokens the conversation's server-side session holds; older turns are dropped to fit")
 
     api = commands.add_parser("api", help="serve the OpenAI-compatible HTTP API of a swarm's model")
     _add_model(api)
     api.add_argument("--initial-peers", nargs="+", required=True, metavar="ADDR", help="multiaddrs of the swarm")
     api.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    api.add_argument("--port", type=int, default=8000, help="TCP port (default 8000; 0: any free port)")
+    api.add_argument("--port", type=_PORT, default=8000, help="TCP port (default 8000; 0: any free port)")
     api.add_argument("--dht-prefix", default=None, help="DHT name of the model (default: derived from the model)")
-    api.add_argument("--max-sessions", type=int, default=8, help="requests generating at once (default 8)")
-    api.add_argument("--max-waiting", type=int, default=64,
+    api.add_argument("--max-sessions", type=_COUNT, default=8, help="requests generating at once (default 8)")
+    api.add_argument("--max-waiting", type=_number(int, low=0), default=64,
                      help="requests waiting for a turn beyond those (default 64); more get HTTP 429")
-    api.add_argument("--wait-for-blocks", type=float, default=10.0,
+    api.add_argument("--wait-for-blocks", type=_number(float, low=0.0), default=10.0,
                      help="seconds a request waits for missing blocks before HTTP 503 (default 10)")
-    api.add_argument("--num-threads", type=int, default=None, help="torch threads of this process")
+    api.add_argument("--num-threads", type=_COUNT, default=None, help="torch threads of this process")
     api.add_argument("--swarm-key", default=None, metavar="FILE", help="a private swarm's secret")
     api.add_argument("--address-file", default=None, help="write the API's URL here once it listens")
 
     health = commands.add_parser("health", help="the swarm's servers and blocks: a table, or a web page (--port)")
     _add_model(health)
     health.add_argument("--initial-peers", nargs="+", required=True, metavar="ADDR", help="multiaddrs of the swarm")
-    health.add_argument("--port", type=int, default=None, help="serve the swarm page on this port instead of printing")
+    health.add_argument("--port", type=_PORT, default=None, help="serve the swarm page on this port instead of printing")
     health.add_argument("--host", default="127.0.0.1", help="address the page listens on (default 127.0.0.1)")
     health.add_argument("--dht-prefix", default=None, help="DHT name of the model (default: derived from the model)")
     health.add_argument("--swarm-key", default=None, metavar="FILE", help="a private swarm's secret")
@@ -184,12 +242,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser("demo", help="start a local swarm of 3 servers, answer a prompt, stop the swarm")
     _add_model(demo)
-    demo.add_argument("--prompt", default=DEFAULT_PROMPT)
-    demo.add_argument("--servers", type=int, default=3)
-    demo.add_argument("--api", type=int, nargs="?", const=8000, default=None, metavar="PORT",
+    demo.add_argument("--prompt", default=DEFAULT_PROMPT, help="what to ask (default: %(default)r)")
+    demo.add_argument("--servers", type=_COUNT, default=3, help="servers of the local swarm (default 3)")
+    demo.add_argument("--api", type=_PORT, nargs="?", const=8000, default=None, metavar="PORT",
                       help="after the answer, keep the swarm up with the API and swarm page on PORT (8000) until "
                            "Ctrl-C")
     _add_sampling_args(demo)
+    for command in commands.choices.values():
+        _add_logging(command, defaults=False)
     return parser
 
 
@@ -212,12 +272,31 @@ def main(argv=None) -> int:
     from corolla.core.status import configure_logging
 
     configure_logging(args.log_level, args.log_format)
+    address_file = getattr(args, "address_file", None)
+    if address_file and os.path.isfile(address_file):
+        os.remove(address_file)  # a stale one from an earlier run would look ready: the file appears when it is
     handler = {"dht": _dht, "serve": _serve, "swarm": _swarm, "generate": _generate, "chat": _chat, "demo": _demo,
                "api": _api, "health": _health}
     try:
         return handler[args.command](args)
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:
+        if not _users_to_fix(exc):
+            raise
+        import logging
+
+        logging.getLogger(__name__).debug("what stopped corolla %s", args.command, exc_info=True)
+        print(f"corolla {args.command}: {exc}", file=sys.stderr)  # the message names the cause; no traceback
+        return 2
+
+
+def _users_to_fix(exc: BaseException) -> bool:
+    """Whether ``exc`` is about what the user gave or has (a setting, a file, a peer's address, a port), as opposed
+    to a bug of ours: those are told in one line (``--log-level DEBUG`` logs their traceback too)."""
+    from corolla.core.errors import CorollaError
+
+    return isinstance(exc, (CorollaError, ValueError, OSError)) or type(exc).__name__ == "P2PDaemonError"
 
 
 def _api(args) -> int:
@@ -472,7 +551,9 @@ def _demo(args) -> int:
         model = AutoDistributedModelForCausalLM.from_pretrained(args.model, initial_peers=swarm.initial_peers)
         try:
             print(f"\nuser> {args.prompt}\nmodel> ", end="", flush=True)
-            input_ids = chat_input_ids(tokenizer, [{"role": "user", "content": args.prompt}])
+            messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
+                {"role": "user", "content": args.prompt}]
+            input_ids = chat_input_ids(tokenizer, messages)
             began = time.monotonic()
             reply = generate_reply(model, tokenizer, input_ids, args)
             elapsed = time.monotonic() - began

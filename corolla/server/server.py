@@ -102,7 +102,7 @@ class Server:
                     f"{', '.join(others[:3])} announce another architecture (config digest); use the same checkpoint "
                     "or another --dht-prefix")
             if blocks is None:
-                blocks = choose_span(total, records, config.num_blocks or total)
+                blocks = choose_span(total, records, total if config.num_blocks is None else config.num_blocks)
             if blocks.end > total:
                 raise ValueError(f"blocks {blocks} run past the model's {total} blocks")
             await asyncio.to_thread(check_checkpoint, path, model_config, blocks)  # before announcing anything

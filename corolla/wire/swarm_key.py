@@ -21,7 +21,11 @@ def load_swarm_key(path: Optional[str]) -> Optional[bytes]:
     """The secret in ``path`` (its bytes, stripped of surrounding whitespace), or None for an open swarm."""
     if path is None:
         return None
-    key = Path(path).expanduser().read_bytes().strip()
+    try:
+        key = Path(path).expanduser().read_bytes().strip()
+    except OSError as exc:
+        raise ValueError(f"cannot read the swarm key {path}: {exc.strerror or exc} (make one with "
+                         "`head -c 32 /dev/urandom | base64 > swarm.key` and give every peer a copy)") from None
     if len(key) < MIN_KEY_BYTES:
         raise ValueError(f"the swarm key in {path} is too short: use at least {MIN_KEY_BYTES} random bytes "
                          "(e.g. `head -c 32 /dev/urandom | base64 > swarm.key`)")
