@@ -25,7 +25,8 @@ from corolla.client.session import InferenceSession
 from corolla.client.swarm import RemoteSwarm, hivemind_client
 from corolla.client.tuning import PromptTuning, RemoteLora, TuningConfig, TuningMode
 from corolla.client.verify import OutputsRejected
-from corolla.models.checkpoint import config_digest, load_config, model_dht_prefix, read_tensors, resolve_model
+from corolla.models.checkpoint import (config_digest, is_embedded_name, load_config, model_dht_prefix, read_tensors,
+                                      resolve_model)
 from corolla.models.dtypes import resolve_dtype
 from corolla.models.cpu_kernels import KernelLinear
 from corolla.core.errors import CorollaError
@@ -288,7 +289,8 @@ class DistributedModelMixin:
         for module in model.modules():
             if isinstance(module, KernelLinear):
                 module.prepare()
-        model.name_or_path = str(name_or_path or path)
+        # a name only Corolla knows (the embedded model's) is its directory to transformers' loaders and to PEFT
+        model.name_or_path = str(path if is_embedded_name(name_or_path) else name_or_path)
         return model
 
     _new_head_prefixes: tuple[str, ...] = ()  # task heads trained from scratch: not in the checkpoint

@@ -38,7 +38,8 @@ HUB_ALLOW_PATTERNS = [
 ]
 
 
-def _is_embedded_name(name_or_path: str | Path | None) -> bool:
+def is_embedded_name(name_or_path: str | Path | None) -> bool:
+    """Whether ``name_or_path`` names the embedded model (``None`` or ``"smollm2"``, in any case)."""
     return name_or_path is None or (isinstance(name_or_path, str) and name_or_path.lower() == EMBEDDED_MODEL_NAME)
 
 
@@ -53,7 +54,7 @@ def resolve_model(name_or_path: str | None) -> Path:
     returned as is; anything else is taken as a Hugging Face hub id, looked up in the local hub cache first
     and downloaded only if missing there.
     """
-    if _is_embedded_name(name_or_path):
+    if is_embedded_name(name_or_path):
         return embedded_model_dir()
     text = str(name_or_path)
     path = Path(text).expanduser()
@@ -174,7 +175,7 @@ def model_dht_prefix(path_or_name: str | Path | None, config=None) -> str:
     model's ``config``, its family's rule (``ModelFamily.dht_name``) then applies, e.g. Llama's drops the ``-hf`` of
     Hugging Face conversions so that ``Llama-2-7b`` and ``Llama-2-7b-hf`` name one swarm.
     """
-    if _is_embedded_name(path_or_name):
+    if is_embedded_name(path_or_name):
         return EMBEDDED_DHT_PREFIX
     path = Path(path_or_name).expanduser()
     if path.is_dir():

@@ -7,9 +7,10 @@ import time
 
 import pytest
 import torch
-from transformers import LlamaForCausalLM
+from transformers import AutoTokenizer, LlamaForCausalLM
 
 from corolla.client.config import ClientConfig
+from corolla.client.model import AutoDistributedModelForCausalLM
 from corolla.client.rpc import SessionStream, call
 from corolla.core.blocks import BlockRange
 from corolla.core.errors import RemoteError
@@ -51,8 +52,14 @@ def test_concurrent_sessions_are_batched_and_each_equals_local(embedded_dir, lla
     monkeypatch.setattr(BlockStack, "rows_per_pass", property(lambda self: None))
     spans = [BlockRange(0, 10), BlockRange(10, 20), BlockRange(20, 30)]
     with InProcessSwarm(str(embedded_dir), spans, dht_prefix="batch") as swarm:
-        clients = [swarm.client(torch_dtype=torch.float32) for _ in PROMPTS]
+        clients = [swarm.client(torch_dtype=torch.float32) for _ in PROMPTS[1:]]
+        # one loads the embedded model by its short name: its name_or_path is then the directory, which
+        # transformers' loaders (the README's tokenizer line) and PEFT can read without a hub
+        clients.insert(0, AutoDistributedModelForCausalLM.from_pretrained(
+            "smollm2", transport_factory=swarm.network.factory("client"), dht_prefix="batch", torch_dtype=torch.float32))
         try:
+            assert clients[0].name_or_path == str(embedded_dir)
+            assert AutoTokenizer.from_pretrained(clients[0].name_or_path).vocab_size == tokenizer.vocab_size
             prompts = [tokenizer(prompt, return_tensors="pt")["input_ids"] for prompt in PROMPTS]
             lengths = [4 + index for index in range(len(PROMPTS))]
             results = _generate_concurrently(swarm, clients, prompts, lengths)
