@@ -61,6 +61,7 @@ class RemoteSwarm:
         self.latency_s: dict[str, float] = {}
         self._records: list[ServerRecord] = []
         self._records_time = -float("inf")
+        self._left_out: dict[str, int] = {}  # servers the last refresh found but did not keep, by reason
         self._rng = random.Random()
         self._verify_rng = random.Random(config.verify_seed)
         self.loop = LoopThread("corolla-client")
@@ -94,15 +95,25 @@ class RemoteSwarm:
         known = set(self.latency_s)  # servers that answered: under a flood they stay read, the rest re-drawn each time
         found = await fetch_records(self.transport, self.model_prefix, range(self.num_blocks), self.num_blocks,
                                     self.config.swarm_key, known)
+        left_out: dict[str, int] = {}  # why servers found were not kept (told when blocks are missing)
+
+        def keep(kept: list[ServerRecord], why: str) -> list[ServerRecord]:
+            if len(kept) < len(found):
+                left_out[why] = len(found) - len(kept)
+            return kept
+
         if self.config.allowed_servers is not None:
-            found = [r for r in found if r.peer_id in self.config.allowed_servers]
-        found = [r for r in found if QUANT_BITS[r.quant] >= QUANT_BITS[self.config.min_quant]]
+            found = keep([r for r in found if r.peer_id in self.config.allowed_servers], "not in allowed_servers")
+        found = keep([r for r in found if QUANT_BITS[r.quant] >= QUANT_BITS[self.config.min_quant]],
+                     f"quantized below min_quant={self.config.min_quant}")
         if self.config_digest:  # another model under the same name (or a server lying about it) is not ours
-            found = [r for r in found if not r.config_digest or r.config_digest == self.config_digest]
-        found = usable(found, PROTOCOL_VERSION)
+            found = keep([r for r in found if not r.config_digest or r.config_digest == self.config_digest],
+                         "another architecture under this name")
+        found = keep(usable(found, PROTOCOL_VERSION), "another protocol version, or not online")
         if not self.config.mixed_quant:
-            found = one_quantization(found, BlockRange(0, self.num_blocks))
+            found = keep(one_quantization(found, BlockRange(0, self.num_blocks)), "another quantization")
         self._records = found
+        self._left_out = left_out
         self._records_time = time.monotonic()
         unmeasured = [r for r in self._records if r.peer_id not in self.latency_s and not self.bans.is_banned(r.peer_id)]
         if len(unmeasured) > PINGS_PER_REFRESH:  # a flood of records: the rest are measured by later refreshes
@@ -185,6 +196,7 @@ class RemoteSwarm:
                         + ("" if adapter is None else f"with adapter {adapter!r} ")
                         + f"(waited {self.config.wait_for_blocks_s:.0f} s; {len(everyone)} online server(s) known"
                         + (f", {len(banned)} of them banned after failures" if banned else "")
+                        + "".join(f"; {count} left out: {why}" for why, count in self._left_out.items())
                         + f"; needed blocks {blocks})"
                     ) from None
             max_age_s = 0.0  # re-read the DHT on every further try
