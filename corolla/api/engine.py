@@ -91,7 +91,7 @@ class _Stop(StoppingCriteria):
         self.run = run
 
     def __call__(self, input_ids, scores, **kwargs) -> torch.BoolTensor:
-        done = self.run.cancelled.is_set() or self.run.stopped
+        done = self.run.cancelled.is_set() or self.run.stopped or self.run.engine.closing.is_set()
         return torch.full((input_ids.shape[0],), done, dtype=torch.bool)
 
 
@@ -155,8 +155,12 @@ class Engine:
     def __init__(self, model, tokenizer, model_name: str, max_sessions: int = 8, max_waiting: int = 64,
                  max_context: Optional[int] = None):
         self.model, self.tokenizer, self.model_name = model, tokenizer, model_name
+        if max_sessions < 1 or max_waiting < 0:
+            raise ValueError(f"an API generates for at least 1 request at once (max_sessions {max_sessions}) and "
+                             f"keeps at least 0 waiting (max_waiting {max_waiting})")
         self.max_context = max_context or int(getattr(model.config, "max_position_embeddings", 2048))
         self.max_sessions, self.max_waiting = max_sessions, max_waiting
+        self.closing = threading.Event()  # set by close(): every generation ends at its next token
         self._slots = threading.BoundedSemaphore(max_sessions)
         self._lock = threading.Lock()
         self.running = 0  # requests generating now
@@ -171,6 +175,12 @@ class Engine:
         self.executor = concurrent.futures.ThreadPoolExecutor(max_sessions + max_waiting, thread_name_prefix="api")
         head = model.get_output_embeddings()
         head.register_forward_hook(self._record_logits)
+
+    def close(self) -> None:
+        """Stop serving: requests waiting for a turn give up, those generating end at their next token, and the
+        worker threads then finish (the process can exit)."""
+        self.closing.set()
+        self.executor.shutdown(wait=False, cancel_futures=True)
 
     # ---------------------------------------------------------------- prompts
 
@@ -213,7 +223,7 @@ class Engine:
             run.cancelled = cancelled
         try:
             while not self._slots.acquire(timeout=0.1):
-                if run.cancelled.is_set():
+                if run.cancelled.is_set() or self.closing.is_set():
                     raise EngineBusy("cancelled while waiting for a turn")
         finally:
             with self._lock:

@@ -18,7 +18,8 @@ def run_api(model: Optional[str], initial_peers: tuple[str, ...], host: str, por
     from corolla.cli.chatting import load_tokenizer
     from corolla.client.config import ClientConfig
     from corolla.client.model import AutoDistributedModelForCausalLM
-    from corolla.models.checkpoint import model_dht_prefix, resolve_model
+    from corolla.models.checkpoint import is_embedded_name, model_dht_prefix, resolve_model
+    from corolla.models.embedded import EMBEDDED_MODEL_NAME
 
     if num_threads:
         torch.set_num_threads(num_threads)
@@ -27,35 +28,49 @@ def run_api(model: Optional[str], initial_peers: tuple[str, ...], host: str, por
     distributed = AutoDistributedModelForCausalLM.from_pretrained(model, initial_peers=initial_peers,
                                                                   dht_prefix=dht_prefix, client_config=config)
     name = dht_prefix or model_dht_prefix(model if model is not None else resolve_model(None), distributed.config)
-    names = tuple(dict.fromkeys([name] + ([model] if model else [])))
+    # the names a request's "model" may use: the DHT name, the one given, and the embedded model's short name
+    names = tuple(dict.fromkeys([name] + ([model] if model else [])
+                                + ([EMBEDDED_MODEL_NAME] if is_embedded_name(model) else [])))
     engine = Engine(distributed, tokenizer, name, max_sessions=max_sessions, max_waiting=max_waiting)
     from corolla.api.page import page_routes
     from corolla.api.swarm_view import SwarmView
 
     app = create_app(engine, names, page_routes(SwarmView(distributed.swarm, name)))
-    where = f"http://{host}:{port}/v1 (swarm page at /)" if port else f"a free port of {host} (see --address-file)"
-    print(f"corolla API for {name} on {where}", flush=True)
     try:
-        _serve(app, host, port, address_file)
+        # on SIGINT/SIGTERM, requests still generating end at their next token and those waiting give up, so that
+        # the server's graceful shutdown (which waits for every open request) ends at once
+        _serve(app, host, port, address_file, lambda url: f"corolla API for {name} on {url}/v1 (swarm page at /)",
+               stopping=engine.close)
     finally:
+        engine.close()
         distributed.close()
     return 0
 
 
-def _serve(app, host: str, port: int, address_file: Optional[str]) -> None:
+def _serve(app, host: str, port: int, address_file: Optional[str], listening, stopping=None) -> None:
+    """Serve ``app`` until SIGINT/SIGTERM; once it listens, print ``listening(url)`` and write the URL to
+    ``address_file`` (a port already taken is uvicorn's error, and nothing is printed before it); ``stopping()`` is
+    called as the shutdown begins."""
     import uvicorn
 
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False))
-    if address_file:
-        original = server.startup
+    original, original_shutdown = server.startup, server.shutdown
 
-        async def startup(sockets=None):
-            await original(sockets)
-            bound = [s.getsockname() for srv in server.servers for s in srv.sockets]
+    async def shutdown(sockets=None):
+        if stopping is not None:
+            stopping()
+        await original_shutdown(sockets)
+
+    async def startup(sockets=None):
+        await original(sockets)
+        bound = [s.getsockname() for srv in (server.servers or ()) for s in srv.sockets]
+        urls = [f"http://{h if ':' not in h else f'[{h}]'}:{p}" for h, p, *_ in bound]
+        print(listening(urls[0]), flush=True)
+        if address_file:
             with open(address_file, "w") as file:
-                file.write("".join(f"http://{h}:{p}\n" for h, p, *_ in bound))
+                file.write("".join(f"{url}\n" for url in urls))
 
-        server.startup = startup
+    server.startup, server.shutdown = startup, shutdown
     server.run()
 
 
@@ -81,8 +96,8 @@ def run_health(model: Optional[str], initial_peers: tuple[str, ...], *, host: st
         if port is None:
             print(format_table(view.snapshot()), flush=True)
             return 0
-        print(f"corolla swarm page for {name} on http://{host}:{port}/", flush=True)
-        _serve(Starlette(routes=page_routes(view)), host, port, address_file)
+        _serve(Starlette(routes=page_routes(view)), host, port, address_file,
+               lambda url: f"corolla swarm page for {name} on {url}/")
         return 0
     finally:
         swarm.close()

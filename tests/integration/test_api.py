@@ -222,3 +222,38 @@ def test_missing_blocks_are_named_with_503(api):
         assert unavailable.value.status_code == 503 and "blocks 0:30" in str(unavailable.value)
     finally:
         _stop(process)
+
+
+def test_the_embedded_models_short_name_is_accepted(api):
+    client, *_ = api
+    reply = client.completions.create(model="smollm2", prompt="Hello", max_tokens=2, temperature=0)
+    assert reply.model == MODEL_ID and reply.choices
+
+
+def test_a_stopped_api_ends_its_requests_at_once(api):
+    """SIGTERM while one request generates a long answer and another waits for its turn: the generating one ends at
+    its next token, the waiting one gives up, and the process exits (uvicorn's graceful shutdown waits for every
+    open request, so a long one used to hold the process until it finished)."""
+    _, _, swarm, tmp_path = api
+    process, url = _start_api(tmp_path, swarm.initial_peers, "--max-sessions", "1", "--max-waiting", "1")
+    parsed = urlparse(url)
+    connections = []
+    try:
+        for _ in range(2):
+            connection = http.client.HTTPConnection(parsed.hostname, parsed.port, timeout=120)
+            connection.request("POST", "/v1/completions", body=json.dumps(
+                {"model": MODEL_ID, "prompt": "Once upon a time", "max_tokens": 2000, "stream": True}),
+                headers={"Content-Type": "application/json"})
+            connections.append(connection)
+        deadline = time.monotonic() + 60
+        while (status := _status(url))["running"] + status["waiting"] < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert (status["running"], status["waiting"]) == (1, 1), status
+        stopped = time.monotonic()
+        process.terminate()
+        assert process.wait(20) in (0, -15)  # uvicorn re-raises the signal once it has shut down
+        assert time.monotonic() - stopped < 15  # 2,000 tokens each would take minutes
+    finally:
+        for connection in connections:
+            connection.close()
+        _stop(process)
