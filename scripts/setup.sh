@@ -27,8 +27,13 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   .venv/bin/python -c "import torch, transformers, hivemind; assert torch.__version__.startswith('2.13.0'), torch.__version__"
   echo "$want" > "$stamp"
 fi
-# The swarm page's browser test drives Debian's chromium (Playwright's own browser download is not reachable here).
-if ! command -v chromium >/dev/null 2>&1 && ! command -v chromium-browser >/dev/null 2>&1; then
+# The swarm page's browser test drives Debian's chromium (Playwright's own browser download is not reachable here):
+# installed for the tests only (scripts/test.sh passes --with-browser), not for the quick start.
+with_browser=0
+for arg in "$@"; do
+  [ "$arg" = "--with-browser" ] && with_browser=1
+done
+if [ "$with_browser" = 1 ] && ! command -v chromium >/dev/null 2>&1 && ! command -v chromium-browser >/dev/null 2>&1; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
     echo "[setup] installing chromium for the browser test (apt-get)"
     if ! (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) \
