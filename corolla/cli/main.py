@@ -162,10 +162,14 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--batch-gather", type=float, default=_SERVER.batch_gather_s, metavar="SECONDS",
                        help="the longest a batch of sessions' steps waits for other sessions due to step, %(default)g "
                             "(0: run whatever is queued at once)")
+    serve.add_argument("--no-compute-idle", dest="compute_idle", action="store_false",
+                       help="run the compute thread at --compute-nice instead of under SCHED_IDLE (where it takes a "
+                            "core only when no other thread wants it: the default for CPU servers on Linux; on a "
+                            "machine busy with other work it then gets almost none)")
     serve.add_argument("--compute-nice", type=int, default=_SERVER.compute_nice, metavar="N",
-                       help="run the compute thread N nice steps below the server's other threads, 0-19 (%(default)s: "
-                            "its "
-                            "event loop and libp2p daemon relay messages first; 0: all alike). Linux only")
+                       help="with --no-compute-idle (or on a GPU): run the compute thread N nice steps below the "
+                            "server's other threads, 0-19 (%(default)s: its event loop and libp2p daemon relay "
+                            "messages first; 0: all alike). Linux only")
     serve.add_argument("--session-idle-timeout", type=float, default=_SERVER.session_idle_timeout_s,
                        help="seconds after which a session that sends nothing is closed (%(default)g)")
     serve.add_argument("--max-message-mb", type=float, default=_SERVER.max_message_bytes / 2**20,
@@ -348,6 +352,7 @@ def serve_config(args):
         quant=args.quant, device=args.device, fast_path=args.fast_path, pack_weights=args.pack_weights,
         num_threads=args.num_threads, cache_tokens=args.cache_tokens, cache_wait_s=args.cache_wait,
         batch_gather_s=args.batch_gather, max_batch=args.max_batch, compute_nice=args.compute_nice,
+        compute_idle=args.compute_idle,
         session_idle_timeout_s=args.session_idle_timeout,
         max_message_bytes=int(args.max_message_mb * 2**20), frame_budget_bytes=int(args.frame_budget_mb * 2**20),
         throughput=args.throughput, rebalance_period_s=args.rebalance_period, balance_quality=args.balance_quality,

@@ -31,7 +31,8 @@ class ServerConfig:
     cache_wait_s: float = 10.0  # a session that needs cache while the budget is full waits this long, then fails
     max_batch: int = 64  # the most sessions' steps one pass through the blocks takes
     batch_gather_s: float = 0.2  # the longest a batch of steps waits for sessions due to step (0: never waits)
-    compute_nice: int = 5  # the compute thread's priority this far below the process's (Linux; 0: the same)
+    compute_idle: bool = True  # CPU servers: the compute thread under SCHED_IDLE, on a core only when nobody else wants it
+    compute_nice: int = 5  # without compute_idle: its priority this far below the process's (Linux; 0: the same)
     max_message_bytes: int = 256 * 2**20  # largest request frame accepted
     max_batch_tokens: int = 8192  # largest batch * seq of one forward/backward request
     session_idle_timeout_s: float = 600.0  # a session that sends nothing for this long is closed

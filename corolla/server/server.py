@@ -71,7 +71,8 @@ class Server:
         self.dispatcher: Optional[Dispatcher] = None
         self.budget: Optional[CacheBudget] = None
         self.scheduler = Scheduler(config.num_threads, max_batch=config.max_batch, max_gather_s=config.batch_gather_s,
-                                   nice=config.compute_nice)
+                                   nice=config.compute_nice,
+                                   idle=config.compute_idle and torch.device(config.device).type == "cpu")
         self.identity = identity
         self.announcer = Announcer(peer, model_prefix, self.record, config.announce_period_s, config.record_ttl_s,
                                    identity, load_swarm_key(config.swarm_key_path))

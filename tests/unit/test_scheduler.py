@@ -186,3 +186,25 @@ def test_the_compute_thread_runs_its_nice_steps_below_the_rest_of_the_process():
         Scheduler(nice=20)
     with pytest.raises(ValueError, match="nice must lie in 0..19, not -1"):
         Scheduler(nice=-1)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread scheduling policies are Linux's")
+def test_an_idle_compute_thread_runs_under_sched_idle_and_the_rest_of_the_process_does_not():
+    def policy() -> int:
+        return os.sched_getscheduler(threading.get_native_id())
+
+    async def scenario(scheduler):
+        compute = await scheduler.run(Priority.INFERENCE, policy)
+        await scheduler.close()
+        return compute
+
+    assert asyncio.run(scenario(Scheduler(idle=True, nice=5))) == os.SCHED_IDLE
+    assert policy() == os.SCHED_OTHER  # only the compute thread
+    assert asyncio.run(scenario(Scheduler(nice=5))) == os.SCHED_OTHER
+
+
+def test_cpu_servers_compute_under_sched_idle_unless_told_otherwise():
+    from corolla.cli.main import build_parser, serve_config
+
+    assert serve_config(build_parser().parse_args(["serve", "smollm2"])).compute_idle
+    assert not serve_config(build_parser().parse_args(["serve", "smollm2", "--no-compute-idle"])).compute_idle
