@@ -206,6 +206,7 @@ class Api:
             echo = body.get("echo", False)
             if not isinstance(echo, bool):
                 raise _bad("echo must be true or false", param="echo")
+            params.prompt_logprobs = echo and params.top_logprobs is not None  # an echo's logprobs score the prompt
             if len(prompts) * n > MAX_N:
                 raise _bad(f"prompts x n may be at most {MAX_N}", param="n")
             ids = [self.engine.text_ids(p) for p in prompts]
@@ -285,8 +286,9 @@ class Api:
                           "logprobs": self._chat_logprobs(completion.events) if params.top_logprobs is not None else None}
             else:
                 prefix = echo[index] if echo else ""
+                scored = completion.prompt_events or []  # an echoed prompt's tokens come first, from offset 0
                 choice = {"index": index, "text": prefix + completion.text, "finish_reason": completion.finish_reason,
-                          "logprobs": self._text_logprobs(completion.events, len(prefix))
+                          "logprobs": self._text_logprobs(scored + completion.events, 0 if scored else len(prefix))
                           if params.top_logprobs is not None else None}
             choices.append(choice)
         prompt_tokens = sum(c.prompt_tokens for c in completions[::n])  # each prompt once, whatever n
@@ -314,7 +316,8 @@ class Api:
             offsets.append(position)
             position += len(e.text)
         return {"tokens": tokens, "token_logprobs": [e.logprob for e in events],
-                "top_logprobs": [{self._token(t): lp for t, lp in (e.top or [])} for e in events],
+                "top_logprobs": [None if e.logprob is None else {self._token(t): lp for t, lp in (e.top or [])}
+                                 for e in events],  # an echoed prompt's first token has neither
                 "text_offset": offsets}
 
     async def _stream(self, request: Request, kind: str, ident: str, created: int, prompts: list[list[int]],

@@ -34,6 +34,7 @@ class SamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     top_logprobs: Optional[int] = None  # None: no log-probabilities; k: the chosen token's and the k most likely
+    prompt_logprobs: bool = False  # with top_logprobs: the prompt's tokens' too (a completion's echo)
 
 
 @dataclasses.dataclass
@@ -53,6 +54,7 @@ class Completion:
     events: list[TokenEvent]
     finish_reason: str  # "stop" or "length"
     prompt_tokens: int
+    prompt_events: Optional[list[TokenEvent]] = None  # with prompt_logprobs: each prompt token, the first without
 
 
 class _Sampler(LogitsProcessor):
@@ -107,6 +109,7 @@ class _Run:
         self.text = ""  # the completion's text so far, cut at a stop sequence
         self.emitted = 0  # characters of ``text`` handed to on_token
         self.logits: list[torch.Tensor] = []  # the model's raw logits of each step's last position
+        self.prompt_logits: Optional[torch.Tensor] = None  # with prompt_logprobs: the prompt's positions' but the last
         self._started = False  # transformers' first put() carries the prompt
 
     def put(self, value: torch.Tensor) -> None:  # transformers' streamer interface
@@ -245,9 +248,12 @@ class Engine:
         generator.manual_seed(params.seed if params.seed is not None else int(time.time_ns() % 2**63))
         self._local.run = run
         try:
+            extra = {}
+            if params.prompt_logprobs and params.top_logprobs is not None:
+                extra["logits_to_keep"] = 0  # every position's logits: the prompt's tokens are scored too
             with torch.no_grad():
                 self.model.generate(
-                    ids, attention_mask=torch.ones_like(ids), max_new_tokens=params.max_tokens, do_sample=False,
+                    ids, attention_mask=torch.ones_like(ids), max_new_tokens=params.max_tokens, do_sample=False, **extra,
                     logits_processor=LogitsProcessorList([_Sampler(params, len(prompt_ids), generator)]),
                     stopping_criteria=StoppingCriteriaList([_Stop(run)]), streamer=run,
                     pad_token_id=self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None
@@ -257,9 +263,29 @@ class Engine:
             self._local.run = None
         ended_by_eos = bool(run.token_ids) and run.token_ids[-1] in self.eos_ids
         finish = "stop" if run.stopped or ended_by_eos or run.cancelled.is_set() else "length"
-        return Completion(run.text, run.token_ids, run.events, finish, len(prompt_ids))
+        return Completion(run.text, run.token_ids, run.events, finish, len(prompt_ids), self._prompt_events(run, prompt_ids))
+
+    def _prompt_events(self, run: _Run, prompt_ids: list[int]) -> Optional[list[TokenEvent]]:
+        """Each prompt token with its log-probability given the tokens before it (the first has none), and the
+        ``top_logprobs`` likeliest there; None unless asked for."""
+        params = run.params
+        if not params.prompt_logprobs or params.top_logprobs is None:
+            return None
+        events = [TokenEvent(prompt_ids[0], self.token_text(prompt_ids[0]))]
+        if run.prompt_logits is None or len(prompt_ids) < 2:
+            return events
+        logprobs = torch.log_softmax(run.prompt_logits.float(), dim=-1)  # [prompt - 1, vocab]
+        for position, token in enumerate(prompt_ids[1:]):
+            event = TokenEvent(token, self.token_text(token), float(logprobs[position, token]))
+            if params.top_logprobs:
+                values, indices = logprobs[position].topk(params.top_logprobs)
+                event.top = list(zip(indices.tolist(), values.tolist()))
+            events.append(event)
+        return events
 
     def _record_logits(self, module, inputs, output) -> None:
         run = getattr(self._local, "run", None)
         if run is not None and run.params.top_logprobs is not None:
+            if run.params.prompt_logprobs and run.prompt_logits is None and not run.logits:  # the prompt's pass
+                run.prompt_logits = output[0, :-1].detach()
             run.logits.append(output[0, -1].detach())

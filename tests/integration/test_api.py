@@ -14,6 +14,7 @@ from urllib.parse import urlparse
 
 import openai
 import pytest
+import torch
 
 from corolla.testing.api_process import start_http_process, stop_process
 from corolla.testing.local_swarm import LocalSwarm
@@ -88,20 +89,34 @@ def test_streamed_chat_equals_plain_and_reports_usage(api):
     assert chunks[-1].usage.prompt_tokens == plain.usage.prompt_tokens
 
 
-def test_completions_with_echo_and_logprobs(api):
+def test_completions_with_echo_and_logprobs(api, llama_local, tokenizer):
+    """As OpenAI's legacy API (and evaluation harnesses scoring a text with it): an echo's logprobs cover the
+    prompt's tokens too, the first with none, each given the tokens before it, as the model computes them."""
     client, *_ = api
     prompt = "The capital of France is"
     reply = client.completions.create(model=MODEL_ID, prompt=prompt, max_tokens=5, temperature=0, echo=True, logprobs=2)
     choice = reply.choices[0]
     assert choice.text.startswith(prompt) and len(choice.text) > len(prompt)
-    assert len(choice.logprobs.tokens) == reply.usage.completion_tokens
-    assert all(lp <= 0 for lp in choice.logprobs.token_logprobs)
-    assert all(len(top) == 2 for top in choice.logprobs.top_logprobs)
+    prompt_ids = tokenizer(prompt)["input_ids"]
+    scored, generated = len(prompt_ids), reply.usage.completion_tokens
+    assert reply.usage.prompt_tokens == scored and len(choice.logprobs.tokens) == scored + generated
+    assert "".join(choice.logprobs.tokens[:scored]) == prompt
+    assert choice.logprobs.token_logprobs[0] is None and choice.logprobs.top_logprobs[0] is None
+    assert choice.logprobs.text_offset[0] == 0 and choice.logprobs.text_offset[scored] == len(prompt)
+    assert all(lp <= 0 for lp in choice.logprobs.token_logprobs[1:])
+    assert all(len(top) == 2 for top in choice.logprobs.top_logprobs[1:])
+    with torch.no_grad():
+        local = torch.log_softmax(llama_local(torch.tensor([prompt_ids])).logits[0, :-1].float(), dim=-1)
+    expected = [float(local[i, token]) for i, token in enumerate(prompt_ids[1:])]
+    assert choice.logprobs.token_logprobs[1:scored] == pytest.approx(expected, abs=1e-3)
     # greedy: each chosen token is the most likely one
-    for token, top in zip(choice.logprobs.tokens, choice.logprobs.top_logprobs):
+    for token, top in zip(choice.logprobs.tokens[scored:], choice.logprobs.top_logprobs[scored:]):
         assert max(top, key=top.get) == token
     plain = client.completions.create(model=MODEL_ID, prompt=prompt, max_tokens=5, temperature=0)
     assert prompt + plain.choices[0].text == choice.text
+    without_echo = client.completions.create(model=MODEL_ID, prompt=prompt, max_tokens=5, temperature=0, logprobs=2)
+    assert without_echo.choices[0].logprobs.tokens == choice.logprobs.tokens[scored:]
+    assert without_echo.choices[0].logprobs.text_offset[0] == 0
 
 
 def test_chat_logprobs_stop_sequences_seeds_and_n(api):
