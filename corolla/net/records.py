@@ -15,9 +15,11 @@ MAX_RECORDS_READ = 1024
 MAX_MODEL_RECORDS_READ = 8192  # records the list of models' keys (all of them together) may give one read
 
 
-def _bounded(entries: list, known: Collection[str], limit: int = MAX_RECORDS_READ) -> list:
-    """At most ``limit`` of ``entries`` ``[(subkey, value), ...]``: those of peers in ``known`` first, then a random
-    sample of the others (which an attacker filing records cannot steer)."""
+def _bounded(entries: list, known: Collection[str], limit: Optional[int] = None) -> list:
+    """At most ``limit`` (default ``MAX_RECORDS_READ``, read when called) of ``entries`` ``[(subkey, value), ...]``:
+    those of peers in ``known`` first, then a random sample of the others (which an attacker filing records cannot
+    steer)."""
+    limit = MAX_RECORDS_READ if limit is None else limit
     if len(entries) <= limit:
         return entries
     first = [entry for entry in entries if entry[0] in known][:limit]
