@@ -208,3 +208,18 @@ def test_cpu_servers_compute_under_sched_idle_unless_told_otherwise():
 
     assert serve_config(build_parser().parse_args(["serve", "smollm2"])).compute_idle
     assert not serve_config(build_parser().parse_args(["serve", "smollm2", "--no-compute-idle"])).compute_idle
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="thread names in /proc are Linux's")
+def test_the_compute_thread_is_named_for_top_and_proc():
+    def name() -> str:
+        with open(f"/proc/self/task/{threading.get_native_id()}/comm") as comm:
+            return comm.read().strip()
+
+    async def scenario():
+        scheduler = Scheduler()
+        named = await scheduler.run(Priority.INFERENCE, name)
+        await scheduler.close()
+        return named
+
+    assert asyncio.run(scenario()) == "corolla-compute"
