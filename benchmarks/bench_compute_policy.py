@@ -111,9 +111,11 @@ def main() -> None:
     order = list(args.variants)  # a variant given twice runs twice per round (an A/A check)
     runs: dict[int, list[float]] = {index: [] for index in range(len(order))}
     with LocalSwarm(model=model, num_servers=3, num_threads=1) as swarm:
+        # each server's compute thread, and any thread started from it (it inherits the name, as it inherits the
+        # policy: torch's own threads)
         threads = _compute_threads([server.process.pid for server in swarm.servers])
-        if len(threads) != 3:
-            raise SystemExit(f"found {len(threads)} compute threads named corolla-compute, not 3")
+        if len(threads) < 3:
+            raise SystemExit(f"found {len(threads)} threads named corolla-compute, fewer than the 3 servers")
         env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
         clients = [subprocess.Popen(
             [sys.executable, os.path.abspath(__file__), "client", json.dumps(
