@@ -24,25 +24,14 @@ import subprocess
 import sys
 import time
 
+from bench_concurrency import PROMPTS, _read_json, warm_client  # noqa: E402 - a sibling script on sys.path
+
 NEW_TOKENS = 64
-PROMPTS = ["The capital of France is", "Once upon a time, in a land far away,", "The three laws of robotics are",
-           "My favourite recipe for pancakes", "In 1969, the first humans", "A haiku about autumn:",
-           "The quick brown fox", "Water boils at"]
 
 
 def client_main(config: dict) -> None:
     """One user: load the model once, then generate on every "go" line, printing the span of each."""
-    import torch
-    from transformers import AutoTokenizer
-
-    from corolla import AutoDistributedModelForCausalLM
-
-    torch.set_num_threads(1)
-    tokenizer = AutoTokenizer.from_pretrained(config["model"])
-    model = AutoDistributedModelForCausalLM.from_pretrained(config["model"], initial_peers=config["initial_peers"],
-                                                            torch_dtype=torch.float32)
-    ids = tokenizer(config["prompt"], return_tensors="pt")["input_ids"]
-    model.generate(ids, max_new_tokens=2, do_sample=False)  # warm-up: connections, route
+    model, ids = warm_client(config)
     print(json.dumps({"ready": True}), flush=True)
     for line in sys.stdin:
         if line.strip() != "go":
@@ -84,15 +73,6 @@ def _apply(threads: list[int], variant: str) -> None:
             os.setpriority(os.PRIO_PROCESS, tid, nice)
 
 
-def _read(process: subprocess.Popen) -> dict:
-    while True:
-        line = process.stdout.readline()
-        if not line:
-            raise RuntimeError(f"client {process.pid} exited with {process.wait()}")
-        if line.startswith("{"):
-            return json.loads(line)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--variants", nargs="+", default=["nice5", "idle"])
@@ -124,13 +104,13 @@ def main() -> None:
             for i in range(args.sessions)]
         try:
             for client in clients:
-                _read(client)
+                _read_json(client)
 
             def wave() -> float:
                 for client in clients:
                     client.stdin.write("go\n")
                     client.stdin.flush()
-                spans = [_read(client) for client in clients]
+                spans = [_read_json(client) for client in clients]
                 return sum(s["tokens"] for s in spans) / (max(s["end"] for s in spans) - min(s["start"] for s in spans))
 
             wave()

@@ -52,7 +52,9 @@ PROMPTS = ["The capital of France is", "Once upon a time, in a land far away,", 
            "The best way to learn a language", "Mount Everest is", "A good night's sleep", "The stock market"]
 
 
-def client_main(config: dict) -> None:
+def warm_client(config: dict):
+    """A user's client process: the model loaded (one torch thread) and warmed up on ``config["prompt"]``; returns
+    (model, prompt ids)."""
     import torch
     from transformers import AutoTokenizer
 
@@ -64,6 +66,13 @@ def client_main(config: dict) -> None:
                                                             torch_dtype=torch.float32)
     ids = tokenizer(config["prompt"], return_tensors="pt")["input_ids"]
     model.generate(ids, max_new_tokens=2, do_sample=False)  # warm-up: connections, route
+    return model, ids
+
+
+def client_main(config: dict) -> None:
+    import torch
+
+    model, ids = warm_client(config)
     if config["mode"] == "hold":  # open a long session, fill it, hold it until told to stop
         with model.inference_session(max_length=config["max_length"]) as session:
             filler = torch.randint(100, 40000, (1, config["fill_tokens"]))

@@ -36,6 +36,10 @@ class SamplingParams:
     top_logprobs: Optional[int] = None  # None: no log-probabilities; k: the chosen token's and the k most likely
     prompt_logprobs: bool = False  # with top_logprobs: the prompt's tokens' too (a completion's echo)
 
+    @property
+    def scores_prompt(self) -> bool:
+        return self.prompt_logprobs and self.top_logprobs is not None
+
 
 @dataclasses.dataclass
 class TokenEvent:
@@ -248,12 +252,12 @@ class Engine:
         generator.manual_seed(params.seed if params.seed is not None else int(time.time_ns() % 2**63))
         self._local.run = run
         try:
-            extra = {}
-            if params.prompt_logprobs and params.top_logprobs is not None:
-                extra["logits_to_keep"] = 0  # every position's logits: the prompt's tokens are scored too
+            # scoring the prompt takes every position's logits (transformers keeps the last one's otherwise)
+            extra = {"logits_to_keep": 0} if params.scores_prompt else {}
             with torch.no_grad():
                 self.model.generate(
-                    ids, attention_mask=torch.ones_like(ids), max_new_tokens=params.max_tokens, do_sample=False, **extra,
+                    ids, attention_mask=torch.ones_like(ids), max_new_tokens=params.max_tokens, do_sample=False,
+                    **extra,
                     logits_processor=LogitsProcessorList([_Sampler(params, len(prompt_ids), generator)]),
                     stopping_criteria=StoppingCriteriaList([_Stop(run)]), streamer=run,
                     pad_token_id=self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None
@@ -263,13 +267,14 @@ class Engine:
             self._local.run = None
         ended_by_eos = bool(run.token_ids) and run.token_ids[-1] in self.eos_ids
         finish = "stop" if run.stopped or ended_by_eos or run.cancelled.is_set() else "length"
-        return Completion(run.text, run.token_ids, run.events, finish, len(prompt_ids), self._prompt_events(run, prompt_ids))
+        return Completion(run.text, run.token_ids, run.events, finish, len(prompt_ids),
+                          self._prompt_events(run, prompt_ids))
 
     def _prompt_events(self, run: _Run, prompt_ids: list[int]) -> Optional[list[TokenEvent]]:
         """Each prompt token with its log-probability given the tokens before it (the first has none), and the
         ``top_logprobs`` likeliest there; None unless asked for."""
         params = run.params
-        if not params.prompt_logprobs or params.top_logprobs is None:
+        if not params.scores_prompt:
             return None
         events = [TokenEvent(prompt_ids[0], self.token_text(prompt_ids[0]))]
         if run.prompt_logits is None or len(prompt_ids) < 2:
@@ -286,6 +291,6 @@ class Engine:
     def _record_logits(self, module, inputs, output) -> None:
         run = getattr(self._local, "run", None)
         if run is not None and run.params.top_logprobs is not None:
-            if run.params.prompt_logprobs and run.prompt_logits is None and not run.logits:  # the prompt's pass
+            if run.params.scores_prompt and not run.logits:  # the prompt's pass
                 run.prompt_logits = output[0, :-1].detach()
             run.logits.append(output[0, -1].detach())

@@ -73,10 +73,11 @@ def _start_compute_thread(num_threads: Optional[int], nice: int, idle: bool = Fa
     ``idle``: the thread runs under ``SCHED_IDLE``. Any other thread that wakes takes the core at once, and Linux
     places a waking thread on a core that runs only such threads as on an idle one, so a message between servers, or
     a client's next step on the same machine, never queues behind a pass. Measured with eight client processes on a
-    3-server loopback swarm sharing two cores, in one swarm with the setting switched between waves (20 alternating
-    pairs): +6.7 tokens/s (~5%) against nice 5, which nice 10, 15 and 19 did not give (README, Performance, Many
-    sessions at once). The cost: on a machine busy with other work the thread gets almost no CPU (it is meant to use
-    what would idle), so such a server serves slowly and its clients move on.
+    3-server loopback swarm sharing two cores, in one swarm with the setting switched between waves
+    (benchmarks/bench_compute_policy.py): +3 to +7 tokens/s of ~130 against nice 5 over three runs, which nice 10,
+    15 and 19 did not give (README, Performance, Many sessions at once). The cost: on a machine busy with other work
+    the thread gets almost no CPU (it is meant to use what would idle), so such a server serves slowly and its
+    clients move on.
 
     Otherwise it runs ``nice`` steps below the process. Elsewhere than on Linux ``setpriority`` would apply to the
     whole process, so neither is done there."""
