@@ -54,6 +54,25 @@ def _blocks(text: str) -> BlockRange:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse takes a word that begins with ``-`` for an option unless it is a plain negative number, so
+    ``--blocks -1:3`` failed with "expected one argument" instead of saying what is wrong with the range. Such a word
+    after a flag of ``_DASHED_VALUES`` is that flag's value (as if written ``--blocks=-1:3``), which its type checks."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        words = list(sys.argv[1:] if args is None else args)
+        joined: list[str] = []
+        for word in words:
+            if joined and joined[-1] in _DASHED_VALUES and word.startswith("-") and ":" in word:
+                joined[-1] = f"{joined[-1]}={word}"
+            else:
+                joined.append(word)
+        return super().parse_known_args(joined, namespace)
+
+
+_DASHED_VALUES = {"--blocks"}  # flags whose values (START:END) may begin with "-"
+
+
 def _add_model(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "model", nargs="?", default=None,
@@ -117,7 +136,7 @@ def _add_logging(parser: argparse.ArgumentParser, defaults: bool) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="corolla", description="Run and fine-tune LLMs collaboratively.")
+    parser = _Parser(prog="corolla", description="Run and fine-tune LLMs collaboratively.")
     _add_logging(parser, defaults=True)
     commands = parser.add_subparsers(dest="command", required=True)
 

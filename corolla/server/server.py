@@ -103,6 +103,9 @@ class Server:
                     f"{', '.join(others[:3])} announce another architecture (config digest); use the same checkpoint "
                     "or another --dht-prefix")
             if blocks is None:
+                if config.num_blocks is not None and config.num_blocks > total:
+                    logger.warning("--num-blocks %d: the model has %d blocks; this server takes all of them",
+                                   config.num_blocks, total)
                 blocks = choose_span(total, records, total if config.num_blocks is None else config.num_blocks)
             if blocks.end > total:
                 raise ValueError(f"blocks {blocks} run past the model's {total} blocks")

@@ -299,3 +299,12 @@ def test_request_frames_held_at_once_are_bounded_and_shared(tiny_llama_dir):
         finally:
             for model in (a, b, c):
                 model.close()
+
+
+def test_more_blocks_than_the_model_has_are_all_of_them_with_a_warning(tiny_llama_dir, caplog):
+    """``--num-blocks 40`` of a 4-block model: the server takes the model's 4 blocks and says so."""
+    with InProcessSwarm(str(tiny_llama_dir), dht_prefix="too-many") as swarm:
+        with caplog.at_level("WARNING", logger="corolla.server.server"):
+            server = swarm.start_server(num_blocks=40)
+        assert server.blocks == BlockRange(0, 4)
+        assert "--num-blocks 40: the model has 4 blocks; this server takes all of them" in caplog.text

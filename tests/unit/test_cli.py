@@ -27,6 +27,7 @@ def quiet_logging(monkeypatch):
 @pytest.mark.parametrize("argv, message", [
     (["serve", "--new-swarm", "--num-blocks", "0"], "argument --num-blocks: must be at least 1, got 0"),
     (["serve", "--new-swarm", "--blocks", "5:2"], "argument --blocks: blocks must look like START:END"),
+    (["serve", "--new-swarm", "--blocks", "-1:3"], "argument --blocks: blocks must look like START:END with 0 <= START"),
     (["serve", "--new-swarm", "--num-threads", "two"], "argument --num-threads: int expected, got 'two'"),
     (["serve", "--new-swarm", "--port", "70000"], "argument --port: must be at most 65535, got 70000"),
     (["generate", "hi", *PEERS, "--top-p", "2"], "argument --top-p: must be at most 1.0, got 2"),
