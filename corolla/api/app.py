@@ -335,7 +335,18 @@ class Api:
         def worker(index: int, ids: list[int]) -> Completion:
             def on_token(event: TokenEvent) -> None:
                 loop.call_soon_threadsafe(queue.put_nowait, ("token", index, event))
-            return self.engine.complete(ids, self._params_for(params, index), on_token, cancelled)
+
+            def on_prompt(events: list[TokenEvent]) -> None:
+                loop.call_soon_threadsafe(queue.put_nowait, ("prompt", index, events))
+            return self.engine.complete(ids, self._params_for(params, index), on_token, cancelled, on_prompt)
+
+        # an echo scored (logprobs) waits for the prompt's pass: each choice's echo comes once its scores do
+        echoed = set() if echo and params.scores_prompt else set(range(len(prompts)))
+
+        def echo_chunk(index: int, events: Optional[list[TokenEvent]]) -> str:
+            echoed.add(index)
+            return chunk([{"index": index, "text": echo[index], "finish_reason": None,
+                           "logprobs": None if events is None else self._text_logprobs(events, 0)}])
 
         async def run(index: int, ids: list[int]) -> None:
             try:
@@ -350,7 +361,7 @@ class Api:
             if kind == "chat":
                 yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                               "finish_reason": None} for i in range(len(prompts))])
-            elif echo:
+            elif echo and not params.scores_prompt:
                 yield chunk([{"index": i, "text": echo[i], "logprobs": None, "finish_reason": None}
                              for i in range(len(prompts))])
             while len(finished) < len(prompts):
@@ -366,6 +377,11 @@ class Api:
                     yield f"data: {json.dumps({'error': {'message': error.message, 'type': error.kind, 'param': None, 'code': error.code}})}\n\n"
                     cancelled.set()
                     return
+                if what == "prompt":
+                    yield echo_chunk(index, item)
+                    continue
+                if index not in echoed:  # no token came (the prompt's scores come with the completion)
+                    yield echo_chunk(index, item.prompt_events if what == "done" else None)
                 if what == "done":
                     finished[index] = item
                     final = {"index": index, "finish_reason": item.finish_reason, "logprobs": None}

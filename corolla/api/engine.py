@@ -104,8 +104,11 @@ class _Stop(StoppingCriteria):
 class _Run:
     """The state of one generation: its tokens as they come, its text, its stop sequences."""
 
-    def __init__(self, engine: "Engine", params: SamplingParams, on_token: Optional[Callable[[TokenEvent], None]]):
+    def __init__(self, engine: "Engine", params: SamplingParams, on_token: Optional[Callable[[TokenEvent], None]],
+                 prompt_ids: list[int], on_prompt: Optional[Callable[[list[TokenEvent]], None]] = None):
         self.engine, self.params, self.on_token = engine, params, on_token
+        self.prompt_ids, self.on_prompt = prompt_ids, on_prompt
+        self.prompt_events: Optional[list[TokenEvent]] = None  # with prompt_logprobs, once the prompt's pass ran
         self.cancelled = threading.Event()
         self.stopped = False
         self.token_ids: list[int] = []
@@ -148,6 +151,10 @@ class _Run:
                 event.top = list(zip(indices.tolist(), values.tolist()))
         if token in self.engine.eos_ids:
             event.text = ""
+        if not self.events and self.params.scores_prompt:  # the prompt's pass has run: its scores are known
+            self.prompt_events = self.engine._prompt_events(self, self.prompt_ids)
+            if self.on_prompt is not None:
+                self.on_prompt(self.prompt_events)
         self.events.append(event)
         if self.on_token is not None:
             self.on_token(event)
@@ -221,11 +228,14 @@ class Engine:
 
     def complete(self, prompt_ids: list[int], params: SamplingParams,
                  on_token: Optional[Callable[[TokenEvent], None]] = None,
-                 cancelled: Optional[threading.Event] = None) -> Completion:
+                 cancelled: Optional[threading.Event] = None,
+                 on_prompt: Optional[Callable[[list[TokenEvent]], None]] = None) -> Completion:
         """Generate a completion of ``prompt_ids`` in a place taken by ``reserve`` (blocking: call it from a worker
         thread; it waits for one of the ``max_sessions`` slots). ``on_token`` sees every token as it is generated;
-        setting ``cancelled`` stops the generation at the next token (or while it waits)."""
-        run = _Run(self, params, on_token)
+        with ``params.prompt_logprobs``, ``on_prompt`` sees the prompt's scored tokens (``Completion.prompt_events``)
+        once they are known, before the first token; setting ``cancelled`` stops the generation at the next token
+        (or while it waits)."""
+        run = _Run(self, params, on_token, prompt_ids, on_prompt)
         if cancelled is not None:
             run.cancelled = cancelled
         try:
@@ -268,7 +278,7 @@ class Engine:
         ended_by_eos = bool(run.token_ids) and run.token_ids[-1] in self.eos_ids
         finish = "stop" if run.stopped or ended_by_eos or run.cancelled.is_set() else "length"
         return Completion(run.text, run.token_ids, run.events, finish, len(prompt_ids),
-                          self._prompt_events(run, prompt_ids))
+                          run.prompt_events if run.prompt_events is not None else self._prompt_events(run, prompt_ids))
 
     def _prompt_events(self, run: _Run, prompt_ids: list[int]) -> Optional[list[TokenEvent]]:
         """Each prompt token with its log-probability given the tokens before it (the first has none), and the

@@ -117,6 +117,14 @@ def test_completions_with_echo_and_logprobs(api, llama_local, tokenizer):
     without_echo = client.completions.create(model=MODEL_ID, prompt=prompt, max_tokens=5, temperature=0, logprobs=2)
     assert without_echo.choices[0].logprobs.tokens == choice.logprobs.tokens[scored:]
     assert without_echo.choices[0].logprobs.text_offset[0] == 0
+    # streamed: the echo comes first, scored the same, then each token with its own
+    chunks = list(client.completions.create(model=MODEL_ID, prompt=prompt, max_tokens=5, temperature=0, echo=True,
+                                            logprobs=2, stream=True))
+    texts = [c.choices[0] for c in chunks if c.choices and c.choices[0].text]
+    assert texts[0].text == prompt and "".join(t.text for t in texts) == choice.text
+    assert texts[0].logprobs.tokens == choice.logprobs.tokens[:scored]
+    assert texts[0].logprobs.token_logprobs == choice.logprobs.token_logprobs[:scored]
+    assert [t.logprobs.tokens[0] for t in texts[1:]] == choice.logprobs.tokens[scored:]
 
 
 def test_chat_logprobs_stop_sequences_seeds_and_n(api):
