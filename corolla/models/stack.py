@@ -4,7 +4,9 @@ from __future__ import annotations
 import collections
 import copy
 import itertools
+import threading
 from pathlib import Path
+from typing import Optional
 
 import torch
 import transformers
@@ -260,6 +262,10 @@ class BlockStack(nn.Module):
                 f"fast_path={self.fast_path}, packed={self.packed}")
 
 
+class LoadAbandoned(Exception):
+    """A load stopped part-way because its server is stopping (``load_block_stack``'s ``abandon``)."""
+
+
 def load_block_stack(
     path: str | Path,
     config: transformers.PretrainedConfig,
@@ -270,13 +276,15 @@ def load_block_stack(
     progress: bool = False,
     fast_path: bool = True,
     pack_weights: bool = True,
+    abandon: Optional[threading.Event] = None,
 ) -> BlockStack:
     """Build blocks ``blocks`` of the model at ``path`` and load only their tensors (never the full model); with
     ``quant`` (``corolla.models.quant``), each block is read and quantized before the next is read, so the float
     weights of one block at a time are held. ``fast_path``: see ``corolla.models.fused``. ``pack_weights`` (with
     ``fast_path``, float32 on CPU, no ``quant``): float32 weights that lie exactly on a grid are held packed
     (``corolla.models.packing``; the same outputs, fewer bytes read per step) where the kernels rebuild them with
-    vector instructions (``cpu_kernels.packing_pays``)."""
+    vector instructions (``cpu_kernels.packing_pays``). Once ``abandon`` is set (the server is stopping), the load
+    ends before the next block with ``LoadAbandoned``."""
     family = family_for(config)
     num_layers = config.num_hidden_layers
     if blocks.end > num_layers:
@@ -307,6 +315,8 @@ def load_block_stack(
     layers = []
     for local_index, index in tqdm(list(enumerate(blocks)), desc=f"loading blocks {blocks}", unit="block",
                                    disable=not progress, leave=False):
+        if abandon is not None and abandon.is_set():
+            raise LoadAbandoned(f"loading blocks {blocks} stopped before block {index}")
         state = block_states(range(index, index + 1))[index] if one_at_a_time else states.pop(index)
         with torch.device("meta"):
             layer = family.build_layer(stack_config, index)

@@ -11,6 +11,7 @@ import sys
 import logging
 import random
 import signal
+import threading
 from typing import Optional
 
 import torch
@@ -25,7 +26,7 @@ from corolla.models.quant import resolve_quant
 from corolla.core.status import StatusLine
 from corolla.core.errors import CorollaError
 from corolla.models.family import family_for
-from corolla.models.stack import check_checkpoint, load_block_stack
+from corolla.models.stack import LoadAbandoned, check_checkpoint, load_block_stack
 from corolla.net.addresses import write_address_file
 from corolla.net.peer import Peer, PeerConfig
 from corolla.net.transport import Transport, TransportFactory
@@ -74,13 +75,17 @@ class Server:
                                    nice=config.compute_nice,
                                    idle=config.compute_idle and torch.device(config.device).type == "cpu")
         self.identity = identity
+        self.abandon = threading.Event()  # set when the server stops: a load in progress ends before its next block
         self.announcer = Announcer(peer, model_prefix, self.record, config.announce_period_s, config.record_ttl_s,
                                    identity, load_swarm_key(config.swarm_key_path))
 
     @classmethod
-    async def create(cls, config: ServerConfig, transport_factory: TransportFactory) -> "Server":
+    async def create(cls, config: ServerConfig, transport_factory: TransportFactory,
+                     abandon: Optional[threading.Event] = None) -> "Server":
         """Start a server on the transport ``transport_factory`` makes (``hivemind_server(config)`` for the real
-        network)."""
+        network). Cancelling it stops the start; set ``abandon`` too, and loading the blocks (on the compute thread,
+        which a cancel cannot stop) ends before its next block."""
+        server = None
         path = await asyncio.to_thread(resolve_model, config.model)
         model_config = await asyncio.to_thread(load_config, path)
         prefix = config.dht_prefix or model_dht_prefix(path if config.model is None else config.model, model_config)
@@ -111,6 +116,8 @@ class Server:
                 raise ValueError(f"blocks {blocks} run past the model's {total} blocks")
             await asyncio.to_thread(check_checkpoint, path, model_config, blocks)  # before announcing anything
             server = cls(config, peer, prefix, blocks, identity)
+            if abandon is not None:
+                server.abandon = abandon
             server.config_digest = digest
             server.dtype = resolve_dtype(config.dtype, model_config)
             server.maddrs = await peer.visible_maddrs()
@@ -118,6 +125,9 @@ class Server:
             await server._start(path, model_config)
             return server
         except BaseException:
+            if server is not None:
+                server.abandon.set()
+                await server.scheduler.close()
             await peer.shutdown()
             raise
 
@@ -154,7 +164,8 @@ class Server:
         run = self.scheduler.run
         progress = sys.stderr.isatty()  # progress bars on a terminal only
         stack = await run(Priority.BACKGROUND, load_block_stack, self.path, self.model_config, blocks, self.dtype,
-                          torch.device(config.device), self.quant, progress, config.fast_path, config.pack_weights)
+                          torch.device(config.device), self.quant, progress, config.fast_path, config.pack_weights,
+                          self.abandon)
         if stack.packed:
             logger.info("float32 weights on a grid, held packed with the same values: %s",
                         ", ".join(f"{count} layers {kind}" for kind, count in stack.packed.items()))
@@ -270,6 +281,7 @@ class Server:
 
     async def shutdown(self) -> None:
         """Announce offline, refuse new work, give in-flight work ``shutdown_grace_s``, then stop."""
+        self.abandon.set()  # a move loading its new blocks stops
         for task in (self._rebalancer, self._janitor):
             if task is not None:
                 task.cancel()
@@ -297,10 +309,30 @@ def run_server(config: ServerConfig, log_format: str = "text") -> int:
 
     async def main() -> int:
         stop = asyncio.Event()
+        abandon = threading.Event()
         loop = asyncio.get_running_loop()
+
+        def _stop() -> None:
+            stop.set()
+            abandon.set()
+
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        server = await Server.create(config, hivemind_server(config))
+            loop.add_signal_handler(sig, _stop)
+        # a signal while the server starts (joining the swarm, loading blocks: minutes for a large model) ends the
+        # start, rather than waiting for the server to come online only to leave
+        starting = asyncio.ensure_future(Server.create(config, hivemind_server(config), abandon))
+        stopped = asyncio.ensure_future(stop.wait())
+        await asyncio.wait([starting, stopped], return_when=asyncio.FIRST_COMPLETED)
+        if not starting.done():
+            logger.warning("stopped while starting")
+            starting.cancel()
+            try:
+                await starting
+            except (asyncio.CancelledError, LoadAbandoned):
+                pass
+            return 0
+        stopped.cancel()
+        server = starting.result()
         print(f"corolla server {server.peer.peer_id} serving blocks {server.blocks}", flush=True)
         for addr in server.maddrs:
             print(f"  {addr}", flush=True)

@@ -125,6 +125,25 @@ def test_serve_announces_then_leaves_cleanly(tiny_llama_dir, tmp_path):
         assert _stop(dht) == 0
 
 
+def test_a_signal_while_the_server_starts_ends_the_start(embedded_dir, tmp_path):
+    """SIGINT while the blocks load (minutes for a large model): the server stops loading and leaves, rather than
+    going online first (it used to read the signal only once it served)."""
+    log = tmp_path / "server.log"
+    server = _spawn(["serve", str(embedded_dir), "--new-swarm", "--num-threads", "1", "--log-level", "INFO"], log)
+    try:
+        deadline = time.monotonic() + 120
+        while "loading blocks" not in log.read_text():
+            assert server.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.02)
+        stopped_at = time.monotonic()
+        assert _stop(server, signal.SIGINT, timeout_s=60) == 0, log.read_text()
+        text = log.read_text()
+        assert "stopped while starting" in text and "serving blocks" not in text, text
+        assert time.monotonic() - stopped_at < 30
+    finally:
+        _stop(server, signal.SIGKILL)
+
+
 def test_new_swarm_and_num_blocks_take_the_free_span(tiny_llama_dir, tmp_path):
     first = _spawn(
         ["serve", str(tiny_llama_dir), "--new-swarm", "--blocks", "0:2", "--num-threads", "1", "--dht-prefix", "tiny2",

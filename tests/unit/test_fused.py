@@ -273,3 +273,32 @@ def test_prepared_masks_of_other_rotary_families(tmp_path, monkeypatch, name):
     unmasked = _check_prepared_masks(stack, monkeypatch)
     sdpa_full = "full_attention" in stack.runner.attention_types and stack.runner.config._attn_implementation == "sdpa"
     assert (unmasked >= 3) == sdpa_full
+
+
+def test_a_load_abandoned_stops_before_its_next_block(tmp_path, monkeypatch):
+    """A server told to stop while loading (``abandon`` set) ends the load before the next block, whatever the
+    loading path (read at once, or block by block when packing)."""
+    import threading
+
+    from corolla.models import stack as stack_module
+    from corolla.models.stack import LoadAbandoned
+
+    save_tiny_model("llama", tmp_path, num_layers=4)
+    config = load_config(tmp_path)
+    built = []
+    real_renumber = stack_module._renumber_layer
+    abandon = threading.Event()
+
+    def built_then_stop(layer, local_index):  # the signal comes while block 1 loads
+        built.append(local_index)
+        if local_index == 1:
+            abandon.set()
+        return real_renumber(layer, local_index)
+
+    monkeypatch.setattr(stack_module, "_renumber_layer", built_then_stop)
+    for pack in (True, False):
+        built.clear()
+        abandon.clear()
+        with pytest.raises(LoadAbandoned, match="stopped before block 2"):
+            load_block_stack(tmp_path, config, BLOCKS, torch.float32, "cpu", pack_weights=pack, abandon=abandon)
+        assert built == [0, 1]
