@@ -1,11 +1,13 @@
 """Generating text on the terminal, with tokens streamed as they arrive."""
 from __future__ import annotations
 
+import signal
 import sys
+import threading
 from typing import Optional
 
 import torch
-from transformers import AutoTokenizer, TextStreamer
+from transformers import AutoTokenizer, StoppingCriteria, StoppingCriteriaList, TextStreamer
 
 from corolla.models.checkpoint import resolve_model
 
@@ -31,11 +33,48 @@ def sampling_kwargs(args) -> dict:
     return kwargs
 
 
-def generate_reply(model, tokenizer, input_ids: torch.Tensor, args, session=None) -> str:
-    """Generate and stream a reply to stdout; returns the reply's text."""
+class ReplyInterrupt:
+    """Inside: Ctrl-C (SIGINT) ends the reply being generated at its next token instead of ending the program, as
+    chat programs do; a second Ctrl-C before the reply ends raises ``KeyboardInterrupt`` as usual. Outside, and off
+    the main thread (where signal handlers cannot be set), Ctrl-C keeps its usual effect."""
+
+    def __init__(self):
+        self.event = threading.Event()
+        self._previous = None
+
+    def __enter__(self) -> "ReplyInterrupt":
+        self.event.clear()
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._on_signal)
+        return self
+
+    def _on_signal(self, signum, frame) -> None:
+        if self.event.is_set():
+            raise KeyboardInterrupt
+        self.event.set()
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+            self._previous = None
+
+
+class _StopWhenSet(StoppingCriteria):
+    def __init__(self, event: threading.Event):
+        self.event = event
+
+    def __call__(self, input_ids, scores, **kwargs) -> torch.BoolTensor:
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+
+
+def generate_reply(model, tokenizer, input_ids: torch.Tensor, args, session=None,
+                   interrupt: Optional[threading.Event] = None) -> str:
+    """Generate and stream a reply to stdout; returns the reply's text. Setting ``interrupt`` ends it at the next
+    token."""
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     if args.seed is not None:
         torch.manual_seed(args.seed)
+    extra = {} if interrupt is None else {"stopping_criteria": StoppingCriteriaList([_StopWhenSet(interrupt)])}
     outputs = model.generate(
         input_ids,
         attention_mask=torch.ones_like(input_ids),
@@ -43,13 +82,15 @@ def generate_reply(model, tokenizer, input_ids: torch.Tensor, args, session=None
         pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
         session=session,
         **sampling_kwargs(args),
+        **extra,
     )
     sys.stdout.flush()
     return tokenizer.decode(outputs[0, input_ids.shape[1]:], skip_special_tokens=True)
 
 
 def chat_loop(model, tokenizer, args) -> None:
-    """Read user turns from stdin until EOF or an empty line; keep the conversation as context.
+    """Read user turns from stdin until EOF or an empty line; keep the conversation as context. Ctrl-C during a
+    reply ends that reply where it is (the conversation keeps what was said); at the prompt it ends the chat.
 
     The conversation lives in one inference session: each turn sends only the tokens the servers do not hold yet
     (the session rewinds to the longest prefix it shares with the new prompt, e.g. where the template re-tokenized
@@ -58,7 +99,8 @@ def chat_loop(model, tokenizer, args) -> None:
     system = [{"role": "system", "content": args.system}] if args.system else []
     turns: list[dict] = []
     max_context = getattr(args, "max_context", 2048)
-    print("Chatting with the swarm. An empty line or Ctrl-D ends.", flush=True)
+    print("Chatting with the swarm. An empty line or Ctrl-D ends; Ctrl-C stops a reply.", flush=True)
+    interrupt = ReplyInterrupt()
     with model.inference_session(max_length=max_context) as session:
         while True:
             try:
@@ -78,7 +120,10 @@ def chat_loop(model, tokenizer, args) -> None:
                 continue
             new_ids = _rewind_to_shared_prefix(session, input_ids)
             print("model> ", end="", flush=True)
-            reply = generate_reply(model, tokenizer, new_ids, args, session=session)
+            with interrupt:
+                reply = generate_reply(model, tokenizer, new_ids, args, session=session, interrupt=interrupt.event)
+            if interrupt.event.is_set():
+                print("[stopped]", flush=True)
             turns.append({"role": "assistant", "content": reply.strip()})
 
 

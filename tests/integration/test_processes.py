@@ -239,3 +239,41 @@ def test_chat_command_keeps_the_conversation(embedded_dir, llama_swarm, llama_lo
     assert "Paris" in result.stdout, result.stdout
     for reply in expected:
         assert reply.strip() and reply.strip() in result.stdout, (reply, result.stdout)
+
+
+def test_ctrl_c_in_chat_stops_the_reply_and_the_chat_goes_on(embedded_dir, llama_swarm):
+    """SIGINT while a reply streams ends that reply at its next token; the chat then takes the next message and
+    answers it (in the same session), and ends normally."""
+    import threading
+
+    chat = subprocess.Popen(
+        CLI + ["chat", str(embedded_dir), "--initial-peers", *llama_swarm.initial_peers, "--max-new-tokens", "400",
+               "--num-threads", "1"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    seen: list[str] = []
+    reader = threading.Thread(target=lambda: seen.extend(iter(lambda: chat.stdout.read(1), "")), daemon=True)
+    reader.start()
+
+    def wait_for(predicate, what: str, timeout_s: float = 120) -> None:
+        deadline = time.monotonic() + timeout_s
+        while not predicate("".join(seen)):
+            assert chat.poll() is None, f"chat exited early: {''.join(seen)} {chat.stderr.read()}"
+            assert time.monotonic() < deadline, f"no {what} in {timeout_s} s: {''.join(seen)!r}"
+            time.sleep(0.05)
+
+    try:
+        chat.stdin.write("Write a very long story about a dragon who learns to cook.\n")
+        chat.stdin.flush()
+        wait_for(lambda out: len(out.partition("model> ")[2].split()) >= 4, "reply streaming")
+        chat.send_signal(signal.SIGINT)
+        wait_for(lambda out: "[stopped]" in out, "stopped reply", 60)
+        first = "".join(seen).partition("model> ")[2].partition("[stopped]")[0]
+        assert 4 <= len(first.split()) < 300, first  # stopped long before its 400 tokens
+        chat.stdin.write("What is the capital of France?\n\n")
+        chat.stdin.flush()
+        assert chat.wait(120) == 0, chat.stderr.read()
+        reader.join(10)
+        out = "".join(seen)
+        assert out.count("model> ") == 2 and out.rpartition("model> ")[2].strip(), out
+    finally:
+        _stop(chat, signal.SIGKILL)
