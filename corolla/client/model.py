@@ -402,6 +402,12 @@ class DistributedModelMixin:
         if kwargs.get("max_length") is None:
             kwargs.pop("max_length", None)
         session = session or self.active_session
+        if kwargs.get("use_cache", (kwargs.get("generation_config") or self.generation_config).use_cache) is False:
+            # no cache: every step sends the whole sequence again, which a session would append to what it holds
+            if session is not None:
+                raise ValueError("generate(use_cache=False) sends the whole sequence at every step, so it runs "
+                                 "without a session: call it outside inference_session(), or keep the cache on")
+            return super().generate(inputs, *args, **kwargs)
         owns_session = session is None
         inputs, previous = self._session_inputs(session, inputs, kwargs)
         if kwargs.get("attention_mask") is None:

@@ -130,6 +130,18 @@ def test_model_call_inside_a_session_is_a_step(llama_remote, llama_local, tokeni
     assert (tail_again - expected[:, 4:]).abs().max().item() < FLOAT32_LOGITS
 
 
+def test_generate_without_a_cache_equals_local(llama_remote, llama_local, tokenizer):
+    """``use_cache=False`` sends the whole sequence at every step: stateless passes, the same tokens as local (a
+    session would have appended each resent sequence to what it held); inside a session it is refused."""
+    ids = _ids(tokenizer)
+    expected = llama_local.generate(ids, max_new_tokens=6, do_sample=False, use_cache=False)
+    assert llama_remote.generate(ids, max_new_tokens=6, do_sample=False, use_cache=False).tolist() == expected.tolist()
+    with llama_remote.inference_session(max_length=64) as session:
+        with pytest.raises(ValueError, match="use_cache=False"):
+            llama_remote.generate(ids, max_new_tokens=6, do_sample=False, use_cache=False)
+        assert session.position == 0
+
+
 def test_petals_names_are_the_same_modules(llama_remote, bloom_remote):
     for model in (llama_remote, bloom_remote):
         base = model.transformer
