@@ -76,11 +76,14 @@ class RemoteLora(nn.Module):
     def __init__(self, family, config, num_blocks: int, rank: int, alpha: float, targets: Optional[Sequence[str]]):
         super().__init__()
         shapes = block_linear_shapes(family, config)
-        targets = tuple(targets or family.lora_targets)
-        unknown = [t for t in targets if t not in shapes]
-        if unknown or not targets:
-            raise ValueError(f"LoRA targets {list(unknown or targets)} are not linear layers of a "
+        named = tuple(targets or family.lora_targets)
+        # as PEFT: a name is a layer's path in the block or the end of one ("q_proj" for "self_attn.q_proj")
+        matches = {t: [path for path in shapes if path == t or path.endswith("." + t)] for t in named}
+        unknown = [t for t in named if not matches[t]]
+        if unknown or not named:
+            raise ValueError(f"LoRA targets {list(unknown or named)} are not linear layers of a "
                              f"{family.model_type} block; choose among {sorted(shapes)}")
+        targets = tuple(dict.fromkeys(path for t in named for path in matches[t]))
         self.family, self.rank, self.alpha, self.targets = family, rank, alpha, targets
         self.scaling = alpha / rank
         self.lora_A, self.lora_B = nn.ParameterDict(), nn.ParameterDict()
@@ -110,14 +113,22 @@ class RemoteLora(nn.Module):
 
     @torch.no_grad()
     def load_pretrained(self, path: str | Path) -> None:
-        """Load a PEFT adapter saved by ``save_pretrained`` (or by PEFT) into these weights."""
+        """Load a PEFT adapter saved by ``save_pretrained`` (or by PEFT) into these weights: afterwards they compute
+        what the adapter does, with its scaling (``lora_alpha`` / ``r``, or rsLoRA's), and the layers these weights
+        target but it does not get none (their B is zeroed)."""
         lora, config = read_peft_adapter(path, self.family)
         if int(config["r"]) != self.rank:
             raise ValueError(f"the adapter at {path} has rank {config['r']}, these weights have rank {self.rank}")
-        for key, (a, b) in lora.pairs.items():
+        names = {}
+        for key in lora.pairs:
             block, module_path = key.split(".", 1)
-            name = self._name(int(block), module_path)
-            if name not in self.lora_A:
+            names[key] = self._name(int(block), module_path)
+            if names[key] not in self.lora_A:
                 raise ValueError(f"the adapter at {path} adapts {key}, which these weights do not target")
-            self.lora_A[name].copy_(a)
-            self.lora_B[name].copy_(b)
+        for key, (a, b) in lora.pairs.items():
+            self.lora_A[names[key]].copy_(a)
+            self.lora_B[names[key]].copy_(b)
+        for name in set(self.lora_B) - set(names.values()):
+            self.lora_B[name].zero_()
+        self.scaling = lora.scaling
+        self.alpha = lora.scaling * self.rank  # what save_pretrained writes (as plain LoRA) keeps this scaling

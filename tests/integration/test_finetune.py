@@ -206,11 +206,21 @@ def test_lora_saves_in_peft_format_and_generates_with_it(embedded_dir, llama_swa
             local_tokens = local.generate(input_ids=ids, max_new_tokens=8, do_sample=False)
         assert remote.generate(ids, max_new_tokens=8, do_sample=False).tolist() == local_tokens.tolist()
 
-        other = _remote(embedded_dir, llama_swarm, tuning_mode="lora", lora_rank=4, lora_alpha=8)
+        # loaded into weights of another alpha and more targets (trained): the adapter's scaling, its targets only
+        targets = ("q_proj", "self_attn.v_proj", "down_proj")  # short names as PEFT takes them
+        other = _remote(embedded_dir, llama_swarm, tuning_mode="lora", lora_rank=4, lora_alpha=16,
+                        lora_target_modules=targets)
         try:
+            with torch.no_grad():
+                for param in other.model.remote_lora.lora_B.values():
+                    param.normal_(std=0.02)
             other.load_lora(tmp_path / "adapter")
             with torch.no_grad():
                 assert (other(**batch).logits[real] - got[real]).abs().max().item() < 1e-5
+            other.save_lora(tmp_path / "again")
+            again = peft.PeftModel.from_pretrained(copy.deepcopy(llama_local), tmp_path / "again").eval()
+            with torch.no_grad():
+                assert (again(**batch).logits[real] - expected[real]).abs().max().item() < 1e-5
         finally:
             other.close()
     finally:
