@@ -82,6 +82,10 @@ class RemoteBaseModel(nn.Module):
                 return _get(self, self._names[index])
             if name == "word_embeddings_layernorm":
                 return self.__dict__["_identity"]
+            if name in ("prompt_embeddings", "intermediate_prompt_embeddings"):  # where Petals keeps them
+                tuning = self.prompt_tuning
+                if tuning is not None and getattr(tuning, name) is not None:
+                    return getattr(tuning, name)
             raise
 
     @property
@@ -282,6 +286,9 @@ class DistributedModelMixin:
             if active_adapter is not None:
                 config.active_adapter = active_adapter
             model.to(resolve_dtype(dtype or torch_dtype, config))
+            for trainable in (model.remote_base.prompt_tuning, model.remote_base.remote_lora):
+                if trainable is not None:  # trained in float32 whatever the model's dtype (as Petals keeps its
+                    trainable.float()      # prompts): small steps are not rounded away; cast when sent
         except BaseException:
             swarm.close()
             raise

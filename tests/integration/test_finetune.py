@@ -445,3 +445,36 @@ def test_generate_with_trained_prompts_equals_local(mode, embedded_dir, llama_sw
         assert got.tolist() == tokens.tolist()
     finally:
         remote.close()
+
+
+@pytest.mark.parametrize("mode", ["deep_ptune", "lora"])
+def test_trainable_weights_stay_float32_in_a_half_precision_model(mode, embedded_dir, llama_swarm, batch):
+    """As Petals keeps its prompts: in a bfloat16 model the prompts and LoRA weights are float32 (bfloat16 rounds
+    away steps this small), and under Petals' names for the prompts; a step trains every one of them."""
+    kwargs = dict(tuning_mode="lora", lora_rank=4, lora_alpha=8) if mode == "lora" else dict(tuning_mode=mode,
+                                                                                             pre_seq_len=4)
+    remote = _remote(embedded_dir, llama_swarm, torch_dtype=torch.bfloat16, **kwargs)
+    try:
+        assert remote.model.embed_tokens.weight.dtype == torch.bfloat16
+        trainable = dict((n, p) for n, p in remote.named_parameters() if p.requires_grad)
+        assert trainable and all(p.dtype == torch.float32 for p in trainable.values())
+        if mode != "lora":
+            tuning = remote.model.prompt_tuning
+            assert remote.transformer.prompt_embeddings is tuning.prompt_embeddings
+            assert remote.model.intermediate_prompt_embeddings is tuning.intermediate_prompt_embeddings
+            with torch.no_grad():
+                tuning.intermediate_prompt_embeddings.weight.normal_(std=0.02)
+        else:
+            with torch.no_grad():
+                for param in remote.model.remote_lora.lora_B.values():
+                    param.normal_(std=0.02)
+        before = {n: p.detach().clone() for n, p in trainable.items()}
+        optimizer = torch.optim.Adam(trainable.values(), lr=1e-4)
+        loss = _loss(remote(**batch).logits.float(), batch)
+        loss.backward()
+        optimizer.step()
+        for name, param in trainable.items():
+            moved = (param.detach() != before[name]).float().mean().item()
+            assert moved > 0.99, (name, moved)
+    finally:
+        remote.close()
