@@ -12,12 +12,30 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import re
 import threading
 import time
 from typing import Callable, Optional
 
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
+
+
+def _byte_level_alphabet() -> dict[str, int]:
+    """Byte-level BPE vocabularies (GPT-2's scheme) write each byte as one character: the printable ones as
+    themselves, the others as the characters from U+0100 on, in byte order. Character -> byte."""
+    printable = {*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)}
+    alphabet, others = {}, 0
+    for byte in range(256):
+        if byte in printable:
+            alphabet[chr(byte)] = byte
+        else:
+            alphabet[chr(0x100 + others)] = byte
+            others += 1
+    return alphabet
+
+
+_BYTE_LEVEL = _byte_level_alphabet()
 
 
 class EngineBusy(Exception):
@@ -27,6 +45,7 @@ class EngineBusy(Exception):
 @dataclasses.dataclass
 class SamplingParams:
     max_tokens: int = 16
+    max_tokens_given: bool = True  # False: max_tokens is a default, which shrinks to what the context has room for
     temperature: float = 1.0
     top_p: float = 1.0
     seed: Optional[int] = None
@@ -49,6 +68,9 @@ class TokenEvent:
     text: str
     logprob: Optional[float] = None
     top: Optional[list[tuple[int, float]]] = None
+    # what a stream may send now: the completion's text so far, less what it sent before and less an end that could
+    # begin a stop sequence (held back until the next tokens tell; the rest comes with the completion's text)
+    stream_text: str = ""
 
 
 @dataclasses.dataclass
@@ -114,7 +136,7 @@ class _Run:
         self.token_ids: list[int] = []
         self.events: list[TokenEvent] = []
         self.text = ""  # the completion's text so far, cut at a stop sequence
-        self.emitted = 0  # characters of ``text`` handed to on_token
+        self.emitted = 0  # characters of ``text`` a stream may have sent (``TokenEvent.stream_text``)
         self.logits: list[torch.Tensor] = []  # the model's raw logits of each step's last position
         self.prompt_logits: Optional[torch.Tensor] = None  # with prompt_logprobs: the prompt's positions' but the last
         self._started = False  # transformers' first put() carries the prompt
@@ -143,6 +165,9 @@ class _Run:
         new_text = full[len(self.text):] if full.startswith(self.text) else ""
         self.text = full
         event = TokenEvent(token, new_text)
+        sendable = len(full) if self.stopped else len(full) - self._stop_prefix(full)
+        if sendable > self.emitted:
+            event.stream_text, self.emitted = full[self.emitted:sendable], sendable
         if self.params.top_logprobs is not None and len(self.logits) >= len(self.token_ids):
             logprobs = torch.log_softmax(self.logits[len(self.token_ids) - 1].float(), dim=-1)
             event.logprob = float(logprobs[token])
@@ -159,6 +184,16 @@ class _Run:
         if self.on_token is not None:
             self.on_token(event)
 
+    def _stop_prefix(self, text: str) -> int:
+        """The length of the longest end of ``text`` that begins a stop sequence (0: none)."""
+        longest = 0
+        for stop in self.params.stop:
+            for length in range(min(len(stop) - 1, len(text)), longest, -1):
+                if stop.startswith(text[-length:]):
+                    longest = length
+                    break
+        return longest
+
     def _stop_at(self, text: str) -> Optional[int]:
         positions = [text.find(stop) for stop in self.params.stop if stop]
         positions = [p for p in positions if p >= 0]
@@ -172,7 +207,8 @@ class Engine:
         if max_sessions < 1 or max_waiting < 0:
             raise ValueError(f"an API generates for at least 1 request at once (max_sessions {max_sessions}) and "
                              f"keeps at least 0 waiting (max_waiting {max_waiting})")
-        self.max_context = max_context or int(getattr(model.config, "max_position_embeddings", 2048))
+        model_context = int(getattr(model.config, "max_position_embeddings", 2048))
+        self.max_context = min(max_context, model_context) if max_context else model_context
         self.max_sessions, self.max_waiting = max_sessions, max_waiting
         self.closing = threading.Event()  # set by close(): every generation ends at its next token
         self._slots = threading.BoundedSemaphore(max_sessions)
@@ -184,6 +220,9 @@ class Engine:
         self.eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
         if tokenizer.eos_token_id is not None:
             self.eos_ids.add(tokenizer.eos_token_id)
+        self._special_ids = set(getattr(tokenizer, "all_special_ids", []) or [])
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        self._byte_level = type(getattr(backend, "decoder", None)).__name__ == "ByteLevel"
         self._local = threading.local()  # the run of the request this worker thread generates for
         # a thread for every place (running or waiting): a waiting request must not sit in an executor's queue
         self.executor = concurrent.futures.ThreadPoolExecutor(max_sessions + max_waiting, thread_name_prefix="api")
@@ -209,6 +248,33 @@ class Engine:
 
     def token_text(self, token_id: int) -> str:
         return self.tokenizer.decode([token_id])
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes the token stands for (part of a character, for some): a byte-level vocabulary's piece mapped
+        back to its bytes, a byte-fallback piece (``<0xE2>``) to its byte, else the token's text in UTF-8."""
+        if token_id not in self._special_ids:
+            piece = self.tokenizer.convert_ids_to_tokens(token_id)
+            if isinstance(piece, str):
+                byte = re.fullmatch(r"<0x([0-9A-Fa-f]{2})>", piece)
+                if byte:
+                    return bytes([int(byte.group(1), 16)])
+                if self._byte_level and all(char in _BYTE_LEVEL for char in piece):
+                    return bytes(_BYTE_LEVEL[char] for char in piece)
+        return self.token_text(token_id).encode()
+
+    def piece_texts(self, token_ids: list[int]) -> list[str]:
+        """Each token's share of the text of ``token_ids`` (special tokens and the pieces of a character that is not
+        complete yet have none; the token that completes it has all of it): they join to the decoded text."""
+        texts, start, shown = [], 0, 0  # decoded windows [start:shown] and [start:i + 1]: their difference is new
+        for i in range(len(token_ids)):
+            before = self.tokenizer.decode(token_ids[start:shown], skip_special_tokens=True)
+            after = self.tokenizer.decode(token_ids[start:i + 1], skip_special_tokens=True)
+            if len(after) > len(before) and not after.endswith("\ufffd") and after.startswith(before):
+                texts.append(after[len(before):])
+                start, shown = shown, i + 1
+            else:
+                texts.append("")
+        return texts
 
     # ---------------------------------------------------------------- generation
 
@@ -286,12 +352,13 @@ class Engine:
         params = run.params
         if not params.scores_prompt:
             return None
-        events = [TokenEvent(prompt_ids[0], self.token_text(prompt_ids[0]))]
+        texts = self.piece_texts(prompt_ids)  # (offsets into the echoed text count characters, not tokens)
+        events = [TokenEvent(prompt_ids[0], texts[0])]
         if run.prompt_logits is None or len(prompt_ids) < 2:
             return events
         logprobs = torch.log_softmax(run.prompt_logits.float(), dim=-1)  # [prompt - 1, vocab]
         for position, token in enumerate(prompt_ids[1:]):
-            event = TokenEvent(token, self.token_text(token), float(logprobs[position, token]))
+            event = TokenEvent(token, texts[position + 1], float(logprobs[position, token]))
             if params.top_logprobs:
                 values, indices = logprobs[position].topk(params.top_logprobs)
                 event.top = list(zip(indices.tolist(), values.tolist()))

@@ -10,7 +10,7 @@ logger = logging.getLogger(__name__)
 def run_api(model: Optional[str], initial_peers: tuple[str, ...], host: str, port: int, *,
             dht_prefix: Optional[str] = None, max_sessions: int = 8, max_waiting: int = 64,
             wait_for_blocks_s: float = 10.0, swarm_key: Optional[bytes] = None, num_threads: Optional[int] = None,
-            address_file: Optional[str] = None) -> int:
+            address_file: Optional[str] = None, max_context: Optional[int] = None) -> int:
     import torch
 
     from corolla.api.app import create_app
@@ -31,7 +31,8 @@ def run_api(model: Optional[str], initial_peers: tuple[str, ...], host: str, por
     # the names a request's "model" may use: the DHT name, the one given, and the embedded model's short name
     names = tuple(dict.fromkeys([name] + ([model] if model else [])
                                 + ([EMBEDDED_MODEL_NAME] if is_embedded_name(model) else [])))
-    engine = Engine(distributed, tokenizer, name, max_sessions=max_sessions, max_waiting=max_waiting)
+    engine = Engine(distributed, tokenizer, name, max_sessions=max_sessions, max_waiting=max_waiting,
+                    max_context=max_context)
     from corolla.api.page import page_routes
     from corolla.api.swarm_view import SwarmView
 

@@ -250,6 +250,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="requests waiting for a turn beyond those (default 64); more get HTTP 429")
     api.add_argument("--wait-for-blocks", type=_number(float, low=0.0), default=10.0,
                      help="seconds a request waits for missing blocks before HTTP 503 (default 10)")
+    api.add_argument("--max-context", type=_COUNT, default=None, metavar="TOKENS",
+                     help="the most tokens (prompt and completion) one request may use (default: the model's context)")
     api.add_argument("--num-threads", type=_COUNT, default=None, help="torch threads of this process")
     api.add_argument("--swarm-key", default=None, metavar="FILE", help="a private swarm's secret")
     api.add_argument("--address-file", default=None, help="write the API's URL here once it listens")
@@ -329,7 +331,7 @@ def _api(args) -> int:
     return run_api(args.model, tuple(args.initial_peers), args.host, args.port, dht_prefix=args.dht_prefix,
                    max_sessions=args.max_sessions, max_waiting=args.max_waiting,
                    wait_for_blocks_s=args.wait_for_blocks, swarm_key=load_swarm_key(args.swarm_key),
-                   num_threads=args.num_threads, address_file=args.address_file)
+                   num_threads=args.num_threads, address_file=args.address_file, max_context=args.max_context)
 
 
 def _health(args) -> int:

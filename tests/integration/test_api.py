@@ -243,6 +243,10 @@ def test_missing_blocks_are_named_with_503(api):
             client.chat.completions.create(model="nobody-serves-this", messages=[{"role": "user", "content": "hi"}],
                                            max_tokens=2)
         assert unavailable.value.status_code == 503 and "blocks 0:30" in str(unavailable.value)
+        with pytest.raises(openai.InternalServerError) as streamed:  # a stream's status waits for its first token
+            list(client.chat.completions.create(model="nobody-serves-this", max_tokens=2, stream=True,
+                                                messages=[{"role": "user", "content": "hi"}]))
+        assert streamed.value.status_code == 503 and "blocks 0:30" in str(streamed.value)
     finally:
         _stop(process)
 
@@ -279,4 +283,135 @@ def test_a_stopped_api_ends_its_requests_at_once(api):
     finally:
         for connection in connections:
             connection.close()
+        _stop(process)
+
+
+def _sse_texts(url: str, path: str, body: dict) -> tuple[int, list[dict]]:
+    parsed = urlparse(url)
+    connection = http.client.HTTPConnection(parsed.hostname, parsed.port, timeout=120)
+    connection.request("POST", path, body=json.dumps({**body, "stream": True}),
+                       headers={"Content-Type": "application/json"})
+    response = connection.getresponse()
+    raw = response.read().decode()
+    connection.close()
+    if response.status != 200:
+        return response.status, [json.loads(raw)]
+    return 200, [json.loads(e[len("data: "):]) for e in raw.split("\n\n") if e.startswith("data: {")]
+
+
+def test_a_streamed_reply_ends_before_its_stop_sequence(api):
+    """A stop sequence that spans tokens: the stream sends nothing of it (its beginning is held back until the next
+    tokens tell), so the streamed text equals the unstreamed one."""
+    client, url, *_ = api
+    messages = [{"role": "user", "content": PROMPT}]
+    text = client.chat.completions.create(model=MODEL_ID, messages=messages, temperature=0,
+                                          max_tokens=24).choices[0].message.content
+    words = text.split()
+    assert len(words) >= 4, text
+    start = text.index(words[2])
+    stop = text[start: start + len(words[2]) + 1 + len(words[3])]  # two words: several tokens
+    plain = client.chat.completions.create(model=MODEL_ID, messages=messages, temperature=0, max_tokens=24,
+                                           stop=stop).choices[0].message.content
+    assert plain == text[:start]
+    status, chunks = _sse_texts(url, "/v1/chat/completions", {"model": MODEL_ID, "messages": messages,
+                                                               "temperature": 0, "max_tokens": 24, "stop": stop})
+    assert status == 200
+    assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"]) == plain
+    status, chunks = _sse_texts(url, "/v1/completions", {"model": MODEL_ID, "prompt": text[:start - 1],
+                                                         "temperature": 0, "max_tokens": 8, "stop": stop[1:]})
+    unstreamed = client.completions.create(model=MODEL_ID, prompt=text[:start - 1], temperature=0, max_tokens=8,
+                                           stop=stop[1:]).choices[0].text
+    assert "".join(c["choices"][0]["text"] for c in chunks if c["choices"]) == unstreamed
+
+
+def test_malformed_requests_get_openai_errors_and_the_api_serves_on(api):
+    client, url, *_ = api
+    status, body = _raw(url, "POST", "/v1/chat/completions", raw=b"[" * 100000)
+    assert status == 400 and "nests too deeply" in body["error"]["message"]
+    lone = b'{"model": "%s", "messages": [{"role": "user", "content": "hi \\ud800"}]}' % MODEL_ID.encode()
+    status, body = _raw(url, "POST", "/v1/chat/completions", raw=lone)
+    assert status == 400 and body["error"]["param"] == "messages" and "surrogate" in body["error"]["message"]
+    lone = b'{"model": "%s", "prompt": "hi \\udfff there"}' % MODEL_ID.encode()
+    status, body = _raw(url, "POST", "/v1/completions", raw=lone)
+    assert status == 400 and body["error"]["param"] == "prompt"
+    with pytest.raises(openai.BadRequestError) as empty:
+        client.completions.create(model=MODEL_ID, prompt="", max_tokens=2)
+    assert empty.value.param == "prompt" and "empty" in str(empty.value)
+    with pytest.raises(openai.BadRequestError) as options:
+        client.completions.create(model=MODEL_ID, prompt="hi", max_tokens=2, stream_options={"include_usage": True})
+    assert options.value.param == "stream_options"
+    status, body = _raw(url, "POST", "/v1/completions", body={"model": MODEL_ID, "prompt": "hi", "max_tokens": 2,
+                                                              "stream": None, "echo": None})
+    assert status == 200 and body["choices"], body  # null is "not given", as for the other options
+    assert client.models.retrieve(MODEL_ID).id == MODEL_ID
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("no-such-model")
+    assert client.completions.create(model=MODEL_ID, prompt="Still here?", max_tokens=2).choices
+
+
+def test_offsets_and_bytes_count_characters_not_tokens(api, tokenizer):
+    """Tokens that hold part of a character: the echo's text offsets stay on the characters (each token's share of
+    the text, the piece that completes a character holding all of it), and chat logprobs' bytes are each token's own
+    bytes, which join to the reply's UTF-8."""
+    client, *_ = api
+    prompt = "Café 🎉 naïve 你好 done"
+    reply = client.completions.create(model=MODEL_ID, prompt=prompt, max_tokens=2, temperature=0, echo=True,
+                                      logprobs=1)
+    logprobs, text = reply.choices[0].logprobs, reply.choices[0].text
+    scored = len(tokenizer(prompt)["input_ids"])
+    offsets = logprobs.text_offset
+    assert offsets[0] == 0 and offsets == sorted(offsets) and offsets[scored] == len(prompt)
+    assert text[offsets[scored - 1]: offsets[scored]] == " done"
+    chat = client.chat.completions.create(model=MODEL_ID, temperature=0, max_tokens=12, logprobs=True,
+                                          messages=[{"role": "user", "content": "Write 你好 three times."}])
+    content = chat.choices[0].logprobs.content
+    assert bytes(b for entry in content for b in entry.bytes).decode() == chat.choices[0].message.content
+
+
+def test_places_come_back_however_a_request_ends(api):
+    """Clients that leave before their stream (or their answer) begins, a request for more completions than the API
+    could ever run, a prompt that leaves the default max_tokens no room: the API keeps every place it has, answers
+    what it can, and says what it cannot."""
+    _, _, swarm, tmp_path = api
+    process, url = _start_api(tmp_path, swarm.initial_peers, "--max-sessions", "1", "--max-waiting", "1",
+                              "--max-context", "96")
+    parsed = urlparse(url)
+    try:
+        def places_taken() -> int:
+            status = _status(url)
+            return status["running"] + status["waiting"]
+
+        for stream in (True, False) * 4:  # each takes a place, then its client is gone before a token comes
+            deadline = time.monotonic() + 30
+            while places_taken():  # the one before has let go (else this test would leak nothing)
+                assert time.monotonic() < deadline, _status(url)
+                time.sleep(0.05)
+            connection = http.client.HTTPConnection(parsed.hostname, parsed.port, timeout=30)
+            connection.request("POST", "/v1/completions", body=json.dumps(
+                {"model": MODEL_ID, "prompt": "Once upon a time", "max_tokens": 30, "stream": stream}),
+                headers={"Content-Type": "application/json"})
+            while not places_taken():  # the API has it: now leave
+                assert time.monotonic() < deadline, _status(url)
+                time.sleep(0.01)
+            connection.sock.close()
+            connection.close()
+        deadline, free = time.monotonic() + 30, 0
+        while free < 3 and time.monotonic() < deadline:  # free for a while: every request seen and let go
+            time.sleep(0.5)
+            status = _status(url)
+            free = free + 1 if status["running"] + status["waiting"] == 0 else 0
+        assert free == 3, status
+        client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=120)
+        assert client.completions.create(model=MODEL_ID, prompt="Hello", max_tokens=2).choices
+        with pytest.raises(openai.BadRequestError) as too_many:
+            client.completions.create(model=MODEL_ID, prompt="Hello", max_tokens=2, n=3)
+        assert too_many.value.param == "n" and "2 waiting" not in str(too_many.value)
+        messages = [{"role": "user", "content": "Write a long poem about the sea."}]
+        reply = client.chat.completions.create(model=MODEL_ID, messages=messages, temperature=0)
+        assert reply.usage.total_tokens == 96 and reply.choices[0].finish_reason == "length"
+        with pytest.raises(openai.BadRequestError) as full:
+            client.chat.completions.create(model=MODEL_ID, temperature=0,
+                                           messages=[{"role": "user", "content": "the sea, " * 60}])
+        assert full.value.code == "context_length_exceeded" and full.value.param == "messages"
+    finally:
         _stop(process)
