@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import hashlib
 import json
 import logging
 import threading
@@ -167,7 +168,8 @@ class Api:
     async def status(self, request: Request) -> Response:
         engine = self.engine
         return JSONResponse({"model": self.names[0], "running": engine.running, "waiting": engine.waiting,
-                             "served": engine.served, "max_sessions": engine.max_sessions})
+                             "served": engine.served, "max_sessions": engine.max_sessions,
+                             "max_waiting": engine.max_waiting})
 
     # ---------------------------------------------------------------- shared parsing
 
@@ -325,10 +327,12 @@ class Api:
 
     @staticmethod
     def _params_for(params: SamplingParams, index: int) -> SamplingParams:
-        """Choice ``index`` of a seeded request draws from its own seed, so the choices differ yet repeat."""
+        """Choice ``index`` of a seeded request draws from its own seed, so the choices differ yet repeat (a hash of
+        the request's seed and the index: seed + index would make seed 7's second choice seed 8's first)."""
         if params.seed is None or index == 0:
             return params
-        return SamplingParams(**{**params.__dict__, "seed": (params.seed + index) % 2**63})
+        digest = hashlib.sha256(f"{params.seed}/{index}".encode()).digest()
+        return SamplingParams(**{**params.__dict__, "seed": int.from_bytes(digest[:8], "big") % 2**63})
 
     def _failure(self, exc: BaseException) -> ApiError:
         if isinstance(exc, ApiError):

@@ -195,6 +195,7 @@ def _record_tokens(session: InferenceSession, held: int, input_ids, mask) -> Non
     the ``held`` tokens before it, then ``input_ids``; unknown (None) when the step came as embeddings."""
     if input_ids is None or (session.output_ids is None and held > 0):
         session.output_ids = session.output_mask = None
+        session.ids_lost = "it was stepped with hidden states or embeddings, not token ids"
         return
     mask = torch.ones_like(input_ids) if mask is None else mask.to(input_ids.device)
     if session.output_ids is None:
@@ -379,12 +380,8 @@ class DistributedModelMixin:
     @contextlib.contextmanager
     def use_session(self, session: Optional[InferenceSession]):
         """Make ``session`` (opened earlier, not closed) the active one inside the ``with`` block (Petals' name)."""
-        layers = self.remote_layers
-        previous, layers.active_session = layers.active_session, session
-        try:
+        with self.remote_layers.use_session(session):
             yield session
-        finally:
-            layers.active_session = previous
 
     def _new_session(self, max_length: int) -> InferenceSession:
         """A session with this model's LoRA weights (as they are now) or server adapter, and room for its prompt."""
@@ -484,9 +481,10 @@ class DistributedModelMixin:
         history = None if session is None else session.output_ids
         held = 0 if session is None else session.position - session.prefix_length
         if history is None and held > 0:
+            why = session.ids_lost or "they were sent as hidden states or embeddings, not token ids"
             raise ValueError(
-                f"this session holds {held} tokens that were sent as hidden states or embeddings, not token ids; "
-                "generate() cannot continue it (start a new session, or step it with model(input_ids=...))"
+                f"generate() cannot continue this session: it holds {held} tokens whose ids are not known here ({why});"
+                " start a new session, or step it with model(input_ids=...)"
             )
         if inputs is None:
             if history is None or history.shape[1] == 0:
@@ -507,6 +505,8 @@ class DistributedModelMixin:
         """After ``generate()`` in a session: the token ids of the session (the last one not yet sent)."""
         if sequences.shape[0] != inputs.shape[0]:
             session.output_ids = session.output_mask = None  # several sequences per input: rows no longer match
+            session.ids_lost = (f"generate() made {sequences.shape[0]} sequences of {inputs.shape[0]} input(s) in it "
+                                "(beams or num_return_sequences), so its rows are no longer the inputs'")
             return
         mask = torch.ones_like(inputs) if mask is None else mask
         extra = torch.ones(sequences.shape[0], sequences.shape[1] - mask.shape[1], dtype=mask.dtype, device=mask.device)

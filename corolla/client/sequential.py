@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from dataclasses import dataclass
 from typing import Optional
 
@@ -55,6 +56,22 @@ class RemoteSequential(nn.Module):
 
     def __iter__(self):
         return (self[i] for i in range(len(self)))
+
+    @property
+    def position(self) -> int:
+        """Tokens the active session holds (0 without one), as Petals' ``RemoteSequential.position``."""
+        session = self.active_session
+        return 0 if session is None or session._closed else session.position
+
+    @contextlib.contextmanager
+    def use_session(self, session):
+        """Make ``session`` (opened earlier, not closed) the one calls continue inside the ``with`` block (Petals'
+        name)."""
+        previous, self.active_session = self.active_session, session
+        try:
+            yield session
+        finally:
+            self.active_session = previous
 
     def extra_repr(self) -> str:
         return f"blocks={self.blocks}, model={self.swarm.model_prefix!r}"

@@ -197,6 +197,7 @@ class InferenceSession:
         self._position = 0  # tokens the servers hold for this session (after the next step's rewind, if any)
         self.batch_size: Optional[int] = None
         self.output_ids: Optional[torch.Tensor] = None  # token history, kept by the model's generate()
+        self.ids_lost: Optional[str] = None  # why output_ids is None though the session holds tokens
         self.output_mask: Optional[torch.Tensor] = None  # its attention mask (0 = left padding)
         self.failovers = 0  # servers replaced during this session
         self.prefix_length = 0  # soft-prompt positions at the start of the session (prompt tuning)

@@ -119,11 +119,17 @@ def test_model_call_inside_a_session_is_a_step(llama_remote, llama_local, tokeni
             assert llama_remote.active_session is session
             head = llama_remote(ids[:, :4]).logits
             tail = llama_remote(ids[:, 4:]).logits
-            assert session.position == ids.shape[1]
+            assert session.position == ids.shape[1] == llama_remote.transformer.h.position  # Petals' name too
             session.position = 4
             tail_again = llama_remote(ids[:, 4:]).logits
             assert session.output_ids.tolist() == ids.tolist()
-        assert llama_remote.active_session is None
+        assert llama_remote.active_session is None and llama_remote.model.layers.position == 0
+        with llama_remote.inference_session(max_length=32) as outer:
+            llama_remote(ids[:, :3])
+            with llama_remote.model.layers.inference_session(max_length=32) as inner:
+                with llama_remote.model.layers.use_session(outer):  # Petals' RemoteSequential.use_session
+                    assert llama_remote(ids[:, 3:5]).logits.shape[1] == 2 and outer.position == 5
+                assert llama_remote.active_session is inner and inner.position == 0
     # two float32 computations of the embedded model: each lies ~7e-5 from float64 on logits up to ~40 (measured by
     # benchmarks/bench_fastpath.py for transformers and for the servers' fast path), so they differ by up to ~1.5e-4
     assert (torch.cat([head, tail], 1) - expected).abs().max().item() < FLOAT32_LOGITS
@@ -166,6 +172,10 @@ def test_caller_mistakes_are_value_errors(llama_remote, tokenizer):
             session.position = -1
     with llama_remote.inference_session(max_length=8):
         with pytest.raises(ValueError, match="none holds tokens"):
+            llama_remote.generate(None, max_new_tokens=2)
+    with llama_remote.inference_session(max_length=ids.shape[1] + 8):
+        llama_remote.generate(ids, max_new_tokens=2, do_sample=True, num_return_sequences=2)
+        with pytest.raises(ValueError, match="made 2 sequences of 1 input"):  # says why, not "embeddings"
             llama_remote.generate(None, max_new_tokens=2)
     layers = llama_remote.model.layers
     with pytest.raises(ValueError) as refused:  # refused by the server as a bad request
