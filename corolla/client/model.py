@@ -333,13 +333,26 @@ class DistributedModelMixin:
         lora = self.remote_base.remote_lora
         if lora is None:
             raise ValueError('this model has no LoRA weights: load it with tuning_mode="lora"')
-        lora.save_pretrained(path, base_model=str(getattr(self, "name_or_path", "")))
+        heads = {name: tensor for name, tensor in self.state_dict().items() if name.startswith(self._new_head_prefixes)} \
+            if self._new_head_prefixes else {}
+        # a task head trained from scratch goes with the adapter, as PEFT saves a sequence classifier's
+        lora.save_pretrained(path, base_model=str(getattr(self, "name_or_path", "")),
+                             task_type="SEQ_CLS" if heads else "CAUSAL_LM", saved_modules=heads or None)
 
     def load_lora(self, path) -> None:
+        """Load a PEFT LoRA adapter into this model's LoRA weights (and its task head, if the adapter saved one)."""
         lora = self.remote_base.remote_lora
         if lora is None:
             raise ValueError('this model has no LoRA weights: load it with tuning_mode="lora"')
-        lora.load_pretrained(path)
+        saved = lora.load_pretrained(path)
+        own = self.state_dict()
+        for name, tensor in saved.items():
+            if name not in own or own[name].shape != tensor.shape:
+                raise ValueError(f"the adapter at {path} saves {name} {list(tensor.shape)}, which this model "
+                                 f"{'has as ' + str(list(own[name].shape)) if name in own else 'does not have'}")
+        with torch.no_grad():
+            for name, tensor in saved.items():
+                own[name].copy_(tensor)
 
     def _load_client_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
         own = self.state_dict()

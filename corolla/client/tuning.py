@@ -107,15 +107,18 @@ class RemoteLora(nn.Module):
                 pairs[f"{block}.{path.replace('__', '.')}"] = (a, self.lora_B[name])
         return LoraSet(self.scaling, pairs)
 
-    def save_pretrained(self, path: str | Path, base_model: str) -> None:
-        """Write a PEFT adapter (``adapter_config.json`` + ``adapter_model.safetensors``)."""
-        write_peft_adapter(path, self.lora_set(), self.family, self.rank, self.alpha, base_model, list(self.targets))
+    def save_pretrained(self, path: str | Path, base_model: str, task_type: str = "CAUSAL_LM",
+                        saved_modules: Optional[dict] = None) -> None:
+        """Write a PEFT adapter (``adapter_config.json`` + ``adapter_model.safetensors``), with ``saved_modules``
+        (a task head's tensors, by their names in the model) as PEFT's ``modules_to_save``."""
+        write_peft_adapter(path, self.lora_set(), self.family, self.rank, self.alpha, base_model, list(self.targets),
+                           task_type, saved_modules)
 
     @torch.no_grad()
-    def load_pretrained(self, path: str | Path) -> None:
+    def load_pretrained(self, path: str | Path) -> dict:
         """Load a PEFT adapter saved by ``save_pretrained`` (or by PEFT) into these weights: afterwards they compute
         what the adapter does, with its scaling (``lora_alpha`` / ``r``, or rsLoRA's), and the layers these weights
-        target but it does not get none (their B is zeroed)."""
+        target but it does not get none (their B is zeroed). Returns the whole modules it saved (a task head)."""
         lora, config = read_peft_adapter(path, self.family)
         if int(config["r"]) != self.rank:
             raise ValueError(f"the adapter at {path} has rank {config['r']}, these weights have rank {self.rank}")
@@ -132,3 +135,4 @@ class RemoteLora(nn.Module):
             self.lora_B[name].zero_()
         self.scaling = lora.scaling
         self.alpha = lora.scaling * self.rank  # what save_pretrained writes (as plain LoRA) keeps this scaling
+        return config["saved_modules"]

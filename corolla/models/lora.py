@@ -12,7 +12,7 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Optional
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -137,7 +137,9 @@ def peft_scaling(config: dict) -> float:
 
 
 def read_peft_adapter(path: str | Path, family, blocks: BlockRange | None = None, dtype=None) -> tuple[LoraSet, dict]:
-    """A PEFT LoRA adapter directory as a ``LoraSet`` (only ``blocks`` if given) and its config."""
+    """A PEFT LoRA adapter directory as a ``LoraSet`` (only ``blocks`` if given) and its config. The whole modules a
+    task adapter saves beside it (``modules_to_save``: a classifier head) are the client's: ``config["saved_modules"]``
+    holds them (``{name in the model: tensor}``)."""
     path = Path(path)
     try:
         config = json.loads((path / ADAPTER_CONFIG).read_text())
@@ -146,10 +148,14 @@ def read_peft_adapter(path: str | Path, family, blocks: BlockRange | None = None
     if config.get("peft_type", "LORA").upper() != "LORA":
         raise ValueError(f"{path} holds a {config.get('peft_type')} adapter; only LORA is supported")
     tensors = load_file(path / ADAPTER_WEIGHTS)
-    flat = {}
+    flat, saved = {}, {}
+    whole = tuple(config.get("modules_to_save") or ())
     for name, tensor in tensors.items():
         inner = name[len(PEFT_PREFIX):] if name.startswith(PEFT_PREFIX) else name
         split = family.split_block_tensor(inner)
+        if split is None and inner.split(".", 1)[0] in whole:
+            saved[inner] = tensor
+            continue
         if split is None:
             raise ValueError(f"adapter tensor {name} of {path} is not inside a decoder block; not supported")
         block, local = split  # local: "self_attn.q_proj.lora_A.weight"
@@ -157,12 +163,15 @@ def read_peft_adapter(path: str | Path, family, blocks: BlockRange | None = None
             continue
         module_path, kind, _ = local.rsplit(".", 2)
         flat[f"{block}.{module_path}.{kind}"] = tensor if dtype is None else tensor.to(dtype)
+    config["saved_modules"] = saved
     return LoraSet.from_flat(flat, peft_scaling(config)), config
 
 
 def write_peft_adapter(path: str | Path, lora: LoraSet, family, rank: int, alpha: float,
-                       base_model: str, target_modules: list[str]) -> None:
-    """Save in PEFT's format, so ``peft.PeftModel.from_pretrained(local_model, path)`` loads it."""
+                       base_model: str, target_modules: list[str], task_type: str = "CAUSAL_LM",
+                       saved_modules: Optional[dict[str, torch.Tensor]] = None) -> None:
+    """Save in PEFT's format, so ``peft.PeftModel.from_pretrained(local_model, path)`` loads it; ``saved_modules``
+    (``{name in the model: tensor}``, a task head trained whole) go with it as PEFT's ``modules_to_save``."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     tensors = {}
@@ -171,10 +180,13 @@ def write_peft_adapter(path: str | Path, lora: LoraSet, family, rank: int, alpha
         prefix = PEFT_PREFIX + family.block_prefix(int(block)) + module_path
         tensors[f"{prefix}.lora_A.weight"] = a.detach().contiguous().cpu()
         tensors[f"{prefix}.lora_B.weight"] = b.detach().contiguous().cpu()
+    for name, tensor in (saved_modules or {}).items():
+        tensors[PEFT_PREFIX + name] = tensor.detach().contiguous().cpu()
     save_file(tensors, path / ADAPTER_WEIGHTS)
     config = {
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": alpha, "lora_dropout": 0.0,
+        "peft_type": "LORA", "task_type": task_type, "r": rank, "lora_alpha": alpha, "lora_dropout": 0.0,
         "target_modules": sorted(target_modules), "bias": "none", "fan_in_fan_out": False, "use_rslora": False,
         "base_model_name_or_path": base_model, "inference_mode": True, "init_lora_weights": True,
+        "modules_to_save": sorted({name.split(".", 1)[0] for name in saved_modules}) if saved_modules else None,
     }
     (path / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2))

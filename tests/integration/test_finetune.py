@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import time
 
 import pytest
@@ -257,6 +258,45 @@ def test_sequence_classification_head(embedded_dir, llama_swarm, llama_local, ba
             optimizer.step()
             losses.append(loss.item())
         assert losses[-1] < losses[0], losses
+    finally:
+        remote.close()
+
+
+def test_a_classifier_saves_its_head_with_its_lora(embedded_dir, llama_swarm, llama_local, batch, tmp_path):
+    """``save_lora`` of a sequence classifier writes PEFT's SEQ_CLS adapter, the trained head in it as a module to
+    save: PEFT loads it onto a local classifier with the same logits, and ``load_lora`` into a new one as well."""
+    import peft
+
+    from corolla import AutoDistributedModelForSequenceClassification
+
+    def classifier():
+        return AutoDistributedModelForSequenceClassification.from_pretrained(
+            str(embedded_dir), initial_peers=llama_swarm.initial_peers, num_labels=3, tuning_mode="lora",
+            lora_rank=4, lora_alpha=8)
+
+    torch.manual_seed(0)
+    remote = classifier()
+    try:
+        with torch.no_grad():
+            for param in remote.model.remote_lora.lora_B.values():
+                param.normal_(std=0.02)
+            remote.score.weight.normal_(std=0.05)
+            got = remote(**batch).logits
+        remote.save_lora(tmp_path / "classifier")
+        config = json.loads((tmp_path / "classifier" / "adapter_config.json").read_text())
+        assert config["task_type"] == "SEQ_CLS" and config["modules_to_save"] == ["score"]
+        local = LlamaForSequenceClassification(copy.deepcopy(remote.config)).eval()
+        local.model.load_state_dict(llama_local.model.state_dict())
+        local = peft.PeftModel.from_pretrained(local, tmp_path / "classifier").eval()
+        with torch.no_grad():
+            assert (local(**batch).logits - got).abs().max().item() < 1e-4
+        again = classifier()
+        try:
+            again.load_lora(tmp_path / "classifier")
+            with torch.no_grad():
+                assert (again(**batch).logits - got).abs().max().item() < 1e-5
+        finally:
+            again.close()
     finally:
         remote.close()
 
