@@ -570,7 +570,10 @@ def create_app(engine: Engine, model_names: tuple[str, ...], extra_routes: Optio
         return ApiError(404, f"no route {request.method} {request.url.path}", code="not_found").response()
 
     async def not_allowed(request: Request, exc: Any) -> Response:
-        return ApiError(405, f"{request.method} is not allowed on {request.url.path}").response()
+        allowed = (getattr(exc, "headers", None) or {}).get("Allow")
+        return ApiError(405, f"{request.method} is not allowed on {request.url.path}"
+                        + (f" (only {allowed})" if allowed else ""),
+                        headers={"Allow": allowed} if allowed else None).response()
 
     app = Starlette(routes=api.routes() + list(extra_routes or []),
                     exception_handlers={404: not_found, 405: not_allowed})

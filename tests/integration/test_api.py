@@ -169,6 +169,12 @@ def test_errors_have_openai_shape_and_status(api):
     assert status == 400 and "not valid JSON" in body["error"]["message"] and body["error"]["type"] == "invalid_request_error"
     status, body = _raw(url, "GET", "/v1/nothing")
     assert status == 404 and "error" in body
+    parsed = urlparse(url)
+    connection = http.client.HTTPConnection(parsed.hostname, parsed.port, timeout=30)
+    connection.request("GET", "/v1/chat/completions")
+    response = connection.getresponse()
+    assert response.status == 405 and response.getheader("Allow") == "POST" and json.loads(response.read())["error"]
+    connection.close()
     # and the API still serves
     assert client.chat.completions.create(model=MODEL_ID, messages=messages, max_tokens=2).choices
 
