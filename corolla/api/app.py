@@ -122,6 +122,53 @@ def _text(value: str, param: str) -> str:
     return value
 
 
+def _content(content) -> str:
+    """A message's content: a string, or OpenAI's list of parts, of which this API (a text model's) takes text
+    parts, joined."""
+    if isinstance(content, str):
+        return _text(content, "messages")
+    if isinstance(content, list) and content and all(isinstance(part, dict) for part in content):
+        kinds = [part.get("type") for part in content]
+        other = next((kind for kind in kinds if kind != "text"), None)
+        if other is not None:
+            raise _bad(f"this model reads text only: a message part of type {other!r} cannot be used",
+                       param="messages")
+        if all(isinstance(part.get("text"), str) for part in content):
+            return _text("".join(part["text"] for part in content), "messages")
+    raise _bad("a message's content must be a string or a non-empty list of text parts "
+               '({"type": "text", "text": ...})', param="messages")
+
+
+def _prompts(prompt, vocab_size: int) -> tuple[list[str], Optional[list[list[int]]]]:
+    """A completion's prompts as OpenAI takes them: a string, a list of strings, a list of token ids, or a list of
+    such lists. Returns (the strings, None) or ([], the token ids)."""
+    def is_ids(value) -> bool:
+        return isinstance(value, list) and bool(value) and all(isinstance(t, int) and not isinstance(t, bool)
+                                                               for t in value)
+
+    shape = f"prompt must be a string, a list of at most {MAX_N} strings, a list of token ids or a list of at most " \
+            f"{MAX_N} such lists"
+    if isinstance(prompt, str):
+        return [prompt], None
+    if is_ids(prompt):
+        token_prompts = [prompt]
+    elif isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
+        if len(prompt) > MAX_N:
+            raise _bad(shape, param="prompt")
+        return prompt, None
+    elif isinstance(prompt, list) and prompt and all(is_ids(p) for p in prompt):
+        token_prompts = prompt
+    else:
+        raise _bad(shape, param="prompt")
+    if len(token_prompts) > MAX_N:
+        raise _bad(shape, param="prompt")
+    for ids in token_prompts:
+        bad = next((t for t in ids if not 0 <= t < vocab_size), None)
+        if bad is not None:
+            raise _bad(f"prompt holds token id {bad}; this model's ids run from 0 to {vocab_size - 1}", param="prompt")
+    return [], token_prompts
+
+
 def _flag(body: dict, name: str) -> bool:
     value = body.get(name)
     if value is None:
@@ -229,12 +276,11 @@ class Api:
                 raise _bad("messages must be a non-empty list", param="messages")
             for message in messages:
                 if not isinstance(message, dict) or message.get("role") not in ("system", "user", "assistant",
-                                                                                   "developer") \
-                        or not isinstance(message.get("content"), str):
-                    raise _bad("each message needs a role (system, developer, user or assistant) and string content",
+                                                                                   "developer"):
+                    raise _bad("each message needs a role (system, developer, user or assistant) and content",
                                param="messages")
             messages = [{"role": "system" if m["role"] == "developer" else m["role"],
-                         "content": _text(m["content"], "messages")} for m in messages]
+                         "content": _content(m.get("content"))} for m in messages]
             if _flag(body, "logprobs"):
                 params.top_logprobs = _integer(body, "top_logprobs", 0, 0, MAX_TOP_LOGPROBS)
             elif body.get("top_logprobs") is not None:
@@ -251,19 +297,19 @@ class Api:
         try:
             body = await _body(request, COMPLETION_FIELDS)
             params, n, stream, usage = self._common(body, ("max_tokens",))
-            prompt = body.get("prompt")
-            prompts = [prompt] if isinstance(prompt, str) else prompt
-            if not isinstance(prompts, list) or not prompts or len(prompts) > MAX_N or \
-                    not all(isinstance(p, str) for p in prompts):
-                raise _bad(f"prompt must be a string or a list of at most {MAX_N} strings", param="prompt")
+            prompts, token_prompts = _prompts(body.get("prompt"), self.engine.model.config.vocab_size)
             logprobs = body.get("logprobs")
             if logprobs is not None:
                 params.top_logprobs = _integer(body, "logprobs", None, 0, 5)
             echo = _flag(body, "echo")
             params.prompt_logprobs = echo and params.top_logprobs is not None  # an echo's logprobs score the prompt
-            if len(prompts) * n > MAX_N:
+            if len(token_prompts or prompts) * n > MAX_N:
                 raise _bad(f"prompts x n may be at most {MAX_N}", param="n")
-            ids = [await self._tokenized(self.engine.text_ids, _text(p, "prompt")) for p in prompts]
+            if token_prompts is not None:  # token ids: their text is what an echo shows
+                ids = token_prompts
+                prompts = [await self._tokenized(self.engine.prompt_text, p) for p in ids]
+            else:
+                ids = [await self._tokenized(self.engine.text_ids, _text(p, "prompt")) for p in prompts]
             if not all(ids):
                 raise _bad("prompt must not be empty: an empty prompt gives no tokens to continue", param="prompt")
             for prompt_ids in ids:

@@ -246,6 +246,11 @@ class Engine:
     def text_ids(self, text: str) -> list[int]:
         return self.tokenizer(text)["input_ids"]
 
+    def prompt_text(self, token_ids: list[int]) -> str:
+        """The text of a prompt given as token ids, as an echo shows it (special tokens, which carry no text of the
+        prompt's, left out, as ``piece_texts`` does)."""
+        return self.tokenizer.decode(token_ids, skip_special_tokens=True)
+
     def token_text(self, token_id: int) -> str:
         return self.tokenizer.decode([token_id])
 

@@ -421,3 +421,27 @@ def test_places_come_back_however_a_request_ends(api):
         assert full.value.code == "context_length_exceeded" and full.value.param == "messages"
     finally:
         _stop(process)
+
+
+def test_prompts_as_token_ids_and_messages_as_parts(api, tokenizer):
+    """OpenAI's other shapes of input: a completion's prompt as token ids (one list, or several), a chat message's
+    content as a list of text parts; other part types and ids outside the vocabulary are refused by name."""
+    client, *_ = api
+    text = "The capital of France is"
+    ids = tokenizer(text)["input_ids"]
+    by_text = client.completions.create(model=MODEL_ID, prompt=text, max_tokens=4, temperature=0)
+    by_ids = client.completions.create(model=MODEL_ID, prompt=ids, max_tokens=4, temperature=0, echo=True)
+    assert by_ids.choices[0].text == text + by_text.choices[0].text
+    several = client.completions.create(model=MODEL_ID, prompt=[ids, ids[:3]], max_tokens=2, temperature=0)
+    assert len(several.choices) == 2 and several.usage.prompt_tokens == len(ids) + 3
+    with pytest.raises(openai.BadRequestError) as outside:
+        client.completions.create(model=MODEL_ID, prompt=[1, 10**9], max_tokens=2)
+    assert outside.value.param == "prompt" and "1000000000" in str(outside.value)
+    plain = client.chat.completions.create(model=MODEL_ID, temperature=0, max_tokens=6,
+                                           messages=[{"role": "user", "content": "Name three colours."}])
+    parts = client.chat.completions.create(model=MODEL_ID, temperature=0, max_tokens=6, messages=[
+        {"role": "user", "content": [{"type": "text", "text": "Name three "}, {"type": "text", "text": "colours."}]}])
+    assert parts.choices[0].message.content == plain.choices[0].message.content
+    with pytest.raises(openai.BadRequestError, match="text only"):
+        client.chat.completions.create(model=MODEL_ID, max_tokens=2, messages=[{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]}])
