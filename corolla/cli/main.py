@@ -352,20 +352,28 @@ def _dht(args) -> int:
 
 
 def serve_config(args):
-    """The ``ServerConfig`` of parsed ``corolla serve`` arguments."""
-    from corolla.wire.records import MAX_RECORD_TTL_S
+    """The ``ServerConfig`` of parsed ``corolla serve`` arguments; a ``ValueError`` names a bad combination (the
+    command line tells it in one line, exit status 2, as argparse's own refusals)."""
+    from corolla.wire.records import MAX_RECORD_TTL_S, MAX_THROUGHPUT
 
     if args.max_batch < 1 or args.batch_gather < 0:
-        raise SystemExit("corolla serve: --max-batch must be at least 1 and --batch-gather at least 0")
+        raise ValueError("--max-batch must be at least 1 and --batch-gather at least 0")
     if not 0 <= args.compute_nice <= 19:
-        raise SystemExit(f"corolla serve: --compute-nice must lie in 0..19 (got {args.compute_nice})")
+        raise ValueError(f"--compute-nice must lie in 0..19 (got {args.compute_nice})")
     if not 0 <= args.close_wait < math.inf:
-        raise SystemExit(f"corolla serve: --close-wait must be finite and at least 0 (got {args.close_wait:g})")
+        raise ValueError(f"--close-wait must be finite and at least 0 (got {args.close_wait:g})")
     if not 0 < args.announce_period < args.record_ttl <= MAX_RECORD_TTL_S:
-        raise SystemExit(f"corolla serve: --announce-period must be positive and below --record-ttl, which must be at "
+        raise ValueError(f"--announce-period must be positive and below --record-ttl, which must be at "
                          f"most {MAX_RECORD_TTL_S:g} (got {args.announce_period:g} and {args.record_ttl:g}): a record "
                          f"must be refreshed before it expires, and expire once its server is gone; DHT nodes refuse "
                          f"records that expire later")
+    if args.throughput is not None and not 0 < args.throughput <= MAX_THROUGHPUT:  # (NaN fails this too)
+        raise ValueError(f"--throughput must be above 0 and at most {MAX_THROUGHPUT:g} tokens/s (got "
+                         f"{args.throughput:g}): readers drop records that claim more, or nothing, so the server "
+                         "would serve nobody")
+    if args.blocks is not None and args.num_blocks is not None:
+        raise ValueError("give --blocks (the span to serve) or --num-blocks (how many blocks the server chooses), "
+                         "not both")
     return ServerConfig(
         model=args.model, dht_prefix=args.dht_prefix, blocks=args.blocks, num_blocks=args.num_blocks,
         initial_peers=tuple(args.initial_peers), new_swarm=args.new_swarm, host=args.host, port=args.port,

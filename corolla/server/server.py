@@ -86,6 +86,7 @@ class Server:
         network). Cancelling it stops the start; set ``abandon`` too, and loading the blocks (on the compute thread,
         which a cancel cannot stop) ends before its next block."""
         server = None
+        check_device(config.device)
         path = await asyncio.to_thread(resolve_model, config.model)
         model_config = await asyncio.to_thread(load_config, path)
         prefix = config.dht_prefix or model_dht_prefix(path if config.model is None else config.model, model_config)
@@ -293,6 +294,20 @@ class Server:
         await self._drain(self.config.shutdown_grace_s)
         await self.peer.shutdown()
         await self.scheduler.close()
+
+
+def check_device(name: str) -> None:
+    """A ``CorollaError`` naming why this machine cannot compute on device ``name`` (before anything starts)."""
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError) as exc:
+        raise CorollaError(f"device {name!r} is not one torch knows: {exc}") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise CorollaError(f"device {name!r}: this machine has no CUDA device torch can use (use --device cpu)")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise CorollaError(f"device {name!r}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                               f"numbered from 0")
 
 
 def hivemind_server(config: ServerConfig) -> TransportFactory:

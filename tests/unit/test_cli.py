@@ -71,3 +71,15 @@ def test_a_stale_address_file_is_removed_before_a_command_runs(tmp_path, quiet_l
     stale.write_text("/ip4/127.0.0.1/tcp/1/p2p/QmOld\n")
     assert main(["health", str(tmp_path / "no-such-model"), *PEERS, "--address-file", str(stale)]) == 2
     assert not stale.exists()  # a reader waiting for the file will not take the old one for this run's
+
+
+def test_a_device_this_machine_lacks_is_named(capsys, quiet_logging):
+    import torch
+
+    assert main(["serve", "--new-swarm", "--device", "gpu"]) == 2
+    assert "device 'gpu' is not one torch knows" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert main(["serve", "--new-swarm", "--device", "cuda"]) == 2
+        assert "no CUDA device" in capsys.readouterr().err
+    assert main(["serve", "--new-swarm", "--throughput", "nan"]) == 2  # a bad combination: one line, exit 2
+    assert "--throughput must be above 0" in capsys.readouterr().err

@@ -81,7 +81,7 @@ def test_serve_flags_reach_the_server_config():
                                       "--batch-gather", "0"])
     config = serve_config(args)
     assert not config.pack_weights and not config.fast_path and config.max_batch == 4 and config.batch_gather_s == 0
-    with pytest.raises(SystemExit, match="--max-batch"):
+    with pytest.raises(ValueError, match="--max-batch"):
         serve_config(build_parser().parse_args(["serve", "smollm2", "--max-batch", "0"]))
     assert (defaults.announce_period_s, defaults.record_ttl_s) == (10.0, 30.0)
     config = serve_config(build_parser().parse_args(["serve", "smollm2", "--announce-period", "2", "--record-ttl", "6"]))
@@ -89,12 +89,18 @@ def test_serve_flags_reach_the_server_config():
     assert defaults.close_wait_s == 10.0
     assert serve_config(build_parser().parse_args(["serve", "smollm2", "--close-wait", "0"])).close_wait_s == 0.0
     for wait in ("-1", "inf", "nan"):
-        with pytest.raises(SystemExit, match="--close-wait must be finite and at least 0"):
+        with pytest.raises(ValueError, match="--close-wait must be finite and at least 0"):
             serve_config(build_parser().parse_args(["serve", "smollm2", "--close-wait", wait]))
     # a record must be refreshed before it expires, and expire once its server is gone (DHT nodes refuse later ones)
     assert serve_config(build_parser().parse_args(["serve", "smollm2", "--record-ttl", "3600"])).record_ttl_s == 3600
+    for throughput in ("nan", "-5", "0", "1e9"):  # records readers would drop: a server nobody finds
+        with pytest.raises(ValueError, match="--throughput must be above 0"):
+            serve_config(build_parser().parse_args(["serve", "smollm2", "--throughput", throughput]))
+    assert serve_config(build_parser().parse_args(["serve", "smollm2", "--throughput", "50"])).throughput == 50
+    with pytest.raises(ValueError, match="not both"):
+        serve_config(build_parser().parse_args(["serve", "smollm2", "--blocks", "0:2", "--num-blocks", "2"]))
     for period, ttl in (("0", "6"), ("6", "6"), ("10", "5"), ("nan", "6"), ("2", "inf"), ("10", "3601")):
-        with pytest.raises(SystemExit, match="--announce-period must be positive and below --record-ttl"):
+        with pytest.raises(ValueError, match="--announce-period must be positive and below --record-ttl"):
             serve_config(build_parser().parse_args(["serve", "smollm2", "--announce-period", period,
                                                     "--record-ttl", ttl]))
 
