@@ -64,9 +64,20 @@ class _Job:
     knee: Optional[int] = field(compare=False, default=None)  # rows past which a batch stops growing (None: max_batch)
 
 
-def _start_compute_thread(num_threads: Optional[int], nice: int, idle: bool = False) -> None:
-    """Set up the compute thread: its torch threads, and on Linux its priority (threads torch starts from it inherit
-    it). Steps of a chain wait on the messages between servers: a lower compute priority lets the server's event loop
+def _start_compute_thread(num_threads: Optional[int]) -> None:
+    """Set up the compute thread: its torch threads and its name (``corolla-compute``, as top -H and /proc show it)."""
+    if num_threads:
+        torch.set_num_threads(num_threads)
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_NAME, b"corolla-compute", 0, 0, 0)
+        except (OSError, AttributeError):
+            pass
+
+
+def _lower_priority(nice: int, idle: bool = False) -> None:
+    """On Linux, lower the calling (compute) thread's priority (threads torch starts from it inherit it). Steps of a
+    chain wait on the messages between servers: a lower compute priority lets the server's event loop
     and its libp2p daemon read, check and relay them as soon as they can run, while the compute thread keeps the
     cores whenever nobody else needs them.
 
@@ -80,16 +91,11 @@ def _start_compute_thread(num_threads: Optional[int], nice: int, idle: bool = Fa
     clients move on.
 
     Otherwise it runs ``nice`` steps below the process. Elsewhere than on Linux ``setpriority`` would apply to the
-    whole process, so neither is done there."""
-    if num_threads:
-        torch.set_num_threads(num_threads)
+    whole process, so neither is done there. (Once lowered, an unprivileged thread cannot raise it again: servers
+    lower it after loading their blocks and measuring their speed, which a busy machine would otherwise starve.)"""
     if not sys.platform.startswith("linux"):
         return
     thread = threading.get_native_id()
-    try:  # its name as top -H and /proc show it
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_NAME, b"corolla-compute", 0, 0, 0)
-    except (OSError, AttributeError):
-        pass
     try:
         if idle:
             os.sched_setscheduler(thread, os.SCHED_IDLE, os.sched_param(0))
@@ -106,15 +112,16 @@ class Scheduler:
                  nice: int = 0, idle: bool = False):
         """``max_gather_s``: the longest a batch waits for company (0: never). ``idle``: the compute thread runs
         under ``SCHED_IDLE``; else ``nice``: how much lower its priority is than the rest of the process (see
-        ``_start_compute_thread``)."""
+        ``_lower_priority``), once ``lower_priority()`` has run."""
         if not 0 <= nice <= 19:
             raise ValueError(f"the compute thread's nice must lie in 0..19, not {nice}")
         self.executor = ThreadPoolExecutor(
             max_workers=1,
             thread_name_prefix="corolla-compute",
             initializer=_start_compute_thread,
-            initargs=(num_threads, nice, idle),
+            initargs=(num_threads,),
         )
+        self._policy = (nice, idle)  # applied by lower_priority()
         self.max_batch = max_batch
         self.max_gather_s = max_gather_s
         self._last_call_s: dict[Hashable, float] = {}  # how long the last call of each batch key took
@@ -143,6 +150,10 @@ class Scheduler:
         that is an exception is raised to its own requester only."""
         return await self._submit(_Job(int(priority), next(self._order), batch_fn, (item,), self._future(), key,
                                        company, max(1, rows), knee))
+
+    async def lower_priority(self) -> None:
+        """Give the compute thread its lower priority (``nice`` or ``idle``; see ``_lower_priority``), from now on."""
+        await self.run(Priority.BACKGROUND, _lower_priority, *self._policy)
 
     @property
     def waiting(self) -> int:

@@ -136,6 +136,7 @@ class Server:
         config = self.config
         self.path, self.model_config = path, model_config
         self.stack, self.budget, adapters = await self._load(self.blocks)
+        await self.scheduler.lower_priority()  # loaded and measured at the process's priority: now below it
         self.handler = RequestHandlers(self.stack, config, self.budget, self.scheduler, self.info, self.peer, adapters)
         self.dispatcher = Dispatcher(self.handler, config.max_message_bytes, config.session_idle_timeout_s,
                                      config.first_frame_timeout_s, config.frame_timeout_s, config.max_streams_per_peer,

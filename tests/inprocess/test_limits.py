@@ -308,3 +308,21 @@ def test_more_blocks_than_the_model_has_are_all_of_them_with_a_warning(tiny_llam
             server = swarm.start_server(num_blocks=40)
         assert server.blocks == BlockRange(0, 4)
         assert "--num-blocks 40: the model has 4 blocks; this server takes all of them" in caplog.text
+
+
+def test_a_server_lowers_its_compute_priority_once_loaded_and_measured(tiny_llama_dir):
+    """Loading and measuring run at the process's priority (under SCHED_IDLE a busy machine starved the measurement:
+    a server announced 8 tokens/s one start and 221 the next); serving runs below it."""
+    import os
+    import sys
+    import threading
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("per-thread scheduling policies are Linux's")
+    from corolla.server.scheduler import Priority
+
+    with InProcessSwarm(str(tiny_llama_dir), dht_prefix="priority", throughput=None) as swarm:
+        server = swarm.start_server(SPAN)
+        policy = swarm.loop.run(server.scheduler.run(Priority.INFERENCE,
+                                                     lambda: os.sched_getscheduler(threading.get_native_id())))
+        assert policy == os.SCHED_IDLE and server.throughput > 0

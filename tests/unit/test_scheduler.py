@@ -169,6 +169,7 @@ def _thread_nice(scheduler: Scheduler) -> tuple[int, int]:
         return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
 
     async def scenario():
+        await scheduler.lower_priority()
         compute = await scheduler.run(Priority.INFERENCE, nice)
         await scheduler.close()
         return compute
@@ -194,8 +195,11 @@ def test_an_idle_compute_thread_runs_under_sched_idle_and_the_rest_of_the_proces
         return os.sched_getscheduler(threading.get_native_id())
 
     async def scenario(scheduler):
+        before = await scheduler.run(Priority.INFERENCE, policy)  # loading and measuring run at the usual policy
+        await scheduler.lower_priority()
         compute = await scheduler.run(Priority.INFERENCE, policy)
         await scheduler.close()
+        assert before == os.SCHED_OTHER
         return compute
 
     assert asyncio.run(scenario(Scheduler(idle=True, nice=5))) == os.SCHED_IDLE
