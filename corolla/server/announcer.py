@@ -14,6 +14,8 @@ from corolla.net.transport import Transport
 logger = logging.getLogger(__name__)
 
 
+REFUSALS_TO_WARN = 3  # refreshes in a row refused before the operator is warned (see Announcer.announce_now)
+
 # where a server files its record, and what it misses while that key refuses it
 _KEYS = {"model": ("its model's key", "clients cannot find it until one keeps it"),
          "list": ("the list of models", "the swarm page does not list it (clients still find it)")}
@@ -34,9 +36,15 @@ class Announcer:
         self.ttl_s = ttl_s
         self._task: asyncio.Task | None = None
         self._kept = {"model": True, "list": True}  # whether the last announcement under each key was kept
+        self._refusals = {"model": 0, "list": 0}  # refreshes refused in a row under each key
+        self._warned = {"model": False, "list": False}
 
     async def announce_now(self, ttl_s: float | None = None) -> bool:
-        """File this server's record under its model's key and under the list of models; True if both were kept."""
+        """File this server's record under its model's key and under the list of models; True if both were kept.
+
+        A refusal is logged, and the operator warned once a key has refused ``REFUSALS_TO_WARN`` refreshes in a row
+        (a key full, as under a flood of records): hivemind reports the answer of whichever DHT node answered last,
+        so on a healthy swarm one node's "no" now and then looked like a refusal, and the warning flapped."""
         record = self.record()
         expires = self.peer.now() + (ttl_s or self.ttl_s)
         value = encode_record(record, self.identity, self.model_prefix, expires, self.swarm_key)
@@ -48,14 +56,20 @@ class Announcer:
             if isinstance(result, BaseException) and not isinstance(result, Exception):
                 raise result
             kept = result is True
+            self._refusals[what] = 0 if kept else self._refusals[what] + 1
             if isinstance(result, Exception):
                 logger.warning("announcing %s failed: %s", record.blocks, result)
-            elif not kept and self._kept[what]:
-                logger.warning("the DHT nodes refused this server's record (blocks %s) under %s: %s; retrying every "
-                               "%g s (a key full, as under a flood of records, or no DHT node reachable)",
-                               record.blocks, where, missed, self.period_s)
-            elif kept and not self._kept[what]:
-                logger.info("the DHT nodes keep this server's record under %s again", where)
+            elif not kept and self._refusals[what] == REFUSALS_TO_WARN:
+                self._warned[what] = True
+                logger.warning("the DHT nodes refused this server's record (blocks %s) under %s %d times in a row: %s; "
+                               "retrying every %g s (a key full, as under a flood of records, or no DHT node "
+                               "reachable)", record.blocks, where, REFUSALS_TO_WARN, missed, self.period_s)
+            elif not kept:
+                logger.info("a DHT node refused this server's record under %s (%d in a row)", where,
+                            self._refusals[what])
+            elif self._warned[what]:
+                self._warned[what] = False
+                logger.warning("the DHT nodes keep this server's record under %s again", where)
             self._kept[what] = kept
         return all(self._kept.values())
 

@@ -326,3 +326,32 @@ def test_a_server_lowers_its_compute_priority_once_loaded_and_measured(tiny_llam
         policy = swarm.loop.run(server.scheduler.run(Priority.INFERENCE,
                                                      lambda: os.sched_getscheduler(threading.get_native_id())))
         assert policy == os.SCHED_IDLE and server.throughput > 0
+
+
+def test_the_operator_is_warned_of_refusals_that_last_not_of_one(tiny_llama_dir, caplog):
+    """hivemind's store reports the answer of whichever DHT node answered last, so on a healthy swarm one node's
+    refusal now and then looked like the key refusing the record (the warning flapped on and off). The operator is
+    warned at the third refusal in a row, and told once it is kept again. (The in-memory DHT has one store: the
+    nodes' answers are mocked by wrapping its ``announce_many``.)"""
+    import logging
+
+    with InProcessSwarm(str(tiny_llama_dir), [SPAN], dht_prefix="flap", announce_period_s=60.0,
+                        record_ttl_s=120.0) as swarm:
+        server = swarm.servers[0]
+        peer = server.announcer.peer
+        real = peer.announce_many
+
+        async def refused(items, expiration_time):
+            return False
+
+        def announce(how) -> bool:
+            peer.announce_many = how
+            return swarm.loop.run(server.announcer.announce_now())
+
+        with caplog.at_level(logging.WARNING, logger="corolla.server.announcer"):
+            assert [announce(refused), announce(real), announce(refused), announce(real)] == [False, True] * 2
+            assert caplog.text == ""  # one refusal at a time: a node's, not the key's
+            assert [announce(refused) for _ in range(3)] == [False] * 3
+            assert "refused this server's record (blocks 0:4) under its model's key 3 times in a row" in caplog.text
+            assert announce(real) and "keep this server's record under its model's key again" in caplog.text
+        peer.announce_many = real
