@@ -227,9 +227,14 @@ class Peer(Transport):
         child = getattr(self._p2p, "_child", None)
         return child.pid if child is not None and child.returncode is None else None
 
+    @property
+    def reachable(self) -> bool:
+        return self.daemon_pid is not None
+
     async def shutdown(self) -> None:
-        try:
-            await asyncio.wait_for(self._dht.shutdown(), timeout=5)
-        except Exception as exc:
-            logger.debug("DHT shutdown: %s", exc)
+        if self.reachable:  # (without its daemon, the DHT's goodbyes would only wait out their timeout)
+            try:
+                await asyncio.wait_for(self._dht.shutdown(), timeout=5)
+            except Exception as exc:
+                logger.debug("DHT shutdown: %s", exc)
         await self._p2p.shutdown()

@@ -51,3 +51,9 @@ class Transport(abc.ABC):
     @abc.abstractmethod
     async def shutdown(self) -> None:
         """Stop serving and close every stream."""
+
+    @property
+    def reachable(self) -> bool:
+        """Whether this peer can still reach the network (False once what carries its streams is gone: a libp2p
+        daemon stopped with its server's process group, say). True unless a transport knows better."""
+        return True

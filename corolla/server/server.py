@@ -291,8 +291,13 @@ class Server:
         if self.dispatcher is not None:
             self.dispatcher.accepting = False
         await self.announcer.stop()
-        await self.announcer.announce_now(ttl_s=self.config.record_ttl_s)
-        await self._drain(self.config.shutdown_grace_s)
+        if self.peer.reachable:
+            await self.announcer.announce_now(ttl_s=self.config.record_ttl_s)
+            await self._drain(self.config.shutdown_grace_s)
+        if not self.peer.reachable:
+            logger.warning("the libp2p daemon stopped with this server (a signal to its whole process group or "
+                           "cgroup; under systemd, KillMode=mixed signals the server alone): the swarm may not have "
+                           "heard it leave; its record expires within %g s", self.config.record_ttl_s)
         await self.peer.shutdown()
         await self.scheduler.close()
 
@@ -320,6 +325,18 @@ def hivemind_server(config: ServerConfig) -> TransportFactory:
                                                         port=config.port, identity=identity, swarm_key=swarm_key))
 
 
+def _quiet_daemon_loss(loop: asyncio.AbstractEventLoop, context: dict) -> None:
+    """The event loop's handler of errors nobody awaited: hivemind's reader of its daemon's control connection ends
+    with a ConnectionError when the daemon is stopped under it (a signal to the server's whole process group): that
+    is said once, in the server's own words (``Server.shutdown``), not as a traceback."""
+    error, task = context.get("exception"), context.get("future")
+    coroutine = getattr(task, "get_coro", lambda: None)() if task is not None else None
+    if isinstance(error, ConnectionError) and "persistent_conn" in getattr(coroutine, "__qualname__", ""):
+        logger.debug("the libp2p daemon's control connection ended: %s", error)
+        return
+    loop.default_exception_handler(context)
+
+
 def run_server(config: ServerConfig, log_format: str = "text") -> int:
     """Run a server in this process until SIGTERM/SIGINT; returns the exit code."""
 
@@ -334,6 +351,7 @@ def run_server(config: ServerConfig, log_format: str = "text") -> int:
 
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, _stop)
+        loop.set_exception_handler(_quiet_daemon_loss)
         # a signal while the server starts (joining the swarm, loading blocks: minutes for a large model) ends the
         # start, rather than waiting for the server to come online only to leave
         starting = asyncio.ensure_future(Server.create(config, hivemind_server(config), abandon))

@@ -95,6 +95,10 @@ class MemoryTransport(Transport):
         self._thawed = threading.Event()
         self._thawed.set()
 
+    @property
+    def reachable(self) -> bool:
+        return not self.dead
+
     async def serve(self, protocol: str, handler: StreamHandler) -> None:
         self._handlers[protocol] = handler
 

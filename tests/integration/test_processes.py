@@ -277,3 +277,26 @@ def test_ctrl_c_in_chat_stops_the_reply_and_the_chat_goes_on(embedded_dir, llama
         assert out.count("model> ") == 2 and out.rpartition("model> ")[2].strip(), out
     finally:
         _stop(chat, signal.SIGKILL)
+
+
+def test_a_signal_to_the_whole_process_group_stops_the_server_without_noise(tiny_llama_dir, tmp_path):
+    """SIGTERM to the server's whole process group (its libp2p daemon too, as `timeout` or a cgroup does): the server
+    leaves at once (it waited out the DHT's goodbyes to a dead daemon), with no traceback, and exits 0."""
+    dht = _spawn(["dht", "--address-file", str(tmp_path / "dht.addr")], tmp_path / "dht.log")
+    server = None
+    try:
+        peers = _wait_for_file(tmp_path / "dht.addr", dht)
+        server = _spawn(["serve", str(tiny_llama_dir), "--initial-peers", *peers, "--blocks", "0:4", "--num-threads",
+                         "1", "--address-file", str(tmp_path / "server.addr"), "--dht-prefix", "group"],
+                        tmp_path / "server.log")
+        _wait_for_file(tmp_path / "server.addr", server)
+        stopped = time.monotonic()
+        os.killpg(server.pid, signal.SIGTERM)  # (_spawn starts each in its own session: the group is its own)
+        assert server.wait(30) == 0
+        log = (tmp_path / "server.log").read_text()
+        assert time.monotonic() - stopped < 8, log
+        assert "Traceback" not in log and "never retrieved" not in log
+    finally:
+        if server is not None:
+            _stop(server, signal.SIGKILL)
+        assert _stop(dht) == 0
