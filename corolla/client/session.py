@@ -96,6 +96,12 @@ TRAIL_MAX_ROWS = 32  # relayed steps of at most this many rows (batch x new toke
 PROBE_TIMEOUT_S = 2.0  # the most a liveness probe of a silent chain waits for each server
 
 
+def _too_small(error: BaseException) -> bool:
+    """Whether a server refused to open a session for want of cache (the session does not fit its whole cache, or
+    its cache stayed full past its wait): its capacity, not a fault."""
+    return isinstance(error, RemoteError) and error.kind == "CacheExhaustedError"
+
+
 def _defaults_dropped(mask: torch.Tensor, positions: torch.Tensor, past: int) -> tuple:
     """A step's mask and positions as they travel: None where they are what a server assumes without them (every
     token real; positions past, past + 1, ... in every row), so a decode step's frames carry its hidden states alone
@@ -744,9 +750,18 @@ class InferenceSession:
         (default: the refresh period). With no history to replay, the servers open at once: one round trip for the
         chain, not one per server."""
         attempts: list[tuple[str, str]] = []
+        full: set[str] = set()  # servers whose whole cache is too small for this session: no fault, no use
         for _ in range(self.swarm.config.max_retries + 1):
-            chain = await self.swarm.plan_inference(blocks, self.active_adapter, frozenset(self._avoid),
-                                                    max_age_s=max_age_s)
+            try:
+                # once a server said the session cannot fit it, waiting for other servers would hide why
+                chain = await self.swarm.plan_inference(blocks, self.active_adapter, frozenset(self._avoid | full),
+                                                        wait=not full, max_age_s=max_age_s)
+            except BlocksNotServedError as exc:
+                if not full:
+                    raise
+                raise CorollaError(f"no server can hold session {self.session_id[:8]} of max_length "
+                                   f"{self.max_length} for blocks {blocks}: {describe_attempts(attempts)} ({exc})") \
+                    from None
             started = time.perf_counter()
             hops: list[_Hop] = []
             replay = history.joined() if history.length else None
@@ -760,7 +775,10 @@ class InferenceSession:
                     for record, exc in failed[1:]:  # every server that failed is at fault, not only the first
                         if isinstance(exc, Exception) and is_server_failure(exc):
                             attempts.append((record.peer_id, f"{type(exc).__name__}: {exc}"))
-                            self.swarm.report_failure(record.peer_id)
+                            if _too_small(exc):
+                                full.add(record.peer_id)
+                            else:
+                                self.swarm.report_failure(record.peer_id)
                     if failed:
                         current = failed[0][0]
                         raise failed[0][1]
@@ -784,7 +802,10 @@ class InferenceSession:
                 attempts.append((current.peer_id, f"{type(exc).__name__}: {exc}"))
                 logger.info("opening blocks %s on %s failed after %.2f s (%s: %s); trying other servers", blocks,
                             current.peer_id, time.perf_counter() - started, type(exc).__name__, exc)
-                self.swarm.report_failure(current.peer_id)
+                if _too_small(exc):  # a capacity, not a fault: not banned, only not asked again for this session
+                    full.add(current.peer_id)
+                else:
+                    self.swarm.report_failure(current.peer_id)
         raise CorollaError(
             f"could not run blocks {blocks} of session {self.session_id[:8]} after {len(attempts)} attempts: "
             f"{describe_attempts(attempts)}"

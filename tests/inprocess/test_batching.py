@@ -183,6 +183,27 @@ def test_a_full_cache_makes_new_sessions_wait_then_fail_clearly(tiny_llama_dir):
             model.close()
 
 
+def test_a_session_no_server_can_hold_fails_at_once_with_their_reasons(tiny_llama_dir):
+    """A session longer than every server's whole cache: the client says so at once, with each server's reason,
+    and bans none of them (it used to ban each as failed, wait for others, and end "served by nobody")."""
+    from corolla.core.errors import CorollaError
+
+    with InProcessSwarm(str(tiny_llama_dir), [BlockRange(0, 4), BlockRange(0, 4)], dht_prefix="small",
+                        cache_tokens=64) as swarm:
+        model = swarm.client(client_config=ClientConfig(wait_for_blocks_s=30.0))
+        try:
+            ids = torch.tensor([[5, 6, 7, 8]])
+            started = time.monotonic()
+            with pytest.raises(CorollaError, match="no server can hold session") as refused:
+                model.generate(ids, max_new_tokens=100, do_sample=False)
+            assert time.monotonic() - started < 10
+            assert str(refused.value).count("exceeds this server's whole cache of 64 tokens") == 2
+            assert not any(model.swarm.bans.is_banned(server.peer.peer_id) for server in swarm.servers)
+            assert model.generate(ids, max_new_tokens=4, do_sample=False).shape == (1, 8)  # what fits still runs
+        finally:
+            model.close()
+
+
 def test_idle_sessions_are_evicted_and_the_client_carries_on(tiny_llama_dir):
     local = LlamaForCausalLM.from_pretrained(tiny_llama_dir).eval()
     ids = torch.tensor([[5, 6, 7, 8]])
