@@ -42,6 +42,8 @@ class SwarmView:
         models = await fetch_models(swarm.transport, key)
         counts = [0] * swarm.num_blocks
         for record in online:
+            if swarm.bans.is_banned(record.peer_id):  # announced online, but did not answer (dead until its record
+                continue                               # expires, say): it serves nobody
             for block in record.blocks:
                 counts[block] += 1
         missing = [b for b, count in enumerate(counts) if count == 0]
@@ -63,7 +65,7 @@ class SwarmView:
         return {
             "peer_id": record.peer_id,
             "blocks": [record.blocks.start, record.blocks.end],
-            "state": record.state.value,
+            "state": record.state.value,  # as announced ("banned": it did not answer lately)
             "throughput": round(record.throughput, 2),
             "cache_tokens_free": record.cache_tokens_free,
             "quant": record.quant,
@@ -78,9 +80,10 @@ class SwarmView:
 def format_table(data: dict) -> str:
     """The snapshot as text for a terminal."""
     width = 30
+    online = sum(server["state"] == ServerState.ONLINE.value and not server["banned"] for server in data["servers"])
     lines = [f"model {data['model']} (DHT name {data['dht_prefix']}), {data['num_blocks']} blocks, "
-             f"{len(data['servers'])} server(s)"]
-    header = f"{'peer id':<16} {'blocks':<9} {'coverage':<{width}} {'state':<8} {'tok/s':>8} {'cache':>7} " \
+             f"{len(data['servers'])} server(s), {online} online and answering"]
+    header = f"{'peer id':<16} {'blocks':<9} {'coverage':<{width}} {'state':<9} {'tok/s':>8} {'cache':>7} " \
              f"{'quant':<5} {'rtt ms':>7}"
     lines += [header, "-" * len(header)]
     total = max(1, data["num_blocks"])
@@ -89,7 +92,8 @@ def format_table(data: dict) -> str:
         bar = "".join("#" if start * width // total <= i < max(start * width // total + 1, end * width // total)
                       else "." for i in range(width))
         rtt = "-" if server["rtt_ms"] is None else f"{server['rtt_ms']:.1f}"
-        lines.append(f"{server['peer_id'][-16:]:<16} {f'{start}:{end}':<9} {bar} {server['state']:<8} "
+        state = "no answer" if server["banned"] and server["state"] == ServerState.ONLINE.value else server["state"]
+        lines.append(f"{server['peer_id'][-16:]:<16} {f'{start}:{end}':<9} {bar} {state:<9} "
                      f"{server['throughput']:>8.1f} {server['cache_tokens_free']:>7} {server['quant']:<5} {rtt:>7}")
     lines.append("servers per block: " + " ".join(str(c) for c in data["servers_per_block"]))
     lines.append(f"blocks served by nobody: {data['missing'] or 'none'}")

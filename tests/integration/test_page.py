@@ -43,8 +43,8 @@ def test_health_prints_the_swarm_table(swarm):
                              *swarm.initial_peers], capture_output=True, text=True, timeout=120, env=env)
     assert result.returncode == 0, result.stderr[-2000:]
     lines = result.stdout.splitlines()
-    assert "30 blocks, 3 server(s)" in lines[0]
-    assert sum(1 for line in lines if " online " in line) == 3
+    assert "30 blocks, 3 server(s), 3 online and answering" in lines[0]
+    assert sum(1 for line in lines[1:] if " online " in line) == 3
     assert "servers per block: " + " ".join(["1"] * 30) in result.stdout
     assert "blocks served by nobody: none" in result.stdout
     assert "models in the DHT: smollm2-135m-instruct (3)" in result.stdout
@@ -106,3 +106,20 @@ def test_swarm_page_in_a_real_browser(swarm, tmp_path):
         stop_process(page_only)
     for name in ("swarm-page.png", "swarm-page-chat.png", "swarm-page-phone.png", "swarm-page-missing.png"):
         assert (SCREENSHOTS / name).stat().st_size > 10_000
+
+
+def test_health_does_not_count_a_server_that_does_not_answer(tiny_llama_dir):
+    """A server killed without a word stays in the DHT until its record expires: `corolla health` pings it, marks
+    it "no answer" and counts its blocks as served by nobody (it counted them as served)."""
+    with LocalSwarm(model=str(tiny_llama_dir), num_servers=2, num_threads=1, dht_prefix="deaf") as tiny:
+        dead = tiny.servers[1]
+        dead.process.kill()
+        dead.process.wait(30)
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        result = subprocess.run([sys.executable, "-m", "corolla.cli.main", "health", str(tiny_llama_dir),
+                                 "--dht-prefix", "deaf", "--initial-peers", *tiny.initial_peers],
+                                capture_output=True, text=True, timeout=120, env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "4 blocks, 2 server(s), 1 online and answering" in result.stdout, result.stdout
+    assert sum(1 for line in result.stdout.splitlines() if " no answer " in line) == 1, result.stdout
+    assert "servers per block: 1 1 0 0" in result.stdout and "blocks served by nobody: 2:4" in result.stdout

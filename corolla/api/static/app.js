@@ -12,7 +12,7 @@ function el(tag, attrs = {}, text = "") {
 }
 
 function render(data) {
-  const online = data.servers.filter(s => s.state === "online").length;
+  const online = data.servers.filter(s => s.state === "online" && !s.banned).length;
   document.getElementById("summary").textContent =
     `${data.model} (DHT name ${data.dht_prefix}): ${data.num_blocks} blocks, ${online} of ${data.servers.length} ` +
     `server(s) online` + (data.missing_blocks.length ? `, blocks ${data.missing} served by nobody` : ", every block served");
