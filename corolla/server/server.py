@@ -367,9 +367,15 @@ def run_server(config: ServerConfig, log_format: str = "text") -> int:
             return 0
         stopped.cancel()
         server = starting.result()
-        print(f"corolla server {server.peer.peer_id} serving blocks {server.blocks}", flush=True)
-        for addr in server.maddrs:
-            print(f"  {addr}", flush=True)
+        banner = f"corolla server {server.peer.peer_id} serving blocks {server.blocks}"
+        if log_format == "json":  # every line one JSON object: the banner too
+            logging.getLogger("corolla.status").info(banner, extra={"status": {
+                "event": "serving", "peer_id": server.peer.peer_id, "blocks": str(server.blocks),
+                "addrs": list(server.maddrs)}})
+        else:
+            print(banner, flush=True)
+            for addr in server.maddrs:
+                print(f"  {addr}", flush=True)
         status = StatusLine(log_format=log_format)
         while not stop.is_set():
             sessions = len(server.handler.sessions) if server.handler is not None else 0

@@ -22,7 +22,7 @@ def test_serve_logs_json_lines_with_its_status(tiny_llama_dir):
                                 "--num-threads", "1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_env(),
                                text=True, start_new_session=True)
     try:
-        lines, status = [], None
+        lines, status, banner = [], None, None
         deadline = time.monotonic() + 120
         while status is None and time.monotonic() < deadline:
             line = process.stderr.readline()
@@ -31,15 +31,19 @@ def test_serve_logs_json_lines_with_its_status(tiny_llama_dir):
             lines.append(line)
             record = json.loads(line)  # every log line is one JSON object
             assert {"time", "level", "logger", "message"} <= set(record)
-            if record["logger"] == "corolla.status":
+            if record.get("event") == "serving":  # the banner: where to reach this server
+                banner = record
+            elif record["logger"] == "corolla.status":
                 status = record
         assert status is not None, "".join(lines)[-2000:]
+        assert banner is not None and banner["blocks"] == "0:4" and banner["addrs"][0].startswith("/ip4/127.0.0.1/")
         assert status["blocks"] == "0:4" and status["sessions"] == 0 and status["state"] == "online"
         assert "tokens_per_s" in status
     finally:
         process.send_signal(signal.SIGTERM)
         process.wait(60)
     assert process.returncode == 0
+    assert process.stdout.read().strip() == ""  # nothing outside the JSON lines
 
 
 def test_swarm_shows_a_live_status_line_on_a_terminal(tiny_llama_dir):
