@@ -47,8 +47,9 @@ def _looks_like_local_path(text: str) -> bool:
     return text.startswith(("/", ".", "~")) or text.count("/") > 1 or "\\" in text
 
 
-def resolve_model(name_or_path: str | None) -> Path:
-    """Return the local directory holding the model's config, tokenizer and safetensors weights.
+def resolve_model(name_or_path: str | None, what: str = "model") -> Path:
+    """Return the local directory holding the model's config, tokenizer and safetensors weights (``what``: what the
+    errors call it, e.g. "adapter").
 
     ``None`` or ``"smollm2"`` gives the embedded model (converted on first use); an existing directory is
     returned as is; anything else is taken as a Hugging Face hub id, looked up in the local hub cache first
@@ -61,9 +62,9 @@ def resolve_model(name_or_path: str | None) -> Path:
     if path.is_dir():
         return path
     if path.exists():
-        raise CorollaError(f"model path {text!r} is a file; give the directory holding config.json and the weights")
+        raise CorollaError(f"{what} path {text!r} is a file; give the directory holding its config and weights")
     if _looks_like_local_path(text):
-        raise CorollaError(f"model directory {text!r} does not exist")
+        raise CorollaError(f"{what} directory {text!r} does not exist")
     return _snapshot_from_hub(text)
 
 

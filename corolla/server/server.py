@@ -175,7 +175,7 @@ class Server:
                                                          progress)
         adapters = {}
         for name in config.adapters:
-            path = await asyncio.to_thread(resolve_model, name)
+            path = await asyncio.to_thread(resolve_model, name, "adapter")
             adapters[name], _ = await run(Priority.BACKGROUND, read_peft_adapter, path, stack.family, blocks, self.dtype)
             logger.info("adapter %s: %d adapted layers in blocks %s", name, len(adapters[name].pairs), blocks)
         budget = CacheBudget(config.cache_tokens, stack.cache_bytes_per_token(), config.cache_page_tokens,

@@ -83,3 +83,11 @@ def test_a_device_this_machine_lacks_is_named(capsys, quiet_logging):
         assert "no CUDA device" in capsys.readouterr().err
     assert main(["serve", "--new-swarm", "--throughput", "nan"]) == 2  # a bad combination: one line, exit 2
     assert "--throughput must be above 0" in capsys.readouterr().err
+
+
+def test_a_missing_adapter_is_called_an_adapter(tmp_path):
+    from corolla.core.errors import CorollaError
+    from corolla.models.checkpoint import resolve_model
+
+    with pytest.raises(CorollaError, match=f"adapter directory '{tmp_path / 'none'}' does not exist"):
+        resolve_model(str(tmp_path / "none"), "adapter")
