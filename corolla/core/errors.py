@@ -45,6 +45,9 @@ class AdapterNotServedError(BlocksNotServedError, ValueError):
     """The servers of some blocks are reachable, but none of them holds the LoRA adapter the caller asked for."""
 
 
+SEEN_NOT_SAID = frozenset({"ConnectionClosed", "Timeout", "ProtocolError", "MalformedReply"})
+
+
 class RemoteError(CorollaError):
     """An error reported by a remote server, re-raised on the client."""
 
@@ -52,7 +55,9 @@ class RemoteError(CorollaError):
         self.kind = kind
         self.remote_message = message
         self.peer = peer
-        super().__init__(f"server {peer} answered {kind}: {message}")
+        # what the client saw of the server (a stream cut, a reply it could not read), not what the server said
+        super().__init__(f"server {peer}: {kind}: {message}" if kind in SEEN_NOT_SAID else
+                         f"server {peer} answered {kind}: {message}")
 
     @property
     def is_bad_request(self) -> bool:

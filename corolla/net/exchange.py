@@ -25,7 +25,7 @@ def reply_limit(request: Message) -> int:
 def check_reply(reply: Optional[Message], expected: type[Message], peer_id: str) -> Message:
     """``reply`` if it is an ``expected``; a server's error, a closed stream or another message as ``RemoteError``."""
     if reply is None:
-        raise RemoteError("ConnectionClosed", "the server closed the stream without replying", peer_id)
+        raise RemoteError("ConnectionClosed", "the stream ended without a reply (the server stopped, or dropped it)", peer_id)
     if isinstance(reply, ErrorReply):
         raise RemoteError.from_reply(reply.kind, reply.message, peer_id)
     if not isinstance(reply, expected):
