@@ -320,6 +320,13 @@ def hivemind_server(config: ServerConfig) -> TransportFactory:
     """The real transport of a server: a libp2p peer with a DHT node, joined to ``config.initial_peers``."""
     if not config.initial_peers and not config.new_swarm:
         raise ValueError("a server needs --initial-peers of a running swarm, or --new-swarm to start its own")
+    for addr in config.initial_peers if config.port else ():
+        parts = str(addr).split("/")  # /ip4/HOST/tcp/PORT/p2p/ID
+        if len(parts) > 4 and parts[3] == "tcp" and parts[4] == str(config.port) and parts[2] in (config.host,
+                                                                                                  "127.0.0.1"):
+            # (libp2p would bind it anyway, then fail to reach the peer it took the port from, saying only that)
+            raise ValueError(f"--port {config.port} is the port of initial peer {addr} on this host: two peers "
+                             "cannot share a port; choose another, or 0 for any free one")
     swarm_key = load_swarm_key(config.swarm_key_path)
     return lambda identity=None: Peer.create(PeerConfig(initial_peers=config.initial_peers, host=config.host,
                                                         port=config.port, identity=identity, swarm_key=swarm_key))

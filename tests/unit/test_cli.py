@@ -91,3 +91,11 @@ def test_a_missing_adapter_is_called_an_adapter(tmp_path):
 
     with pytest.raises(CorollaError, match=f"adapter directory '{tmp_path / 'none'}' does not exist"):
         resolve_model(str(tmp_path / "none"), "adapter")
+
+
+def test_a_port_an_initial_peer_uses_on_this_host_is_refused(capsys, quiet_logging):
+    """libp2p binds a port another local peer holds, then fails to reach that peer and says only "failed to connect
+    to bootstrap peers": the clash is named before anything starts."""
+    peer = "/ip4/127.0.0.1/tcp/34525/p2p/QmNotARealPeer"
+    assert main(["serve", "--initial-peers", peer, "--port", "34525"]) == 2
+    assert f"--port 34525 is the port of initial peer {peer} on this host" in capsys.readouterr().err
