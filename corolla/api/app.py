@@ -448,6 +448,9 @@ class Api:
                        "choices": choices, **(extra or {})}
             return f"data: {json.dumps(payload)}\n\n"
 
+        def text(piece: str) -> dict:  # a choice's new text, as each kind of chunk carries it
+            return {"delta": {"content": piece}} if kind == "chat" else {"text": piece}
+
         # an echo scored (logprobs) waits for the prompt's pass: each choice's echo comes once its scores do
         echoed = set() if echo and params.scores_prompt else set(range(count))
 
@@ -482,19 +485,17 @@ class Api:
                     position[index] += len(event.text)
                     if event.stream_text or logprobs is not None:
                         sent[index] += len(event.stream_text)
-                        body = {"delta": {"content": event.stream_text}} if kind == "chat" else {"text": event.stream_text}
-                        yield chunk([{"index": index, **body, "logprobs": logprobs, "finish_reason": None}])
+                        yield chunk([{"index": index, **text(event.stream_text), "logprobs": logprobs,
+                                      "finish_reason": None}])
                 else:  # done
                     if index not in echoed:  # no token came (the prompt's scores come with the completion)
                         yield echo_chunk(index, value.prompt_events)
                     rest = value.text[sent[index]:]  # what was held back in case it began a stop sequence
                     if rest:
-                        body = {"delta": {"content": rest}} if kind == "chat" else {"text": rest}
-                        yield chunk([{"index": index, **body, "logprobs": None, "finish_reason": None}])
+                        yield chunk([{"index": index, **text(rest), "logprobs": None, "finish_reason": None}])
                     finished[index] = value
-                    final = {"index": index, "finish_reason": value.finish_reason, "logprobs": None}
-                    final.update({"delta": {}} if kind == "chat" else {"text": ""})
-                    yield chunk([final])
+                    yield chunk([{"index": index, "finish_reason": value.finish_reason, "logprobs": None,
+                                  **({"delta": {}} if kind == "chat" else {"text": ""})}])
                     if len(finished) == count:
                         break
                 item = await run.next_event()

@@ -177,7 +177,7 @@ class _Run:
         if token in self.engine.eos_ids:
             event.text = ""
         if not self.events and self.params.scores_prompt:  # the prompt's pass has run: its scores are known
-            self.prompt_events = self.engine._prompt_events(self, self.prompt_ids)
+            self.prompt_events = self.engine._prompt_events(self)
             if self.on_prompt is not None:
                 self.on_prompt(self.prompt_events)
         self.events.append(event)
@@ -319,15 +319,15 @@ class Engine:
         with self._lock:
             self.running += 1
         try:
-            return self._generate(run, prompt_ids)
+            return self._generate(run)
         finally:
             with self._lock:
                 self.running -= 1
                 self.served += 1
             self._slots.release()
 
-    def _generate(self, run: _Run, prompt_ids: list[int]) -> Completion:
-        params = run.params
+    def _generate(self, run: _Run) -> Completion:
+        params, prompt_ids = run.params, run.prompt_ids
         ids = torch.tensor([prompt_ids], dtype=torch.long)
         generator = torch.Generator()
         generator.manual_seed(params.seed if params.seed is not None else int(time.time_ns() % 2**63))
@@ -349,12 +349,12 @@ class Engine:
         ended_by_eos = bool(run.token_ids) and run.token_ids[-1] in self.eos_ids
         finish = "stop" if run.stopped or ended_by_eos or run.cancelled.is_set() else "length"
         return Completion(run.text, run.token_ids, run.events, finish, len(prompt_ids),
-                          run.prompt_events if run.prompt_events is not None else self._prompt_events(run, prompt_ids))
+                          run.prompt_events if run.prompt_events is not None else self._prompt_events(run))
 
-    def _prompt_events(self, run: _Run, prompt_ids: list[int]) -> Optional[list[TokenEvent]]:
-        """Each prompt token with its log-probability given the tokens before it (the first has none), and the
-        ``top_logprobs`` likeliest there; None unless asked for."""
-        params = run.params
+    def _prompt_events(self, run: _Run) -> Optional[list[TokenEvent]]:
+        """Each of ``run``'s prompt tokens with its log-probability given the tokens before it (the first has none),
+        and the ``top_logprobs`` likeliest there; None unless asked for."""
+        params, prompt_ids = run.params, run.prompt_ids
         if not params.scores_prompt:
             return None
         texts = self.piece_texts(prompt_ids)  # (offsets into the echoed text count characters, not tokens)

@@ -751,6 +751,14 @@ class InferenceSession:
         chain, not one per server."""
         attempts: list[tuple[str, str]] = []
         full: set[str] = set()  # servers whose whole cache is too small for this session: no fault, no use
+
+        def failed_at(peer_id: str, error: Exception) -> None:
+            attempts.append((peer_id, f"{type(error).__name__}: {error}"))
+            if _too_small(error):  # a capacity, not a fault: not banned, only not asked again for this session
+                full.add(peer_id)
+            else:
+                self.swarm.report_failure(peer_id)
+
         for _ in range(self.swarm.config.max_retries + 1):
             try:
                 # once a server said the session cannot fit it, waiting for other servers would hide why
@@ -774,11 +782,7 @@ class InferenceSession:
                     failed = [(record, exc) for (record, _), exc in zip(chain, opened) if not isinstance(exc, _Hop)]
                     for record, exc in failed[1:]:  # every server that failed is at fault, not only the first
                         if isinstance(exc, Exception) and is_server_failure(exc):
-                            attempts.append((record.peer_id, f"{type(exc).__name__}: {exc}"))
-                            if _too_small(exc):
-                                full.add(record.peer_id)
-                            else:
-                                self.swarm.report_failure(record.peer_id)
+                            failed_at(record.peer_id, exc)
                     if failed:
                         current = failed[0][0]
                         raise failed[0][1]
@@ -799,13 +803,9 @@ class InferenceSession:
                     hop.stream.close()
                 if not is_server_failure(exc):
                     raise
-                attempts.append((current.peer_id, f"{type(exc).__name__}: {exc}"))
                 logger.info("opening blocks %s on %s failed after %.2f s (%s: %s); trying other servers", blocks,
                             current.peer_id, time.perf_counter() - started, type(exc).__name__, exc)
-                if _too_small(exc):  # a capacity, not a fault: not banned, only not asked again for this session
-                    full.add(current.peer_id)
-                else:
-                    self.swarm.report_failure(current.peer_id)
+                failed_at(current.peer_id, exc)
         raise CorollaError(
             f"could not run blocks {blocks} of session {self.session_id[:8]} after {len(attempts)} attempts: "
             f"{describe_attempts(attempts)}"

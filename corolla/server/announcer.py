@@ -35,9 +35,7 @@ class Announcer:
         self.period_s = period_s
         self.ttl_s = ttl_s
         self._task: asyncio.Task | None = None
-        self._kept = {"model": True, "list": True}  # whether the last announcement under each key was kept
-        self._refusals = {"model": 0, "list": 0}  # refreshes refused in a row under each key
-        self._warned = {"model": False, "list": False}
+        self._refusals = {"model": 0, "list": 0}  # refreshes refused in a row under each key (0: the last was kept)
 
     async def announce_now(self, ttl_s: float | None = None) -> bool:
         """File this server's record under its model's key and under the list of models; True if both were kept.
@@ -55,23 +53,20 @@ class Announcer:
             where, missed = _KEYS[what]
             if isinstance(result, BaseException) and not isinstance(result, Exception):
                 raise result
-            kept = result is True
-            self._refusals[what] = 0 if kept else self._refusals[what] + 1
+            kept, before = result is True, self._refusals[what]
+            self._refusals[what] = 0 if kept else before + 1
             if isinstance(result, Exception):
                 logger.warning("announcing %s failed: %s", record.blocks, result)
             elif not kept and self._refusals[what] == REFUSALS_TO_WARN:
-                self._warned[what] = True
                 logger.warning("the DHT nodes refused this server's record (blocks %s) under %s %d times in a row: %s; "
                                "retrying every %g s (a key full, as under a flood of records, or no DHT node "
                                "reachable)", record.blocks, where, REFUSALS_TO_WARN, missed, self.period_s)
             elif not kept:
                 logger.info("a DHT node refused this server's record under %s (%d in a row)", where,
                             self._refusals[what])
-            elif self._warned[what]:
-                self._warned[what] = False
+            elif before >= REFUSALS_TO_WARN:
                 logger.warning("the DHT nodes keep this server's record under %s again", where)
-            self._kept[what] = kept
-        return all(self._kept.values())
+        return not any(self._refusals.values())
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._loop())
