@@ -416,7 +416,7 @@ class Api:
                           "total_tokens": prompt_tokens + completion_tokens}}
 
     def _token(self, token_id: int) -> str:
-        return self.engine.token_text(token_id)
+        return self.engine.token_display(token_id)
 
     def _chat_logprobs(self, events: list[TokenEvent]) -> dict:
         def entry(token_id, logprob):  # bytes: the token's own (part of a character, for some), as OpenAI's

@@ -254,6 +254,17 @@ class Engine:
     def token_text(self, token_id: int) -> str:
         return self.tokenizer.decode([token_id])
 
+    def token_display(self, token_id: int) -> str:
+        """How logprobs name a token: its text, or, for a token that holds part of a character (its bytes are not
+        UTF-8 on their own), ``bytes:`` and its bytes escaped (``bytes:\\xe4\\xbd``), as OpenAI names them; the
+        text would be U+FFFD for every such token, and distinct tokens would share one key in ``top_logprobs``."""
+        own = self.token_bytes(token_id)
+        try:
+            own.decode("utf-8")
+        except UnicodeDecodeError:
+            return "bytes:" + "".join(f"\\x{byte:02x}" for byte in own)
+        return self.token_text(token_id)
+
     def token_bytes(self, token_id: int) -> bytes:
         """The bytes the token stands for (part of a character, for some): a byte-level vocabulary's piece mapped
         back to its bytes, a byte-fallback piece (``<0xE2>``) to its byte, else the token's text in UTF-8."""

@@ -368,10 +368,19 @@ def test_offsets_and_bytes_count_characters_not_tokens(api, tokenizer):
     offsets = logprobs.text_offset
     assert offsets[0] == 0 and offsets == sorted(offsets) and offsets[scored] == len(prompt)
     assert text[offsets[scored - 1]: offsets[scored]] == " done"
+    # tokens that hold part of a character are named by their bytes, as OpenAI names them (their text alone is
+    # U+FFFD, which would also give distinct top candidates one key)
+    assert "\ufffd" not in "".join(logprobs.tokens)
+    assert "bytes:\\xe4\\xbd" in logprobs.tokens[:scored], logprobs.tokens[:scored]
     chat = client.chat.completions.create(model=MODEL_ID, temperature=0, max_tokens=12, logprobs=True,
                                           messages=[{"role": "user", "content": "Write 你好 three times."}])
     content = chat.choices[0].logprobs.content
     assert bytes(b for entry in content for b in entry.bytes).decode() == chat.choices[0].message.content
+    for entry in content:
+        try:
+            assert entry.token == bytes(entry.bytes).decode()
+        except UnicodeDecodeError:
+            assert entry.token == "bytes:" + "".join(f"\\x{b:02x}" for b in entry.bytes)
 
 
 def test_places_come_back_however_a_request_ends(api):
