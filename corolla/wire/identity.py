@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import functools
 import hashlib
+import logging
 import os
 from pathlib import Path
 from typing import Optional
@@ -16,6 +17,8 @@ from typing import Optional
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
+
+logger = logging.getLogger(__name__)
 
 _PADDING = padding.PSS(mgf=padding.MGF1(hashes.SHA256()), salt_length=padding.PSS.MAX_LENGTH)
 _ALPHABET = "123456789ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz"
@@ -36,16 +39,25 @@ class Identity:
 
     @classmethod
     def load_or_create(cls, path: Optional[str]) -> "Identity":
-        """The identity kept in ``path`` (created there on first use), or a new one for this run if None."""
+        """The identity kept in ``path`` (created there on first use, and said so), or a new one for this run if None.
+        ``ValueError`` naming the file if it holds no key."""
         if path is None:
             return cls.generate()
         file = Path(path).expanduser()
+        if file.is_dir():
+            raise ValueError(f"the identity {file} is a folder, not a key file")
         if file.exists():
-            return cls.from_libp2p(file.read_bytes())
+            try:
+                return cls.from_libp2p(file.read_bytes())
+            except ValueError as error:
+                raise ValueError(f"the identity {file} holds no key: {error}") from None
         identity = cls.generate()
+        created = [folder for folder in (file.parent, *file.parent.parents) if not folder.exists()]
         file.parent.mkdir(parents=True, exist_ok=True)
         file.write_bytes(identity.to_libp2p())
         os.chmod(file, 0o600)
+        logger.info("created a new identity (peer id %s) in %s%s", identity.peer_id, file,
+                    f" and its folder {created[-1]}" if created else "")
         return identity
 
     def private_der(self) -> bytes:

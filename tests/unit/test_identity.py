@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 
 import pytest
 
@@ -27,13 +28,19 @@ def _record(identity, **changes):
     return dataclasses.replace(record, **changes)
 
 
-def test_identity_is_a_libp2p_identity(server, tmp_path):
+def test_identity_is_a_libp2p_identity(server, tmp_path, caplog):
     from hivemind.p2p import PeerID
 
     assert PeerID.from_identity(server.to_libp2p()).to_base58() == server.peer_id == peer_id_of(server.public_der)
-    path = tmp_path / "id.key"
-    created = Identity.load_or_create(str(path))
+    path = tmp_path / "keys" / "id.key"
+    with caplog.at_level(logging.INFO, logger="corolla.wire.identity"):
+        created = Identity.load_or_create(str(path))
+    assert f"created a new identity (peer id {created.peer_id}) in {path} and its folder {path.parent}" in caplog.text
     assert Identity.load_or_create(str(path)).peer_id == created.peer_id  # kept across runs
+    (tmp_path / "bad.key").write_text("garbage")
+    for bad, reason in ((tmp_path / "bad.key", "holds no key"), (tmp_path, "is a folder")):
+        with pytest.raises(ValueError, match=f"identity {bad} {reason}"):
+            Identity.load_or_create(str(bad))
     signature = server.sign(b"data")
     assert verify(server.public_der, b"data", signature)
     assert not verify(server.public_der, b"other", signature)
