@@ -50,3 +50,38 @@ class RemoteCache(Cache):
     @property
     def is_croppable(self) -> bool:
         return False
+
+
+class ReplayCache(Cache):
+    """What ``model(...)`` returns as its cache outside an inference session, where the servers keep nothing: the
+    inputs of the first block so far (and their positions). Passed back with the next tokens (transformers' manual
+    decoding loop), the model runs the whole sequence again through the blocks and returns the new tokens' outputs,
+    as a local cache would give them; each call costs the whole sequence, so long loops belong in a session."""
+
+    def __init__(self, block_inputs: torch.Tensor, position_ids: Optional[torch.Tensor]):
+        super().__init__(layers=[])
+        self.block_inputs = block_inputs  # [batch, tokens, hidden]
+        self.position_ids = position_ids  # [batch, tokens], or None: 0..tokens-1
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.block_inputs.shape[1]
+
+    @property
+    def is_compileable(self) -> bool:
+        return False
+
+    @property
+    def is_linear(self) -> list[bool]:
+        return [False]
+
+    @property
+    def is_sliding(self) -> list[bool]:
+        return [False]
+
+    @property
+    def is_dummy(self) -> list[bool]:
+        return [False]
+
+    @property
+    def is_croppable(self) -> bool:
+        return False

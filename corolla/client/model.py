@@ -15,10 +15,10 @@ from typing import Callable, Optional
 
 import torch
 from torch import nn
-from transformers import PretrainedConfig, PreTrainedModel
+from transformers import GenerationConfig, PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import MoeModelOutputWithPast
 
-from corolla.client.cache import RemoteCache
+from corolla.client.cache import RemoteCache, ReplayCache
 from corolla.client.config import ClientConfig
 from corolla.client.sequential import RemoteSequential
 from corolla.client.session import InferenceSession
@@ -120,13 +120,19 @@ class RemoteBaseModel(nn.Module):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         if kwargs.get("output_router_logits"):
             raise ValueError("output_router_logits: the experts' router logits stay on the servers")
+        if kwargs.get("output_attentions"):
+            raise ValueError("output_attentions: the attention weights stay on the servers, which never send them")
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)  # [batch, seq, hidden]
         hidden = inputs_embeds
         session = cache.session if isinstance(cache, RemoteCache) else None
-        if cache is not None and session is None:
+        replay = cache if isinstance(cache, ReplayCache) else None
+        if cache is not None and session is None and replay is None:
             raise TypeError(f"a distributed model keeps its cache on the servers; got a local {type(cache).__name__}")
         manual = session is None and self.remote_layers.active_session is not None
+        if replay is not None and (manual or self.prompt_tuning is not None):
+            raise ValueError("this cache came from a call outside an inference session (the servers kept nothing); "
+                             "it continues only such calls, without a soft prompt: use one session throughout")
         if manual:  # ``model(ids)`` inside ``with model.inference_session(...)``: the session's next tokens
             session = self.remote_layers.active_session
             held = max(0, session.position - session.prefix_length)
@@ -135,7 +141,7 @@ class RemoteBaseModel(nn.Module):
             hidden, attention_mask, position_ids, prefix = self._with_soft_prompt(hidden, attention_mask, position_ids, session)
         if self._parts.prepare_inputs is not None:  # e.g. OPT's learned positions, which need the past's length
             past = attention_mask.shape[1] - hidden.shape[1] if attention_mask is not None else (
-                session.position if session is not None else 0)
+                session.position if session is not None else replay.get_seq_length() if replay is not None else 0)
             hidden = self._parts.prepare_inputs(self, hidden, attention_mask, position_ids, past)
         if self._parts.after_embed is not None:
             hidden = _get(self, self._parts.after_embed)(hidden)
@@ -159,16 +165,28 @@ class RemoteBaseModel(nn.Module):
         else:
             if deep_prompts is not None:
                 deep_prompts = deep_prompts.to(hidden.dtype)
+            past = 0
+            if replay is not None:  # transformers' manual loop outside a session: the whole sequence again
+                past = replay.get_seq_length()
+                hidden, attention_mask, position_ids = _replayed(replay, hidden, attention_mask, position_ids)
+            wants_cache = use_cache if use_cache is not None else getattr(self.config, "use_cache", False)
+            if wants_cache and self.prompt_tuning is None:
+                cache = ReplayCache(hidden.detach(), position_ids)
             hidden = self.remote_layers(hidden, attention_mask, position_ids, prompts=deep_prompts, lora=lora,
-                                        active_adapter=self.active_adapter)
-        block_outputs = hidden
+                                        active_adapter=self.active_adapter)[:, past:]
         for path in ((self._names[1],) if self._names[1] else ()) + self._parts.after_norm:
             hidden = _get(self, path)(hidden)
         hidden = hidden[:, prefix:]  # the soft prompt's positions are not outputs
+        all_hidden = None
+        if output_hidden_states:
+            # transformers' shape: what enters the first block, each block's outputs, the last of them after the
+            # final norm. The servers send only the last block's outputs: the blocks between are None (slice the
+            # RemoteSequential for them), so code that reads one fails loudly instead of reading another's.
+            all_hidden = (block_inputs[:, prefix:], *([None] * (self.config.num_hidden_layers - 1)), hidden)
         return MoeModelOutputWithPast(  # a base model's output; router_logits for mixture-of-experts heads
             last_hidden_state=hidden,
             cache=cache,
-            hidden_states=(block_inputs, block_outputs) if output_hidden_states else None,
+            hidden_states=all_hidden,
             router_logits=None,
         )
 
@@ -188,6 +206,55 @@ class RemoteBaseModel(nn.Module):
         if session is not None:
             session.prefix_length = prefix
         return hidden, attention_mask, position_ids, prefix
+
+
+def _replayed(replay: ReplayCache, hidden, attention_mask, position_ids):
+    """The whole sequence of a manual loop outside a session: ``replay``'s block inputs then ``hidden``'s, the mask
+    (transformers passes it for the whole sequence) and the positions (each part's own, or counted on)."""
+    past, new = replay.get_seq_length(), hidden.shape[1]
+    if replay.block_inputs.shape[0] != hidden.shape[0] or replay.block_inputs.shape[2] != hidden.shape[2]:
+        raise ValueError(f"the cache holds inputs of shape {list(replay.block_inputs.shape)}, which the new ones "
+                         f"{list(hidden.shape)} cannot follow")
+    if attention_mask is not None and attention_mask.shape[1] != past + new:
+        raise ValueError(f"with a cache of {past} tokens, attention_mask must cover all {past + new} tokens (as "
+                         f"transformers takes it), got {attention_mask.shape[1]}")
+    if position_ids is not None or replay.position_ids is not None:
+        before = replay.position_ids
+        if before is None:
+            before = torch.arange(past, device=hidden.device).expand(hidden.shape[0], -1)
+        after = position_ids if position_ids is not None else before[:, -1:] + 1 + torch.arange(new,
+                                                                                              device=hidden.device)
+        position_ids = torch.cat([before, after.to(before.dtype)], dim=1)
+    return torch.cat([replay.block_inputs.to(hidden.dtype), hidden], dim=1), attention_mask, position_ids
+
+
+def _restore(session: InferenceSession, before: tuple, error: BaseException) -> None:
+    """After a ``generate()`` that failed in ``session``: the session as it was before the call (what the call
+    stepped is forgotten), so that it can go on; if even that fails, why its tokens are unknown."""
+    position, output_ids, output_mask, ids_lost = before
+    try:
+        if session.position > position:
+            session.position = position
+        session.output_ids, session.output_mask, session.ids_lost = output_ids, output_mask, ids_lost
+    except Exception:  # noqa: BLE001 - the session is broken; its use says so
+        session.output_ids = session.output_mask = None
+        session.ids_lost = f"a generate() in it failed midway ({type(error).__name__}: {error})"
+
+
+class _AfterHistory:
+    """A streamer for ``generate()`` in a session: transformers gives it the whole sequence as its prompt, history
+    included; it passes on only the part this call was given (as local ``generate()`` would show it)."""
+
+    def __init__(self, streamer, history: int):
+        self._streamer, self._history = streamer, history
+
+    def put(self, value) -> None:
+        if self._history:
+            value, self._history = value[..., self._history:], 0
+        self._streamer.put(value)
+
+    def end(self) -> None:
+        self._streamer.end()
 
 
 def _record_tokens(session: InferenceSession, held: int, input_ids, mask) -> None:
@@ -294,6 +361,11 @@ class DistributedModelMixin:
             swarm.close()
             raise
         model.eval()
+        if (path / "generation_config.json").is_file():  # the checkpoint's defaults (end-of-turn ids, lengths), as
+            try:                                           # transformers loads them
+                model.generation_config = GenerationConfig.from_pretrained(path)
+            except (OSError, ValueError) as error:
+                logger.warning("ignoring %s: %s", path / "generation_config.json", error)
         for module in model.modules():
             if isinstance(module, KernelLinear):
                 module.prepare()
@@ -425,18 +497,29 @@ class DistributedModelMixin:
                 raise ValueError("generate(use_cache=False) sends the whole sequence at every step, so it runs "
                                  "without a session: call it outside inference_session(), or keep the cache on")
             return super().generate(inputs, *args, **kwargs)
+        if inputs is None and kwargs.get("inputs_embeds") is not None:
+            return self._generate_from_embeddings(session, args, kwargs)
         owns_session = session is None
         inputs, previous = self._session_inputs(session, inputs, kwargs)
         if kwargs.get("attention_mask") is None:
             kwargs.pop("attention_mask", None)
+        if previous and kwargs.get("streamer") is not None:  # the streamer hears of this call's inputs, not history
+            kwargs["streamer"] = _AfterHistory(kwargs["streamer"], previous)
         if owns_session:
-            session = self._new_session(self._session_length(inputs, kwargs))
-        elif session.position - session.prefix_length >= inputs.shape[1]:
-            # the servers hold every input token (after a rewind, or model(...) steps): generate() needs the logits
-            # of the last one, so it is run again
-            session.position = session.prefix_length + inputs.shape[1] - 1
+            session = self._new_session(self._session_length(inputs.shape[1], kwargs))
+            before = None
+        else:
+            before = (session.position, session.output_ids, session.output_mask, session.ids_lost)
+            if session.position - session.prefix_length >= inputs.shape[1]:
+                # the servers hold every input token (after a rewind, or model(...) steps): generate() needs the
+                # logits of the last one, so it is run again
+                session.position = session.prefix_length + inputs.shape[1] - 1
         try:
             outputs, inputs = self._generate_checked(session, inputs, args, kwargs)
+        except BaseException as error:
+            if before is not None:
+                _restore(session, before, error)
+            raise
         finally:
             if owns_session:
                 session.close()
@@ -450,6 +533,36 @@ class DistributedModelMixin:
         outputs.sequences = sequences[:, previous:]
         return outputs
 
+    def _generate_from_embeddings(self, session: Optional[InferenceSession], args, kwargs):
+        """``generate(inputs_embeds=...)`` without token ids: transformers returns only the new tokens. It starts a
+        sequence: in its own session, or in an empty one (which then cannot continue with ``generate(None)``: the
+        ids of its first tokens are not known)."""
+        embeds = kwargs["inputs_embeds"]
+        if session is not None and session.position > session.prefix_length:
+            raise ValueError("generate(inputs_embeds=...) starts a sequence, and this session holds tokens already: "
+                             "continue it with input_ids, or start a new session")
+        owns_session = session is None
+        if owns_session:  # transformers counts a max_length given with embeddings as new tokens only
+            generation_config = self._generation_config(kwargs)
+            new = generation_config.max_new_tokens
+            session = self._new_session(embeds.shape[1] + (new if new is not None else generation_config.max_length))
+        try:
+            outputs = super().generate(None, *args, cache=RemoteCache(session), **kwargs)
+            session.settle()
+        finally:
+            if owns_session:
+                session.close()
+        if not owns_session:
+            session.output_ids = session.output_mask = None
+            session.ids_lost = "it began with inputs_embeds, whose token ids are not known"
+        return outputs
+
+    def _generation_config(self, kwargs: dict) -> GenerationConfig:
+        """The settings transformers' ``generate()`` will run with (kwargs over ``generation_config`` over the
+        model's, then transformers' defaults: 20 tokens in all when no length is given)."""
+        rest = {key: value for key, value in kwargs.items() if key != "generation_config"}
+        return self._prepare_generation_config(kwargs.get("generation_config"), **rest)[0]
+
     def _generate_checked(self, session: InferenceSession, inputs: torch.Tensor, args, kwargs):
         """transformers' ``generate()`` on the session; if a check catches a server's lie (``OutputsRejected``: the
         session went back to its last checked position, on honest servers), generate again from there. Returns the
@@ -459,8 +572,7 @@ class DistributedModelMixin:
         session.fed_ids = inputs[:, :held]
         session.fed_mask = (torch.ones_like(inputs) if mask is None else mask)[:, :held]
         original, original_mask = inputs, mask
-        generation_config = kwargs.get("generation_config") or self.generation_config
-        max_new = kwargs.get("max_new_tokens", generation_config.max_new_tokens)
+        max_new = self._generation_config(kwargs).max_new_tokens
         total = inputs.shape[1] + max_new if max_new is not None else None
         min_new = kwargs.get("min_new_tokens")
         min_total = None if min_new is None else inputs.shape[1] + min_new
@@ -516,22 +628,30 @@ class DistributedModelMixin:
     @staticmethod
     def _remember_tokens(session: InferenceSession, inputs, sequences, mask) -> None:
         """After ``generate()`` in a session: the token ids of the session (the last one not yet sent)."""
-        if sequences.shape[0] != inputs.shape[0]:
-            session.output_ids = session.output_mask = None  # several sequences per input: rows no longer match
-            session.ids_lost = (f"generate() made {sequences.shape[0]} sequences of {inputs.shape[0]} input(s) in it "
-                                "(beams or num_return_sequences), so its rows are no longer the inputs'")
+        rows = session.batch_size if session.batch_size is not None else sequences.shape[0]
+        if rows != inputs.shape[0] or sequences.shape[0] != inputs.shape[0]:
+            # beams or several sequences per input: the servers hold rows that are not the returned sequences
+            session.output_ids = session.output_mask = None
+            session.ids_lost = (f"generate() ran {rows} rows in it for {inputs.shape[0]} input(s) (beams or "
+                                "num_return_sequences): the servers hold those rows, not the sequences it returned")
             return
         mask = torch.ones_like(inputs) if mask is None else mask
         extra = torch.ones(sequences.shape[0], sequences.shape[1] - mask.shape[1], dtype=mask.dtype, device=mask.device)
         session.output_ids = sequences
         session.output_mask = torch.cat([mask, extra], dim=1)
 
-    def _session_length(self, inputs: torch.Tensor, kwargs: dict) -> int:
-        generation_config = kwargs.get("generation_config") or self.generation_config
-        max_new = kwargs.get("max_new_tokens", generation_config.max_new_tokens)
-        if max_new is not None:
-            return inputs.shape[1] + max_new
-        return max(kwargs.get("max_length", generation_config.max_length) or 0, inputs.shape[1] + 1)
+    def _session_length(self, length: int, kwargs: dict) -> int:
+        """Tokens a session for ``generate()`` on ``length`` tokens needs: they and what the call may add, as
+        transformers counts it (``max_new_tokens``; else ``max_length`` in all; else 20 new tokens, within the
+        model's positions)."""
+        generation_config = self._generation_config(kwargs)
+        if generation_config.max_new_tokens is not None:
+            return length + generation_config.max_new_tokens
+        given = kwargs.get("generation_config") or self.generation_config
+        if kwargs.get("max_length") is None and given.max_length is None and self.generation_config.max_length is None:
+            limit = getattr(self.config, "max_position_embeddings", None) or float("inf")
+            return max(min(length + generation_config.max_length, limit), length + 1)
+        return max(generation_config.max_length, length + 1)
 
     def close(self) -> None:
         """Disconnect from the swarm (stops the client's peer)."""

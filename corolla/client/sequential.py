@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 from dataclasses import dataclass
 from typing import Optional
 
@@ -35,7 +36,9 @@ class RemoteSequential(nn.Module):
         super().__init__()
         self.swarm = swarm
         self.blocks = blocks if blocks is not None else BlockRange(0, swarm.num_blocks)
-        self.active_session = None  # the session entered with ``with seq.inference_session(...)``, if any
+        # the session entered with ``with seq.inference_session(...)``: per thread (and per asyncio task), as Petals
+        # keeps it, so that a session entered in one thread does not take over another thread's calls
+        self._active_session = contextvars.ContextVar(f"corolla_active_session_{id(self)}", default=None)
 
     def __len__(self) -> int:
         return len(self.blocks)
@@ -56,6 +59,15 @@ class RemoteSequential(nn.Module):
 
     def __iter__(self):
         return (self[i] for i in range(len(self)))
+
+    @property
+    def active_session(self):
+        """The session entered with ``with seq.inference_session(...)`` in this thread, if any."""
+        return self._active_session.get()
+
+    @active_session.setter
+    def active_session(self, session) -> None:
+        self._active_session.set(session)
 
     @property
     def position(self) -> int:

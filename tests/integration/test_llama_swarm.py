@@ -68,9 +68,10 @@ def test_hidden_states_available(llama_remote, tokenizer):
     with torch.no_grad():
         out = llama_remote(ids, output_hidden_states=True)
         direct = llama_remote.model.layers(llama_remote.model.embed_tokens(ids))
-    block_inputs, block_outputs = out.hidden_states
-    assert block_inputs.shape == block_outputs.shape == (1, ids.shape[1], llama_remote.config.hidden_size)
-    _assert_same_hidden(block_outputs, direct)
+    block_inputs, *between, last = out.hidden_states  # transformers' shape: one per block, and one more
+    assert len(between) == llama_remote.config.num_hidden_layers - 1 and all(entry is None for entry in between)
+    assert block_inputs.shape == last.shape == (1, ids.shape[1], llama_remote.config.hidden_size)
+    _assert_same_hidden(last, llama_remote.model.norm(direct))
 
 
 def test_session_in_chunks_equals_one_pass(llama_remote, tokenizer):

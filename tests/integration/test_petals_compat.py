@@ -175,7 +175,7 @@ def test_caller_mistakes_are_value_errors(llama_remote, tokenizer):
             llama_remote.generate(None, max_new_tokens=2)
     with llama_remote.inference_session(max_length=ids.shape[1] + 8):
         llama_remote.generate(ids, max_new_tokens=2, do_sample=True, num_return_sequences=2)
-        with pytest.raises(ValueError, match="made 2 sequences of 1 input"):  # says why, not "embeddings"
+        with pytest.raises(ValueError, match="ran 2 rows in it for 1 input"):  # says why, not "embeddings"
             llama_remote.generate(None, max_new_tokens=2)
     layers = llama_remote.model.layers
     with pytest.raises(ValueError) as refused:  # refused by the server as a bad request
