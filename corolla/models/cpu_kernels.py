@@ -383,6 +383,13 @@ class KernelLinear(nn.Linear):
         if available() and self.weight.dtype == torch.float32 and self.weight.device.type == "cpu":
             self._kernel_group()
 
+    def weights_changed(self) -> None:
+        """Say that the weights changed in a way PyTorch does not count (writes through ``.data``): later calls read
+        them as they are, not a packed copy of the weights as loaded. (Changes made in place under ``no_grad``, or
+        by assigning new tensors, are seen without it.)"""
+        self._group_key = None
+        self._packing_tried = True
+
     def _kernel_group(self) -> LinearGroup:
         weight, bias = self.weight, self.bias
         key = (weight.data_ptr(), weight._version, None if bias is None else bias.data_ptr(), tuple(weight.shape))

@@ -171,6 +171,22 @@ def test_kernel_linear_packs_its_weights_as_loaded_and_follows_changes():
     assert head._group.packing is None
 
 
+def test_kernel_linear_told_of_writes_through_data():
+    """Writes through ``.data`` change no version PyTorch keeps, so the packed copy cannot see them; after
+    ``weights_changed()`` the head reads its weights as they are."""
+    head = cpu_kernels.KernelLinear(64, 100, bias=False)
+    with torch.no_grad():
+        head.weight.copy_(on_grid(head.weight, "Q8_0"))
+    head.prepare()
+    x = torch.randn(1, 64)
+    head.weight.data[7] = 0
+    with torch.no_grad():
+        assert head(x)[0, 7].item() != 0  # the packed copy, as loaded
+        head.weights_changed()
+        assert head(x)[0, 7].item() == 0
+        torch.testing.assert_close(head(x), x @ head.weight.t(), rtol=1e-5, atol=1e-5)
+
+
 def test_the_embedded_model_is_on_q4_1_and_q8_0_grids():
     """SmolLM2's GGUF file holds its blocks as Q4_1 and its embeddings as Q8_0: converted to float32 they lie exactly
     on those grids, so a layer packs whole and the tied head packs as Q8_0."""
