@@ -20,6 +20,8 @@ class ClientConfig:
     default_latency_s: float = 0.01  # assumed round trip to a server not measured yet
     ban_base_s: float = 5.0  # first ban of a failed server; doubles on each further failure
     ban_max_s: float = 300.0  # longest ban
+    full_avoid_s: float = 30.0  # after a server said it has no cache for a session, later sessions try others first
+    #                             for this long (a capacity, not a fault: it is not banned)
     max_retries: int = 5  # replacement attempts for one failed span before giving up
     max_request_tokens: int = 4096  # forward/backward batches are split into pieces of at most this many tokens
     pipeline_pieces: int = 4  # ...and into at least this many (rows allowing), sent concurrently: servers of the

@@ -755,15 +755,26 @@ class InferenceSession:
         def failed_at(peer_id: str, error: Exception) -> None:
             attempts.append((peer_id, f"{type(error).__name__}: {error}"))
             if _too_small(error):  # a capacity, not a fault: not banned, only not asked again for this session
-                full.add(peer_id)
+                full.add(peer_id)  # (and tried last by the next sessions for a while)
+                self.swarm.report_full(peer_id)
             else:
                 self.swarm.report_failure(peer_id)
 
         for _ in range(self.swarm.config.max_retries + 1):
+            chain = None
+            recently_full = self.swarm.recently_full() - full - self._avoid
+            if recently_full:  # servers that had no cache for another session a moment ago: others first
+                try:
+                    chain = await self.swarm.plan_inference(blocks, self.active_adapter,
+                                                            frozenset(self._avoid | full | recently_full), wait=False,
+                                                            max_age_s=max_age_s)
+                except BlocksNotServedError:
+                    pass  # only they serve some blocks: ask them again
             try:
                 # once a server said the session cannot fit it, waiting for other servers would hide why
-                chain = await self.swarm.plan_inference(blocks, self.active_adapter, frozenset(self._avoid | full),
-                                                        wait=not full, max_age_s=max_age_s)
+                chain = chain or await self.swarm.plan_inference(blocks, self.active_adapter,
+                                                                 frozenset(self._avoid | full), wait=not full,
+                                                                 max_age_s=max_age_s)
             except BlocksNotServedError as exc:
                 if not full:
                     raise

@@ -59,6 +59,7 @@ class RemoteSwarm:
         self.bans = BanList(base_s=config.ban_base_s, max_s=config.ban_max_s)
         self.speeds = SpeedMeter()  # measured speed of servers, which replaces what they announce
         self.latency_s: dict[str, float] = {}
+        self._full_until: dict[str, float] = {}  # servers that said they had no cache for a session, until when
         self._records: list[ServerRecord] = []
         self._records_time = -float("inf")
         self._left_out: dict[str, int] = {}  # servers the last refresh found but did not keep, by reason
@@ -164,6 +165,17 @@ class RemoteSwarm:
         self.latency_s.pop(peer_id, None)
         logger.info("server %s failed; banned for %.0f s", peer_id, duration)
         return duration
+
+    def report_full(self, peer_id: str) -> None:
+        """``peer_id`` had no cache for a session: later sessions try other servers first for ``full_avoid_s`` (so
+        a server that answers every open with a refusal, after however long, costs one session that wait, not all)."""
+        self._full_until[peer_id] = time.monotonic() + self.config.full_avoid_s
+
+    def recently_full(self) -> frozenset:
+        """Servers that said they had no cache within ``full_avoid_s``."""
+        now = time.monotonic()
+        self._full_until = {peer: until for peer, until in self._full_until.items() if until > now}
+        return frozenset(self._full_until)
 
     def report_success(self, peer_id: str) -> None:
         self.bans.succeeded(peer_id)

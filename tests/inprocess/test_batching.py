@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import time
 
@@ -200,6 +201,28 @@ def test_a_session_no_server_can_hold_fails_at_once_with_their_reasons(tiny_llam
             assert str(refused.value).count("exceeds this server's whole cache of 64 tokens") == 2
             assert not any(model.swarm.bans.is_banned(server.peer.peer_id) for server in swarm.servers)
             assert model.generate(ids, max_new_tokens=4, do_sample=False).shape == (1, 8)  # what fits still runs
+        finally:
+            model.close()
+
+
+def test_a_server_without_cache_for_a_session_is_tried_last_for_a_while(tiny_llama_dir, caplog):
+    """A server that said it has no cache for a session is not banned (a capacity, not a fault), but the next
+    sessions try other servers first for a while: one that answers every open with such a refusal, however late,
+    costs one session that wait, not every session."""
+    with InProcessSwarm(str(tiny_llama_dir), dht_prefix="fullfirst") as swarm:
+        small = swarm.start_server(BlockRange(0, 4), throughput=1000.0, cache_tokens=64)  # chosen first: one hop
+        swarm.start_server(BlockRange(0, 2), throughput=100.0)
+        swarm.start_server(BlockRange(2, 4), throughput=100.0)
+        model = swarm.client()
+        try:
+            ids = torch.tensor([[5, 6, 7, 8]])
+            with caplog.at_level(logging.INFO, logger="corolla.client.session"):
+                for _ in range(3):
+                    assert model.generate(ids, max_new_tokens=100, do_sample=False).shape == (1, 104)
+            refused = [r for r in caplog.records if small.peer.peer_id in r.getMessage() and "failed" in r.getMessage()]
+            assert len(refused) == 1, [r.getMessage() for r in refused]
+            assert not model.swarm.bans.is_banned(small.peer.peer_id)
+            assert model.generate(ids, max_new_tokens=4, do_sample=False).shape == (1, 8)  # what fits it still runs
         finally:
             model.close()
 
