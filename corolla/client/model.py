@@ -122,6 +122,10 @@ class RemoteBaseModel(nn.Module):
             raise ValueError("output_router_logits: the experts' router logits stay on the servers")
         if kwargs.get("output_attentions"):
             raise ValueError("output_attentions: the attention weights stay on the servers, which never send them")
+        if attention_mask is not None and attention_mask.is_floating_point():  # transformers takes 0./1. too
+            if not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
+                raise ValueError("a floating-point attention_mask must hold only 0 and 1 (1: a real token)")
+            attention_mask = attention_mask.long()
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)  # [batch, seq, hidden]
         hidden = inputs_embeds
@@ -327,6 +331,11 @@ class DistributedModelMixin:
         config = load_config(path)
         for key, value in config_overrides.items():
             setattr(config, key, value)
+        if getattr(config, "output_router_logits", False) and "output_router_logits" not in config_overrides:
+            # a checkpoint trained with the experts' balancing loss asks for router logits by default; they stay on
+            # the servers, so the default is dropped (asking for them explicitly is refused, naming why)
+            logger.info("%s: output_router_logits off (the experts' router logits stay on the servers)", path)
+            config.output_router_logits = False
         family = family_for(config)
         client_config = client_config or ClientConfig()
         client_config = ClientConfig(

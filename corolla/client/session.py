@@ -194,6 +194,10 @@ class InferenceSession:
     def __init__(self, seq, max_length: int, lora=None, active_adapter: Optional[str] = None):
         if max_length < 1:
             raise ValueError(f"max_length must be at least 1, got {max_length}")
+        positions = seq.swarm.max_positions
+        if positions is not None and max_length > positions:  # every server would refuse it (and was banned for it)
+            raise SessionLengthError(f"a session of max_length {max_length} exceeds the model's {positions} "
+                                     "positions (max_position_embeddings)")
         self.seq = seq
         self.swarm = seq.swarm
         self.max_length = max_length

@@ -205,6 +205,23 @@ def test_a_session_no_server_can_hold_fails_at_once_with_their_reasons(tiny_llam
             model.close()
 
 
+def test_a_session_past_the_models_positions_is_refused_at_once(tiny_llama_dir):
+    """A session longer than the model's positions is the caller's mistake: refused before any server is asked (every
+    server refused it, each was banned, and the caller waited wait_for_blocks_s for "served by nobody")."""
+    from corolla.client.session import SessionLengthError
+
+    with InProcessSwarm(str(tiny_llama_dir), [BlockRange(0, 4)], dht_prefix="positions") as swarm:
+        model = swarm.client(client_config=ClientConfig(wait_for_blocks_s=30.0))
+        try:
+            started = time.monotonic()
+            with pytest.raises(SessionLengthError, match="max_length 260 exceeds the model's 256 positions"):
+                model.generate(torch.randint(3, 128, (1, 250)), max_new_tokens=10, do_sample=False)
+            assert time.monotonic() - started < 5
+            assert not model.swarm.bans.is_banned(swarm.servers[0].peer.peer_id)
+        finally:
+            model.close()
+
+
 def test_a_server_without_cache_for_a_session_is_tried_last_for_a_while(tiny_llama_dir, caplog):
     """A server that said it has no cache for a session is not banned (a capacity, not a fault), but the next
     sessions try other servers first for a while: one that answers every open with such a refusal, however late,

@@ -106,3 +106,29 @@ def test_unsupported_model_type_is_named(tmp_path):
     transformers.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64).save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="unsupported model_type 'gpt2'.*mistral, mixtral"):
         AutoDistributedModelForCausalLM.from_pretrained(str(tmp_path), initial_peers=["/ip4/127.0.0.1/tcp/1"])
+
+
+def test_a_checkpoint_asking_for_router_logits_by_default_still_runs(tmp_path):
+    """A Mixtral checkpoint trained with the experts' balancing loss has output_router_logits in its config: the
+    router logits stay on the servers, so the client drops that default (every call was refused); asking for them
+    explicitly is still refused, naming why."""
+    from corolla.testing.tiny import tiny_config
+    import transformers
+
+    config = tiny_config("mixtral")
+    config.output_router_logits = True
+    torch.manual_seed(0)
+    local = transformers.AutoModelForCausalLM.from_config(config).eval()
+    local.save_pretrained(tmp_path)
+    ids = _ids(1, 6)
+    with InProcessSwarm(str(tmp_path), SPANS, dht_prefix="router") as swarm:
+        remote = swarm.client()
+        try:
+            with torch.no_grad():
+                assert (remote(ids).logits - local(ids).logits).abs().max().item() < 1e-4
+                assert torch.equal(remote.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0),
+                                   local.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0))
+                with pytest.raises(ValueError, match="router logits stay on the servers"):
+                    remote(ids, output_router_logits=True)
+        finally:
+            remote.close()

@@ -136,6 +136,12 @@ def test_hidden_states_in_transformers_shape_and_attentions_refused(remote, llam
     assert len(got) == len(expected) == 31
     assert torch.equal(got[0], expected[0]) and (got[-1] - expected[-1]).abs().max().item() < 1e-3
     assert all(entry is None for entry in got[1:-1])
+    mask = torch.ones_like(ids, dtype=torch.float32)
+    mask[0, 0] = 0
+    with torch.no_grad():  # a 0./1. mask, as transformers takes it
+        assert (remote(ids, attention_mask=mask).logits - llama_local(ids, attention_mask=mask).logits).abs().max() < 1e-3
+    with pytest.raises(ValueError, match="only 0 and 1"):
+        remote(ids, attention_mask=mask * 0.5)
     with pytest.raises(ValueError, match="output_attentions"):
         remote(ids, output_attentions=True)
 
