@@ -155,17 +155,23 @@ class RemoteBaseModel(nn.Module):
         if session is not None:
             new = hidden.shape[1]
             new_mask = None if attention_mask is None else attention_mask[:, attention_mask.shape[1] - new :]
+            fed = max(0, session.position - session.prefix_length)
+            sent_mask, sent_positions = new_mask, position_ids
+            hypo_ids = None if manual else cache.take_hypo_ids()
+            reordered = hypo_ids is not None
+            if not manual and self._crosses_rope_switch(session, new):
+                hidden, sent_mask, sent_positions = _from_the_start(session, hidden, new_mask, position_ids, hypo_ids)
+                hypo_ids = None  # (the held rows were reordered as they were sent again)
             if deep_prompts is not None and session.position < prefix:
                 deep_prompts = deep_prompts.to(hidden.dtype)
             else:
                 deep_prompts = None
-            hypo_ids = None if manual else cache.take_hypo_ids()
-            fed = max(0, session.position - session.prefix_length)
-            hidden = session.step(hidden, new_mask, position_ids, hypo_ids=hypo_ids, prompts=deep_prompts)
+            hidden = session.step(hidden, sent_mask, sent_positions, hypo_ids=hypo_ids, prompts=deep_prompts)
+            hidden = hidden[:, hidden.shape[1] - new:]
             if manual:
                 _record_tokens(session, held, input_ids, new_mask)
             else:
-                _record_fed(session, fed, input_ids, new_mask, hypo_ids is not None)
+                _record_fed(session, fed, input_ids, new_mask, reordered)
         else:
             if deep_prompts is not None:
                 deep_prompts = deep_prompts.to(hidden.dtype)
@@ -194,6 +200,16 @@ class RemoteBaseModel(nn.Module):
             router_logits=None,
         )
 
+    def _crosses_rope_switch(self, session: InferenceSession, new: int) -> bool:
+        """Whether this step of ``generate()`` takes a Phi-3 session past ``original_max_position_embeddings``, where
+        LongRoPE switches from its short to its long factors: transformers' Phi-3 then computes the whole sequence
+        again (its cache's keys were rotated with the short factors), and so does the session."""
+        switch = getattr(self.config, "original_max_position_embeddings", None)
+        if self.config.model_type != "phi3" or switch is None:
+            return False
+        past = session.position - session.prefix_length
+        return 0 < past <= switch < past + new
+
     def _with_soft_prompt(self, hidden, attention_mask, position_ids, session):
         """Prepend the trainable prompt (first step of a session, or every stateless call); shift positions."""
         prefix = self.prompt_tuning.pre_seq_len
@@ -210,6 +226,22 @@ class RemoteBaseModel(nn.Module):
         if session is not None:
             session.prefix_length = prefix
         return hidden, attention_mask, position_ids, prefix
+
+
+def _from_the_start(session: InferenceSession, hidden, mask, position_ids, hypo_ids=None):
+    """Rewind ``session`` to 0 and return the step that sends everything it held (its rows reordered by ``hypo_ids``,
+    if given), then ``hidden``: its inputs, mask and positions (the new tokens' own, or counted on)."""
+    held = session.inputs_held()
+    if held is None:
+        return hidden, mask, position_ids
+    old_hidden, old_mask, old_positions = held if hypo_ids is None else (part[hypo_ids] for part in held)
+    new = hidden.shape[1]
+    session.position = 0
+    mask = torch.ones(hidden.shape[0], new, dtype=old_mask.dtype) if mask is None else mask.to(old_mask.dtype)
+    if position_ids is None:
+        position_ids = old_positions[:, -1:] + 1 + torch.arange(new)
+    return (torch.cat([old_hidden.to(hidden.dtype), hidden.detach().cpu()], dim=1), torch.cat([old_mask, mask], dim=1),
+            torch.cat([old_positions, position_ids.to(old_positions.dtype).cpu()], dim=1))
 
 
 def _replayed(replay: ReplayCache, hidden, attention_mask, position_ids):

@@ -269,6 +269,14 @@ class InferenceSession:
             self.fed_ids = self.fed_ids[:, :kept]
             self.fed_mask = self.fed_mask[:, :kept]
 
+    def inputs_held(self) -> Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """(hidden states [batch, tokens, hidden], mask, positions) of every token the servers hold: what the first
+        server of the chain received, rows in its cache's order; None before the first step."""
+        if not self._hops:
+            return None
+        history = self._hops[0].history.truncated(self._position)
+        return history.joined() if history.length else None
+
     @property
     def chain(self) -> list[tuple[str, BlockRange]]:
         """``[(peer id, blocks), ...]`` of the servers currently running this session."""

@@ -132,3 +132,32 @@ def test_a_checkpoint_asking_for_router_logits_by_default_still_runs(tmp_path):
                     remote(ids, output_router_logits=True)
         finally:
             remote.close()
+
+
+def test_phi3_longrope_switches_to_its_long_factors_as_transformers_does(tmp_path):
+    """Phi-3 with LongRoPE (Phi-3-mini-128k, Phi-3.5-mini): when a generation passes
+    original_max_position_embeddings, transformers computes the whole sequence again with the long factors (the
+    cached keys were rotated with the short ones). The session does the same: the tokens after the switch equal
+    local's, greedy and with beams (they differed from the switch on)."""
+    import transformers
+
+    from corolla.testing.tiny import COMMON
+
+    config = transformers.Phi3Config(
+        num_hidden_layers=6, pad_token_id=0, bos_token_id=1, eos_token_id=2, original_max_position_embeddings=12,
+        rope_scaling={"type": "longrope", "short_factor": [1.0 + 0.1 * i for i in range(8)],
+                      "long_factor": [2.0 + 0.3 * i for i in range(8)]}, **COMMON)
+    torch.manual_seed(1)
+    local = transformers.AutoModelForCausalLM.from_config(config).eval()
+    local.save_pretrained(tmp_path)
+    ids = _ids(1, 5)
+    with InProcessSwarm(str(tmp_path), SPANS, dht_prefix="longrope") as swarm:
+        remote = swarm.client()
+        try:
+            with torch.no_grad():
+                for settings in ({}, {"num_beams": 2}):
+                    expected = local.generate(ids, max_new_tokens=20, do_sample=False, pad_token_id=0, **settings)
+                    got = remote.generate(ids, max_new_tokens=20, do_sample=False, pad_token_id=0, **settings)
+                    assert torch.equal(got, expected), (settings, got.tolist(), expected.tolist())
+        finally:
+            remote.close()
