@@ -243,21 +243,23 @@ def test_garbage_does_not_keep_an_idle_session_alive(swarm):
 
 
 def test_request_frames_held_at_once_are_bounded_and_shared(tiny_llama_dir):
-    """Frames in flight count against one budget for all streams: one peer alone may use all of it, but not more
-    than its share while another peer's frames are held; past the budget a frame is dropped unread with a named
-    error; half-sent frames are released when cut off; the server keeps serving."""
+    """Frames in flight count against one budget for all streams, by the bytes that arrived (a part at a time): one
+    peer alone may use all of it, but not more than its share while another peer's frames are held; past the budget
+    a frame is dropped, part-way, with a named error; half-sent frames are released when cut off; the server keeps
+    serving."""
     def frame(tokens):
         return encode_message(ForwardRequest(SPAN, torch.randn(1, tokens, HIDDEN)))
 
     big, small, medium = frame(1200), frame(400), frame(800)  # ~300 KB, ~100 KB, ~200 KB
+    unsent = 1000  # the stalled frames stop this short of their end
     with InProcessSwarm(str(tiny_llama_dir), [SPAN], dht_prefix="frames", frame_timeout_s=2.0,
                         frame_budget_bytes=2**20) as swarm:
         (a, b, c), record = _clients(swarm, 3)
         server = swarm.servers[0]
         try:
-            async def _half_send(client, data):
+            async def _stall(client, data):
                 reader, writer = await client.swarm.transport.open_stream(record.peer_id, RPC_PROTOCOL)
-                writer.write(data[: len(data) // 2])
+                writer.write(data[:-unsent])
                 await writer.drain()
                 return reader
 
@@ -267,8 +269,8 @@ def test_request_frames_held_at_once_are_bounded_and_shared(tiny_llama_dir):
                 await writer.drain()
                 return await asyncio.wait_for(read_message(reader), 10)
 
-            def half_send(client, data):  # each client's streams live on its own event loop
-                return client, client.swarm.run(_half_send(client, data), 10)
+            def stall(client, data):  # each client's streams live on its own event loop
+                return client, client.swarm.run(_stall(client, data), 10)
 
             def send(client, data):
                 return client.swarm.run(_send(client, data), 20)
@@ -280,18 +282,22 @@ def test_request_frames_held_at_once_are_bounded_and_shared(tiny_llama_dir):
                     time.sleep(0.01)
                 raise AssertionError(f"frames held: {server.dispatcher.frames.by_peer}")
 
+            def holds(streams):  # what stalled frames hold: what arrived, and the part being read (at most 1000 B)
+                return lambda: frames.used == streams * len(big)
+
             frames = server.dispatcher.frames
-            stalled = [half_send(a, big), half_send(a, big)]
-            until(lambda: frames.used == 2 * len(big))
+            stalled = [stall(a, big), stall(a, big)]
+            until(holds(2))  # 600 KB: over half the budget
             alone = send(a, big)  # alone here, a may use the whole budget
             assert not isinstance(alone, ErrorReply) and alone.hidden_states.shape == (1, 1200, HIDDEN)
-            stalled.append(half_send(b, big))
-            until(lambda: frames.used == 3 * len(big))
+            stalled.append(stall(b, big))
+            until(holds(3))
             over_share = send(a, small)  # b's frame is held: a may hold half the budget at most
             assert isinstance(over_share, ErrorReply) and "more than your share" in over_share.message
-            full = send(c, medium)
+            full = send(c, medium)  # refused part-way: ~100 KB of it fit
             assert isinstance(full, ErrorReply) and "server busy" in full.message and "limit of 1048576" in full.message
-            for client, reader in stalled:  # the half-sent frames are cut off and release their bytes
+            assert frames.used == 3 * len(big) and c.swarm.transport.peer_id not in frames.by_peer  # nothing kept
+            for client, reader in stalled:  # the stalled frames are cut off and release their bytes
                 cut = client.swarm.run(asyncio.wait_for(read_message(reader), 10), 20)
                 assert isinstance(cut, ErrorReply) and "did not arrive whole" in cut.message
             until(lambda: frames.used == 0 and not frames.by_peer)
@@ -299,6 +305,45 @@ def test_request_frames_held_at_once_are_bounded_and_shared(tiny_llama_dir):
         finally:
             for model in (a, b, c):
                 model.close()
+
+
+def test_frames_declared_but_not_sent_hold_no_budget(tiny_llama_dir):
+    """A slowloris of frames: a peer's streams each send a prefix declaring a frame as large as the budget, and
+    nothing more. They hold a part each (what is read next), not what they declare, so another peer's session
+    steps and requests go through; each is cut off at the frame timeout."""
+    with InProcessSwarm(str(tiny_llama_dir), [SPAN], dht_prefix="slowloris", frame_timeout_s=3.0,
+                        frame_budget_bytes=2**20, max_message_bytes=2**20) as swarm:
+        (honest, attacker), record = _clients(swarm, 2)
+        frames = swarm.servers[0].dispatcher.frames
+        try:
+            session = honest.swarm.run(SessionStream.open(honest.swarm.transport, record,
+                                                          OpenSession("honest", SPAN, 64, 1), 10), 20)
+
+            async def declare(count):
+                streams = []
+                for _ in range(count):
+                    reader, writer = await attacker.swarm.transport.open_stream(record.peer_id, RPC_PROTOCOL)
+                    writer.write(PREFIX.pack(MAGIC, 100, 2**20 - 100 - PREFIX.size))  # the whole budget, declared
+                    await writer.drain()
+                    streams.append(reader)
+                return streams
+
+            streams = attacker.swarm.run(declare(8), 10)
+            for _ in range(100):
+                if frames.used == 8 * (PREFIX.size + 100):  # each: its prefix and the header it waits for
+                    break
+                time.sleep(0.01)
+            step = honest.swarm.run(session.step(SessionStep("honest", torch.randn(1, 3, HIDDEN)), 10), 20)
+            assert step.position == 3
+            _still_serves(honest.swarm, record)
+            assert frames.used == 8 * (PREFIX.size + 100), frames.by_peer
+            for reader in streams:
+                cut = attacker.swarm.run(asyncio.wait_for(read_message(reader), 10), 20)
+                assert isinstance(cut, ErrorReply) and "did not arrive whole" in cut.message
+            honest.swarm.loop.loop.call_soon_threadsafe(session.close)
+        finally:
+            honest.close()
+            attacker.close()
 
 
 def test_more_blocks_than_the_model_has_are_all_of_them_with_a_warning(tiny_llama_dir, caplog):
