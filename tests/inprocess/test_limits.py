@@ -242,6 +242,38 @@ def test_garbage_does_not_keep_an_idle_session_alive(swarm):
         model.close()
 
 
+def test_steps_of_no_tokens_do_not_keep_a_session_alive(swarm):
+    """A step of zero tokens is valid and answered, but costs its sender nothing: it is no sign of use, and a
+    session fed only such steps is closed at its idle limit (they kept one, and its cache, alive for ever)."""
+    (model,), record = _clients(swarm, 1)
+    client = model.swarm
+    server = swarm.servers[0]
+    try:
+        async def scenario():
+            stream = await SessionStream.open(client.transport, record, OpenSession("empty", SPAN, 64, 2), 10)
+            assert (await stream.step(SessionStep("empty", torch.randn(2, 2, HIDDEN)), 5)).position == 2
+            started = time.monotonic()
+            answered = 0
+            while time.monotonic() - started < 5:
+                try:
+                    reply = await stream.step(SessionStep("empty", torch.zeros(2, 0, HIDDEN)), 5)
+                except RemoteError as exc:
+                    assert "SessionEvictedError" in str(exc) and "idle" in str(exc)
+                    break
+                assert reply.position == 2
+                answered += 1
+                await asyncio.sleep(0.2)
+            assert answered >= 3  # answered while the session lived
+            assert 0.9 < time.monotonic() - started < 3  # closed at its 1 s idle limit all the same
+            await asyncio.sleep(0.1)
+            assert server.budget.held_tokens == 0 and len(server.handler.sessions) == 0
+
+        client.run(scenario(), 30)
+        _still_serves(client, record)
+    finally:
+        model.close()
+
+
 def test_request_frames_held_at_once_are_bounded_and_shared(tiny_llama_dir):
     """Frames in flight count against one budget for all streams, by the bytes that arrived (a part at a time): one
     peer alone may use all of it, but not more than its share while another peer's frames are held; past the budget
