@@ -23,7 +23,7 @@ HIDDEN = 64
 @pytest.fixture
 def swarm(tiny_llama_dir):
     with InProcessSwarm(str(tiny_llama_dir), [SPAN], dht_prefix="limits", first_frame_timeout_s=0.5,
-                        frame_timeout_s=0.5, max_streams_per_peer=20, max_sessions_per_peer=3, cache_tokens=256,
+                        frame_timeout_s=0.5, max_streams_per_peer=20, max_sessions_per_peer=2, cache_tokens=256,
                         max_cache_share=0.5, cache_wait_s=0.3, session_idle_timeout_s=1.0,
                         activation_ttl_s=1.0) as swarm:
         yield swarm
@@ -39,6 +39,13 @@ def _clients(swarm, count):
 def _still_serves(client, record):
     reply = client.run(call(client.transport, record, ForwardRequest(SPAN, torch.randn(1, 2, HIDDEN)), 10))
     assert reply.hidden_states.shape == (1, 2, HIDDEN)
+
+
+async def _until(predicate, timeout_s=5.0):
+    started = time.monotonic()
+    while not predicate():
+        assert time.monotonic() - started < timeout_s, "the server did not get there in time"
+        await asyncio.sleep(0.01)
 
 
 def test_silent_stalled_and_oversized_streams_are_cut_off(swarm):
@@ -164,10 +171,10 @@ def test_one_peer_keeps_to_its_share_while_others_wait(swarm):
                                                        10))
 
         async def scenario():
-            # sessions per peer: the fourth is refused
-            few = [await open_session(a, f"a{i}", 64) for i in (1, 2, 3)]
-            with pytest.raises(RemoteError, match="3 sessions open here already"):
-                await open_session(a, "a4", 64)
+            # sessions per peer: the third is refused
+            few = [await open_session(a, f"a{i}", 64) for i in (1, 2)]
+            with pytest.raises(RemoteError, match="2 sessions open here already"):
+                await open_session(a, "a3", 64)
             for stream in few:
                 stream.close()
             await asyncio.sleep(0.2)
@@ -180,6 +187,42 @@ def test_one_peer_keeps_to_its_share_while_others_wait(swarm):
             assert (await alone.step(SessionStep("big", torch.randn(1, 20, HIDDEN)), 10)).position == 170  # kept
             alone.close()
             b.loop.loop.call_soon_threadsafe(other.close)
+
+        a.run(scenario(), 60)
+        _still_serves(a, record)
+    finally:
+        first.close()
+        second.close()
+
+
+def test_a_session_opens_within_its_peers_share_of_the_cache_even_alone(swarm):
+    """Opening costs no compute but reserves a page for every row: a session's batch is bounded by the share
+    (here 2 rows: 128 of 256 tokens), and a peer opens sessions only while they hold at most its share, alone on
+    the server too, so what is left stays free for others; growing by the tokens of its steps is not bounded so."""
+    (first, second), record = _clients(swarm, 2)
+    a, b = first.swarm, second.swarm
+    try:
+        async def open_session(client, name, batch, max_length=64):
+            coro = SessionStream.open(client.transport, record, OpenSession(name, SPAN, max_length, batch), 10)
+            return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, client.loop.loop))
+
+        async def scenario():
+            with pytest.raises(RemoteError, match=r"batch 3 would hold 192 cache tokens at its opening .* sessions of "
+                                                  r"batch 2 at most \(their first page within 128 of its 256 tokens"):
+                await open_session(a, "wide", 3)  # at once: no wait could make it fit
+            held = await open_session(a, "rows", 2, 128)  # its first page: 128 tokens, the share
+            with pytest.raises(RemoteError, match=r"your sessions hold 128 of 256 cache tokens here, 64 more with a "
+                                                  r"new session's first page: past 128"):
+                await open_session(a, "more", 1)  # alone on the server: refused all the same
+            assert swarm.servers[0].budget.held_tokens == 128
+            honest = await open_session(b, "honest", 2)  # another peer finds the rest free
+            assert (await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(
+                honest.step(SessionStep("honest", torch.randn(2, 5, HIDDEN)), 10), b.loop.loop))).position == 5
+            b.loop.loop.call_soon_threadsafe(honest.close)
+            await _until(lambda: swarm.servers[0].budget.held_tokens == 128)  # its page released
+            grown = await held.step(SessionStep("rows", torch.randn(2, 64 + 1, HIDDEN)), 10)  # alone: 2 pages a row
+            assert grown.position == 65 and swarm.servers[0].budget.held_tokens == 256
+            held.close()
 
         a.run(scenario(), 60)
         _still_serves(a, record)
@@ -265,8 +308,7 @@ def test_steps_of_no_tokens_do_not_keep_a_session_alive(swarm):
                 await asyncio.sleep(0.2)
             assert answered >= 3  # answered while the session lived
             assert 0.9 < time.monotonic() - started < 3  # closed at its 1 s idle limit all the same
-            await asyncio.sleep(0.1)
-            assert server.budget.held_tokens == 0 and len(server.handler.sessions) == 0
+            await _until(lambda: server.budget.held_tokens == 0 and len(server.handler.sessions) == 0)
 
         client.run(scenario(), 30)
         _still_serves(client, record)
