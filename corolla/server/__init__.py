@@ -15,7 +15,8 @@ The request path, in order: ``dispatch`` (by the service table) -> ``handlers`` 
 - ``sessions.py``   ``SessionState`` (per-session cache, mask, position; step validation) and ``SessionTable``.
 - ``activations.py`` ``ActivationStore``: training activations kept between forward and backward.
 - ``cache.py``      ``CacheBudget``: reserves session cache tokens against the configured limit.
-- ``frames.py``     ``FrameBudget``: request frames held at once, all streams together, with a share per peer.
+- ``frames.py``     ``FrameBudget``: request frames held at once (by the bytes that arrived), all streams together,
+                    with a share per peer.
 - ``relay.py``      pushing a relayed step on to the next server of a chain (with its trail and this server's tag), over
                     one stream per next server shared by the sessions relayed there.
 - ``announcer.py``  refreshes this server's DHT records before they expire.

@@ -53,7 +53,7 @@ class Dispatcher:
     async def handle_stream(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, peer: str) -> None:
         self.in_flight += 1
         self.streams_by_peer[peer] = self.streams_by_peer.get(peer, 0) + 1
-        held: list[FrameReservation] = []  # the first frame's bytes, until its request is answered
+        frame = self.frames.reservation(peer)  # the first frame's bytes as they arrive, until its request is answered
         in_step = False  # a whole frame was read: the stream is in step, and what we answer should arrive
         try:
             if self.streams_by_peer[peer] > self.max_streams_per_peer:
@@ -64,7 +64,7 @@ class Dispatcher:
             try:
                 request = await read_message(reader, self.max_message_bytes, self.frame_timeout_s,
                                              start_timeout_s=self.first_frame_timeout_s, header_out=header,
-                                             admit=lambda size: held.append(self.frames.acquire(peer, size)))
+                                             hold=frame.grow)
             except asyncio.TimeoutError:
                 await reply_error(writer, FrameTimeoutError(
                     f"no request arrived within {self.first_frame_timeout_s:g} s of opening the stream"))
@@ -89,8 +89,7 @@ class Dispatcher:
                     _check_type(service.reply, reply)
                     await write_message(writer, reply, codec=getattr(request, "wire_codec", None))
                 else:
-                    for reservation in held:  # what a session keeps of its opening request is budgeted elsewhere
-                        reservation.release()
+                    frame.release()  # what a session keeps of its opening request is budgeted elsewhere
                     channel = SessionChannel(self, service, reader, writer, peer)
                     self._channels.add(channel)
                     try:
@@ -109,8 +108,7 @@ class Dispatcher:
             logger.exception("request from %s failed", peer)
             await reply_error(writer, exc)
         finally:
-            for reservation in held:
-                reservation.release()
+            frame.release()
             try:
                 if in_step:  # (a stream cut off for silence or a stalled frame is closed at once)
                     await requester_closed(reader, self.close_wait_s)
@@ -193,24 +191,20 @@ class SessionChannel:
         bad frame or a message of the wrong kind is answered with an error and skipped; past ``idle_timeout_s`` without a message (default: the server's
         session idle timeout; None: no limit) the stream is closed with an error."""
         timeout_s = self._dispatcher.session_idle_timeout_s if idle_timeout_s == -1.0 else idle_timeout_s
-        held: list[FrameReservation] = []  # the last step's frame, until the handler asks for the next step
+        frame = self._dispatcher.frames.reservation(self._peer)  # the last step's frame, until the next is asked for
         try:
-            async for step in self._steps(timeout_s, held):
+            async for step in self._steps(timeout_s, frame):
                 yield step
-                for reservation in held:
-                    reservation.release()
-                held.clear()
+                frame.release()
         finally:
-            for reservation in held:
-                reservation.release()
+            frame.release()
 
-    async def _steps(self, timeout_s: Optional[float], held: list) -> AsyncIterator[Message]:
-        frames = self._dispatcher.frames
+    async def _steps(self, timeout_s: Optional[float], frame: FrameReservation) -> AsyncIterator[Message]:
         while True:
             try:
                 step = await read_message(self._reader, self._dispatcher.max_message_bytes,
                                           self._dispatcher.frame_timeout_s, start_timeout_s=timeout_s,
-                                          admit=lambda size: held.append(frames.acquire(self._peer, size)))
+                                          hold=frame.grow)
             except asyncio.TimeoutError:
                 await self.error(BadRequestError(f"session idle for {timeout_s:.0f} s: closed"))
                 return
@@ -218,9 +212,7 @@ class SessionChannel:
                 await self.error(exc)
                 return
             except CorollaError as exc:
-                for reservation in held:
-                    reservation.release()
-                held.clear()
+                frame.release()
                 await self.error(exc)
                 continue
             if step is None:

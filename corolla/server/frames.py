@@ -2,9 +2,12 @@
 it carries is answered (a unary request) or the next step is read (a session or push stream).
 
 Without it, many streams each sending a large frame, all at once or half-way and slowly, could hold any amount of
-memory. A frame that does not fit is read and dropped (never held) and its sender gets ``ServerBusyError``; a
-client takes that as this server's failure and uses another. While other peers hold frame bytes here, one peer may
-hold at most ``peer_share`` of the budget, so one peer cannot crowd the others out.
+memory. A frame is held as its bytes arrive, a part at a time (``corolla.wire.framing.HOLD_PART_BYTES``), never by
+the size its prefix declares: a peer that declares huge frames and sends nothing more holds one part per stream,
+so it cannot take the budget from others without sending the bytes (a slowloris). A frame that does not fit, at
+its start or part-way, is read to its end and dropped (nothing of it held) and its sender gets ``ServerBusyError``;
+a client takes that as this server's failure and uses another. While other peers hold frame bytes here, one peer
+may hold at most ``peer_share`` of the budget, so one peer cannot crowd the others out.
 """
 from __future__ import annotations
 
@@ -20,11 +23,17 @@ class FrameBudget:
         self.used = 0
         self.by_peer: dict[str, int] = {}
 
-    def acquire(self, peer: str, size: int) -> "FrameReservation":
-        """Hold ``size`` bytes for ``peer``, or raise ``ServerBusyError`` saying why not."""
+    def reservation(self, peer: str) -> "FrameReservation":
+        """An empty reservation of ``peer``'s, grown as a frame's bytes arrive (``read_message``'s ``hold``)."""
+        return FrameReservation(self, peer)
+
+    def _take(self, peer: str, size: int, frame_bytes: int) -> None:
+        """Hold ``size`` more bytes for ``peer``, whose frame holds ``frame_bytes`` already, or raise
+        ``ServerBusyError`` saying why not."""
         if self.used + size > self.limit_bytes:
-            raise ServerBusyError(f"server busy: {self.used} bytes of request frames held here, a frame of {size} "
-                                  f"bytes would pass the limit of {self.limit_bytes}; retry later or elsewhere")
+            raise ServerBusyError(f"server busy: {self.used} bytes of request frames held here, {size} more for your "
+                                  f"frame (past its first {frame_bytes}) would pass the limit of {self.limit_bytes}; "
+                                  "retry later or elsewhere")
         mine = self.by_peer.get(peer, 0)
         others = self.used - mine
         if others and mine + size > self.peer_share * self.limit_bytes:
@@ -32,7 +41,6 @@ class FrameBudget:
                                   f"your share ({self.peer_share:.0%} of {self.limit_bytes} bytes)")
         self.used += size
         self.by_peer[peer] = mine + size
-        return FrameReservation(self, peer, size)
 
     def _release(self, peer: str, size: int) -> None:
         self.used -= size
@@ -44,11 +52,24 @@ class FrameBudget:
 
 
 class FrameReservation:
-    def __init__(self, budget: FrameBudget, peer: str, size: int):
-        self._budget, self._peer, self.size = budget, peer, size
-        self._held = True
+    """What one frame of one peer holds of the budget: grows as its bytes arrive, released at once."""
+
+    def __init__(self, budget: FrameBudget, peer: str):
+        self._budget, self._peer = budget, peer
+        self.size = 0
+
+    def grow(self, size: int) -> None:
+        """Hold ``size`` more bytes; if the budget refuses them, the frame is dropped, so this holds nothing more
+        either (what arrived of it is not kept) and the ``ServerBusyError`` is raised."""
+        try:
+            self._budget._take(self._peer, size, self.size)
+        except ServerBusyError:
+            self.release()
+            raise
+        self.size += size
 
     def release(self) -> None:
-        if self._held:
-            self._held = False
+        """Hold nothing (again): the frame was answered, dropped or cut off."""
+        if self.size:
             self._budget._release(self._peer, self.size)
+            self.size = 0

@@ -130,7 +130,7 @@ class RequestHandlers:
         reader = asyncio.create_task(self._read_steps(channel, session.inbox))
         try:
             await channel.reply(SessionOpened(session.session_id, sessions.budget.held_by(session)))
-            last_valid = time.monotonic()  # only a valid step keeps a session alive
+            last_valid = time.monotonic()  # only a valid step that brings tokens keeps a session alive
             while True:
                 left = self.config.session_idle_timeout_s - (time.monotonic() - last_valid)
                 try:
@@ -177,7 +177,10 @@ class RequestHandlers:
                     watchers = {watcher for watcher in watchers if not watcher.done()}
                     for next_server, join in joins or ():
                         watchers.add(asyncio.create_task(self._join_refused(channel, answer, next_server, join)))
-                    last_valid = time.monotonic()
+                    # only a step that brings tokens is a sign of use: one of none costs its sender nothing, and sent
+                    # now and then it kept a session, and the cache it holds, past the idle timeout for ever
+                    if step.hidden_states.shape[1]:
+                        last_valid = time.monotonic()
                 except CorollaError as exc:
                     await channel.error(exc, step.step_index, step.attempt)
         finally:

@@ -1,9 +1,10 @@
 """Inference sessions: the state a server keeps for each between steps, and the table of open sessions.
 
-``SessionTable.open`` validates an ``OpenSession`` and makes it hold its first page of cache (waiting, up to the
-budget's stated time, for room); ``grow`` makes a session hold the pages a step needs before the step runs;
-``close`` frees them. ``SessionState.check_step`` validates a step against its session before any compute, so a
-rejected step leaves the session usable.
+``SessionTable.open`` validates an ``OpenSession`` (its batch within ``CacheBudget.max_session_batch``) and makes it
+hold its first page of cache (waiting, up to the budget's stated time, for room within its peer's opening share);
+``grow`` makes a session hold the pages a step needs before the step runs; ``close`` frees them.
+``SessionState.check_step`` validates a step against its session before any compute, so a rejected step leaves the
+session usable.
 """
 from __future__ import annotations
 
@@ -118,6 +119,13 @@ class SessionTable:
                 f"a session of max_length {request.max_length} x batch {request.batch_size} ({whole} cache tokens) "
                 f"exceeds this server's whole cache of {self.budget.total_tokens} tokens; ask for less"
             )
+        if request.batch_size > self.budget.max_session_batch:  # its first page alone: a page for each row
+            raise CacheExhaustedError(
+                f"a session of batch {request.batch_size} would hold {self.budget.tokens_for(1, request.batch_size)} "
+                f"cache tokens at its opening (a page of {self.budget.page_tokens} per row); this server opens "
+                f"sessions of batch {self.budget.max_session_batch} at most (their first page within "
+                f"{self.budget.opening_cap} of its {self.budget.total_tokens} tokens); ask for a smaller batch"
+            )
         session = SessionState(
             session_id=request.session_id,
             lora=lora,
@@ -135,7 +143,7 @@ class SessionTable:
         self.sessions[session.session_id] = session
         try:
             first_page = self.budget.tokens_for(1, session.batch_size) + session.extra_tokens
-            await self.budget.hold(session, first_page, owner=owner)
+            await self.budget.hold(session, first_page, owner=owner, opening=True)
         except BaseException:
             self.close(session)
             raise

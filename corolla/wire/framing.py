@@ -37,7 +37,8 @@ async def write_message(writer: asyncio.StreamWriter, message: Message, version:
 async def read_message(reader: asyncio.StreamReader, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
                        frame_timeout_s: Optional[float] = None, max_header_bytes: int = MAX_HEADER_BYTES,
                        start_timeout_s: Optional[float] = None, header_out: Optional[dict] = None,
-                       admit: Optional[Callable[[int], None]] = None) -> Message | None:
+                       admit: Optional[Callable[[int], None]] = None,
+                       hold: Optional[Callable[[int], None]] = None) -> Message | None:
     """Read one message; None at a clean end of stream.
 
     Once a frame has begun, all of it must arrive within ``frame_timeout_s`` (a sender that stops half-way holds
@@ -47,6 +48,13 @@ async def read_message(reader: asyncio.StreamReader, max_bytes: int = DEFAULT_MA
     ``start_timeout_s``, ``asyncio.TimeoutError``. ``header_out`` (a dict) receives the frame's header. ``admit`` is
     called with the frame's size before its header and body are read: if it raises a ``CorollaError`` (no room for
     the frame), the frame is read and dropped as an oversized one is, and the error is raised.
+
+    ``hold`` is called with the size of each part of the frame just before that part is read: the prefix (already
+    arrived), then the header and the body in parts of at most ``HOLD_PART_BYTES``. So what it has been given is
+    never more than one part ahead of the bytes that arrived: a sender that declares a huge frame and sends nothing
+    more is given one part, not the frame's size (a server's frame budget is ``hold``: a declared size costs the
+    sender nothing, bytes do). If ``hold`` raises a ``CorollaError``, the rest of the frame is read and dropped,
+    within the frame's time, and the error is raised.
     """
     try:
         async with asyncio.timeout(start_timeout_s):  # (a context, not wait_for: no task per frame)
@@ -72,21 +80,69 @@ async def read_message(reader: asyncio.StreamReader, max_bytes: int = DEFAULT_MA
             except FrameTimeoutError as exc:  # the stream is out of step now: say both
                 raise FrameTimeoutError(f"{refused}; then {exc}") from None
             raise
-    return await _with_timeout(_read_frame(reader, header_len, body_len, header_out), frame_timeout_s)
+    frame = _FrameReader(reader, header_len + body_len, hold)
+    try:
+        async with asyncio.timeout(frame_timeout_s):
+            try:
+                frame.held(PREFIX.size)
+                return await frame.read(header_len, body_len, header_out)
+            except CorollaError as exc:
+                if not frame.refused:
+                    raise
+                refusal = exc.with_traceback(None)  # (its traceback would keep the parts read so far)
+            await _discard(reader, frame.left)  # the rest of the refused frame, read without keeping it
+            raise refusal
+    except asyncio.TimeoutError:
+        timed_out = f"a frame did not arrive whole within {frame_timeout_s:g} s"
+        if frame.refused:  # the stream is out of step now: say both
+            timed_out = f"{frame.refused}; then {timed_out}"
+        raise FrameTimeoutError(timed_out) from None
 
 
-async def _read_frame(reader: asyncio.StreamReader, header_len: int, body_len: int,
-                      header_out: Optional[dict]) -> Message:
-    header = parse_header(await reader.readexactly(header_len))
-    if header_out is not None:
-        header_out.update(header)
-    described = describe_tensors(header)
-    sizes = [desc.size for desc in described]
-    if sum(sizes) != body_len:
-        await _discard(reader, body_len)
-        raise BadRequestError(f"the frame's tensors take {sum(sizes)} bytes, its body {body_len}")
-    chunks = [bytearray(await reader.readexactly(size)) if size else bytearray() for size in sizes]
-    return message_from_frame(decode_tensors(header, chunks, described))
+HOLD_PART_BYTES = 64 * 2**10  # a frame is read (and held) this much at a time: asyncio's default stream buffer
+
+
+class _FrameReader:
+    """Reads one frame's header and tensors part by part, giving ``hold`` each part's size first; knows how much
+    of the frame is left to read, and whether ``hold`` refused it."""
+
+    def __init__(self, reader: asyncio.StreamReader, size: int, hold: Optional[Callable[[int], None]]):
+        self.reader = reader
+        self.left = size  # bytes of the frame not read yet
+        self.hold = hold
+        self.refused: Optional[CorollaError] = None
+
+    async def read(self, header_len: int, body_len: int, header_out: Optional[dict]) -> Message:
+        header = parse_header(await self._exactly(header_len))
+        if header_out is not None:
+            header_out.update(header)
+        described = describe_tensors(header)
+        sizes = [desc.size for desc in described]
+        if sum(sizes) != body_len:
+            await _discard(self.reader, body_len)
+            raise BadRequestError(f"the frame's tensors take {sum(sizes)} bytes, its body {body_len}")
+        chunks = [await self._exactly(size) for size in sizes]
+        return message_from_frame(decode_tensors(header, chunks, described))
+
+    async def _exactly(self, size: int) -> bytearray:
+        """The next ``size`` bytes of the frame, in a buffer of their own that grows as they arrive (a declared
+        size allocates nothing)."""
+        buffer = bytearray()
+        while len(buffer) < size:
+            part = min(HOLD_PART_BYTES, size - len(buffer))
+            self.held(part)
+            buffer += await self.reader.readexactly(part)
+            self.left -= part
+        return buffer
+
+    def held(self, size: int) -> None:
+        """Give ``hold`` the next ``size`` bytes, about to be read; remember a refusal."""
+        if self.hold is not None:
+            try:
+                self.hold(size)
+            except CorollaError as exc:
+                self.refused = exc
+                raise
 
 
 async def _with_timeout(awaitable, timeout_s: Optional[float]):

@@ -159,29 +159,34 @@ def test_a_full_cache_makes_new_sessions_wait_then_fail_clearly(tiny_llama_dir):
     with InProcessSwarm(str(tiny_llama_dir), [BlockRange(0, 4)], dht_prefix="full", cache_tokens=256,
                         cache_wait_s=0.5) as swarm:
         model = swarm.client(client_config=ClientConfig(wait_for_blocks_s=1.0))
-        client = model.swarm
+        other = swarm.client(client_config=ClientConfig(wait_for_blocks_s=1.0))  # another peer opens the others (the
+        client = model.swarm  # holder's own would meet its share of openings: half the cache, see test_limits.py)
         record = client.run(client.refresh())[0]
         try:
+            def open_other(name):  # on the other peer's event loop, where its transport lives
+                opening = SessionStream.open(other.swarm.transport, record, OpenSession(name, BlockRange(0, 4), 64, 1), 10)
+                return asyncio.wrap_future(asyncio.run_coroutine_threadsafe(opening, other.swarm.loop.loop))
+
             async def scenario():
                 holder = await SessionStream.open(client.transport, record, OpenSession("a", BlockRange(0, 4), 256, 1), 10)
                 await holder.step(SessionStep("a", torch.randn(1, 200, 64)), 10)  # 4 pages: the whole budget
                 started = time.monotonic()
                 with pytest.raises(RemoteError, match=r"cache full: 256 of 256 tokens held by 1 other session"):
-                    await SessionStream.open(client.transport, record, OpenSession("b", BlockRange(0, 4), 64, 1), 10)
+                    await open_other("b")
                 assert time.monotonic() - started >= 0.5  # it waited before giving up
                 # the holder keeps what it has and stays usable
                 assert (await holder.step(SessionStep("a", torch.randn(1, 50, 64)), 10)).position == 250
-                waiting = asyncio.ensure_future(
-                    SessionStream.open(client.transport, record, OpenSession("c", BlockRange(0, 4), 64, 1), 10))
+                waiting = asyncio.ensure_future(open_other("c"))
                 await asyncio.sleep(0.1)
                 await holder.step(SessionStep("a", torch.randn(1, 0, 64), start_from_position=100), 10)  # rewind
                 third = await asyncio.wait_for(waiting, 5)  # a page came free within its wait
-                third.close()
+                other.swarm.loop.loop.call_soon_threadsafe(third.close)
                 holder.close()
 
             client.run(scenario(), 30)
         finally:
             model.close()
+            other.close()
 
 
 def test_a_session_no_server_can_hold_fails_at_once_with_their_reasons(tiny_llama_dir):

@@ -14,13 +14,15 @@ import torch
 from transformers import LlamaForCausalLM
 
 from corolla.client.config import ClientConfig
+from corolla.client.rpc import SessionStream
 from corolla.core.blocks import BlockRange
+from corolla.core.errors import RemoteError
 from corolla.core.records import ServerRecord, ServerState
 from corolla.server.server import Server
 from corolla.testing.inprocess import InProcessSwarm
 from corolla.wire.codec import PREFIX, MAGIC
 from corolla.wire.framing import write_message
-from corolla.wire.messages import PROTOCOL_VERSION, ErrorReply, OpenSession, SessionOpened
+from corolla.wire.messages import PROTOCOL_VERSION, ErrorReply, OpenSession, SessionOpened, SessionStep
 from corolla.wire.records import decode_record, encode_record, servers_key
 
 IDS = torch.tensor([[5, 6, 7, 8, 9]])
@@ -189,4 +191,38 @@ def test_a_refresh_reads_one_key_for_every_server_of_the_model(tiny_llama_dir, l
             assert [(r.blocks.start, r.blocks.end) for r in some] == [(0, 2)]
             assert model.generate(IDS, max_new_tokens=8, do_sample=False).tolist() == _expected(local).tolist()
         finally:
+            model.close()
+
+
+def test_one_peer_cannot_take_a_quiet_servers_cache_by_opening_sessions(tiny_llama_dir, local):
+    """The cache wedge: one ``OpenSession`` of batch 512 and max_length 1 reserved a quiet server's whole cache (a
+    page of 64 tokens for each of 512 rows) with no compute, and honest sessions then waited and failed 'cache full'.
+    Now a session's batch is bounded (256 rows: half the default cache), and one peer opens sessions only while
+    they hold at most half of it, alone too: honest generation, greedy and beam search, goes on beside it."""
+    span = BlockRange(0, 4)
+    with InProcessSwarm(str(tiny_llama_dir), [span], dht_prefix="wedge", cache_wait_s=0.5) as swarm:  # a default cache
+        budget = swarm.servers[0].budget
+        attacker, model = swarm.client(client_config=FAST), swarm.client(client_config=FAST)
+        try:
+            hostile = attacker.swarm
+            record = hostile.run(hostile.refresh())[0]
+
+            async def wedge():
+                with pytest.raises(RemoteError, match=r"batch 512 would hold 32768 cache tokens .* batch 256 at most"):
+                    await SessionStream.open(hostile.transport, record, OpenSession("wedge", span, 1, 512), 10)
+                half = await SessionStream.open(hostile.transport, record, OpenSession("half", span, 1, 256), 10)
+                with pytest.raises(RemoteError, match=r"past 16384, the most one peer's sessions may hold for one"):
+                    await SessionStream.open(hostile.transport, record, OpenSession("more", span, 1, 256), 10)
+                return half
+
+            half = hostile.run(wedge(), 30)
+            assert budget.held_tokens == budget.total_tokens // 2 == 16384
+            for kwargs in (dict(do_sample=False), dict(do_sample=False, num_beams=3)):
+                got = model.generate(IDS, max_new_tokens=8, **kwargs)
+                assert got.tolist() == local.generate(IDS, max_new_tokens=8, **kwargs).tolist()
+            assert not model.swarm.bans.is_banned(swarm.servers[0].peer.peer_id)
+            assert hostile.run(half.step(SessionStep("half", torch.zeros(256, 0, 64)), 10), 20).position == 0
+            half.close()
+        finally:
+            attacker.close()
             model.close()

@@ -23,7 +23,7 @@ HIDDEN = 64
 @pytest.fixture
 def swarm(tiny_llama_dir):
     with InProcessSwarm(str(tiny_llama_dir), [SPAN], dht_prefix="limits", first_frame_timeout_s=0.5,
-                        frame_timeout_s=0.5, max_streams_per_peer=20, max_sessions_per_peer=3, cache_tokens=256,
+                        frame_timeout_s=0.5, max_streams_per_peer=20, max_sessions_per_peer=2, cache_tokens=256,
                         max_cache_share=0.5, cache_wait_s=0.3, session_idle_timeout_s=1.0,
                         activation_ttl_s=1.0) as swarm:
         yield swarm
@@ -39,6 +39,13 @@ def _clients(swarm, count):
 def _still_serves(client, record):
     reply = client.run(call(client.transport, record, ForwardRequest(SPAN, torch.randn(1, 2, HIDDEN)), 10))
     assert reply.hidden_states.shape == (1, 2, HIDDEN)
+
+
+async def _until(predicate, timeout_s=5.0):
+    started = time.monotonic()
+    while not predicate():
+        assert time.monotonic() - started < timeout_s, "the server did not get there in time"
+        await asyncio.sleep(0.01)
 
 
 def test_silent_stalled_and_oversized_streams_are_cut_off(swarm):
@@ -164,10 +171,10 @@ def test_one_peer_keeps_to_its_share_while_others_wait(swarm):
                                                        10))
 
         async def scenario():
-            # sessions per peer: the fourth is refused
-            few = [await open_session(a, f"a{i}", 64) for i in (1, 2, 3)]
-            with pytest.raises(RemoteError, match="3 sessions open here already"):
-                await open_session(a, "a4", 64)
+            # sessions per peer: the third is refused
+            few = [await open_session(a, f"a{i}", 64) for i in (1, 2)]
+            with pytest.raises(RemoteError, match="2 sessions open here already"):
+                await open_session(a, "a3", 64)
             for stream in few:
                 stream.close()
             await asyncio.sleep(0.2)
@@ -180,6 +187,42 @@ def test_one_peer_keeps_to_its_share_while_others_wait(swarm):
             assert (await alone.step(SessionStep("big", torch.randn(1, 20, HIDDEN)), 10)).position == 170  # kept
             alone.close()
             b.loop.loop.call_soon_threadsafe(other.close)
+
+        a.run(scenario(), 60)
+        _still_serves(a, record)
+    finally:
+        first.close()
+        second.close()
+
+
+def test_a_session_opens_within_its_peers_share_of_the_cache_even_alone(swarm):
+    """Opening costs no compute but reserves a page for every row: a session's batch is bounded by the share
+    (here 2 rows: 128 of 256 tokens), and a peer opens sessions only while they hold at most its share, alone on
+    the server too, so what is left stays free for others; growing by the tokens of its steps is not bounded so."""
+    (first, second), record = _clients(swarm, 2)
+    a, b = first.swarm, second.swarm
+    try:
+        async def open_session(client, name, batch, max_length=64):
+            coro = SessionStream.open(client.transport, record, OpenSession(name, SPAN, max_length, batch), 10)
+            return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, client.loop.loop))
+
+        async def scenario():
+            with pytest.raises(RemoteError, match=r"batch 3 would hold 192 cache tokens at its opening .* sessions of "
+                                                  r"batch 2 at most \(their first page within 128 of its 256 tokens"):
+                await open_session(a, "wide", 3)  # at once: no wait could make it fit
+            held = await open_session(a, "rows", 2, 128)  # its first page: 128 tokens, the share
+            with pytest.raises(RemoteError, match=r"your sessions hold 128 of 256 cache tokens here, 64 more with a "
+                                                  r"new session's first page: past 128"):
+                await open_session(a, "more", 1)  # alone on the server: refused all the same
+            assert swarm.servers[0].budget.held_tokens == 128
+            honest = await open_session(b, "honest", 2)  # another peer finds the rest free
+            assert (await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(
+                honest.step(SessionStep("honest", torch.randn(2, 5, HIDDEN)), 10), b.loop.loop))).position == 5
+            b.loop.loop.call_soon_threadsafe(honest.close)
+            await _until(lambda: swarm.servers[0].budget.held_tokens == 128)  # its page released
+            grown = await held.step(SessionStep("rows", torch.randn(2, 64 + 1, HIDDEN)), 10)  # alone: 2 pages a row
+            assert grown.position == 65 and swarm.servers[0].budget.held_tokens == 256
+            held.close()
 
         a.run(scenario(), 60)
         _still_serves(a, record)
@@ -242,22 +285,55 @@ def test_garbage_does_not_keep_an_idle_session_alive(swarm):
         model.close()
 
 
+def test_steps_of_no_tokens_do_not_keep_a_session_alive(swarm):
+    """A step of zero tokens is valid and answered, but costs its sender nothing: it is no sign of use, and a
+    session fed only such steps is closed at its idle limit (they kept one, and its cache, alive for ever)."""
+    (model,), record = _clients(swarm, 1)
+    client = model.swarm
+    server = swarm.servers[0]
+    try:
+        async def scenario():
+            stream = await SessionStream.open(client.transport, record, OpenSession("empty", SPAN, 64, 2), 10)
+            assert (await stream.step(SessionStep("empty", torch.randn(2, 2, HIDDEN)), 5)).position == 2
+            started = time.monotonic()
+            answered = 0
+            while time.monotonic() - started < 5:
+                try:
+                    reply = await stream.step(SessionStep("empty", torch.zeros(2, 0, HIDDEN)), 5)
+                except RemoteError as exc:
+                    assert "SessionEvictedError" in str(exc) and "idle" in str(exc)
+                    break
+                assert reply.position == 2
+                answered += 1
+                await asyncio.sleep(0.2)
+            assert answered >= 3  # answered while the session lived
+            assert 0.9 < time.monotonic() - started < 3  # closed at its 1 s idle limit all the same
+            await _until(lambda: server.budget.held_tokens == 0 and len(server.handler.sessions) == 0)
+
+        client.run(scenario(), 30)
+        _still_serves(client, record)
+    finally:
+        model.close()
+
+
 def test_request_frames_held_at_once_are_bounded_and_shared(tiny_llama_dir):
-    """Frames in flight count against one budget for all streams: one peer alone may use all of it, but not more
-    than its share while another peer's frames are held; past the budget a frame is dropped unread with a named
-    error; half-sent frames are released when cut off; the server keeps serving."""
+    """Frames in flight count against one budget for all streams, by the bytes that arrived (a part at a time): one
+    peer alone may use all of it, but not more than its share while another peer's frames are held; past the budget
+    a frame is dropped, part-way, with a named error; half-sent frames are released when cut off; the server keeps
+    serving."""
     def frame(tokens):
         return encode_message(ForwardRequest(SPAN, torch.randn(1, tokens, HIDDEN)))
 
     big, small, medium = frame(1200), frame(400), frame(800)  # ~300 KB, ~100 KB, ~200 KB
+    unsent = 1000  # the stalled frames stop this short of their end
     with InProcessSwarm(str(tiny_llama_dir), [SPAN], dht_prefix="frames", frame_timeout_s=2.0,
                         frame_budget_bytes=2**20) as swarm:
         (a, b, c), record = _clients(swarm, 3)
         server = swarm.servers[0]
         try:
-            async def _half_send(client, data):
+            async def _stall(client, data):
                 reader, writer = await client.swarm.transport.open_stream(record.peer_id, RPC_PROTOCOL)
-                writer.write(data[: len(data) // 2])
+                writer.write(data[:-unsent])
                 await writer.drain()
                 return reader
 
@@ -267,8 +343,8 @@ def test_request_frames_held_at_once_are_bounded_and_shared(tiny_llama_dir):
                 await writer.drain()
                 return await asyncio.wait_for(read_message(reader), 10)
 
-            def half_send(client, data):  # each client's streams live on its own event loop
-                return client, client.swarm.run(_half_send(client, data), 10)
+            def stall(client, data):  # each client's streams live on its own event loop
+                return client, client.swarm.run(_stall(client, data), 10)
 
             def send(client, data):
                 return client.swarm.run(_send(client, data), 20)
@@ -280,18 +356,22 @@ def test_request_frames_held_at_once_are_bounded_and_shared(tiny_llama_dir):
                     time.sleep(0.01)
                 raise AssertionError(f"frames held: {server.dispatcher.frames.by_peer}")
 
+            def holds(streams):  # what stalled frames hold: what arrived, and the part being read (at most 1000 B)
+                return lambda: frames.used == streams * len(big)
+
             frames = server.dispatcher.frames
-            stalled = [half_send(a, big), half_send(a, big)]
-            until(lambda: frames.used == 2 * len(big))
+            stalled = [stall(a, big), stall(a, big)]
+            until(holds(2))  # 600 KB: over half the budget
             alone = send(a, big)  # alone here, a may use the whole budget
             assert not isinstance(alone, ErrorReply) and alone.hidden_states.shape == (1, 1200, HIDDEN)
-            stalled.append(half_send(b, big))
-            until(lambda: frames.used == 3 * len(big))
+            stalled.append(stall(b, big))
+            until(holds(3))
             over_share = send(a, small)  # b's frame is held: a may hold half the budget at most
             assert isinstance(over_share, ErrorReply) and "more than your share" in over_share.message
-            full = send(c, medium)
+            full = send(c, medium)  # refused part-way: ~100 KB of it fit
             assert isinstance(full, ErrorReply) and "server busy" in full.message and "limit of 1048576" in full.message
-            for client, reader in stalled:  # the half-sent frames are cut off and release their bytes
+            assert frames.used == 3 * len(big) and c.swarm.transport.peer_id not in frames.by_peer  # nothing kept
+            for client, reader in stalled:  # the stalled frames are cut off and release their bytes
                 cut = client.swarm.run(asyncio.wait_for(read_message(reader), 10), 20)
                 assert isinstance(cut, ErrorReply) and "did not arrive whole" in cut.message
             until(lambda: frames.used == 0 and not frames.by_peer)
@@ -299,6 +379,45 @@ def test_request_frames_held_at_once_are_bounded_and_shared(tiny_llama_dir):
         finally:
             for model in (a, b, c):
                 model.close()
+
+
+def test_frames_declared_but_not_sent_hold_no_budget(tiny_llama_dir):
+    """A slowloris of frames: a peer's streams each send a prefix declaring a frame as large as the budget, and
+    nothing more. They hold a part each (what is read next), not what they declare, so another peer's session
+    steps and requests go through; each is cut off at the frame timeout."""
+    with InProcessSwarm(str(tiny_llama_dir), [SPAN], dht_prefix="slowloris", frame_timeout_s=3.0,
+                        frame_budget_bytes=2**20, max_message_bytes=2**20) as swarm:
+        (honest, attacker), record = _clients(swarm, 2)
+        frames = swarm.servers[0].dispatcher.frames
+        try:
+            session = honest.swarm.run(SessionStream.open(honest.swarm.transport, record,
+                                                          OpenSession("honest", SPAN, 64, 1), 10), 20)
+
+            async def declare(count):
+                streams = []
+                for _ in range(count):
+                    reader, writer = await attacker.swarm.transport.open_stream(record.peer_id, RPC_PROTOCOL)
+                    writer.write(PREFIX.pack(MAGIC, 100, 2**20 - 100 - PREFIX.size))  # the whole budget, declared
+                    await writer.drain()
+                    streams.append(reader)
+                return streams
+
+            streams = attacker.swarm.run(declare(8), 10)
+            for _ in range(100):
+                if frames.used == 8 * (PREFIX.size + 100):  # each: its prefix and the header it waits for
+                    break
+                time.sleep(0.01)
+            step = honest.swarm.run(session.step(SessionStep("honest", torch.randn(1, 3, HIDDEN)), 10), 20)
+            assert step.position == 3
+            _still_serves(honest.swarm, record)
+            assert frames.used == 8 * (PREFIX.size + 100), frames.by_peer
+            for reader in streams:
+                cut = attacker.swarm.run(asyncio.wait_for(read_message(reader), 10), 20)
+                assert isinstance(cut, ErrorReply) and "did not arrive whole" in cut.message
+            honest.swarm.loop.loop.call_soon_threadsafe(session.close)
+        finally:
+            honest.close()
+            attacker.close()
 
 
 def test_more_blocks_than_the_model_has_are_all_of_them_with_a_warning(tiny_llama_dir, caplog):
