@@ -46,14 +46,16 @@ logger = logging.getLogger(__name__)
 
 class RequestHandlers:
     def __init__(self, stack, config: ServerConfig, budget: CacheBudget, scheduler: Scheduler,
-                 info: Callable[[], InfoReply], transport, adapters: Optional[dict[str, LoraSet]] = None):
+                 info: Callable[[], InfoReply], transport, adapters: Optional[dict[str, LoraSet]] = None,
+                 locate=None):
         self.config = config
         self.transport = transport  # to relay outputs to the next server of a chain
         self.swarm_key = load_swarm_key(config.swarm_key_path)
         # session steps, by where they came from; and the step replies sent
         self.counts = {"client_steps": 0, "relayed_in": 0, "relayed_out": 0, "answered": 0}
         self.scheduler = scheduler
-        self.relay_links = RelayLinks(transport, config.relay_timeout_s, self.swarm_key)  # to the next servers
+        # to the next servers (``locate``: where each announces it can be dialled; see RelayLinks)
+        self.relay_links = RelayLinks(transport, config.relay_timeout_s, self.swarm_key, locate)
         self._info = info
         self.replace_stack(stack, budget, adapters or {})
 

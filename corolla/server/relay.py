@@ -20,9 +20,10 @@ within this machine's noise: shared streams won four rounds of six).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hmac
 import logging
-from typing import Optional
+from typing import Awaitable, Callable, Optional
 
 from corolla.core.errors import CorollaError, RemoteError
 from corolla.net.exchange import read_reply, start_exchange
@@ -189,12 +190,20 @@ class RelayLink:
 
 
 class RelayLinks:
-    """A server's relay streams, one per server it relays to; a stream closes when its last session leaves."""
+    """A server's relay streams, one per server it relays to; a stream closes when its last session leaves.
 
-    def __init__(self, transport: Transport, timeout_s: float, swarm_key: Optional[bytes] = None):
+    ``locate(peer_id)``: where a server of this model announces it can be dialled (its signed record's addresses),
+    or None if it announces no blocks of this model. A route names its next hops' addresses, but it comes from a
+    client: dialling them as given would let any client make this server connect wherever it likes (probing the
+    server's own network, say). With ``locate``, a link dials only what the next server announces itself, and a
+    hop that is no server of this model is refused."""
+
+    def __init__(self, transport: Transport, timeout_s: float, swarm_key: Optional[bytes] = None,
+                 locate: Optional[Callable[[str], Awaitable[Optional[tuple[str, ...]]]]] = None):
         self.transport = transport
         self.timeout_s = timeout_s
         self.swarm_key = swarm_key
+        self.locate = locate
         self._links: dict[str, RelayLink] = {}
         self._opening: dict[str, asyncio.Future] = {}
         self.writes = 0  # of links closed since (the open ones count their own)
@@ -238,6 +247,11 @@ class RelayLinks:
 
     async def _open(self, hop: NextHop) -> RelayLink:
         try:
+            if self.locate is not None:
+                maddrs = await self.locate(hop.peer_id)
+                if maddrs is None:
+                    raise ConnectionError(f"{hop.peer_id} announces no blocks of this model: not relayed to")
+                hop = dataclasses.replace(hop, maddrs=tuple(maddrs))
             link = self._links[hop.peer_id] = await RelayLink.start(self.transport, hop, self.timeout_s,
                                                                     self.swarm_key)
             return link

@@ -7,6 +7,7 @@ of the one compute thread (``BlockCompute``).
 from __future__ import annotations
 
 import asyncio
+import math
 import sys
 import logging
 import random
@@ -45,6 +46,8 @@ from corolla.wire.swarm_key import load_swarm_key
 from corolla.wire.messages import PROTOCOL_VERSION, RPC_PROTOCOL, InfoReply
 
 logger = logging.getLogger(__name__)
+LOCATE_PERIOD_S = 2.0  # the most often a server reads the records to find where to relay
+LOCATE_MAX_AGE_S = 60.0  # ...and how long it trusts the addresses it read
 
 
 class Server:
@@ -76,6 +79,8 @@ class Server:
                                    idle=config.compute_idle and torch.device(config.device).type == "cpu")
         self.identity = identity
         self.abandon = threading.Event()  # set when the server stops: a load in progress ends before its next block
+        self._located: dict[str, tuple[str, ...]] = {}  # servers of this model and their addresses (``_locate``)
+        self._located_at = -math.inf
         self.announcer = Announcer(peer, model_prefix, self.record, config.announce_period_s, config.record_ttl_s,
                                    identity, load_swarm_key(config.swarm_key_path))
 
@@ -137,7 +142,8 @@ class Server:
         self.path, self.model_config = path, model_config
         self.stack, self.budget, adapters = await self._load(self.blocks)
         await self.scheduler.lower_priority()  # loaded and measured at the process's priority: now below it
-        self.handler = RequestHandlers(self.stack, config, self.budget, self.scheduler, self.info, self.peer, adapters)
+        self.handler = RequestHandlers(self.stack, config, self.budget, self.scheduler, self.info, self.peer, adapters,
+                                       self._locate)
         self.dispatcher = Dispatcher(self.handler, config.max_message_bytes, config.session_idle_timeout_s,
                                      config.first_frame_timeout_s, config.frame_timeout_s, config.max_streams_per_peer,
                                      self.handler.swarm_key, self.peer.peer_id, config.frame_budget_bytes,
@@ -237,6 +243,19 @@ class Server:
                 logger.warning("%d request(s) still running after %.0f s", self.dispatcher.in_flight, grace_s)
                 return
             await asyncio.sleep(0.05)
+
+    async def _locate(self, peer_id: str) -> Optional[tuple[str, ...]]:
+        """Where the server ``peer_id`` announces it can be dialled, from its record for this model (None: it
+        announces no blocks of it). The records are read again at most every LOCATE_PERIOD_S, so routes naming
+        unknown servers cannot make this server read the DHT at every step."""
+        now = asyncio.get_running_loop().time()
+        stale = peer_id not in self._located or now - self._located_at >= LOCATE_MAX_AGE_S
+        if stale and now - self._located_at >= LOCATE_PERIOD_S:
+            self._located_at = now
+            total = self.model_config.num_hidden_layers
+            records = await fetch_records(self.peer, self.model_prefix, range(total), total, self.handler.swarm_key)
+            self._located = {record.peer_id: record.maddrs for record in records}
+        return self._located.get(peer_id)
 
     def record(self) -> ServerRecord:
         return ServerRecord(

@@ -161,11 +161,18 @@ def test_forged_relays_and_routes_are_refused_and_the_server_keeps_serving(swarm
                 bad = SessionStep("s1", torch.randn(1, 2, HIDDEN), next_hops=[{"peer_id": rec2.peer_id}])
                 with pytest.raises(RemoteError, match="next_hops: session_id must be a string"):
                     await source.step(bad, 10)
-                # a route naming s2 with a forged token: s1 answers, and says it could not relay
-                hop = NextHop(rec2.peer_id, "s2", "f" * 32, "float32", tuple(rec2.maddrs))
+                # a route naming a peer that serves no blocks of this model (here: the client itself): s1 answers,
+                # relays nowhere and says why
+                stranger = NextHop(client.transport.peer_id, "s2", token, "float32", ("/ip4/10.9.8.7/tcp/4000",))
+                reply = await source.step(SessionStep("s1", torch.randn(1, 2, HIDDEN),
+                                                      next_hops=encode_route([stranger])), 10)
+                assert "announces no blocks of this model" in reply.relay_error
+                # a route naming s2 with a forged token (and addresses of the client's choosing): s1 answers, and says
+                # it could not relay
+                hop = NextHop(rec2.peer_id, "s2", "f" * 32, "float32", ("/ip4/10.9.8.7/tcp/4000",))
                 reply = await source.step(SessionStep("s1", torch.randn(1, 2, HIDDEN), next_hops=encode_route([hop])),
                                           10)
-                assert reply.position == 2 and "accepts relays with that token" in reply.relay_error
+                assert reply.position == 4 and "accepts relays with that token" in reply.relay_error
                 # with the true token the step reaches s2, which answers on its own stream (s1 rewinds first, so
                 # both hold the same tokens)
                 hop = NextHop(rec2.peer_id, "s2", token, "float32", tuple(rec2.maddrs))
@@ -174,10 +181,21 @@ def test_forged_relays_and_routes_are_refused_and_the_server_keeps_serving(swarm
                 assert reply.relay_error is None and reply.position == 3
                 relayed = await target.receive(10, 7, 1)
                 assert relayed.position == 3 and relayed.hidden_states.shape == (1, 3, HIDDEN)
+                # s1 dialled only where s2 announces itself, never the addresses a route named
+                assert dialled and all(where == tuple(rec2.maddrs) for _, where in dialled), dialled
             finally:
                 source.close()
                 target.close()
 
+        dialled = []
+        first = swarm.servers[0].peer
+        dial = first.open_stream
+
+        async def spy(peer_id, protocol, maddrs=None):
+            dialled.append((peer_id, tuple(maddrs or ())))
+            return await dial(peer_id, protocol, maddrs)
+
+        first.open_stream = spy
         client.run(scenario(), 60)
         ids = torch.tensor([[1, 2, 3]])
         assert model.generate(ids, max_new_tokens=3, do_sample=False).shape == (1, 6)  # still serving
