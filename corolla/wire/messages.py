@@ -121,7 +121,7 @@ def _strip_optional(hint):
 
 def _convert(type_name: str, field_name: str, base, value):
     try:
-        if base is BlockRange:
+        if base is BlockRange and isinstance(value, str):  # (anything else is refused below)
             return BlockRange.parse(value)
         if base is torch.Tensor or base == TensorDict:
             return value

@@ -6,6 +6,7 @@ Also here: where records live (one directory key per model), which the forged re
 """
 from __future__ import annotations
 
+import json
 import threading
 import time
 
@@ -36,6 +37,17 @@ def _expected(local, tokens=8):
     return local.generate(IDS, max_new_tokens=tokens, do_sample=False)
 
 
+# Reply headers that well-formed frames carry, which the JSON parser or torch could not take: the parser recursed once
+# per level (RecursionError), torch.empty overflowed on a dimension of a tensor with no values (TypeError). Each
+# escaped the client's checks as a crash of generate(), not as the server's failure.
+UNDECODABLE = {
+    "nested_header": b"[" * 100_000,
+    "huge_empty_tensor": json.dumps({"type": "session.step.reply", "version": PROTOCOL_VERSION, "position": 1,
+                                     "tensors": [{"name": "hidden_states", "dtype": "float32",
+                                                  "shape": [0, 2**64]}]}).encode(),
+}
+
+
 def _turn_hostile(server: Server, behaviour: str) -> None:
     """Replace how ``server`` answers sessions: it opens them like an honest server, then misbehaves."""
 
@@ -51,13 +63,16 @@ def _turn_hostile(server: Server, behaviour: str) -> None:
             elif behaviour == "flood":  # announces a reply of 2**40 bytes
                 writer.write(PREFIX.pack(MAGIC, 10, 2**40) + b"{}" * 5)
                 await writer.drain()
+            elif behaviour in UNDECODABLE:
+                writer.write(PREFIX.pack(MAGIC, len(UNDECODABLE[behaviour]), 0) + UNDECODABLE[behaviour])
+                await writer.drain()
 
     from corolla.wire.messages import OpenSession as Open
 
     server.dispatcher.methods[Open] = hostile_open_session
 
 
-@pytest.mark.parametrize("behaviour", ["bad_request", "garbage", "flood"])
+@pytest.mark.parametrize("behaviour", ["bad_request", "garbage", "flood", *UNDECODABLE])
 def test_a_server_that_misbehaves_is_the_servers_failure(behaviour, tiny_llama_dir, local):
     """Its claims are not the client's fault: the client bans it, fails over to the honest replica, and returns
     the tokens an honest swarm gives."""
