@@ -223,6 +223,14 @@ class SessionChannel:
                 held.clear()
                 await self.error(exc)
                 continue
+            except (ConnectionError, asyncio.IncompleteReadError):
+                raise
+            except Exception as exc:  # a bug of ours (``read_message`` says a peer's bad frame as a CorollaError):
+                # where the stream stands is unknown, so it ends, with the peer told; the session's handler sees
+                # its steps end and closes it, never left waiting for steps nobody reads
+                logger.exception("a frame from %s could not be read", self._peer)
+                await self.error(exc)
+                return
             if step is None:
                 return
             if not self._dispatcher.accepting:

@@ -208,12 +208,16 @@ class RequestHandlers:
 
     @staticmethod
     async def _read_steps(channel, inbox: asyncio.Queue) -> None:
-        """Move the steps of the session's own stream into its inbox; None when the client closes the stream."""
+        """Move the steps of the session's own stream into its inbox; None when the client closes the stream, or
+        when reading it failed: the session ends then, rather than wait for steps until its idle timeout."""
         try:
             async for step in channel.steps(idle_timeout_s=None):  # idleness is judged on the inbox
                 await inbox.put((step, False))
         except (ConnectionError, asyncio.IncompleteReadError):
             pass
+        except Exception as exc:  # a bug of ours: said once, as the session ends
+            logger.exception("reading the steps of a session failed")
+            await channel.error(exc)
         await inbox.put(None)
 
     async def relay(self, request: RelayOpen, channel, peer: str) -> None:
