@@ -222,7 +222,10 @@ class RequestHandlers:
 
     async def relay(self, request: RelayOpen, channel, peer: str) -> None:
         """Another server pushes steps of sessions open here: the session it opened the stream for, and each one
-        that joined the stream since with a ``RelayOpen`` (each presents the token the session's client gave)."""
+        that joined the stream since with a ``RelayOpen`` (each presents the token the session's client gave). A
+        step runs only in a session that joined this stream with the token the step names: the sender serves many
+        clients, and one may name another's session with a token of its own, which is refused; the session's own
+        join stays, usable only with its own token (so the refusal cannot cut the session's relay either)."""
         session = self._relay_target(request)
         await channel.reply(RelayOpened(session.session_id))
         joined = {session.session_id: session}
@@ -244,6 +247,11 @@ class RequestHandlers:
                 await channel.error(BadRequestError(
                     f"session {message.session_id!r} has not joined this relay stream, or has ended"))
                 continue
+            if not _same_token(target.relay_token, message.relay_token):
+                await channel.error(BadRequestError(
+                    f"session {message.session_id!r} did not join this relay stream with the token of step "
+                    f"{message.step_index}: dropped"))
+                continue
             try:  # never wait here: one session's full inbox must not hold up the others on this stream
                 target.inbox.put_nowait((message, True))
             except asyncio.QueueFull:
@@ -254,8 +262,7 @@ class RequestHandlers:
     def _relay_target(self, request: RelayOpen):
         """The open session ``request`` names, if its token is that session's relay token."""
         session = self.sessions.get(request.session_id)
-        if session is None or session.inbox is None or session.relay_token is None or \
-                not hmac.compare_digest(session.relay_token.encode(), request.token.encode()):
+        if session is None or session.inbox is None or not _same_token(session.relay_token, request.token):
             raise BadRequestError(
                 f"no session {request.session_id!r} here accepts relays with that token (closed, or not relayed)")
         return session
@@ -270,3 +277,9 @@ class RequestHandlers:
     def activations_kept(self) -> int:
         return 0 if self.compute is None else len(self.compute.activations)
 
+
+def _same_token(expected: Optional[str], presented: Optional[str]) -> bool:
+    """Whether ``presented`` is a session's relay token ``expected`` (in constant time; a session without one
+    accepts no relays)."""
+    return expected is not None and presented is not None and \
+        hmac.compare_digest(expected.encode(), presented.encode())
