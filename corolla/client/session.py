@@ -542,12 +542,16 @@ class InferenceSession:
         raise OutputsRejected(target, verdict.liar)
 
     def _segment_length(self, index: int, past: int) -> int:
-        """How many servers from ``index`` on one relayed send reaches (1: the client sends to each itself)."""
+        """How many servers from ``index`` on one relayed send reaches (1: the client sends to each itself). A
+        segment names each server once (servers refuse a route that loops): a chain that visits a server twice
+        (two spans of it, another server's between) starts a new segment at its second visit."""
         if not self.swarm.config.relay or (self._prompts is not None and past < self._prompts.shape[2]):
             return 1  # deep prompts differ per server: those first steps go hop by hop
-        end = index + 1
+        end, peers = index + 1, {self._hops[index].record.peer_id}
         while end < len(self._hops) and self._hops[end - 1].relay_ok and \
-                self._hops[end - 1].codec in self._hops[end].record.codecs:
+                self._hops[end - 1].codec in self._hops[end].record.codecs and \
+                self._hops[end].record.peer_id not in peers:
+            peers.add(self._hops[end].record.peer_id)
             end += 1
         return end - index
 

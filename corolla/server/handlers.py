@@ -146,7 +146,7 @@ class RequestHandlers:
                 self.counts["relayed_in" if relayed else "client_steps"] += 1
                 try:
                     session.check_step(step, stack, self.max_positions, self.config.max_batch_tokens)
-                    route = parse_route(step.next_hops)
+                    route = parse_route(step.next_hops, self.transport.peer_id)
                     trail, tags = check_trail(step, relayed)
                     if step.answer_last and route and session.trail_key is None:
                         raise BadRequestError("answer_last needs a session opened with a trail_key")

@@ -4,6 +4,7 @@ unreachable links fall back to the client; forged relays, altered trails and mal
 from __future__ import annotations
 
 import asyncio
+import re
 import threading
 
 import pytest
@@ -222,6 +223,46 @@ def test_a_trail_altered_on_the_way_is_caught_and_every_server_answers_from_then
         model.close()
     first, _, third = _counts(swarm)
     assert third["answered"] == first["client_steps"] and first["answered"] == first["client_steps"] - 1
+
+
+def test_a_route_that_loops_is_refused_before_any_compute(swarm):
+    """A route naming the server that reads it, or another server twice, is refused naming the server: one step
+    along B, A, B, A, ... (64 hops, each rewinding to the start) had the two servers compute it 65 times."""
+    first, second, third = swarm.servers
+    model = swarm.client()
+    client = model.swarm
+    try:
+        rec1, rec2 = _first_two_records(swarm, client)
+        token = "t" * 32
+
+        def hop(server, session_id):
+            return NextHop(server.peer.peer_id, session_id, token, "float32")
+
+        async def scenario():
+            source = await SessionStream.open(client.transport, rec1, OpenSession("s1", SPANS[0], 16, 1,
+                                                                                  relay_token=token), 10)
+            target = await SessionStream.open(client.transport, rec2, OpenSession("s2", SPANS[1], 16, 1,
+                                                                                  relay_token=token), 10)
+            try:
+                ran = first.handler.compute.tokens_run
+                loops = {f"name this server ({first.peer.peer_id}) again": [hop(second, "s2"), hop(first, "s1")],
+                         f"name server {second.peer.peer_id} 2 times": [hop(second, "s2"), hop(third, "s3"),
+                                                                         hop(second, "s2")]}
+                for message, route in loops.items():
+                    with pytest.raises(RemoteError, match=re.escape(message)):
+                        await source.step(SessionStep("s1", torch.randn(1, 4, HIDDEN), start_from_position=0,
+                                                      next_hops=encode_route(route)), 10)
+                assert first.handler.compute.tokens_run == ran and second.handler.compute.tokens_run == 0
+                reply = await source.step(SessionStep("s1", torch.randn(1, 2, HIDDEN), step_index=3, attempt=1,
+                                                      next_hops=encode_route([hop(second, "s2")])), 10)
+                assert reply.relay_error is None and (await target.receive(10, 3, 1)).position == 2
+            finally:
+                source.close()
+                target.close()
+
+        client.run(scenario(), 60)
+    finally:
+        model.close()
 
 
 def test_malformed_trails_are_refused_and_the_server_keeps_serving(swarm):
