@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import AsyncIterator, Optional
+from typing import AsyncIterator, Callable, Optional
 
 from corolla.core.errors import BadRequestError, CorollaError, FrameTimeoutError
 from corolla.server.frames import FrameBudget, FrameReservation
@@ -188,14 +188,16 @@ class SessionChannel:
         await self.error(exc)
         self.last_word = True
 
-    async def steps(self, idle_timeout_s: Optional[float] = -1.0) -> AsyncIterator[Message]:
+    async def steps(self, idle_timeout_s: Optional[float] = -1.0,
+                    still_needed: Optional[Callable[[], bool]] = None) -> AsyncIterator[Message]:
         """The steps (and, on a push stream, the join messages) sent on this stream until its sender closes it. A
-        bad frame or a message of the wrong kind is answered with an error and skipped; past ``idle_timeout_s`` without a message (default: the server's
-        session idle timeout; None: no limit) the stream is closed with an error."""
+        bad frame or a message of the wrong kind is answered with an error and skipped; past ``idle_timeout_s``
+        without a message (default: the server's session idle timeout; None: no limit) the stream is closed with an
+        error, unless ``still_needed()`` says it serves on: then it waits that long again."""
         timeout_s = self._dispatcher.session_idle_timeout_s if idle_timeout_s == -1.0 else idle_timeout_s
         held: list[FrameReservation] = []  # the last step's frame, until the handler asks for the next step
         try:
-            async for step in self._steps(timeout_s, held):
+            async for step in self._steps(timeout_s, held, still_needed):
                 yield step
                 for reservation in held:
                     reservation.release()
@@ -204,15 +206,19 @@ class SessionChannel:
             for reservation in held:
                 reservation.release()
 
-    async def _steps(self, timeout_s: Optional[float], held: list) -> AsyncIterator[Message]:
+    async def _steps(self, timeout_s: Optional[float], held: list,
+                     still_needed: Optional[Callable[[], bool]]) -> AsyncIterator[Message]:
         frames = self._dispatcher.frames
         while True:
             try:
                 step = await read_message(self._reader, self._dispatcher.max_message_bytes,
                                           self._dispatcher.frame_timeout_s, start_timeout_s=timeout_s,
                                           admit=lambda size: held.append(frames.acquire(self._peer, size)))
-            except asyncio.TimeoutError:
-                await self.error(BadRequestError(f"session idle for {timeout_s:.0f} s: closed"))
+            except asyncio.TimeoutError:  # (only between frames: a frame begun has frame_timeout_s to arrive)
+                if still_needed is not None and still_needed():
+                    continue
+                await self.error(BadRequestError(f"{self.service.exchange.value} stream idle for {timeout_s:.0f} s: "
+                                                 "closed"))
                 return
             except FrameTimeoutError as exc:  # the stream is out of step: end it
                 await self.error(exc)

@@ -229,7 +229,10 @@ class RequestHandlers:
         session = self._relay_target(request)
         await channel.reply(RelayOpened(session.session_id))
         joined = {session.session_id: session}
-        async for message in channel.steps(idle_timeout_s=None):
+        # Idle for the session idle timeout with none of its sessions open (they closed, or were evicted), the stream
+        # is closed: the sender leaves a session without a word (and opens a new stream when one is needed), so
+        # streams nobody uses would stay, each holding a stream of its peer's and a descriptor here, forever.
+        async for message in channel.steps(still_needed=lambda: any(s.inbox is not None for s in joined.values())):
             if isinstance(message, RelayOpen):
                 try:
                     joiner = self._relay_target(message)

@@ -265,6 +265,48 @@ def test_a_route_that_loops_is_refused_before_any_compute(swarm):
         model.close()
 
 
+def test_relay_streams_without_an_open_session_are_closed_once_idle(tiny_llama6_dir):
+    """A relay stream serves on while a session that joined it is open, however long it carries nothing (the
+    session may step on its own stream meanwhile); once none is, and nothing came for the idle timeout, its receiver
+    closes it, saying why. Relay streams never timed out: one peer's 250, opened and left, held 250 streams and
+    descriptors of the server's for good."""
+    with InProcessSwarm(str(tiny_llama6_dir), dht_prefix="relay-idle") as swarm:
+        server = swarm.start_server(SPANS[1], session_idle_timeout_s=1.0)
+        sender = swarm.loop.run(swarm.network.create_transport("sender"))
+        token = "t" * 32
+
+        async def scenario():
+            session = await SessionStream.open(sender, server.record(), OpenSession("s2", SPANS[1], 16, 1,
+                                                                                    relay_token=token), 10)
+            streams = [await open_exchange(sender, server.peer.peer_id, [], RelayOpen("s2", token), 10)
+                       for _ in range(3)]
+            reads = [asyncio.ensure_future(read_message(reader)) for _, reader, _, _ in streams]
+            try:
+                for position in range(1, 7):  # 2.4 s of steps on the session's own stream, none relayed
+                    await session.step(SessionStep("s2", torch.randn(1, 1, HIDDEN)), 10)
+                    await asyncio.sleep(0.4)
+                assert not any(read.done() for read in reads)  # the session is open: its relay streams stay
+                assert server.dispatcher.streams_by_peer[sender.peer_id] == 4
+                session.close()  # the session ends; its relay streams carry nothing for the idle timeout
+                errors = await asyncio.wait_for(asyncio.gather(*reads), 5)
+                assert all(isinstance(e, ErrorReply) and "push stream idle for 1 s: closed" in e.message
+                           for e in errors)
+                assert [await read_message(reader) for _, reader, _, _ in streams] == [None] * 3  # ended
+                for _ in range(50):
+                    if sender.peer_id not in server.dispatcher.streams_by_peer:
+                        break
+                    await asyncio.sleep(0.1)
+                assert sender.peer_id not in server.dispatcher.streams_by_peer  # every stream of the peer's is gone
+            finally:
+                session.close()
+                for read, (_, _, writer, _) in zip(reads, streams):
+                    read.cancel()
+                    writer.close()
+
+        swarm.loop.run(scenario(), 60)
+        swarm.loop.run(sender.shutdown(), 5)
+
+
 def test_malformed_trails_are_refused_and_the_server_keeps_serving(swarm):
     model = swarm.client()
     client = model.swarm
