@@ -122,8 +122,9 @@ class _SegmentResult:
     """What one send along a segment of the chain brought back."""
 
     outputs: list  # [(outputs, inputs as that hop received them, or None: as we sent them), ...] from its first hop
-    error: Optional[BaseException] = None  # why the hop ``failed_after`` outputs past the first did not answer
-    failed_after: int = 0
+    error: Optional[BaseException] = None  # why the hop ``failed_after`` did not answer
+    failed_after: int = 0  # that hop's place in the segment (0: its first hop), whether or not the outputs of the
+    #                        hops before it are in ``outputs`` (a trail's are lost with it)
     relay_failed: bool = False  # the last hop that answered could not reach the next one
 
 
@@ -391,8 +392,8 @@ class InferenceSession:
         answered = []  # (hop, its outputs) of this step
         while index < len(self._hops):
             attempt += 1
-            length = self._segment_length(index, past)
-            result = await self._run_segment(index, length, hidden, mask, positions, hypo_ids, past, attempt)
+            start, length = index, self._segment_length(index, past)
+            result = await self._run_segment(start, length, hidden, mask, positions, hypo_ids, past, attempt)
             for output, received in result.outputs:  # the servers that answered: their histories gain this step
                 hop = self._hops[index]
                 self.swarm.report_success(hop.record.peer_id)  # a server that answers again starts its bans over
@@ -407,7 +408,9 @@ class InferenceSession:
             if result.error is not None:
                 if not is_server_failure(result.error):
                     raise result.error
-                failed = index + result.failed_after  # a trail's outputs are lost with it: the step runs again
+                # (counted from the segment's first hop: ``index`` has moved past the hops that answered; a trail's
+                # outputs are lost with it, and the step runs again from the start)
+                failed = start + result.failed_after
                 self._hops[failed : failed + 1] = await self._replace(self._hops[failed], result.error)
                 if failed > 0:
                     self._hops[failed - 1].relay_ok = True  # a new link: worth trying
@@ -551,12 +554,16 @@ class InferenceSession:
         raise OutputsRejected(target, verdict.liar)
 
     def _segment_length(self, index: int, past: int) -> int:
-        """How many servers from ``index`` on one relayed send reaches (1: the client sends to each itself)."""
+        """How many servers from ``index`` on one relayed send reaches (1: the client sends to each itself). A
+        segment names each server once (servers refuse a route that loops): a chain that visits a server twice
+        (two spans of it, another server's between) starts a new segment at its second visit."""
         if not self.swarm.config.relay or (self._prompts is not None and past < self._prompts.shape[2]):
             return 1  # deep prompts differ per server: those first steps go hop by hop
-        end = index + 1
+        end, peers = index + 1, {self._hops[index].record.peer_id}
         while end < len(self._hops) and self._hops[end - 1].relay_ok and \
-                self._hops[end - 1].codec in self._hops[end].record.codecs:
+                self._hops[end - 1].codec in self._hops[end].record.codecs and \
+                self._hops[end].record.peer_id not in peers:
+            peers.add(self._hops[end].record.peer_id)
             end += 1
         return end - index
 

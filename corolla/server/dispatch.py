@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import AsyncIterator, Optional
+from typing import AsyncIterator, Callable, Optional
 
 from corolla.core.errors import BadRequestError, CorollaError, FrameTimeoutError
 from corolla.server.frames import FrameBudget, FrameReservation
@@ -186,27 +186,33 @@ class SessionChannel:
         await self.error(exc)
         self.last_word = True
 
-    async def steps(self, idle_timeout_s: Optional[float] = -1.0) -> AsyncIterator[Message]:
+    async def steps(self, idle_timeout_s: Optional[float] = -1.0,
+                    still_needed: Optional[Callable[[], bool]] = None) -> AsyncIterator[Message]:
         """The steps (and, on a push stream, the join messages) sent on this stream until its sender closes it. A
-        bad frame or a message of the wrong kind is answered with an error and skipped; past ``idle_timeout_s`` without a message (default: the server's
-        session idle timeout; None: no limit) the stream is closed with an error."""
+        bad frame or a message of the wrong kind is answered with an error and skipped; past ``idle_timeout_s``
+        without a message (default: the server's session idle timeout; None: no limit) the stream is closed with an
+        error, unless ``still_needed()`` says it serves on: then it waits that long again."""
         timeout_s = self._dispatcher.session_idle_timeout_s if idle_timeout_s == -1.0 else idle_timeout_s
         frame = self._dispatcher.frames.reservation(self._peer)  # the last step's frame, until the next is asked for
         try:
-            async for step in self._steps(timeout_s, frame):
+            async for step in self._steps(timeout_s, frame, still_needed):
                 yield step
                 frame.release()
         finally:
             frame.release()
 
-    async def _steps(self, timeout_s: Optional[float], frame: FrameReservation) -> AsyncIterator[Message]:
+    async def _steps(self, timeout_s: Optional[float], frame: FrameReservation,
+                     still_needed: Optional[Callable[[], bool]]) -> AsyncIterator[Message]:
         while True:
             try:
                 step = await read_message(self._reader, self._dispatcher.max_message_bytes,
                                           self._dispatcher.frame_timeout_s, start_timeout_s=timeout_s,
                                           hold=frame.grow)
-            except asyncio.TimeoutError:
-                await self.error(BadRequestError(f"session idle for {timeout_s:.0f} s: closed"))
+            except asyncio.TimeoutError:  # (only between frames: a frame begun has frame_timeout_s to arrive)
+                if still_needed is not None and still_needed():
+                    continue
+                await self.error(BadRequestError(f"{self.service.exchange.value} stream idle for {timeout_s:.0f} s: "
+                                                 "closed"))
                 return
             except FrameTimeoutError as exc:  # the stream is out of step: end it
                 await self.error(exc)
@@ -215,6 +221,14 @@ class SessionChannel:
                 frame.release()
                 await self.error(exc)
                 continue
+            except (ConnectionError, asyncio.IncompleteReadError):
+                raise
+            except Exception as exc:  # a bug of ours (``read_message`` says a peer's bad frame as a CorollaError):
+                # where the stream stands is unknown, so it ends, with the peer told; the session's handler sees
+                # its steps end and closes it, never left waiting for steps nobody reads
+                logger.exception("a frame from %s could not be read", self._peer)
+                await self.error(exc)
+                return
             if step is None:
                 return
             if not self._dispatcher.accepting:

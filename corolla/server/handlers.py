@@ -148,7 +148,7 @@ class RequestHandlers:
                 self.counts["relayed_in" if relayed else "client_steps"] += 1
                 try:
                     session.check_step(step, stack, self.max_positions, self.config.max_batch_tokens)
-                    route = parse_route(step.next_hops)
+                    route = parse_route(step.next_hops, self.transport.peer_id)
                     trail, tags = check_trail(step, relayed)
                     if step.answer_last and route and session.trail_key is None:
                         raise BadRequestError("answer_last needs a session opened with a trail_key")
@@ -213,21 +213,31 @@ class RequestHandlers:
 
     @staticmethod
     async def _read_steps(channel, inbox: asyncio.Queue) -> None:
-        """Move the steps of the session's own stream into its inbox; None when the client closes the stream."""
+        """Move the steps of the session's own stream into its inbox; None when the client closes the stream, or
+        when reading it failed: the session ends then, rather than wait for steps until its idle timeout."""
         try:
             async for step in channel.steps(idle_timeout_s=None):  # idleness is judged on the inbox
                 await inbox.put((step, False))
         except (ConnectionError, asyncio.IncompleteReadError):
             pass
+        except Exception as exc:  # a bug of ours: said once, as the session ends
+            logger.exception("reading the steps of a session failed")
+            await channel.error(exc)
         await inbox.put(None)
 
     async def relay(self, request: RelayOpen, channel, peer: str) -> None:
         """Another server pushes steps of sessions open here: the session it opened the stream for, and each one
-        that joined the stream since with a ``RelayOpen`` (each presents the token the session's client gave)."""
+        that joined the stream since with a ``RelayOpen`` (each presents the token the session's client gave). A
+        step runs only in a session that joined this stream with the token the step names: the sender serves many
+        clients, and one may name another's session with a token of its own, which is refused; the session's own
+        join stays, usable only with its own token (so the refusal cannot cut the session's relay either)."""
         session = self._relay_target(request)
         await channel.reply(RelayOpened(session.session_id))
         joined = {session.session_id: session}
-        async for message in channel.steps(idle_timeout_s=None):
+        # Idle for the session idle timeout with none of its sessions open (they closed, or were evicted), the stream
+        # is closed: the sender leaves a session without a word (and opens a new stream when one is needed), so
+        # streams nobody uses would stay, each holding a stream of its peer's and a descriptor here, forever.
+        async for message in channel.steps(still_needed=lambda: any(s.inbox is not None for s in joined.values())):
             if isinstance(message, RelayOpen):
                 try:
                     joiner = self._relay_target(message)
@@ -245,6 +255,11 @@ class RequestHandlers:
                 await channel.error(BadRequestError(
                     f"session {message.session_id!r} has not joined this relay stream, or has ended"))
                 continue
+            if not _same_token(target.relay_token, message.relay_token):
+                await channel.error(BadRequestError(
+                    f"session {message.session_id!r} did not join this relay stream with the token of step "
+                    f"{message.step_index}: dropped"))
+                continue
             try:  # never wait here: one session's full inbox must not hold up the others on this stream
                 target.inbox.put_nowait((message, True))
             except asyncio.QueueFull:
@@ -255,8 +270,7 @@ class RequestHandlers:
     def _relay_target(self, request: RelayOpen):
         """The open session ``request`` names, if its token is that session's relay token."""
         session = self.sessions.get(request.session_id)
-        if session is None or session.inbox is None or session.relay_token is None or \
-                not hmac.compare_digest(session.relay_token.encode(), request.token.encode()):
+        if session is None or session.inbox is None or not _same_token(session.relay_token, request.token):
             raise BadRequestError(
                 f"no session {request.session_id!r} here accepts relays with that token (closed, or not relayed)")
         return session
@@ -271,3 +285,9 @@ class RequestHandlers:
     def activations_kept(self) -> int:
         return 0 if self.compute is None else len(self.compute.activations)
 
+
+def _same_token(expected: Optional[str], presented: Optional[str]) -> bool:
+    """Whether ``presented`` is a session's relay token ``expected`` (in constant time; a session without one
+    accepts no relays)."""
+    return expected is not None and presented is not None and \
+        hmac.compare_digest(expected.encode(), presented.encode())

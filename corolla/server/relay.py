@@ -7,8 +7,10 @@ plus one one-way delay per link, instead of a client round trip per server.
 A server keeps one push stream to each server it relays to (``RelayLink``), shared by every session it relays
 there. The stream opens with the first session's ``RelayOpen`` (its relay token, as the client gave it); each
 further session joins with a ``RelayOpen`` of its own on the same stream, and the receiver answers each join
-(``RelayOpened``, or why not) before any step of that session goes. The receiver runs a step only in a session that
-joined the stream with its token.
+(``RelayOpened``, or why not) before any step of that session goes. Each step names its session and the token
+it joined with: the receiver runs it only in a session that joined the stream with that very token. (Two clients
+of this server may name one session id there with different tokens, only one of them its own: were steps matched
+by session id alone, the other's steps, pushed behind its refused join, would run in the first one's session.)
 
 Steps that leave for the same server in the same turn of the event loop (the sessions of one batched call, which
 resume together) go out in one write: each its own frame, but one message through the libp2p daemons. And since a
@@ -313,6 +315,7 @@ class Relays:
             position_ids=step.position_ids, hypo_ids=step.hypo_ids, start_from_position=step.start_from_position,
             step_index=step.step_index, attempt=step.attempt, next_hops=encode_route(rest),
             answer_last=step.answer_last, trail=trail or None, trail_tags=tags if step.answer_last else None,
+            relay_token=hop.token,
         )
         key = (hop.peer_id, hop.session_id)
         link = None

@@ -19,6 +19,9 @@ from corolla.wire.compression import WireCodec, compress, decompress, encoded_si
 
 MAGIC = b"CRL1"
 PREFIX = struct.Struct("<4sIQ")  # magic, header length, body length
+MAX_HEADER_DEPTH = 16  # JSON nesting a header may have; the deepest message needs 4 (header, next_hops, hop, maddrs)
+MAX_TENSOR_VALUES = 2**40  # the product of a tensor's non-zero dimensions: no peer sends 4 TiB in one frame, and a
+#                            shape past it (possible with a zero dimension, whose tensor has no bytes) overflows torch
 
 _DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -43,8 +46,8 @@ def dtype_name(dtype: torch.dtype) -> str:
 def dtype_from_name(name: str) -> torch.dtype:
     try:
         return _DTYPES[name]
-    except KeyError:
-        raise BadRequestError(f"unknown tensor dtype {name!r}; supported: {sorted(_DTYPES)}") from None
+    except (KeyError, TypeError):  # (TypeError: a list or an object in a header, which no dict can look up)
+        raise BadRequestError(f"unknown tensor dtype {_shown(name)}; supported: {sorted(_DTYPES)}") from None
 
 
 @dataclass(frozen=True)
@@ -90,12 +93,30 @@ def parse_header(header_bytes: bytes) -> dict[str, Any]:
         header = json.loads(header_bytes)
     except ValueError as exc:
         raise BadRequestError(f"frame header is not valid JSON: {exc}") from None
+    except RecursionError:  # the parser recursed once per level: '[' * 100000 ends here
+        raise BadRequestError(f"frame header nests deeper than the {MAX_HEADER_DEPTH} levels allowed") from None
     if not isinstance(header, dict):
         raise BadRequestError("frame header must be a JSON object")
+    _check_depth(header)
     descriptors = header.get("tensors", [])
     if not isinstance(descriptors, list) or not all(isinstance(d, dict) for d in descriptors):
         raise BadRequestError("frame header: tensors must be a list of descriptors")
     return header
+
+
+def _check_depth(header: dict) -> None:
+    """``BadRequestError`` if ``header`` nests deeper than ``MAX_HEADER_DEPTH``. What the parser accepted may still
+    be nested near the interpreter's recursion limit, deep enough for any later recursive walk of it (a ``repr`` in
+    an error message) to fail: so it is measured here, without recursion, level by level."""
+    level, depth = [header], 1
+    while level:
+        if depth > MAX_HEADER_DEPTH:
+            raise BadRequestError(f"frame header nests deeper than the {MAX_HEADER_DEPTH} levels allowed")
+        inner = []
+        for value in level:
+            items = value.values() if isinstance(value, dict) else value
+            inner.extend(v for v in items if isinstance(v, (dict, list)))
+        level, depth = inner, depth + 1
 
 
 @dataclass(frozen=True)
@@ -121,11 +142,15 @@ def _describe(desc: dict) -> Described:
     # (type(d) is int: a JSON true or false is a bool, which is not a shape)
     if type(shape) is not list or len(shape) > 8 or not all(type(d) is int for d in shape):
         raise BadRequestError(f"tensor {name!r}: shape must be a list of at most 8 integers")
-    numel = 1
+    numel, values = 1, 1  # (values: the product of the non-zero dimensions)
     for d in shape:
         if d < 0:
-            raise BadRequestError(f"tensor {name!r} has a negative dimension: {shape}")
+            raise BadRequestError(f"tensor {name!r} has a negative dimension: {_shown(shape)}")
         numel *= d
+        values *= d or 1
+        if values > MAX_TENSOR_VALUES:  # checked as it grows: Python's integers never overflow, torch's do
+            raise BadRequestError(f"tensor {name!r}: shape {_shown(shape)} is too large (its non-zero dimensions "
+                                  f"multiply past {MAX_TENSOR_VALUES})")
     codec = parse_codec(desc.get("codec"))
     if codec is not WireCodec.NONE and not dtype.is_floating_point:
         raise BadRequestError(f"tensor {name!r}: codec {codec.value} is for floating-point tensors only")
@@ -133,6 +158,12 @@ def _describe(desc: dict) -> Described:
     if type(outliers) is not int or not 0 <= outliers <= numel:
         raise BadRequestError(f"tensor {name!r}: outliers must be a count of at most its {numel} values")
     return Described(name, dtype, shape, numel, codec, outliers, encoded_size(codec, numel, dtype, outliers))
+
+
+def _shown(value, limit: int = 100) -> str:
+    """``repr(value)`` cut to ``limit`` characters: a peer's value in an error message, never a page of it."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def describe_tensors(header: dict[str, Any]) -> list[Described]:

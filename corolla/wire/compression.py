@@ -42,7 +42,9 @@ def parse_codec(name) -> WireCodec:
     try:
         return WireCodec(name)
     except ValueError:
-        raise BadRequestError(f"unknown wire codec {name!r}; supported: {', '.join(SUPPORTED_CODECS)}") from None
+        shown = repr(name)
+        shown = shown if len(shown) <= 100 else shown[:100] + "..."  # (a peer's value: never a page of it)
+        raise BadRequestError(f"unknown wire codec {shown}; supported: {', '.join(SUPPORTED_CODECS)}") from None
 
 
 def recodes_exactly(codec) -> bool:

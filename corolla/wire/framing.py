@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 from typing import Callable, Optional
 
@@ -45,7 +46,9 @@ async def read_message(reader: asyncio.StreamReader, max_bytes: int = DEFAULT_MA
     nothing for long). A header over ``max_header_bytes`` or a frame over ``max_bytes`` is read and dropped chunk by
     chunk (never held in memory), then raises ``MessageTooLargeError``; the stream stays usable. Each tensor is read
     into a buffer of its own, so a tensor kept later does not pin the rest of the frame. If no frame begins within
-    ``start_timeout_s``, ``asyncio.TimeoutError``. ``header_out`` (a dict) receives the frame's header. ``admit`` is
+    ``start_timeout_s``, ``asyncio.TimeoutError``. A frame that does not decode (its header, its tensors, its
+    message), whatever its bytes, raises ``BadRequestError`` naming the cause; the stream stays in step.
+    ``header_out`` (a dict) receives the frame's header. ``admit`` is
     called with the frame's size before its header and body are read: if it raises a ``CorollaError`` (no room for
     the frame), the frame is read and dropped as an oversized one is, and the error is raised.
 
@@ -113,16 +116,27 @@ class _FrameReader:
         self.refused: Optional[CorollaError] = None
 
     async def read(self, header_len: int, body_len: int, header_out: Optional[dict]) -> Message:
-        header = parse_header(await self._exactly(header_len))
+        header_bytes = await self._exactly(header_len)
+        try:
+            with _decoding():
+                header = parse_header(header_bytes)
+                described = describe_tensors(header)
+        except CorollaError:
+            await self._skip(body_len)  # the frame's end is known: read past it, and the stream stays in step
+            raise
         if header_out is not None:
             header_out.update(header)
-        described = describe_tensors(header)
         sizes = [desc.size for desc in described]
         if sum(sizes) != body_len:
-            await _discard(self.reader, body_len)
+            await self._skip(body_len)
             raise BadRequestError(f"the frame's tensors take {sum(sizes)} bytes, its body {body_len}")
         chunks = [await self._exactly(size) for size in sizes]
-        return message_from_frame(decode_tensors(header, chunks, described))
+        with _decoding():
+            return message_from_frame(decode_tensors(header, chunks, described))
+
+    async def _skip(self, size: int) -> None:
+        await _discard(self.reader, size)
+        self.left -= size
 
     async def _exactly(self, size: int) -> bytearray:
         """The next ``size`` bytes of the frame, in a buffer of their own that grows as they arrive (a declared
@@ -143,6 +157,23 @@ class _FrameReader:
             except CorollaError as exc:
                 self.refused = exc
                 raise
+
+
+# What decoding a peer's bytes may raise besides our own errors. The parsers check what they know to check; this is
+# the line behind them: whatever a header or body still makes them raise is that peer's malformed input, said as
+# such (a ``BadRequestError`` naming the cause), never a crash of the reader. A client so blames and bans the server
+# that sent it; a server answers it as a bad request, as any other.
+_UNFORESEEN = (ValueError, TypeError, LookupError, AttributeError, ArithmeticError, RecursionError, RuntimeError)
+
+
+@contextlib.contextmanager
+def _decoding():
+    try:
+        yield
+    except CorollaError:
+        raise
+    except _UNFORESEEN as exc:
+        raise BadRequestError(f"the frame could not be decoded: {type(exc).__name__}: {str(exc)[:200]}") from exc
 
 
 async def _with_timeout(awaitable, timeout_s: Optional[float]):

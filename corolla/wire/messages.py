@@ -21,8 +21,9 @@ from corolla.core.blocks import BlockRange
 from corolla.core.errors import BadRequestError, ProtocolVersionError
 from corolla.wire.codec import Frame
 
-PROTOCOL_VERSION = 8  # 2: start_from_position; 3: wire names, service table; 4: relay; 5: wire codecs; 6: trails;
-#                       7: records under one directory key per model; 8: one relay stream per pair of servers
+PROTOCOL_VERSION = 9  # 2: start_from_position; 3: wire names, service table; 4: relay; 5: wire codecs; 6: trails;
+#                       7: records under one directory key per model; 8: one relay stream per pair of servers;
+#                       9: a relayed step carries the relay token its session joined the relay stream with
 TensorDict = dict[str, torch.Tensor]  # a field of named tensors; travels as tensors "<field>/<name>"
 RPC_PROTOCOL = "/corolla/rpc"  # the libp2p protocol name servers register; the version travels in each frame
 
@@ -121,7 +122,7 @@ def _strip_optional(hint):
 
 def _convert(type_name: str, field_name: str, base, value):
     try:
-        if base is BlockRange:
+        if base is BlockRange and isinstance(value, str):  # (anything else is refused below)
             return BlockRange.parse(value)
         if base is torch.Tensor or base == TensorDict:
             return value
@@ -261,6 +262,8 @@ class SessionStep(Message, wire_name="session.step"):
     #                                     this one (each the outputs of the server before it), in route order
     trail_tags: Optional[list] = None  # answer_last: per trail entry, then for hidden_states, the HMAC its
     #                                    producer signed it with (its session's trail_key)
+    relay_token: Optional[str] = None  # a relayed step: the token its session joined the relay stream with (the
+    #                                    stream is shared: a step runs only in a session joined with its token)
 
 
 @dataclass(frozen=True)

@@ -46,8 +46,10 @@ def encode_route(hops: list[NextHop]) -> Optional[list[dict[str, Any]]]:
     return [hop.to_value() for hop in hops] or None
 
 
-def parse_route(value: Any) -> list[NextHop]:
-    """``SessionStep.next_hops`` as ``NextHop``s; ``BadRequestError`` naming what is wrong."""
+def parse_route(value: Any, local_peer_id: Optional[str] = None) -> list[NextHop]:
+    """``SessionStep.next_hops`` as ``NextHop``s; ``BadRequestError`` naming what is wrong. A route names each server
+    once, and never the server reading it (``local_peer_id``): a step runs once on each server it passes, so a route
+    that loops (B, A, B, A, ... for 64 hops) cannot have the servers compute it over and over for one send."""
     if value is None:
         return []
     if not isinstance(value, list) or len(value) > MAX_HOPS:
@@ -68,6 +70,13 @@ def parse_route(value: Any) -> list[NextHop]:
                 isinstance(a, str) and len(a) <= MAX_MADDR for a in maddrs):
             raise BadRequestError(f"next_hops: maddrs must be a list of at most {MAX_MADDRS} addresses")
         hops.append(NextHop(**fields, maddrs=tuple(maddrs)))
+    peers = [hop.peer_id for hop in hops]
+    if local_peer_id is not None and local_peer_id in peers:
+        raise BadRequestError(f"next_hops name this server ({local_peer_id}) again: a route visits each server once")
+    if len(set(peers)) < len(peers):
+        twice = next(peer for peer in peers if peers.count(peer) > 1)
+        raise BadRequestError(f"next_hops name server {twice} {peers.count(twice)} times: a route visits each server "
+                              "once")
     return hops
 
 

@@ -150,6 +150,34 @@ def test_frozen_server_is_noticed_at_the_step_timeout(position, swarm, local6):
         model.close()
 
 
+@pytest.mark.parametrize("position", [1, 2], ids=["middle", "last"])
+def test_a_server_that_stalls_in_a_segment_where_every_server_answers_is_the_one_replaced(position, swarm, local6):
+    """Steps that every server of a relayed segment answers (long ones, or once trails are off): the servers before
+    the frozen one answered, and the one that did not is replaced, no other. The failed hop was located at the
+    segment's start plus the answers, counted twice: a stalled last hop raised IndexError out of generate(), a
+    stalled middle one had the honest server after it banned and replaced."""
+    expected = local6.generate(IDS, max_new_tokens=12, do_sample=False)
+    model = swarm.client(client_config=FAST)
+    frozen = []
+    try:
+        with model.inference_session(max_length=32) as session:
+            def freeze():
+                assert len(session.chain) == 3 and session.failovers == 0, session.chain
+                frozen.append(swarm.server_by_peer(session.chain[position][0]))
+                session._trails = False  # every server answers from now on, as they do a step over TRAIL_MAX_ROWS
+                swarm.freeze(frozen[0])
+
+            got = model.generate(IDS, max_new_tokens=12, do_sample=False, streamer=_AfterTokens(4, freeze))
+            assert session.failovers == 1
+            assert frozen[0].peer.peer_id not in [peer for peer, _ in session.chain]
+        assert got.tolist() == expected.tolist()
+        innocent = [s.peer.peer_id for s in swarm.servers if s is not frozen[0]]
+        assert [peer for peer in innocent if model.swarm.bans.is_banned(peer)] == []
+    finally:
+        swarm.thaw(frozen[0]) if frozen else None
+        model.close()
+
+
 def test_beam_search_and_rewinds_survive_a_kill(swarm, local6):
     """Replay reproduces the beam reorderings the failed server had applied, and stops at a rewound position."""
     kwargs = dict(max_new_tokens=10, do_sample=False, num_beams=3)

@@ -6,6 +6,9 @@ Also here: where records live (one directory key per model), which the forged re
 """
 from __future__ import annotations
 
+import asyncio
+import json
+import logging
 import threading
 import time
 
@@ -21,8 +24,8 @@ from corolla.core.records import ServerRecord, ServerState
 from corolla.server.server import Server
 from corolla.testing.inprocess import InProcessSwarm
 from corolla.wire.codec import PREFIX, MAGIC
-from corolla.wire.framing import write_message
-from corolla.wire.messages import PROTOCOL_VERSION, ErrorReply, OpenSession, SessionOpened, SessionStep
+from corolla.wire.framing import read_message, write_message
+from corolla.wire.messages import PROTOCOL_VERSION, RPC_PROTOCOL, ErrorReply, OpenSession, SessionOpened, SessionStep
 from corolla.wire.records import decode_record, encode_record, servers_key
 
 IDS = torch.tensor([[5, 6, 7, 8, 9]])
@@ -36,6 +39,17 @@ def local(tiny_llama_dir):
 
 def _expected(local, tokens=8):
     return local.generate(IDS, max_new_tokens=tokens, do_sample=False)
+
+
+# Reply headers that well-formed frames carry, which the JSON parser or torch could not take: the parser recursed once
+# per level (RecursionError), torch.empty overflowed on a dimension of a tensor with no values (TypeError). Each
+# escaped the client's checks as a crash of generate(), not as the server's failure.
+UNDECODABLE = {
+    "nested_header": b"[" * 100_000,
+    "huge_empty_tensor": json.dumps({"type": "session.step.reply", "version": PROTOCOL_VERSION, "position": 1,
+                                     "tensors": [{"name": "hidden_states", "dtype": "float32",
+                                                  "shape": [0, 2**64]}]}).encode(),
+}
 
 
 def _turn_hostile(server: Server, behaviour: str) -> None:
@@ -53,13 +67,16 @@ def _turn_hostile(server: Server, behaviour: str) -> None:
             elif behaviour == "flood":  # announces a reply of 2**40 bytes
                 writer.write(PREFIX.pack(MAGIC, 10, 2**40) + b"{}" * 5)
                 await writer.drain()
+            elif behaviour in UNDECODABLE:
+                writer.write(PREFIX.pack(MAGIC, len(UNDECODABLE[behaviour]), 0) + UNDECODABLE[behaviour])
+                await writer.drain()
 
     from corolla.wire.messages import OpenSession as Open
 
     server.dispatcher.methods[Open] = hostile_open_session
 
 
-@pytest.mark.parametrize("behaviour", ["bad_request", "garbage", "flood"])
+@pytest.mark.parametrize("behaviour", ["bad_request", "garbage", "flood", *UNDECODABLE])
 def test_a_server_that_misbehaves_is_the_servers_failure(behaviour, tiny_llama_dir, local):
     """Its claims are not the client's fault: the client bans it, fails over to the honest replica, and returns
     the tokens an honest swarm gives."""
@@ -76,6 +93,94 @@ def test_a_server_that_misbehaves_is_the_servers_failure(behaviour, tiny_llama_d
             assert model.swarm.bans.is_banned(liar.peer.peer_id)
         finally:
             model.close()
+
+
+def _bad_frame(header: bytes) -> bytes:
+    return PREFIX.pack(MAGIC, len(header), 0) + header
+
+
+def test_frames_a_server_cannot_decode_are_bad_requests_said_without_a_traceback(tiny_llama_dir, caplog):
+    """The frames that crashed clients, sent to a server: as a stream's first frame, or inside an open session,
+    each is answered as a bad request naming its cause, at no cost in its log (each was a full traceback, 'a bug of
+    ours'; inside a session it killed the reader of the session's steps, which then answered nothing, holding its
+    cache until the idle timeout). The session stays usable."""
+    step_header = json.dumps({"type": "session.step", "version": PROTOCOL_VERSION, "session_id": "s",
+                              "tensors": [{"name": "hidden_states", "dtype": "float32", "shape": [0, 2**64]}]})
+    frames = {_bad_frame(b"[" * 100_000): "nests deeper than the 16 levels",
+              _bad_frame(step_header.encode()): "is too large"}
+    with InProcessSwarm(str(tiny_llama_dir), [BlockRange(0, 4)], dht_prefix="undecodable") as swarm:
+        server = swarm.servers[0]
+        attacker = swarm.loop.run(swarm.network.create_transport("attacker"))
+
+        async def first_frames():
+            replies = []
+            for frame in list(frames) * 10:
+                reader, writer = await attacker.open_stream(server.peer.peer_id, RPC_PROTOCOL)
+                writer.write(frame)
+                await writer.drain()
+                replies.append(await read_message(reader))
+                writer.close()
+            return replies
+
+        async def in_a_session():
+            stream = await SessionStream.open(attacker, server.record(), OpenSession("s", BlockRange(0, 4), 16, 1), 10)
+            try:
+                replies = []
+                for frame in frames:
+                    stream._writer.write(frame)
+                    await stream._writer.drain()
+                    replies.append(await read_message(stream._reader))
+                step = await stream.step(SessionStep("s", torch.randn(1, 2, 64)), 10)
+                return replies, step.position
+            finally:
+                stream.close()
+
+        with caplog.at_level(logging.DEBUG, logger="corolla.server"):
+            replies = swarm.loop.run(first_frames(), 60)
+            session_replies, position = swarm.loop.run(in_a_session(), 60)
+        causes = list(frames.values())
+        for got, expected in ((replies, causes * 10), (session_replies, causes)):
+            assert [(r.kind, cause in r.message) for r, cause in zip(got, expected)] == \
+                [("BadRequestError", True)] * len(expected)
+        assert position == 2  # the session answers its next good step
+        assert [r.getMessage() for r in caplog.records if r.exc_info or r.levelno >= logging.WARNING] == []
+
+
+def test_a_session_whose_steps_cannot_be_read_ends_and_frees_its_cache(tiny_llama_dir, monkeypatch, caplog):
+    """Reading a session's stream fails in a way nobody foresaw (a bug of ours): the client is told, and the session
+    ends at once, its cache freed, rather than wait for steps that nobody reads until its idle timeout."""
+    from corolla.server import dispatch
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("a bug in reading frames")
+
+    with InProcessSwarm(str(tiny_llama_dir), [BlockRange(0, 4)], dht_prefix="unread") as swarm:
+        server = swarm.servers[0]
+        attacker = swarm.loop.run(swarm.network.create_transport("client"))
+
+        async def session():
+            stream = await SessionStream.open(attacker, server.record(), OpenSession("s", BlockRange(0, 4), 16, 1), 10)
+            try:
+                assert server.budget.held_tokens > 0
+                monkeypatch.setattr(dispatch, "read_message", broken)  # from the read after the next step's on
+                await stream.send(SessionStep("s", torch.randn(1, 2, 64)))
+                replies = []  # the step's reply and the error, in either order (the error may overtake the step)
+                while (reply := await asyncio.wait_for(read_message(stream._reader), 10)) is not None:
+                    replies.append(reply)
+                return replies  # (and the stream ended)
+            finally:
+                stream.close()
+
+        with caplog.at_level(logging.ERROR, logger="corolla.server"):
+            replies = swarm.loop.run(session(), 60)
+        assert sorted(type(r).__name__ for r in replies) == ["ErrorReply", "SessionStepReply"]
+        error = next(r for r in replies if isinstance(r, ErrorReply))
+        assert error.kind == "InternalServerError" and "a bug in reading frames" in error.message
+        deadline = time.monotonic() + 5
+        while ("s" in server.handler.sessions or server.budget.held_tokens) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert "s" not in server.handler.sessions and server.budget.held_tokens == 0
+        assert len([r for r in caplog.records if r.exc_info]) == 1  # said once, with its traceback
 
 
 def test_forged_and_implausible_records_do_not_disturb_the_swarm(tiny_llama_dir, local):

@@ -4,6 +4,7 @@ unreachable links fall back to the client; forged relays, altered trails and mal
 from __future__ import annotations
 
 import asyncio
+import re
 import threading
 
 import pytest
@@ -242,6 +243,88 @@ def test_a_trail_altered_on_the_way_is_caught_and_every_server_answers_from_then
     assert third["answered"] == first["client_steps"] and first["answered"] == first["client_steps"] - 1
 
 
+def test_a_route_that_loops_is_refused_before_any_compute(swarm):
+    """A route naming the server that reads it, or another server twice, is refused naming the server: one step
+    along B, A, B, A, ... (64 hops, each rewinding to the start) had the two servers compute it 65 times."""
+    first, second, third = swarm.servers
+    model = swarm.client()
+    client = model.swarm
+    try:
+        rec1, rec2 = _first_two_records(swarm, client)
+        token = "t" * 32
+
+        def hop(server, session_id):
+            return NextHop(server.peer.peer_id, session_id, token, "float32")
+
+        async def scenario():
+            source = await SessionStream.open(client.transport, rec1, OpenSession("s1", SPANS[0], 16, 1,
+                                                                                  relay_token=token), 10)
+            target = await SessionStream.open(client.transport, rec2, OpenSession("s2", SPANS[1], 16, 1,
+                                                                                  relay_token=token), 10)
+            try:
+                ran = first.handler.compute.tokens_run
+                loops = {f"name this server ({first.peer.peer_id}) again": [hop(second, "s2"), hop(first, "s1")],
+                         f"name server {second.peer.peer_id} 2 times": [hop(second, "s2"), hop(third, "s3"),
+                                                                         hop(second, "s2")]}
+                for message, route in loops.items():
+                    with pytest.raises(RemoteError, match=re.escape(message)):
+                        await source.step(SessionStep("s1", torch.randn(1, 4, HIDDEN), start_from_position=0,
+                                                      next_hops=encode_route(route)), 10)
+                assert first.handler.compute.tokens_run == ran and second.handler.compute.tokens_run == 0
+                reply = await source.step(SessionStep("s1", torch.randn(1, 2, HIDDEN), step_index=3, attempt=1,
+                                                      next_hops=encode_route([hop(second, "s2")])), 10)
+                assert reply.relay_error is None and (await target.receive(10, 3, 1)).position == 2
+            finally:
+                source.close()
+                target.close()
+
+        client.run(scenario(), 60)
+    finally:
+        model.close()
+
+
+def test_relay_streams_without_an_open_session_are_closed_once_idle(tiny_llama6_dir):
+    """A relay stream serves on while a session that joined it is open, however long it carries nothing (the
+    session may step on its own stream meanwhile); once none is, and nothing came for the idle timeout, its receiver
+    closes it, saying why. Relay streams never timed out: one peer's 250, opened and left, held 250 streams and
+    descriptors of the server's for good."""
+    with InProcessSwarm(str(tiny_llama6_dir), dht_prefix="relay-idle") as swarm:
+        server = swarm.start_server(SPANS[1], session_idle_timeout_s=1.0)
+        sender = swarm.loop.run(swarm.network.create_transport("sender"))
+        token = "t" * 32
+
+        async def scenario():
+            session = await SessionStream.open(sender, server.record(), OpenSession("s2", SPANS[1], 16, 1,
+                                                                                    relay_token=token), 10)
+            streams = [await open_exchange(sender, server.peer.peer_id, [], RelayOpen("s2", token), 10)
+                       for _ in range(3)]
+            reads = [asyncio.ensure_future(read_message(reader)) for _, reader, _, _ in streams]
+            try:
+                for position in range(1, 7):  # 2.4 s of steps on the session's own stream, none relayed
+                    await session.step(SessionStep("s2", torch.randn(1, 1, HIDDEN)), 10)
+                    await asyncio.sleep(0.4)
+                assert not any(read.done() for read in reads)  # the session is open: its relay streams stay
+                assert server.dispatcher.streams_by_peer[sender.peer_id] == 4
+                session.close()  # the session ends; its relay streams carry nothing for the idle timeout
+                errors = await asyncio.wait_for(asyncio.gather(*reads), 5)
+                assert all(isinstance(e, ErrorReply) and "push stream idle for 1 s: closed" in e.message
+                           for e in errors)
+                assert [await read_message(reader) for _, reader, _, _ in streams] == [None] * 3  # ended
+                for _ in range(50):
+                    if sender.peer_id not in server.dispatcher.streams_by_peer:
+                        break
+                    await asyncio.sleep(0.1)
+                assert sender.peer_id not in server.dispatcher.streams_by_peer  # every stream of the peer's is gone
+            finally:
+                session.close()
+                for read, (_, _, writer, _) in zip(reads, streams):
+                    read.cancel()
+                    writer.close()
+
+        swarm.loop.run(scenario(), 60)
+        swarm.loop.run(sender.shutdown(), 5)
+
+
 def test_malformed_trails_are_refused_and_the_server_keeps_serving(swarm):
     model = swarm.client()
     client = model.swarm
@@ -271,12 +354,12 @@ def test_malformed_trails_are_refused_and_the_server_keeps_serving(swarm):
                 ]
                 for index, (trail, tags, message) in enumerate(cases, 1):
                     await write_message(writer, SessionStep("s2", one, answer_last=True, trail=trail, trail_tags=tags,
-                                                            step_index=index, attempt=1))
+                                                            step_index=index, attempt=1, relay_token=token))
                     with pytest.raises(RemoteError, match=message):
                         await target.receive(10, index, 1)
                 # a well-formed one runs; the last server answers with the trail, its own input added
                 await write_message(writer, SessionStep("s2", one, answer_last=True, trail_tags=["a"], step_index=9,
-                                                        attempt=1))
+                                                        attempt=1, relay_token=token))
                 reply = await target.receive(10, 9, 1)
                 assert reply.position == 1 and torch.equal(reply.trail["0"], one) and reply.trail_tags == ["a"]
                 writer.close()
@@ -345,8 +428,10 @@ def test_a_relay_stream_refused_at_its_opening_is_closed_at_once_by_its_sender(s
 
 def test_a_shared_relay_stream_refuses_what_is_not_its_own_and_keeps_serving(swarm):
     """On a relay stream opened for s2a: a join with a wrong token is refused (and the stream serves on), a step of a
-    session that has not joined is refused, a session that joins with its token is served, and a session's fifth
-    waiting step is dropped rather than holding up the stream."""
+    session that has not joined is refused, a session that joins with its token is served, a step that names a
+    joined session with another token (behind a refused join of its own, as a sender's other client would send it)
+    is refused and leaves the session alone, and a session's fifth waiting step is dropped rather than holding up
+    the stream."""
     model = swarm.client()
     client = model.swarm
     try:
@@ -362,19 +447,29 @@ def test_a_shared_relay_stream_refuses_what_is_not_its_own_and_keeps_serving(swa
                 refused = await read_message(reader)
                 assert isinstance(refused, RelayOpened) and refused.session_id == "s2b"
                 assert "no session 's2b' here accepts relays with that token" in refused.refused
-                await write_message(writer, SessionStep("s2b", one, step_index=1, attempt=1))
+                await write_message(writer, SessionStep("s2b", one, step_index=1, attempt=1, relay_token="a" * 32))
                 error = await read_message(reader)
                 assert isinstance(error, ErrorReply) and "'s2b' has not joined this relay stream" in error.message
-                await write_message(writer, SessionStep("s2a", one, step_index=1, attempt=1))
+                await write_message(writer, SessionStep("s2a", one, step_index=1, attempt=1, relay_token="a" * 32))
                 assert (await targets["a"].receive(10, 1, 1)).position == 1  # s2a is served all along
                 await write_message(writer, RelayOpen("s2b", "b" * 32))
                 joined = await read_message(reader)
                 assert isinstance(joined, RelayOpened) and joined.session_id == "s2b" and joined.refused is None
-                await write_message(writer, SessionStep("s2b", one, step_index=1, attempt=1))
+                await write_message(writer, SessionStep("s2b", one, step_index=1, attempt=1, relay_token="b" * 32))
                 assert (await targets["b"].receive(10, 1, 1)).position == 1
+                # s2a joined: another token's join is refused, and the steps with that token (or none) behind it too
+                await write_message(writer, RelayOpen("s2a", "f" * 32))
+                refused = await read_message(reader)
+                assert isinstance(refused, RelayOpened) and refused.refused is not None
+                for token in ("f" * 32, None):
+                    await write_message(writer, SessionStep("s2a", torch.randn(1, 5, HIDDEN), start_from_position=0,
+                                                            step_index=99, attempt=1, relay_token=token))
+                    error = await read_message(reader)
+                    assert isinstance(error, ErrorReply) and \
+                        "'s2a' did not join this relay stream with the token of step 99" in error.message
                 # six steps of s2a in one write: its inbox holds four, the rest are refused at once
-                writer.write(b"".join(encode_message(SessionStep("s2a", one, step_index=i, attempt=1))
-                                      for i in range(2, 8)))
+                writer.write(b"".join(encode_message(SessionStep("s2a", one, step_index=i, attempt=1,
+                                                                 relay_token="a" * 32)) for i in range(2, 8)))
                 dropped = [await read_message(reader) for _ in range(2)]
                 assert all(isinstance(e, ErrorReply) and "steps waiting already" in e.message for e in dropped)
                 assert [(await targets["a"].receive(10, i, 1)).position for i in range(2, 6)] == [2, 3, 4, 5]
@@ -386,6 +481,42 @@ def test_a_shared_relay_stream_refuses_what_is_not_its_own_and_keeps_serving(swa
         client.run(scenario(), 60)
         assert model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=3, do_sample=False).shape == (1, 6)
     finally:
+        model.close()
+
+
+def test_another_client_of_the_relaying_server_cannot_step_in_a_session_it_names_without_its_token(swarm, local6):
+    """A client of the first server names, in its route, a victim's session on the second (its id leaked, its token
+    not). The first server pushes the step over the relay stream the victim's session joined, behind a join with the
+    wrong token: the join is refused and so is the step, which ran in the victim's session (its cache overwritten,
+    its next tokens wrong) when the stream matched steps by session id alone. The victim's tokens equal local ones."""
+    first, second, _ = swarm.servers
+    expected = local6.generate(IDS, max_new_tokens=8, do_sample=False)
+    model = swarm.client(client_config=ClientConfig(step_timeout_s=3.0))
+    attacker = swarm.client()
+    try:
+        with model.inference_session(max_length=32) as session:
+            model.generate(IDS, max_new_tokens=4, do_sample=False)
+            victim = next(iter(second.handler.sessions.sessions.values()))
+            position = victim.position
+
+            async def inject():
+                stream = await SessionStream.open(attacker.swarm.transport, first.record(), OpenSession(
+                    "attacker", SPANS[0], 32, 1, relay_token="r" * 32, trail_key="k" * 32), 10)
+                try:
+                    hop = NextHop(second.peer.peer_id, victim.session_id, "f" * 32, "float32")
+                    return await stream.step(SessionStep(
+                        "attacker", torch.randn(1, position, HIDDEN) * 5, start_from_position=0, step_index=999,
+                        attempt=1, answer_last=True, next_hops=encode_route([hop])), 10)
+                finally:
+                    stream.close()
+
+            reply = attacker.swarm.run(inject(), 30)
+            assert "accepts relays with that token" in reply.relay_error  # the first server tells its client why
+            more = model.generate(None, max_new_tokens=4, do_sample=False)  # (the session goes on: new tokens)
+            assert session.failovers == 0
+        assert more.tolist() == expected[:, -4:].tolist()
+    finally:
+        attacker.close()
         model.close()
 
 

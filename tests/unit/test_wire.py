@@ -93,6 +93,71 @@ def test_bad_frames_name_the_cause():
         decode_frame(b'{"tensors": [{"name": "t", "dtype": "float32", "shape": [4]}]}', b"\0" * 8)
 
 
+def _frame(header, body: bytes = b"") -> bytes:
+    header_bytes = header if isinstance(header, bytes) else json.dumps(header).encode()
+    return PREFIX.pack(b"CRL1", len(header_bytes), len(body)) + header_bytes + body
+
+
+PAD = {"name": "pad", "dtype": "float32", "shape": [4]}  # a tensor of 16 bytes, so that each frame has a body
+
+
+def _open(**fields) -> dict:
+    return {"type": "session.open", "version": PROTOCOL_VERSION, "session_id": "s", "blocks": "0:2",
+            "max_length": 8, "batch_size": 1, "tensors": [PAD], **fields}
+
+
+def _empty_tensor(**descriptor) -> dict:
+    return _open(tensors=[PAD, {"name": "t", "dtype": "float32", "shape": [0, 4], **descriptor}])
+
+
+@pytest.mark.parametrize("header, cause", [
+    (b"[" * 100_000, "nests deeper than the 16 levels"),  # the JSON parser recursed: RecursionError
+    (_open(session_id=[[[[[[[[[[[[[[[[[["s"]]]]]]]]]]]]]]]]]]), "nests deeper than the 16 levels"),
+    (_empty_tensor(shape=[0, 2**64]), r"shape \[0, 18446744073709551616\] is too large"),  # torch.empty: TypeError
+    (_empty_tensor(shape=[0, 2**62, 2**62]), "is too large"),  # torch: stride calculation overflowed
+    (_empty_tensor(dtype=["float32"]), r"unknown tensor dtype \['float32'\]"),  # a dict lookup: unhashable
+    (_open(blocks=[0, 2]), r"blocks must be BlockRange, got \[0, 2\]"),  # BlockRange.parse: no .split
+    (_open(blocks=5), "blocks must be BlockRange, got 5"),
+])
+def test_frames_that_do_not_decode_are_bad_requests_naming_the_cause(header, cause):
+    """Whatever the header, a frame read from a peer raises ``BadRequestError`` (the peer's fault, answered or
+    blamed), never the parser's or torch's own exception, which a reader would take for its own crash; and the
+    stream stays in step: the frame after it is read."""
+    frame = _frame(header, b"\0" * 16)  # (a body too: it is skipped with the frame)
+    with pytest.raises(BadRequestError, match=cause):
+        _roundtrip(frame + encode_message(InfoRequest()))
+
+    async def next_one():
+        reader = asyncio.StreamReader()
+        reader.feed_data(frame + encode_message(InfoRequest()))
+        reader.feed_eof()
+        with pytest.raises(BadRequestError):
+            await read_message(reader)
+        return await read_message(reader)
+
+    assert isinstance(asyncio.run(next_one()), InfoRequest)
+
+
+def test_what_the_parsers_did_not_foresee_is_still_the_peers_bad_request(monkeypatch):
+    """The line behind the parsers' checks: an exception a frame makes decoding raise, of a kind nobody foresaw, is
+    that frame's fault, said with its cause."""
+    from corolla.wire import framing
+
+    def unforeseen(frame):
+        raise RuntimeError("torch could not take it")
+
+    monkeypatch.setattr(framing, "message_from_frame", unforeseen)
+    with pytest.raises(BadRequestError, match="could not be decoded: RuntimeError: torch could not take it"):
+        _roundtrip(encode_message(InfoRequest()))
+
+
+def test_empty_tensors_of_any_plausible_shape_still_decode():
+    got, _ = _roundtrip(_frame(_empty_tensor(shape=[0, 2**20, 2**20]), b"\0" * 16))
+    assert got.lora is None  # (a tensor not of the message: dropped, after it decoded)
+    frame = decode_frame(json.dumps({"tensors": [{"name": "t", "dtype": "float32", "shape": [0, 2**40]}]}).encode(), b"")
+    assert frame.tensors["t"].shape == (0, 2**40)
+
+
 def test_optional_tensor_fields_default_to_none():
     step = SessionStep("s", torch.zeros(1, 0, 4))
     got, _ = _roundtrip(encode_message(step))
