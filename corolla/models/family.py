@@ -13,7 +13,7 @@ from __future__ import annotations
 import functools
 import importlib
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import Optional, Protocol
 
@@ -130,10 +130,13 @@ class ModelFamily:
 
     @property
     def _block_name_pattern(self) -> re.Pattern[str]:
-        # Checkpoints saved from the base model (e.g. BLOOM's "h.3.…") lack the leading "transformer."/"model.".
-        base, _, layers = self.layers_path.rpartition(".")
-        optional_base = f"(?:{re.escape(base)}\\.)?" if base else ""
-        return re.compile(f"^{optional_base}{re.escape(layers)}\\.(\\d+)\\.(.+)$")
+        # Checkpoints saved from the base model lack the causal LM's base model prefix, as the hub's originals of
+        # BLOOM ("h.3.…") and OPT ("decoder.layers.3.…") do; transformers loads both layouts, so Corolla does too.
+        base = f"{self.base_attr}."
+        if self.layers_path.startswith(base):
+            inner = self.layers_path[len(base):]
+            return re.compile(f"^(?:{re.escape(base)})?{re.escape(inner)}\\.(\\d+)\\.(.+)$")
+        return re.compile(f"^{re.escape(self.layers_path)}\\.(\\d+)\\.(.+)$")
 
     def split_block_tensor(self, name: str) -> tuple[int, str] | None:
         """``(block index, name inside the layer)`` of a checkpoint tensor name, or None if not a block tensor."""
@@ -144,6 +147,27 @@ class ModelFamily:
         """The block index a checkpoint tensor belongs to, or None for embeddings, final norm, head..."""
         split = self.split_block_tensor(name)
         return split[0] if split else None
+
+    def client_tensors(self, tensors: dict[str, torch.Tensor], expected: Collection[str]) -> dict[str, torch.Tensor]:
+        """The client's checkpoint tensors (``tensors``, by checkpoint name) by the names the client model has
+        (``expected``, its state dict's names), as transformers maps them on load: first the family's renames
+        (``client_renames``), then the base model prefix added where the checkpoint was saved from the base model
+        (BLOOM's "word_embeddings.weight" is the causal LM's "transformer.word_embeddings.weight", OPT's
+        "decoder.embed_tokens.weight" its "model.decoder.embed_tokens.weight"). Names matching nothing stay as
+        they are."""
+        renamed = {}
+        for name, tensor in tensors.items():
+            for old, new in self.client_renames:
+                if name.startswith(old):
+                    name = new + name[len(old):]
+            renamed[name] = tensor
+        prefixed = {}
+        for name, tensor in renamed.items():
+            with_base = f"{self.base_attr}.{name}"
+            if name not in expected and with_base in expected and with_base not in renamed:
+                name = with_base
+            prefixed[name] = tensor
+        return prefixed
 
     def build_layer(self, config: transformers.PretrainedConfig, index: int) -> nn.Module:
         """Build block ``index`` (global numbering) with the HF layer class, on the current default device."""
