@@ -96,6 +96,9 @@ class ModelFamily:
     client_renames: tuple[tuple[str, str], ...] = ()
     # Linear layers (paths inside a block) that LoRA adapts when the user names none.
     lora_targets: tuple[str, ...] = ()
+    # Linear layers (paths inside a block) whose ``.weight`` the HF layer reads itself under ``config`` instead of
+    # calling them (BLOOM's slow_but_exact): they stay ``nn.Linear``, never quantized nor packed.
+    float_linears: Optional[Callable[[transformers.PretrainedConfig], tuple[str, ...]]] = None
     # Attention implementation the layers run with (and the masks are built for).
     attn_implementation: str = "sdpa"
     # True if the runner may run several sessions' steps through a layer at once (``run_layer_batched``): the
@@ -119,6 +122,10 @@ class ModelFamily:
 
     def output_features(self, config: transformers.PretrainedConfig) -> int:
         return self.head_features(config) if self.head_features is not None else config.hidden_size
+
+    def linears_kept_float(self, config: transformers.PretrainedConfig) -> tuple[str, ...]:
+        """Paths inside a block of the linear layers that must stay ``nn.Linear`` (see ``float_linears``)."""
+        return tuple(self.float_linears(config)) if self.float_linears is not None else ()
 
     def layer_type(self, config: transformers.PretrainedConfig, index: int) -> str:
         """``full_attention`` or ``sliding_attention``: the mask block ``index`` attends with."""

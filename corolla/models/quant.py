@@ -25,6 +25,7 @@ server works, with the quantized weights' outputs.
 from __future__ import annotations
 
 import abc
+from collections.abc import Collection
 
 import torch
 from torch import nn
@@ -233,13 +234,15 @@ def fused_experts(module: nn.Module) -> bool:
             and not getattr(module, "has_post_expert_norm", False) and hasattr(module, "act_fn"))
 
 
-def quantize_layer(layer: nn.Module, mode: str, device: torch.device) -> nn.Module:
-    """Replace the linear layers of ``layer`` (loaded, on ``device``) by quantized ones, in place; experts held in
-    fused parameters (Mixtral's) become ``QuantizedExperts``."""
+def quantize_layer(layer: nn.Module, mode: str, device: torch.device, keep: Collection[str] = ()) -> nn.Module:
+    """Replace the linear layers of ``layer`` (loaded, on ``device``) by quantized ones, in place, but those named in
+    ``keep`` (``ModelFamily.linears_kept_float``); experts held in fused parameters (Mixtral's) become
+    ``QuantizedExperts``."""
     if mode == "none":
         return layer
     # (the linear layers are listed before the experts' own are made: bitsandbytes' layers are nn.Linear too)
-    targets = [(name, module) for name, module in layer.named_modules() if isinstance(module, nn.Linear)]
+    targets = [(name, module) for name, module in layer.named_modules()
+               if isinstance(module, nn.Linear) and name not in keep]
     experts = [(name, module) for name, module in layer.named_modules() if fused_experts(module)]
     for name, module in experts:
         parent_name, _, child = name.rpartition(".")

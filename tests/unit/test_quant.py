@@ -166,6 +166,46 @@ def test_mixtral_experts_are_quantized(tmp_path, mode, bound):
     assert ((inputs[1].grad - inputs[0].grad).norm() / inputs[0].grad.norm()).item() < 1e-2
 
 
+def test_bloom_slow_but_exact_keeps_the_linear_layers_it_reads_as_tensors(tmp_path):
+    """BLOOM with pretraining_tp > 1 and slow_but_exact: transformers' attention and MLP read ``dense.weight`` and
+    ``dense_4h_to_h.weight`` themselves (slices of them, without their biases), which quantized and packed layers
+    lack (every forward raised AttributeError): those two stay float, the others are quantized or packed, and the
+    outputs are the float layers' (packed: exactly; int8/int4: as close as their other layers allow)."""
+    import transformers
+
+    from corolla.models.packing import PackedLinear
+    from corolla.testing.tiny import on_grid
+
+    config = transformers.BloomConfig(hidden_size=64, n_layer=2, n_head=4, vocab_size=128, initializer_range=0.1,
+                                      pretraining_tp=2, slow_but_exact=True)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.Linear):  # bfloat16 values, as a bf16-published checkpoint read in float32
+                module.weight.copy_(on_grid(module.weight, "bf16"))
+    model.save_pretrained(tmp_path)
+    config = load_config(tmp_path)
+    load = lambda quant, **kwargs: load_block_stack(tmp_path, config, BlockRange(0, 2), torch.float32, "cpu", quant,
+                                                    **kwargs)
+    reference = load("none", pack_weights=False)
+    stacks = {"packed": load("none"), "int8": load("int8"), "int4": load("int4")}
+    hidden = torch.randn(2, 7, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = reference(hidden)
+        outputs = {name: stack(hidden) for name, stack in stacks.items()}
+    kinds = {"packed": PackedLinear, "int8": Int8Linear, "int4": Int4Linear}
+    for name, stack in stacks.items():
+        layer = stack.layer(0)
+        assert type(layer.self_attention.dense) is nn.Linear and type(layer.mlp.dense_4h_to_h) is nn.Linear
+        if name != "packed" or stack.packed:  # (packed only where the kernels rebuild packed weights fast)
+            assert isinstance(layer.self_attention.query_key_value, kinds[name]), name
+            assert isinstance(layer.mlp.dense_h_to_4h, kinds[name]), name
+    assert (outputs["packed"] - expected).abs().max().item() < 1e-5
+    for name, bound in (("int8", 0.01), ("int4", 0.15)):
+        assert ((outputs[name] - expected).norm() / expected.norm()).item() < bound, name
+
+
 def test_quant_modes_per_device():
     assert resolve_quant("auto", torch.device("cpu")) == "int8"
     assert resolve_quant("int4", torch.device("cpu")) == "int4"
