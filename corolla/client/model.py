@@ -386,9 +386,7 @@ class DistributedModelMixin:
         try:
             model = cls(config, swarm)
             tensors = read_tensors(path, lambda name: family.is_block_tensor(name) is None)
-            for old, new in family.client_renames:
-                tensors = {new + name[len(old):] if name.startswith(old) else name: t for name, t in tensors.items()}
-            model._load_client_tensors(tensors)
+            model._load_client_tensors(family.client_tensors(tensors, model.state_dict().keys()))
             tuning = TuningConfig(TuningMode(tuning_mode or "none"), pre_seq_len, lora_rank, lora_alpha,
                                   None if lora_target_modules is None else tuple(lora_target_modules))
             model._set_up_tuning(tuning, family)

@@ -75,6 +75,14 @@ def _client_parts(config) -> ClientParts:
     return ClientParts(modules, "word_embeddings", "ln_f", "h", after_embed="word_embeddings_layernorm")
 
 
+def _float_linears(config) -> tuple[str, ...]:
+    # with pretraining_tp > 1 and slow_but_exact, BloomAttention and BloomMLP sum products of slices of
+    # ``dense.weight`` and ``dense_4h_to_h.weight`` (read as tensors, without their biases) instead of calling them
+    if getattr(config, "pretraining_tp", 1) > 1 and getattr(config, "slow_but_exact", False):
+        return ("self_attention.dense", "mlp.dense_4h_to_h")
+    return ()
+
+
 FAMILY = ModelFamily(
     model_type="bloom",
     layers_path="transformer.h",
@@ -85,6 +93,7 @@ FAMILY = ModelFamily(
     client_parts=_client_parts,
     base_attr="transformer",
     lora_targets=("self_attention.query_key_value",),
+    float_linears=_float_linears,
     attn_implementation="eager",
     # the weights Petals re-saved for its swarms ("bloom-petals", "bloomz-petals") are BLOOM's own
     dht_name=without_suffix("-petals"),

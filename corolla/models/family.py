@@ -13,7 +13,7 @@ from __future__ import annotations
 import functools
 import importlib
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import Optional, Protocol
 
@@ -96,6 +96,9 @@ class ModelFamily:
     client_renames: tuple[tuple[str, str], ...] = ()
     # Linear layers (paths inside a block) that LoRA adapts when the user names none.
     lora_targets: tuple[str, ...] = ()
+    # Linear layers (paths inside a block) whose ``.weight`` the HF layer reads itself under ``config`` instead of
+    # calling them (BLOOM's slow_but_exact): they stay ``nn.Linear``, never quantized nor packed.
+    float_linears: Optional[Callable[[transformers.PretrainedConfig], tuple[str, ...]]] = None
     # Attention implementation the layers run with (and the masks are built for).
     attn_implementation: str = "sdpa"
     # True if the runner may run several sessions' steps through a layer at once (``run_layer_batched``): the
@@ -120,6 +123,10 @@ class ModelFamily:
     def output_features(self, config: transformers.PretrainedConfig) -> int:
         return self.head_features(config) if self.head_features is not None else config.hidden_size
 
+    def linears_kept_float(self, config: transformers.PretrainedConfig) -> tuple[str, ...]:
+        """Paths inside a block of the linear layers that must stay ``nn.Linear`` (see ``float_linears``)."""
+        return tuple(self.float_linears(config)) if self.float_linears is not None else ()
+
     def layer_type(self, config: transformers.PretrainedConfig, index: int) -> str:
         """``full_attention`` or ``sliding_attention``: the mask block ``index`` attends with."""
         return attention_type(config, index)
@@ -130,10 +137,13 @@ class ModelFamily:
 
     @property
     def _block_name_pattern(self) -> re.Pattern[str]:
-        # Checkpoints saved from the base model (e.g. BLOOM's "h.3.…") lack the leading "transformer."/"model.".
-        base, _, layers = self.layers_path.rpartition(".")
-        optional_base = f"(?:{re.escape(base)}\\.)?" if base else ""
-        return re.compile(f"^{optional_base}{re.escape(layers)}\\.(\\d+)\\.(.+)$")
+        # Checkpoints saved from the base model lack the causal LM's base model prefix, as the hub's originals of
+        # BLOOM ("h.3.…") and OPT ("decoder.layers.3.…") do; transformers loads both layouts, so Corolla does too.
+        base = f"{self.base_attr}."
+        if self.layers_path.startswith(base):
+            inner = self.layers_path[len(base):]
+            return re.compile(f"^(?:{re.escape(base)})?{re.escape(inner)}\\.(\\d+)\\.(.+)$")
+        return re.compile(f"^{re.escape(self.layers_path)}\\.(\\d+)\\.(.+)$")
 
     def split_block_tensor(self, name: str) -> tuple[int, str] | None:
         """``(block index, name inside the layer)`` of a checkpoint tensor name, or None if not a block tensor."""
@@ -144,6 +154,27 @@ class ModelFamily:
         """The block index a checkpoint tensor belongs to, or None for embeddings, final norm, head..."""
         split = self.split_block_tensor(name)
         return split[0] if split else None
+
+    def client_tensors(self, tensors: dict[str, torch.Tensor], expected: Collection[str]) -> dict[str, torch.Tensor]:
+        """The client's checkpoint tensors (``tensors``, by checkpoint name) by the names the client model has
+        (``expected``, its state dict's names), as transformers maps them on load: first the family's renames
+        (``client_renames``), then the base model prefix added where the checkpoint was saved from the base model
+        (BLOOM's "word_embeddings.weight" is the causal LM's "transformer.word_embeddings.weight", OPT's
+        "decoder.embed_tokens.weight" its "model.decoder.embed_tokens.weight"). Names matching nothing stay as
+        they are."""
+        renamed = {}
+        for name, tensor in tensors.items():
+            for old, new in self.client_renames:
+                if name.startswith(old):
+                    name = new + name[len(old):]
+            renamed[name] = tensor
+        prefixed = {}
+        for name, tensor in renamed.items():
+            with_base = f"{self.base_attr}.{name}"
+            if name not in expected and with_base in expected and with_base not in renamed:
+                name = with_base
+            prefixed[name] = tensor
+        return prefixed
 
     def build_layer(self, config: transformers.PretrainedConfig, index: int) -> nn.Module:
         """Build block ``index`` (global numbering) with the HF layer class, on the current default device."""

@@ -67,9 +67,13 @@ def block_of(key: str) -> int:
 
 def linear_targets(layer: nn.Module) -> dict[str, nn.Module]:
     """The linear layers of one decoder block that LoRA may target, by module path (quantized ones included)."""
-    from corolla.models.quant import QuantizedLinear
+    from corolla.models.quant import QuantizedExperts, QuantizedLinear
 
-    return {name: module for name, module in layer.named_modules() if isinstance(module, (nn.Linear, QuantizedLinear))}
+    # quantized experts hold a linear layer per expert where a float server has fused tensors (no linear layer): a
+    # server takes the same adapters whatever its quantization
+    experts = tuple(name + "." for name, module in layer.named_modules() if isinstance(module, QuantizedExperts))
+    return {name: module for name, module in layer.named_modules()
+            if isinstance(module, (nn.Linear, QuantizedLinear)) and not name.startswith(experts)}
 
 
 def check_lora(stack, lora: LoraSet, span: BlockRange) -> None:

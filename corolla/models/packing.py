@@ -17,6 +17,7 @@ grid by one bit leaves the whole matrix unpacked.
 """
 from __future__ import annotations
 
+from collections.abc import Collection
 from typing import Optional
 
 import torch
@@ -159,11 +160,13 @@ class PackedLinear(QuantizedLinear):
         return f"in_features={self.in_features}, out_features={self.out_features}, packing={self.packing}"
 
 
-def pack_layer(layer: nn.Module, kinds: tuple[str, ...] = PACKINGS) -> dict[str, str]:
+def pack_layer(layer: nn.Module, kinds: tuple[str, ...] = PACKINGS, keep: Collection[str] = ()) -> dict[str, str]:
     """Replace each float32 ``nn.Linear`` of ``layer`` whose weights ``pack`` holds exactly by a ``PackedLinear``, in
-    place; returns {module name: packing} of those replaced."""
+    place, but those named in ``keep`` (``ModelFamily.linears_kept_float``); returns {module name: packing} of those
+    replaced."""
     replaced = {}
-    targets = [(name, module) for name, module in layer.named_modules() if type(module) is nn.Linear]
+    targets = [(name, module) for name, module in layer.named_modules()
+               if type(module) is nn.Linear and name not in keep]
     for name, linear in targets:
         packed = pack(linear.weight, kinds)
         if packed is None:

@@ -13,6 +13,9 @@ On CPU:
 PyTorch's dynamic int8 quantization (fbgemm) was also measured, but it quantizes activations per tensor: the embedded
 model's first-token activations (values of 10^4 beside values near 1) ruin the other tokens' resolution in a prefill.
 
+Mixture-of-experts layers whose experts transformers 5 fuses into 3-D parameters (Mixtral's) get one quantized
+linear layer per expert and projection (``QuantizedExperts``).
+
 On CUDA, ``int8`` and ``nf4`` are bitsandbytes' LLM.int8() (outliers in 16-bit) and NF4, as Petals offers; they need
 the ``bitsandbytes`` package.
 
@@ -22,6 +25,7 @@ server works, with the quantized weights' outputs.
 from __future__ import annotations
 
 import abc
+from collections.abc import Collection
 
 import torch
 from torch import nn
@@ -176,11 +180,74 @@ def quantizable(linear: nn.Linear, mode: str) -> bool:
     return mode != "int4" or (linear.in_features % INT4_GROUP == 0 and linear.out_features % 16 == 0)
 
 
-def quantize_layer(layer: nn.Module, mode: str, device: torch.device) -> nn.Module:
-    """Replace the linear layers of ``layer`` (loaded, on ``device``) by quantized ones, in place."""
+class QuantizedExperts(nn.Module):
+    """A mixture-of-experts layer's experts with each expert's projections as quantized linear layers.
+
+    transformers 5 holds all experts of a layer (Mixtral's ``MixtralExperts``) in two 3-D parameters, not in
+    ``nn.Linear`` modules: ``gate_up_proj`` [experts, 2 * intermediate, hidden] (gate and up projections stacked)
+    and ``down_proj`` [experts, hidden, intermediate]. Nearly all of a Mixtral's weights are there, so they are
+    quantized as any linear layer is (int8: a scale per output channel of each expert; int4: groups along its
+    input), one ``QuantizedLinear`` per expert and projection, and this module computes what the experts' eager
+    forward does (the routing loop of transformers' ``MixtralExperts.forward``) with them."""
+
+    def __init__(self, experts: nn.Module, mode: str, device: torch.device):
+        super().__init__()
+        self.num_experts = experts.gate_up_proj.shape[0]
+        self.act_fn = experts.act_fn
+
+        def projection(weight: torch.Tensor) -> nn.Module:  # weight [out, in] of one expert
+            linear = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
+            linear.weight = nn.Parameter(weight.detach().clone(), requires_grad=False)
+            return _quantized(linear, mode, device) if quantizable(linear, mode) else linear
+
+        self.gate_up = nn.ModuleList(projection(weight) for weight in experts.gate_up_proj)
+        self.down = nn.ModuleList(projection(weight) for weight in experts.down_proj)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,  # [tokens, hidden]
+        top_k_index: torch.Tensor,  # [tokens, top_k]: the experts each token is routed to
+        top_k_weights: torch.Tensor,  # [tokens, top_k]: their weights
+    ) -> torch.Tensor:  # [tokens, hidden]
+        final = torch.zeros_like(hidden_states)
+        with torch.no_grad():
+            # (index num_experts: a token routed to no local expert, as transformers allows)
+            expert_mask = nn.functional.one_hot(top_k_index, num_classes=self.num_experts + 1).permute(2, 1, 0)
+            hit = torch.greater(expert_mask.sum(dim=(-1, -2)), 0).nonzero()  # [experts hit, 1]
+        for expert in hit[:, 0].tolist():
+            if expert == self.num_experts:
+                continue
+            top_k_pos, token_idx = torch.where(expert_mask[expert])
+            gate, up = self.gate_up[expert](hidden_states[token_idx]).chunk(2, dim=-1)
+            out = self.down[expert](self.act_fn(gate) * up) * top_k_weights[token_idx, top_k_pos, None]
+            final.index_add_(0, token_idx, out.to(final.dtype))
+        return final
+
+
+def fused_experts(module: nn.Module) -> bool:
+    """Whether ``module`` holds experts as transformers 5's ``MixtralExperts`` does (see ``QuantizedExperts``):
+    3-D ``gate_up_proj`` and ``down_proj``, gate and up concatenated, not transposed, no biases."""
+    gate_up, down = getattr(module, "gate_up_proj", None), getattr(module, "down_proj", None)
+    return (isinstance(gate_up, torch.Tensor) and isinstance(down, torch.Tensor) and gate_up.dim() == down.dim() == 3
+            and getattr(module, "has_gate", True) and getattr(module, "is_concatenated", True)
+            and not getattr(module, "is_transposed", False) and not getattr(module, "has_bias", False)
+            and not getattr(module, "has_post_expert_norm", False) and hasattr(module, "act_fn"))
+
+
+def quantize_layer(layer: nn.Module, mode: str, device: torch.device, keep: Collection[str] = ()) -> nn.Module:
+    """Replace the linear layers of ``layer`` (loaded, on ``device``) by quantized ones, in place, but those named in
+    ``keep`` (``ModelFamily.linears_kept_float``); experts held in fused parameters (Mixtral's) become
+    ``QuantizedExperts``."""
     if mode == "none":
         return layer
-    targets = [(name, module) for name, module in layer.named_modules() if isinstance(module, nn.Linear)]
+    # (the linear layers are listed before the experts' own are made: bitsandbytes' layers are nn.Linear too)
+    targets = [(name, module) for name, module in layer.named_modules()
+               if isinstance(module, nn.Linear) and name not in keep]
+    experts = [(name, module) for name, module in layer.named_modules() if fused_experts(module)]
+    for name, module in experts:
+        parent_name, _, child = name.rpartition(".")
+        parent = layer.get_submodule(parent_name) if parent_name else layer
+        setattr(parent, child, QuantizedExperts(module, mode, torch.device(device)))
     for name, linear in targets:
         if not quantizable(linear, mode):
             continue  # stays in full precision

@@ -4,6 +4,7 @@ from __future__ import annotations
 import collections
 import copy
 import itertools
+import logging
 import threading
 from pathlib import Path
 from typing import Optional
@@ -22,6 +23,8 @@ from corolla.models.fused import FusedLayer, fusable
 from corolla.models.kv import DEFAULT_PAGE_TOKENS, PagedLayer
 from corolla.models.packing import pack_layer
 from corolla.models.quant import Int8Linear, quantize_layer
+
+logger = logging.getLogger(__name__)
 
 
 class BlockStack(nn.Module):
@@ -308,6 +311,10 @@ def load_block_stack(
                and torch.device(device).type == "cpu" and cpu_kernels.available() and cpu_kernels.packing_pays())
     # quantized or packed: one block's float tensors at a time; otherwise all at once (each shard opened once)
     one_at_a_time = quant != "none" or packing
+    keep_float = family.linears_kept_float(config)
+    if keep_float and (quant != "none" or packing):
+        logger.info("%s stay float (read as tensors by the %s layer under this config): neither quantized nor packed",
+                    ", ".join(keep_float), family.model_type)
     states = {} if one_at_a_time else block_states(blocks)
     packed_kinds: collections.Counter = collections.Counter()
     from tqdm import tqdm
@@ -328,11 +335,11 @@ def load_block_stack(
         still_meta = [name for name, t in itertools.chain(layer.named_parameters(), layer.named_buffers()) if t.is_meta]
         if still_meta:
             raise CorollaError(f"block {index} of {path} has tensors the checkpoint does not provide: {still_meta}")
-        replaced = pack_layer(layer) if packing else {}
+        replaced = pack_layer(layer, keep=keep_float) if packing else {}
         packed_kinds.update(replaced.values())
         if quant != "none" or replaced:
             if quant != "none":
-                quantize_layer(layer, quant, torch.device(device))
+                quantize_layer(layer, quant, torch.device(device), keep=keep_float)
             for tensor in itertools.chain(layer.parameters(), layer.buffers()):
                 # what stays in float (norms, biases) may still point into the checkpoint's memory map, which
                 # would keep every page of it read so far: give it its own memory

@@ -97,3 +97,30 @@ def test_int8_server_tokens_stay_close_to_float(model_dir):
             assert [s.record().quant for s in swarm.servers] == ["int8", "int8"]
         finally:
             model.close()
+
+
+def test_mixtral_int8_server_quantizes_its_experts_as_a_local_model_would(tmp_path):
+    """Mixtral's experts (fused parameters in transformers 5, not linear layers) are quantized on an int8 server,
+    which computes as the local model whose layers ``quantize_layer`` quantized: the same logits and tokens."""
+    import functools
+
+    from corolla.models.family import family_for
+    from corolla.models.quant import quantize_layer
+
+    local = save_tiny_model("mixtral", tmp_path, num_layers=4, seed=3)
+    for layer in functools.reduce(getattr, family_for(local.config).layers_path.split("."), local):
+        quantize_layer(layer, "int8", torch.device("cpu"))
+    with InProcessSwarm(str(tmp_path), [BlockRange(0, 2), BlockRange(2, 4)], dht_prefix="q8moe", quant="int8") as swarm:
+        for server in swarm.servers:  # what stays float: norms and the 4-expert router
+            assert server.record().quant == "int8"
+            assert [name for name, p in server.stack.named_parameters() if p.numel() > 4 * 64] == []
+        model = swarm.client()
+        try:
+            ids = torch.randint(3, 128, (2, 12), generator=torch.Generator().manual_seed(1))
+            with torch.no_grad():
+                expected, got = local(ids).logits, model(ids).logits
+            assert (got - expected).abs().max().item() < 1e-4
+            greedy = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
+            assert model.generate(ids[:1], **greedy).tolist() == local.generate(ids[:1], **greedy).tolist()
+        finally:
+            model.close()

@@ -9,7 +9,7 @@ import torch
 
 from corolla.core.blocks import BlockRange
 from corolla.core.errors import CorollaError
-from corolla.models.checkpoint import load_config
+from corolla.models.checkpoint import load_config, read_tensors
 from corolla.models.family import all_families, family_for
 from corolla.models.stack import load_block_stack
 from corolla.testing.tiny import TINY_CONFIGS, save_tiny_model
@@ -128,3 +128,26 @@ def test_unsupported_family_error_lists_supported():
 
     with pytest.raises(CorollaError, match="gpt2.*mistral, mixtral"):
         family_for(transformers.GPT2Config())
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_checkpoint_saved_from_the_base_model(name, tmp_path):
+    """The hub's BLOOM and OPT originals were saved from the base model: no "transformer."/"model." prefix
+    ("h.0.…", "decoder.layers.0.…"). transformers loads them into the causal LM; so must servers and clients."""
+    model = save_tiny_model(name, tmp_path / "full", num_layers=2)
+    family = family_for(model.config)
+    getattr(model, family.base_attr).save_pretrained(str(tmp_path / "base"))
+    base_names = read_tensors(tmp_path / "base", lambda name: True)
+    assert not any(name.startswith(family.base_attr + ".") for name in base_names)
+    config = load_config(tmp_path / "base")
+    full_stack = load_block_stack(tmp_path / "full", config, BlockRange(0, 2), torch.float32, "cpu")
+    base_stack = load_block_stack(tmp_path / "base", config, BlockRange(0, 2), torch.float32, "cpu")
+    expected, got = full_stack.state_dict(), base_stack.state_dict()
+    assert sorted(got) == sorted(expected) and all(torch.equal(got[key], expected[key]) for key in expected)
+    # the client's tensors, by the causal LM's names (the base model holds no head)
+    own = model.state_dict().keys()
+    client = lambda path: family.client_tensors(read_tensors(path, lambda n: family.is_block_tensor(n) is None), own)
+    from_full, from_base = client(tmp_path / "full"), client(tmp_path / "base")
+    head = {key for key in from_full if not key.startswith(family.base_attr + ".")}
+    assert set(from_base) == set(from_full) - head  # (no head at all where it is tied to the embeddings)
+    assert all(torch.equal(from_base[key], from_full[key]) for key in from_base)

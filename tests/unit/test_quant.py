@@ -126,6 +126,86 @@ def test_stack_with_quantized_weights(tmp_path):
     assert not torch.allclose(adapted, outputs["int8"])
 
 
+@pytest.mark.parametrize("mode, bound", [("int8", 0.01), ("int4", 0.15)])  # (4 bits of weights std 0.1)
+def test_mixtral_experts_are_quantized(tmp_path, mode, bound):
+    """transformers 5 holds Mixtral's experts (nearly all its weights) in two fused 3-D parameters, not nn.Linear
+    modules: they are quantized too (they stayed float32, at 92% of the float stack's bytes under int8), and the
+    quantized experts compute what transformers' experts compute with the weights they hold."""
+    model = save_tiny_model("mixtral", tmp_path, num_layers=2)
+    config = load_config(tmp_path)
+    stacks = {q: load_block_stack(tmp_path, config, BlockRange(0, 2), torch.float32, "cpu", q) for q in ("none", mode)}
+    full, quantized = stacks["none"].weight_bytes(), stacks[mode].weight_bytes()
+    assert quantized < (0.3 if mode == "int8" else 0.2) * full, quantized / full
+    float_weights = [name for name, p in stacks[mode].named_parameters() if p.numel() > 4 * 64]
+    assert float_weights == []  # what stays float: norms and the small router
+    assert linear_targets(stacks[mode].layer(0)).keys() == linear_targets(stacks["none"].layer(0)).keys()  # LoRA's
+    hidden = torch.randn(2, 9, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected, got = stacks["none"](hidden), stacks[mode](hidden)
+    assert ((got - expected).norm() / expected.norm()).item() < bound
+    # against transformers' own experts holding the dequantized weights: the same computation
+    from corolla.models.quant import QuantizedExperts
+
+    experts = model.model.layers[0].mlp.experts
+    replaced = QuantizedExperts(experts, mode, torch.device("cpu"))
+    assert isinstance(replaced.gate_up[0], Int8Linear if mode == "int8" else Int4Linear)
+    with torch.no_grad():
+        experts.gate_up_proj.copy_(torch.stack([linear.dequantized_weight() for linear in replaced.gate_up]))
+        experts.down_proj.copy_(torch.stack([linear.dequantized_weight() for linear in replaced.down]))
+    tokens = torch.randn(7, 64, generator=torch.Generator().manual_seed(1))
+    index = torch.tensor([[0, 1], [2, 3], [1, 3], [0, 2], [3, 0], [1, 2], [2, 1]])
+    weights = torch.rand(7, 2, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        reference, ours = experts(tokens, index, weights), replaced(tokens, index, weights)
+    # int8 keeps float32 activations; int4's kernel rounds them to bfloat16
+    assert ((ours - reference).norm() / reference.norm()).item() < (1e-5 if mode == "int8" else 1e-2)
+    # gradients reach the input through the quantized experts, as through transformers' with those weights
+    inputs = [tokens.clone().requires_grad_(True) for _ in range(2)]
+    (experts(inputs[0], index, weights) * reference).sum().backward()
+    (replaced(inputs[1], index, weights) * reference).sum().backward()
+    assert ((inputs[1].grad - inputs[0].grad).norm() / inputs[0].grad.norm()).item() < 1e-2
+
+
+def test_bloom_slow_but_exact_keeps_the_linear_layers_it_reads_as_tensors(tmp_path):
+    """BLOOM with pretraining_tp > 1 and slow_but_exact: transformers' attention and MLP read ``dense.weight`` and
+    ``dense_4h_to_h.weight`` themselves (slices of them, without their biases), which quantized and packed layers
+    lack (every forward raised AttributeError): those two stay float, the others are quantized or packed, and the
+    outputs are the float layers' (packed: exactly; int8/int4: as close as their other layers allow)."""
+    import transformers
+
+    from corolla.models.packing import PackedLinear
+    from corolla.testing.tiny import on_grid
+
+    config = transformers.BloomConfig(hidden_size=64, n_layer=2, n_head=4, vocab_size=128, initializer_range=0.1,
+                                      pretraining_tp=2, slow_but_exact=True)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.Linear):  # bfloat16 values, as a bf16-published checkpoint read in float32
+                module.weight.copy_(on_grid(module.weight, "bf16"))
+    model.save_pretrained(tmp_path)
+    config = load_config(tmp_path)
+    load = lambda quant, **kwargs: load_block_stack(tmp_path, config, BlockRange(0, 2), torch.float32, "cpu", quant,
+                                                    **kwargs)
+    reference = load("none", pack_weights=False)
+    stacks = {"packed": load("none"), "int8": load("int8"), "int4": load("int4")}
+    hidden = torch.randn(2, 7, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = reference(hidden)
+        outputs = {name: stack(hidden) for name, stack in stacks.items()}
+    kinds = {"packed": PackedLinear, "int8": Int8Linear, "int4": Int4Linear}
+    for name, stack in stacks.items():
+        layer = stack.layer(0)
+        assert type(layer.self_attention.dense) is nn.Linear and type(layer.mlp.dense_4h_to_h) is nn.Linear
+        if name != "packed" or stack.packed:  # (packed only where the kernels rebuild packed weights fast)
+            assert isinstance(layer.self_attention.query_key_value, kinds[name]), name
+            assert isinstance(layer.mlp.dense_h_to_4h, kinds[name]), name
+    assert (outputs["packed"] - expected).abs().max().item() < 1e-5
+    for name, bound in (("int8", 0.01), ("int4", 0.15)):
+        assert ((outputs[name] - expected).norm() / expected.norm()).item() < bound, name
+
+
 def test_quant_modes_per_device():
     assert resolve_quant("auto", torch.device("cpu")) == "int8"
     assert resolve_quant("int4", torch.device("cpu")) == "int4"
