@@ -46,8 +46,8 @@ from corolla.wire.swarm_key import load_swarm_key
 from corolla.wire.messages import PROTOCOL_VERSION, RPC_PROTOCOL, InfoReply
 
 logger = logging.getLogger(__name__)
-LOCATE_PERIOD_S = 2.0  # the most often a server reads the records to find where to relay
-LOCATE_MAX_AGE_S = 60.0  # ...and how long it trusts the addresses it read
+LOCATE_PERIOD_S = 2.0  # the most often a server reads the records for a next hop it does not know
+LOCATE_REFRESH_S = 15.0  # how often it reads them anyway, so that the hops it relays to are known beforehand
 
 
 class Server:
@@ -80,7 +80,9 @@ class Server:
         self.identity = identity
         self.abandon = threading.Event()  # set when the server stops: a load in progress ends before its next block
         self._located: dict[str, tuple[str, ...]] = {}  # servers of this model and their addresses (``_locate``)
-        self._located_at = -math.inf
+        self._missed_at = -math.inf  # when a next hop was last not found (reads for unknown hops are spaced)
+        self._locating: Optional[asyncio.Future] = None  # a read of the records under way
+        self._locator: Optional[asyncio.Task] = None
         self.announcer = Announcer(peer, model_prefix, self.record, config.announce_period_s, config.record_ttl_s,
                                    identity, load_swarm_key(config.swarm_key_path))
 
@@ -155,6 +157,7 @@ class Server:
         if config.blocks is None:  # a server that chose its span may move; one told which blocks to serve stays
             self._rebalancer = asyncio.create_task(self._rebalance_loop())
         self._janitor = asyncio.create_task(self._expire_loop())
+        self._locator = asyncio.create_task(self._locate_loop())
         if config.address_file:
             write_address_file(config.address_file, self.maddrs)
         logger.info(
@@ -246,16 +249,34 @@ class Server:
 
     async def _locate(self, peer_id: str) -> Optional[tuple[str, ...]]:
         """Where the server ``peer_id`` announces it can be dialled, from its record for this model (None: it
-        announces no blocks of it). The records are read again at most every LOCATE_PERIOD_S, so routes naming
-        unknown servers cannot make this server read the DHT at every step."""
+        announces no blocks of it). The view is kept warm by ``_locate_loop``, so a relay to a server known then
+        (a replacement after a failover, say) waits for no DHT read; an unknown one waits for a new read, at most
+        one every LOCATE_PERIOD_S, so routes naming unknown servers cannot make this server read the DHT at every
+        step."""
         now = asyncio.get_running_loop().time()
-        stale = peer_id not in self._located or now - self._located_at >= LOCATE_MAX_AGE_S
-        if stale and now - self._located_at >= LOCATE_PERIOD_S:
-            self._located_at = now
-            total = self.model_config.num_hidden_layers
-            records = await fetch_records(self.peer, self.model_prefix, range(total), total, self.handler.swarm_key)
-            self._located = {record.peer_id: record.maddrs for record in records}
+        if peer_id not in self._located and now - self._missed_at >= LOCATE_PERIOD_S:
+            self._missed_at = now
+            if self._locating is None or self._locating.done():
+                self._locating = asyncio.ensure_future(self._read_locations())
+            await asyncio.shield(self._locating)
         return self._located.get(peer_id)
+
+    async def _read_locations(self) -> None:
+        total = self.model_config.num_hidden_layers
+        try:
+            records = await fetch_records(self.peer, self.model_prefix, range(total), total, self.handler.swarm_key)
+        except Exception as error:  # noqa: BLE001 - the DHT did not answer: keep what was known
+            logger.info("reading where servers can be dialled failed: %s", error)
+            return
+        self._located = {record.peer_id: record.maddrs for record in records}
+
+    async def _locate_loop(self) -> None:
+        """Read where the model's servers can be dialled every LOCATE_REFRESH_S (relays look them up there)."""
+        while True:
+            if self._locating is None or self._locating.done():
+                self._locating = asyncio.ensure_future(self._read_locations())
+            await asyncio.shield(self._locating)
+            await asyncio.sleep(LOCATE_REFRESH_S * random.uniform(0.8, 1.2))
 
     def record(self) -> ServerRecord:
         return ServerRecord(
@@ -303,7 +324,7 @@ class Server:
     async def shutdown(self) -> None:
         """Announce offline, refuse new work, give in-flight work ``shutdown_grace_s``, then stop."""
         self.abandon.set()  # a move loading its new blocks stops
-        for task in (self._rebalancer, self._janitor):
+        for task in (self._rebalancer, self._janitor, self._locator, self._locating):
             if task is not None:
                 task.cancel()
         self.state = ServerState.OFFLINE
