@@ -194,8 +194,8 @@ class RelayLink:
 class RelayLinks:
     """A server's relay streams, one per server it relays to; a stream closes when its last session leaves.
 
-    ``locate(peer_id)``: where a server of this model announces it can be dialled (its signed record's addresses),
-    or None if it announces no blocks of this model. A route names its next hops' addresses, but it comes from a
+    ``locate(peer_id)``: where a server of this model announces it can be dialled (its signed record's addresses;
+    empty while not known yet), or None if it announces no blocks of this model. A route names its next hops' addresses, but it comes from a
     client: dialling them as given would let any client make this server connect wherever it likes (probing the
     server's own network, say). With ``locate``, a link dials only what the next server announces itself, and a
     hop that is no server of this model is refused."""
@@ -250,8 +250,8 @@ class RelayLinks:
     async def _open(self, hop: NextHop) -> RelayLink:
         try:
             if self.locate is not None:
-                maddrs = await self.locate(hop.peer_id)
-                if maddrs is None:
+                maddrs = await self.locate(hop.peer_id)  # (empty: not known yet; only a connection the daemon
+                if maddrs is None:                          # has already can reach it)
                     raise ConnectionError(f"{hop.peer_id} announces no blocks of this model: not relayed to")
                 hop = dataclasses.replace(hop, maddrs=tuple(maddrs))
             link = self._links[hop.peer_id] = await RelayLink.start(self.transport, hop, self.timeout_s,

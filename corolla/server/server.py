@@ -48,6 +48,7 @@ from corolla.wire.messages import PROTOCOL_VERSION, RPC_PROTOCOL, InfoReply
 logger = logging.getLogger(__name__)
 LOCATE_PERIOD_S = 2.0  # the most often a server reads the records for a next hop it does not know
 LOCATE_REFRESH_S = 15.0  # how often it reads them anyway, so that the hops it relays to are known beforehand
+LOCATE_WAIT_S = 0.5  # the longest a relay waits for a read of them
 
 
 class Server:
@@ -250,15 +251,19 @@ class Server:
     async def _locate(self, peer_id: str) -> Optional[tuple[str, ...]]:
         """Where the server ``peer_id`` announces it can be dialled, from its record for this model (None: it
         announces no blocks of it). The view is kept warm by ``_locate_loop``, so a relay to a server known then
-        (a replacement after a failover, say) waits for no DHT read; an unknown one waits for a new read, at most
-        one every LOCATE_PERIOD_S, so routes naming unknown servers cannot make this server read the DHT at every
-        step."""
+        waits for no DHT read. For an unknown one a read starts (at most one every LOCATE_PERIOD_S, so routes
+        naming unknown servers cannot make this server read the DHT at every step) and is awaited for at most
+        LOCATE_WAIT_S: a read that takes longer (the DHT waiting out peers that died, after a failover) must not
+        stall the step, which then goes to the libp2p connections the daemon already has (no address dialled)."""
         now = asyncio.get_running_loop().time()
         if peer_id not in self._located and now - self._missed_at >= LOCATE_PERIOD_S:
             self._missed_at = now
             if self._locating is None or self._locating.done():
                 self._locating = asyncio.ensure_future(self._read_locations())
-            await asyncio.shield(self._locating)
+            try:
+                await asyncio.wait_for(asyncio.shield(self._locating), LOCATE_WAIT_S)
+            except asyncio.TimeoutError:
+                return self._located.get(peer_id, ())
         return self._located.get(peer_id)
 
     async def _read_locations(self) -> None:
