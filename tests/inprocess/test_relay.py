@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import re
 import threading
+import time
 
 import pytest
 import torch
@@ -598,3 +599,23 @@ def test_a_refused_join_is_answered_by_the_relaying_server_and_the_client_carrie
     counts = _counts(swarm)
     assert counts[0]["relayed_out"] == 0 and counts[1]["relayed_in"] == 0  # the refused step did not count
     assert counts[1]["client_steps"] == counts[0]["client_steps"]  # the client sent each step to the second itself
+
+
+def test_where_to_relay_is_known_beforehand_and_a_slow_read_does_not_stall_a_step(swarm):
+    """A server knows where the model's servers can be dialled before it relays to them (read in the background);
+    for one it does not know it reads the records again, but waits at most LOCATE_WAIT_S for that read (after a
+    failover the DHT waited out dead peers for 3 s, and the step with it), then relays over the connections its
+    daemon has."""
+    from corolla.server import server as server_module
+
+    first, second, _ = swarm.servers
+    assert swarm.loop.run(first._locate(second.peer.peer_id)) == tuple(second.record().maddrs)
+
+    async def slow_read():
+        await asyncio.sleep(5)
+
+    first._read_locations = slow_read
+    first._missed_at = float("-inf")
+    started = time.monotonic()
+    assert swarm.loop.run(first._locate("QmNotKnownYet")) == ()
+    assert time.monotonic() - started < server_module.LOCATE_WAIT_S + 1.0
