@@ -2,6 +2,7 @@
 
 The keys and values live on the servers; this object only reports how many tokens they hold (so
 ``generate()`` feeds just the new tokens) and records beam reorderings to send with the next step.
+``ReplayCache`` is what calls outside a session return: the inputs so far, sent again with the next tokens.
 """
 from __future__ import annotations
 
@@ -11,9 +12,37 @@ import torch
 from transformers.cache_utils import Cache
 
 
-class RemoteCache(Cache):
-    def __init__(self, session):
+class _LayerlessCache(Cache):
+    """A ``Cache`` that holds no layers here (the keys and values are on the servers, or not kept at all): what the
+    base class derives from its local layers is answered as such a cache's."""
+
+    def __init__(self):
         super().__init__(layers=[])
+
+    @property
+    def is_compileable(self) -> bool:
+        return False
+
+    @property
+    def is_linear(self) -> list[bool]:
+        return [False]
+
+    @property
+    def is_sliding(self) -> list[bool]:
+        return [False]
+
+    @property
+    def is_dummy(self) -> list[bool]:
+        return [False]
+
+    @property
+    def is_croppable(self) -> bool:
+        return False
+
+
+class RemoteCache(_LayerlessCache):
+    def __init__(self, session):
+        super().__init__()
         self.session = session
         self._pending_hypo_ids: Optional[torch.Tensor] = None
 
@@ -30,58 +59,17 @@ class RemoteCache(Cache):
         hypo_ids, self._pending_hypo_ids = self._pending_hypo_ids, None
         return hypo_ids
 
-    # The base class derives these from local cache layers, which a remote cache does not have.
-    @property
-    def is_compileable(self) -> bool:
-        return False
 
-    @property
-    def is_linear(self) -> list[bool]:
-        return [False]
-
-    @property
-    def is_sliding(self) -> list[bool]:
-        return [False]
-
-    @property
-    def is_dummy(self) -> list[bool]:
-        return [False]
-
-    @property
-    def is_croppable(self) -> bool:
-        return False
-
-
-class ReplayCache(Cache):
+class ReplayCache(_LayerlessCache):
     """What ``model(...)`` returns as its cache outside an inference session, where the servers keep nothing: the
     inputs of the first block so far (and their positions). Passed back with the next tokens (transformers' manual
     decoding loop), the model runs the whole sequence again through the blocks and returns the new tokens' outputs,
     as a local cache would give them; each call costs the whole sequence, so long loops belong in a session."""
 
     def __init__(self, block_inputs: torch.Tensor, position_ids: Optional[torch.Tensor]):
-        super().__init__(layers=[])
+        super().__init__()
         self.block_inputs = block_inputs  # [batch, tokens, hidden]
         self.position_ids = position_ids  # [batch, tokens], or None: 0..tokens-1
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.block_inputs.shape[1]
-
-    @property
-    def is_compileable(self) -> bool:
-        return False
-
-    @property
-    def is_linear(self) -> list[bool]:
-        return [False]
-
-    @property
-    def is_sliding(self) -> list[bool]:
-        return [False]
-
-    @property
-    def is_dummy(self) -> list[bool]:
-        return [False]
-
-    @property
-    def is_croppable(self) -> bool:
-        return False

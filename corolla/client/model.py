@@ -238,10 +238,14 @@ def _from_the_start(session: InferenceSession, hidden, mask, position_ids, hypo_
     new = hidden.shape[1]
     session.position = 0
     mask = torch.ones(hidden.shape[0], new, dtype=old_mask.dtype) if mask is None else mask.to(old_mask.dtype)
-    if position_ids is None:
-        position_ids = old_positions[:, -1:] + 1 + torch.arange(new)
     return (torch.cat([old_hidden.to(hidden.dtype), hidden.detach().cpu()], dim=1), torch.cat([old_mask, mask], dim=1),
-            torch.cat([old_positions, position_ids.to(old_positions.dtype).cpu()], dim=1))
+            _positions_on(old_positions, new, position_ids))
+
+
+def _positions_on(before: torch.Tensor, new: int, position_ids: Optional[torch.Tensor]) -> torch.Tensor:
+    """Positions ``before`` [batch, past], then the ``new`` tokens': their own, or counted on from the last."""
+    after = before[:, -1:] + 1 + torch.arange(new, device=before.device) if position_ids is None else position_ids
+    return torch.cat([before, after.to(before.device, before.dtype)], dim=1)
 
 
 def _replayed(replay: ReplayCache, hidden, attention_mask, position_ids):
@@ -258,9 +262,7 @@ def _replayed(replay: ReplayCache, hidden, attention_mask, position_ids):
         before = replay.position_ids
         if before is None:
             before = torch.arange(past, device=hidden.device).expand(hidden.shape[0], -1)
-        after = position_ids if position_ids is not None else before[:, -1:] + 1 + torch.arange(new,
-                                                                                              device=hidden.device)
-        position_ids = torch.cat([before, after.to(before.dtype)], dim=1)
+        position_ids = _positions_on(before, new, position_ids)
     return torch.cat([replay.block_inputs.to(hidden.dtype), hidden], dim=1), attention_mask, position_ids
 
 

@@ -788,7 +788,7 @@ class InferenceSession:
                                                             frozenset(self._avoid | full | recently_full), wait=False,
                                                             max_age_s=max_age_s)
                 except BlocksNotServedError:
-                    pass  # only they serve some blocks: ask them again
+                    chain = None  # only they serve some blocks: they are asked again below
             try:
                 # once a server said the session cannot fit it, waiting for other servers would hide why
                 chain = chain or await self.swarm.plan_inference(blocks, self.active_adapter,

@@ -3,6 +3,8 @@ greedy and beam-search tokens equal local transformers, logits within 1e-4, a se
 sliding window, backward through the swarm equal to local autograd, and the Auto classes picking the family."""
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
@@ -108,30 +110,38 @@ def test_unsupported_model_type_is_named(tmp_path):
         AutoDistributedModelForCausalLM.from_pretrained(str(tmp_path), initial_peers=["/ip4/127.0.0.1/tcp/1"])
 
 
+@contextlib.contextmanager
+def _local_and_remote(config, path, prefix: str, seed: int):
+    """A model of ``config`` with seeded random weights, saved at ``path``: the local model, and the same through a
+    3-server in-process swarm."""
+    import transformers
+
+    torch.manual_seed(seed)
+    local = transformers.AutoModelForCausalLM.from_config(config).eval()
+    local.save_pretrained(path)
+    with InProcessSwarm(str(path), SPANS, dht_prefix=prefix) as swarm:
+        remote = swarm.client()
+        try:
+            yield local, remote
+        finally:
+            remote.close()
+
+
 def test_a_checkpoint_asking_for_router_logits_by_default_still_runs(tmp_path):
     """A Mixtral checkpoint trained with the experts' balancing loss has output_router_logits in its config: the
     router logits stay on the servers, so the client drops that default (every call was refused); asking for them
     explicitly is still refused, naming why."""
     from corolla.testing.tiny import tiny_config
-    import transformers
 
     config = tiny_config("mixtral")
     config.output_router_logits = True
-    torch.manual_seed(0)
-    local = transformers.AutoModelForCausalLM.from_config(config).eval()
-    local.save_pretrained(tmp_path)
     ids = _ids(1, 6)
-    with InProcessSwarm(str(tmp_path), SPANS, dht_prefix="router") as swarm:
-        remote = swarm.client()
-        try:
-            with torch.no_grad():
-                assert (remote(ids).logits - local(ids).logits).abs().max().item() < 1e-4
-                assert torch.equal(remote.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0),
-                                   local.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0))
-                with pytest.raises(ValueError, match="router logits stay on the servers"):
-                    remote(ids, output_router_logits=True)
-        finally:
-            remote.close()
+    with _local_and_remote(config, tmp_path, "router", seed=0) as (local, remote), torch.no_grad():
+        assert (remote(ids).logits - local(ids).logits).abs().max().item() < 1e-4
+        assert torch.equal(remote.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0),
+                           local.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0))
+        with pytest.raises(ValueError, match="router logits stay on the servers"):
+            remote(ids, output_router_logits=True)
 
 
 def test_phi3_longrope_switches_to_its_long_factors_as_transformers_does(tmp_path):
@@ -147,17 +157,9 @@ def test_phi3_longrope_switches_to_its_long_factors_as_transformers_does(tmp_pat
         num_hidden_layers=6, pad_token_id=0, bos_token_id=1, eos_token_id=2, original_max_position_embeddings=12,
         rope_scaling={"type": "longrope", "short_factor": [1.0 + 0.1 * i for i in range(8)],
                       "long_factor": [2.0 + 0.3 * i for i in range(8)]}, **COMMON)
-    torch.manual_seed(1)
-    local = transformers.AutoModelForCausalLM.from_config(config).eval()
-    local.save_pretrained(tmp_path)
     ids = _ids(1, 5)
-    with InProcessSwarm(str(tmp_path), SPANS, dht_prefix="longrope") as swarm:
-        remote = swarm.client()
-        try:
-            with torch.no_grad():
-                for settings in ({}, {"num_beams": 2}):
-                    expected = local.generate(ids, max_new_tokens=20, do_sample=False, pad_token_id=0, **settings)
-                    got = remote.generate(ids, max_new_tokens=20, do_sample=False, pad_token_id=0, **settings)
-                    assert torch.equal(got, expected), (settings, got.tolist(), expected.tolist())
-        finally:
-            remote.close()
+    with _local_and_remote(config, tmp_path, "longrope", seed=1) as (local, remote), torch.no_grad():
+        for settings in ({}, {"num_beams": 2}):
+            expected = local.generate(ids, max_new_tokens=20, do_sample=False, pad_token_id=0, **settings)
+            got = remote.generate(ids, max_new_tokens=20, do_sample=False, pad_token_id=0, **settings)
+            assert torch.equal(got, expected), (settings, got.tolist(), expected.tolist())
